@@ -1,0 +1,13 @@
+"""Elixir: train large language models on a small GPU cluster.
+
+Parameters, gradients and optimizer states live in chunks spread over device memory, host memory
+and ranks, as a plan says; `wrap` turns an ordinary model and optimizer into managed ones.
+"""
+
+from elixir.optim import ElixirOptimizer
+from elixir.plan import ChunkPlan, Plan
+from elixir.runtime import CacheTooSmallError, memory_stats, wrap
+
+__version__ = "0.1.0"
+
+__all__ = ["CacheTooSmallError", "ChunkPlan", "ElixirOptimizer", "Plan", "memory_stats", "wrap"]

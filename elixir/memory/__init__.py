@@ -1,0 +1,18 @@
+"""Chunks, the block cache and the eviction schedule: bytes and buffers, no modules."""
+
+from elixir.memory.cache import Block, BlockCache
+from elixir.memory.chunk import Chunk, ChunkGroup, ChunkState, pack_offsets
+from elixir.memory.schedule import EvictionSchedule
+from elixir.memory.tracker import TIERS, MemoryTracker
+
+__all__ = [
+    "TIERS",
+    "Block",
+    "BlockCache",
+    "Chunk",
+    "ChunkGroup",
+    "ChunkState",
+    "EvictionSchedule",
+    "MemoryTracker",
+    "pack_offsets",
+]

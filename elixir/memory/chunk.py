@@ -1,0 +1,161 @@
+"""Chunks: flat buffers that hold whole parameters, sharded over a group of ranks.
+
+[Note: chunk layout]
+A chunk packs parameters in order of first use, each at an offset aligned to `ALIGN_BYTES`, never
+splitting a parameter. Its length is padded to a multiple of its group's size; rank r owns the
+contiguous slice r (its *shard*). Padding and alignment gaps hold zeros, receive zero gradients and
+stay zero under every elementwise optimizer.
+
+[Note: empty parameters]
+Between uses an on-demand parameter holds no memory: its `.data` is a tensor of its own shape and
+dtype over a zero-byte storage (autograd checks shapes; a meta tensor is refused by `.data`
+assignment). Touching such a tensor crashes the process, so the runtime must make every use find
+its chunk gathered (see runtime/hooks.py).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+ALIGN_BYTES = 64
+
+
+def pack_offsets(numels: list[int], itemsize: int, align_bytes: int = ALIGN_BYTES) -> tuple[list[int], int]:
+    """Offsets (in elements) of tensors packed one after another with aligned starts; and the end."""
+    align = max(1, align_bytes // itemsize)
+    offsets, end = [], 0
+    for n in numels:
+        end = -(-end // align) * align
+        offsets.append(end)
+        end += n
+    return offsets, end
+
+
+def padded_numel(numel: int, group_size: int) -> int:
+    return -(-numel // group_size) * group_size
+
+
+def empty_like_shape(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of `shape` over a zero-byte storage: no memory (see [Note: empty parameters]).
+
+    The storage is resized to zero (null data pointer) rather than built empty: `set_` on an empty
+    storage grows it, and a zero-size allocation has a valid pointer that ops would read past."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    t.untyped_storage().resize_(0)
+    return t
+
+
+@dataclass(frozen=True)
+class ChunkGroup:
+    """The ranks that shard and reduce a set of chunks together."""
+
+    process_group: object | None
+    rank: int
+    size: int
+
+    @classmethod
+    def single(cls) -> ChunkGroup:
+        return cls(None, 0, 1)
+
+
+class ChunkState(enum.Enum):
+    """What memory a chunk holds.
+
+    SHARDED:  only this rank's shard exists, at `param_home`; the parameters hold no memory.
+    GATHERED: the whole chunk is in `full` (a cache block, or the chunk's own buffer when it is
+              resident); the parameters are views of it; the shard is a slice of it or a copy.
+    """
+
+    SHARDED = "sharded"
+    GATHERED = "gathered"
+
+
+@dataclass
+class ParamSlot:
+    """One parameter inside a chunk."""
+
+    name: str
+    param: torch.Tensor
+    offset: int
+    shape: torch.Size
+    placeholder: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+@dataclass(eq=False)
+class Chunk:
+    """One chunk: its layout, its placement, and the buffers it holds now.
+
+    The chunk owns no communication and no optimizer logic: the runtime moves data into and out of
+    these buffers; the chunk keeps the parameters' `.data` consistent with its state.
+    """
+
+    index: int
+    slots: list[ParamSlot]
+    numel: int
+    dtype: torch.dtype
+    group: ChunkGroup
+    resident: bool
+    param_home: str
+    optim_home: str
+    trainable: bool
+    optim_group: int | None = None
+    state: ChunkState = ChunkState.SHARDED
+    shard: torch.Tensor | None = None  # this rank's slice, compute dtype, at param_home
+    full: torch.Tensor | None = None  # the gathered chunk, when GATHERED
+    block: object | None = None  # the cache block holding it (on-demand chunks only)
+    master: torch.Tensor | None = None  # fp32 shard at optim_home (trainable chunks)
+    grad_buffer: torch.Tensor | None = None  # full-chunk gradient, during backward
+    grads_seen: int = 0  # gradient hooks fired into grad_buffer since it was last reduced
+    pins: int = 0  # users that need it gathered right now; a pinned chunk is never evicted
+    last_use: int = 0  # logical clock of the last use (least-recently-used fallback)
+    expected_grads: int | None = None  # gradient hooks per backward, learned in the first one
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shard_numel(self) -> int:
+        return self.numel // self.group.size
+
+    @property
+    def shard_slice(self) -> slice:
+        start = self.group.rank * self.shard_numel
+        return slice(start, start + self.shard_numel)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def used_numel(self) -> int:
+        last = self.slots[-1]
+        return last.offset + last.numel
+
+    def bind(self, full: torch.Tensor) -> None:
+        """Make the parameters views of `full` (the whole chunk)."""
+        assert full.numel() >= self.numel and full.dtype == self.dtype
+        self.full = full
+        for s in self.slots:
+            s.param.data = full[s.offset : s.offset + s.numel].view(s.shape)
+        self.state = ChunkState.GATHERED
+
+    def unbind(self) -> None:
+        """Drop the gathered chunk: the parameters hold no memory again."""
+        assert not self.resident, "a resident chunk stays gathered"
+        assert self.pins == 0, f"chunk {self.index} is in use and cannot be released"
+        for s in self.slots:
+            if s.placeholder is None:
+                s.placeholder = empty_like_shape(s.shape, self.dtype, self.full.device)
+            s.param.data = s.placeholder
+        self.full = None
+        self.block = None
+        self.state = ChunkState.SHARDED
+
+    def grad_views(self, full: torch.Tensor):
+        for s in self.slots:
+            yield s, full[s.offset : s.offset + s.numel].view(s.shape)

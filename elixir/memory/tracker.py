@@ -1,0 +1,40 @@
+"""Byte counters per memory tier (device, host), with peaks.
+
+Every buffer of model data that Elixir allocates is counted here when it is allocated and when it is
+released, so that `elixir.memory_stats` reports what the library holds, not what the allocator holds.
+On a CPU-only machine device and host are the same RAM, but the counters stay separate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TIERS = ("device", "host")
+
+
+class MemoryTracker:
+    """Current and peak bytes per tier, and allocation through `empty`/`release`."""
+
+    def __init__(self, device: torch.device, host: torch.device | None = None) -> None:
+        self.devices = {"device": torch.device(device), "host": torch.device(host or "cpu")}
+        self.bytes = dict.fromkeys(TIERS, 0)
+        self.bytes_peak = dict.fromkeys(TIERS, 0)
+
+    def empty(self, numel: int, dtype: torch.dtype, tier: str, *, zero: bool = False) -> torch.Tensor:
+        make = torch.zeros if zero else torch.empty
+        t = make(numel, dtype=dtype, device=self.devices[tier])
+        self.count(tier, t.numel() * t.element_size())
+        return t
+
+    def release(self, t: torch.Tensor | None, tier: str) -> None:
+        if t is not None:
+            self.count(tier, -t.numel() * t.element_size())
+
+    def count(self, tier: str, nbytes: int) -> None:
+        self.bytes[tier] += nbytes
+        assert self.bytes[tier] >= 0, f"{tier} byte counter went negative"
+        if self.bytes[tier] > self.bytes_peak[tier]:
+            self.bytes_peak[tier] = self.bytes[tier]
+
+    def reset_peak(self) -> None:
+        self.bytes_peak = dict(self.bytes)

@@ -1,0 +1,227 @@
+"""The sharded optimizer: the user's optimizer class, run over chunk shards where they live.
+
+Each trainable chunk has an fp32 master shard (and gradient shard) at its `optim_home`. The update
+runs there with the user's optimizer class and hyper-parameters, one inner optimizer per home, with
+the fused kernels where torch has them (fused AdamW on the CPU is ~10x faster than its default). The
+wrapper keeps the user's param groups, so `torch.optim.lr_scheduler` works on it unchanged.
+
+[Note: every rank decides alike]
+The fp16 overflow flag and the gradient norm are all-reduced over the chunks' group before anyone
+decides to skip a step or how much to clip; a rank-local decision would make ranks drift apart.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from elixir import accel, comm
+
+# Optimizers whose update is elementwise: they give the same result on flat shards as on tensors.
+ELEMENTWISE = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.Adamax,
+    torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adadelta,
+)
+_FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def check_optimizer(optimizer, model: torch.nn.Module) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, not {type(optimizer).__name__}")
+    if type(optimizer) not in ELEMENTWISE:
+        names = ", ".join(c.__name__ for c in ELEMENTWISE)
+        raise ValueError(
+            f"{type(optimizer).__name__} is not supported: Elixir updates flat shards of chunks, which "
+            f"matches per-tensor updates only for elementwise optimizers ({names})"
+        )
+    model_params = {id(p) for p in model.parameters()}
+    for gi, g in enumerate(optimizer.param_groups):
+        for p in g["params"]:
+            if id(p) not in model_params:
+                raise ValueError(
+                    f"optimizer param group {gi} holds a tensor of shape {list(p.shape)} that is not a "
+                    "parameter of the model; build the optimizer from model.parameters()"
+                )
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16: halve on overflow, double after `growth_interval` good steps."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def update(self, overflow: bool) -> None:
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale = max(self.scale / 2.0, 1.0)
+            self.good_steps = 0
+        else:
+            self.good_steps += 1
+            if self.good_steps == self.growth_interval:
+                self.scale *= 2.0
+                self.good_steps = 0
+
+
+class ElixirOptimizer(torch.optim.Optimizer):
+    """A `torch.optim.Optimizer` over the chunks' fp32 master shards."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, chunks, runtime) -> None:
+        self.runtime = runtime
+        self.chunks = [c for c in chunks if c.master is not None]
+        self.group = chunks[0].group
+        self.inner_class = type(optimizer)
+        self.scaler = LossScaler(enabled=chunks[0].dtype == torch.float16)
+        self.skipped_steps = 0
+        self._unscaled = False
+        self._state_bytes = {"device": 0, "host": 0}
+        groups = []
+        for gi, g in enumerate(optimizer.param_groups):
+            hp = {k: v for k, v in g.items() if k != "params"}
+            groups.append({**hp, "params": [c.master for c in self.chunks if c.optim_group == gi]})
+        super().__init__(groups, dict(optimizer.defaults))
+        # one inner optimizer per home; (inner group index -> user group index)
+        self._inner: list[tuple[torch.optim.Optimizer, list[int]]] = []
+        for home in ("device", "host"):
+            inner_groups, mapping = [], []
+            for gi, g in enumerate(self.param_groups):
+                masters = [c.master for c in self.chunks if c.optim_group == gi and c.optim_home == home]
+                if masters:
+                    inner_groups.append({**_hyper(g), "params": masters})
+                    mapping.append(gi)
+            if inner_groups:
+                inner = self._make_inner(inner_groups, optimizer.defaults)
+                inner.state = self.state  # one state dict, keyed by master shards
+                self._inner.append((inner, mapping))
+
+    def _make_inner(self, groups, defaults) -> torch.optim.Optimizer:
+        cls = self.inner_class
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = {k: v for k, v in defaults.items() if k in accepted}
+        if cls in _FUSED:
+            fused = [{**g, "fused": True, "foreach": None} for g in groups]
+            try:
+                return cls(fused, **{**kwargs, "fused": True, "foreach": None})
+            except (RuntimeError, ValueError):
+                pass
+        return cls(groups, **kwargs)
+
+    # --- the step ----------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        """`loss.backward()`, with the loss scaled when computing in fp16."""
+        if self.scaler.enabled:
+            loss = loss * self.scaler.scale
+        loss.backward(**kwargs)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale
+
+    def _unscale(self) -> bool:
+        """Divide gradients by the loss scale once; True when any rank found an inf or NaN."""
+        if not self.scaler.enabled or self._unscaled:
+            return getattr(self, "_overflow", False)
+        inv = 1.0 / self.scaler.scale
+        found = torch.zeros((), dtype=torch.float32)
+        for c in self.chunks:
+            g = c.master.grad
+            if g is not None:
+                g.mul_(inv)
+                found = torch.maximum(found, (~torch.isfinite(g)).any().float().cpu())
+        comm.all_reduce_max(found.to(self._comm_device()), self.group)
+        self._overflow = bool(found.item())
+        self._unscaled = True
+        return self._overflow
+
+    def _comm_device(self) -> torch.device:
+        return self.runtime.device
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the gradients of all chunks by their global norm; returns the norm before clipping,
+        like `torch.nn.utils.clip_grad_norm_` (the same formula, over all ranks' shards)."""
+        self._unscale()
+        norm_type = float(norm_type)
+        grads = [c.master.grad for c in self.chunks if c.master.grad is not None]
+        dev = self._comm_device()
+        if norm_type == math.inf:
+            local = max((g.abs().max().to(dev) for g in grads), default=torch.zeros((), device=dev))
+            total = comm.all_reduce_max(local.clone(), self.group)
+        else:
+            local = torch.zeros((), dtype=torch.float32, device=dev)
+            for g in grads:
+                local += torch.linalg.vector_norm(g, norm_type).to(dev) ** norm_type
+            total = comm.all_reduce_sum(local, self.group) ** (1.0 / norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device))
+        return total
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        overflow = self._unscale()
+        self.scaler.update(overflow)
+        self._unscaled = False
+        self._overflow = False
+        if overflow:
+            self.skipped_steps += 1
+            self.zero_grad()
+            return loss
+        for inner, mapping in self._inner:
+            for ig, gi in enumerate(mapping):
+                inner.param_groups[ig].update(_hyper(self.param_groups[gi]))
+            inner.step()
+        self._write_back()
+        self._count_state_bytes()
+        return loss
+
+    def _write_back(self) -> None:
+        """Cast the updated masters into the parameter shards, wherever those live."""
+        rt = self.runtime
+        for c in self.chunks:
+            if c.master is not c.shard:
+                accel.copy_(c.shard, c.master)
+            if c.resident:
+                comm.all_gather(c.full, c.shard, c.group)
+        # gathered copies of updated on-demand chunks are stale now
+        if rt.cache is not None:
+            for b in rt.cache.occupied():
+                if b.chunk.trainable:
+                    rt.evict(b.chunk)
+
+    def _count_state_bytes(self) -> None:
+        now = {"device": 0, "host": 0}
+        for c in self.chunks:
+            for v in self.state.get(c.master, {}).values():
+                if torch.is_tensor(v) and v.numel() > 1:
+                    now[c.optim_home] += v.numel() * v.element_size()
+        for tier in now:
+            self.runtime.tracker.count(tier, now[tier] - self._state_bytes[tier])
+        self._state_bytes = now
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        tracker = self.runtime.tracker
+        for c in self.chunks:
+            g = c.master.grad
+            if g is None:
+                continue
+            if set_to_none:
+                tracker.release(g, c.optim_home)
+                c.master.grad = None
+            else:
+                g.zero_()
+        self._unscaled = False
+
+
+def _hyper(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k not in ("params", "fused", "foreach")}

@@ -1,0 +1,293 @@
+"""Plans: where every chunk of model data lives, decided before training.
+
+A `Plan` lists the chunks (the parameter names each packs, in order) and, per chunk, whether it
+stays gathered for the whole step (`resident`) or is gathered on demand into the block cache, where
+this rank's parameter shard lives between uses (`param_home`) and where the fp32 master and the
+optimizer states live and update (`optim_home`). Plans are frozen, round-trip through JSON, and are
+checked against the model they are applied to.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from elixir.memory.chunk import pack_offsets, padded_numel
+
+HOMES = ("device", "host")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The canonical name of a compute dtype; ValueError for anything else."""
+    if isinstance(dtype, torch.dtype):
+        for name, d in DTYPES.items():
+            if d == dtype:
+                return name
+    elif isinstance(dtype, str):
+        name = _DTYPE_ALIASES.get(dtype, dtype.removeprefix("torch."))
+        if name in DTYPES:
+            return name
+    raise ValueError(
+        f"compute_dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} (or fp32, bf16, fp16)"
+    )
+
+
+def _check_home(what: str, home: str) -> None:
+    if home not in HOMES:
+        raise ValueError(f"{what}={home!r} is not a memory tier; use 'device' or 'host'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkPlan:
+    """One chunk and where it lives."""
+
+    params: tuple[str, ...]
+    """Names of the parameters it packs, in order (tied parameters appear once, by first name)."""
+    resident: bool
+    """Kept gathered on the device for the whole step (ZeRO-2 for this chunk), else fetched on demand."""
+    param_home: str = "device"
+    """Where this rank's parameter shard lives between uses: 'device' or 'host'."""
+    optim_home: str = "device"
+    """Where the fp32 master, gradient shard and optimizer states live and update: 'device' or 'host'."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", tuple(self.params))
+        if not self.params:
+            raise ValueError("a chunk must hold at least one parameter")
+        _check_home("param_home", self.param_home)
+        _check_home("optim_home", self.optim_home)
+        if self.resident and self.param_home != "device":
+            raise ValueError(
+                f"chunk starting with {self.params[0]!r}: resident=True keeps the whole chunk on the device, "
+                f"so param_home={self.param_home!r} has no meaning; use resident=False to keep its shard on host"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """Where all model data lives, for one model, world size and compute dtype."""
+
+    chunks: tuple[ChunkPlan, ...]
+    """The chunks in packing order."""
+    chunk_numel: int
+    """Capacity of a chunk, and of a cache block, in elements of the compute dtype."""
+    cache_blocks: int
+    """Number of device blocks that on-demand chunks are gathered into."""
+    prefetch_depth: int = 2
+    """How many upcoming on-demand chunks to fetch ahead of their use."""
+    compute_dtype: str = "float32"
+    """Dtype of parameters in chunks and of compute: float32, bfloat16 or float16."""
+    world_size: int = 1
+    """Number of ranks the chunks are sharded over."""
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Every parameter name of the model the plan was made for, with its shape."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chunks", tuple(self.chunks))
+        object.__setattr__(self, "compute_dtype", dtype_name(self.compute_dtype))
+        object.__setattr__(self, "param_shapes", {k: tuple(v) for k, v in self.param_shapes.items()})
+        if self.world_size < 1:
+            raise ValueError(f"world_size={self.world_size} must be at least 1")
+        if self.prefetch_depth < 0:
+            raise ValueError(f"prefetch_depth={self.prefetch_depth} must be 0 or more")
+        if self.cache_blocks < 0:
+            raise ValueError(f"cache_blocks={self.cache_blocks} must be 0 or more")
+        if self.chunk_numel < 1:
+            raise ValueError(f"chunk_numel={self.chunk_numel} must be positive")
+        if any(not c.resident for c in self.chunks) and self.cache_blocks < 1:
+            raise ValueError(
+                f"cache_blocks={self.cache_blocks}: chunks fetched on demand need a cache of at least one "
+                "block; raise cache_blocks or make every chunk resident"
+            )
+        seen: set[str] = set()
+        for c in self.chunks:
+            for name in c.params:
+                if name in seen:
+                    raise ValueError(f"parameter {name!r} is in two chunks; each parameter is in exactly one")
+                seen.add(name)
+                if self.param_shapes and name not in self.param_shapes:
+                    raise ValueError(f"chunk parameter {name!r} is not among the plan's param_shapes")
+            numel = self.chunk_used_numel(c)
+            if numel > self.chunk_numel:
+                raise ValueError(
+                    f"chunk starting with {c.params[0]!r} needs {numel} elements but chunk_numel is "
+                    f"{self.chunk_numel}; raise chunk_numel (chunk_mib) or split the chunk"
+                )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.compute_dtype]
+
+    @property
+    def block_numel(self) -> int:
+        return padded_numel(self.chunk_numel, self.world_size)
+
+    def chunk_used_numel(self, chunk: ChunkPlan) -> int:
+        if not self.param_shapes:
+            return 0
+        numels = [_numel(self.param_shapes[n]) for n in chunk.params]
+        return pack_offsets(numels, self.dtype.itemsize)[1]
+
+    # --- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def uniform(
+        cls,
+        model: torch.nn.Module,
+        *,
+        chunk_mib: float = 32.0,
+        cache_blocks: int = 4,
+        resident: bool = True,
+        param_home: str = "device",
+        optim_home: str = "device",
+        compute_dtype: torch.dtype | str = torch.float32,
+        prefetch_depth: int = 2,
+        world_size: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> Plan:
+        """The same choices for every chunk. Chunks never mix optimizer groups or frozen parameters;
+        pass `optimizer` to chunk by its groups (wrap() splits chunks that mix them anyway)."""
+        name = dtype_name(compute_dtype)
+        _check_home("param_home", param_home)
+        _check_home("optim_home", optim_home)
+        if world_size is None:
+            world_size = _default_world_size()
+        if chunk_mib <= 0:
+            raise ValueError(f"chunk_mib={chunk_mib} must be positive")
+        itemsize = DTYPES[name].itemsize
+        chunk_numel = int(chunk_mib * 2**20) // itemsize
+        named = named_parameters(model)
+        biggest_name, biggest = max(((n, p.numel()) for n, p in named), key=lambda x: x[1])
+        if biggest > chunk_numel:
+            need = biggest * itemsize / 2**20
+            raise ValueError(
+                f"chunk_mib={chunk_mib} ({chunk_numel} {name} elements) cannot hold parameter "
+                f"{biggest_name!r} of {biggest} elements; use chunk_mib >= {need:.4g}"
+            )
+        groups = optimizer_group_of(model, optimizer)
+        chunks = pack_chunks(named, groups, chunk_numel, itemsize)
+        return cls(
+            chunks=tuple(
+                ChunkPlan(params=tuple(c), resident=resident, param_home=param_home, optim_home=optim_home)
+                for c in chunks
+            ),
+            chunk_numel=chunk_numel,
+            cache_blocks=cache_blocks,
+            prefetch_depth=prefetch_depth,
+            compute_dtype=name,
+            world_size=world_size,
+            param_shapes={n: tuple(p.shape) for n, p in named},
+        )
+
+    # --- checks -----------------------------------------------------------------------------
+
+    def check_model(self, model: torch.nn.Module, world_size: int) -> None:
+        """ValueError that says what differs when the plan was made for another model or world size."""
+        if world_size != self.world_size:
+            raise ValueError(
+                f"the plan was made for world_size={self.world_size} but this run has {world_size} ranks; "
+                "make the plan again for this world size"
+            )
+        shapes = {n: tuple(p.shape) for n, p in named_parameters(model)}
+        diffs = []
+        for n in self.param_shapes.keys() - shapes.keys():
+            diffs.append(f"{n!r} is in the plan but not in the model")
+        for n in shapes.keys() - self.param_shapes.keys():
+            diffs.append(f"{n!r} is in the model but not in the plan")
+        for n in shapes.keys() & self.param_shapes.keys():
+            if shapes[n] != self.param_shapes[n]:
+                diffs.append(f"{n!r} has shape {list(shapes[n])} in the model, {list(self.param_shapes[n])} in the plan")
+        if diffs:
+            more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+            raise ValueError(
+                "the plan was made for another model: " + "; ".join(sorted(diffs)[:5]) + more
+                + ". Make the plan for this model (elixir.Plan.uniform(model, ...) or elixir.plan(model, ...))"
+            )
+
+    # --- JSON -------------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["param_shapes"] = {k: list(v) for k, v in self.param_shapes.items()}
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        d = json.loads(text)
+        d["chunks"] = tuple(ChunkPlan(**c) for c in d["chunks"])
+        return cls(**d)
+
+    def summary(self) -> str:
+        """One line per distinct placement: how many chunks and bytes live where."""
+        rows: dict[tuple, list[int]] = {}
+        for c in self.chunks:
+            key = ("resident" if c.resident else "on demand", c.param_home, c.optim_home)
+            r = rows.setdefault(key, [0, 0])
+            r[0] += 1
+            r[1] += self.chunk_used_numel(c)
+        lines = [f"{'chunks':>6}  {'params':>12}  {'gathered':<10} {'param shard':<11} {'optimizer':<9}"]
+        for (res, ph, oh), (n, numel) in rows.items():
+            lines.append(f"{n:>6}  {numel:>12,}  {res:<10} {ph:<11} {oh:<9}")
+        lines.append(
+            f"chunk {self.chunk_numel:,} elements, {self.cache_blocks} cache blocks, prefetch "
+            f"{self.prefetch_depth}, {self.compute_dtype}, {self.world_size} rank(s)"
+        )
+        return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _default_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Parameters by first name, tied ones once (as `model.named_parameters()` does)."""
+    return list(model.named_parameters())
+
+
+def optimizer_group_of(model: torch.nn.Module, optimizer) -> dict[int, int | None]:
+    """id(param) -> index of its optimizer param group (None: frozen or not optimized)."""
+    out: dict[int, int | None] = {}
+    if optimizer is not None:
+        for gi, g in enumerate(optimizer.param_groups):
+            for p in g["params"]:
+                out[id(p)] = gi
+    else:
+        for _, p in named_parameters(model):
+            out[id(p)] = 0
+    for _, p in named_parameters(model):
+        if not p.requires_grad:
+            out[id(p)] = None
+        out.setdefault(id(p), None)
+    return out
+
+
+def pack_chunks(named, group_of: dict[int, int | None], chunk_numel: int, itemsize: int) -> list[list[str]]:
+    """Pack parameters in order into chunks of at most `chunk_numel` elements (aligned starts),
+    one open chunk per optimizer group, never splitting a parameter."""
+    chunks: list[list[str]] = []
+    open_chunk: dict[int | None, tuple[int, list[int]]] = {}  # group -> (chunk index, numels)
+    for name, p in named:
+        g = group_of.get(id(p))
+        cur = open_chunk.get(g)
+        if cur is not None:
+            idx, numels = cur
+            if pack_offsets(numels + [p.numel()], itemsize)[1] <= chunk_numel:
+                numels.append(p.numel())
+                chunks[idx].append(name)
+                continue
+        chunks.append([name])
+        open_chunk[g] = (len(chunks) - 1, [p.numel()])
+    return chunks

@@ -1,0 +1,258 @@
+"""The runtime state of a wrapped model: its chunks, the block cache, fetching and gradients.
+
+[Note: pins]
+A chunk that something is using right now is pinned and is never evicted:
+- forward: a module's own on-demand chunks, from its pre-forward hook to its post-forward hook;
+- a use outside the owning module's forward (found by the parameter-use mode): a *soft* pin, held
+  until the next module boundary, and released first if every block is pinned;
+- backward, saved tensors: the chunks unpacked by the autograd node now running, until another
+  node unpacks (the node's views must stay valid while it computes);
+- backward, recomputation (activation checkpointing): the recomputed tensors are views of the
+  chunk that the region's backward uses later, so the chunk stays pinned until its gradients are
+  complete or the backward ends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from elixir import accel, comm
+from elixir.memory import BlockCache, Chunk, ChunkState, EvictionSchedule, MemoryTracker
+
+
+class CacheTooSmallError(RuntimeError):
+    """Every cache block holds a chunk that is in use."""
+
+
+class Runtime:
+    """Chunks and their movement between tiers and the cache. One per wrapped model."""
+
+    def __init__(
+        self,
+        chunks: list[Chunk],
+        cache: BlockCache | None,
+        tracker: MemoryTracker,
+        device: torch.device,
+        *,
+        prefetch_depth: int,
+    ) -> None:
+        self.chunks = chunks
+        self.cache = cache
+        self.tracker = tracker
+        self.device = device
+        self.prefetch_depth = prefetch_depth
+        self.schedule = EvictionSchedule()
+        self.gathers = 0
+        self.blocks_used_peak = 0
+        self.evictions = 0
+        self._clock = 0
+        self._soft_pins: list[Chunk] = []
+        self._node_pins: list[Chunk] = []
+        self._node = None
+        self._recompute_pins: set[Chunk] = set()
+        self.in_backward = False
+        self._first_backward_counts: dict[int, int] | None = None
+
+    # --- fetching ----------------------------------------------------------------------------
+
+    def acquire(self, chunk: Chunk) -> None:
+        """Make `chunk` gathered (a use now); the caller pins it if it must stay."""
+        self._clock += 1
+        chunk.last_use = self._clock
+        moved = self.schedule.use(chunk.index)
+        if chunk.state is not ChunkState.GATHERED:
+            self._gather(chunk, self._free_block(chunk))
+        if moved and self.prefetch_depth and self.schedule.on_order:
+            chunk.pins += 1  # the chunk being used now is no prefetch victim
+            self._prefetch()
+            chunk.pins -= 1
+
+    def pin(self, chunk: Chunk) -> None:
+        chunk.pins += 1
+
+    def unpin(self, chunk: Chunk) -> None:
+        assert chunk.pins > 0, f"chunk {chunk.index} unpinned more often than pinned"
+        chunk.pins -= 1
+
+    def soft_pin(self, chunk: Chunk) -> None:
+        chunk.pins += 1
+        self._soft_pins.append(chunk)
+
+    def release_soft_pins(self) -> None:
+        for c in self._soft_pins:
+            c.pins -= 1
+        self._soft_pins.clear()
+
+    def node_pin(self, chunk: Chunk, node) -> None:
+        """Pin for the autograd node now running; releases the previous node's pins."""
+        if node is not self._node:
+            self.release_node_pins()
+            self._node = node
+        chunk.pins += 1
+        self._node_pins.append(chunk)
+
+    def release_node_pins(self) -> None:
+        for c in self._node_pins:
+            c.pins -= 1
+        self._node_pins.clear()
+        self._node = None
+
+    def recompute_pin(self, chunk: Chunk) -> None:
+        if chunk not in self._recompute_pins:
+            chunk.pins += 1
+            self._recompute_pins.add(chunk)
+
+    def release_recompute_pin(self, chunk: Chunk) -> None:
+        if chunk in self._recompute_pins:
+            self._recompute_pins.discard(chunk)
+            chunk.pins -= 1
+
+    def _gather(self, chunk: Chunk, block) -> None:
+        block.chunk, chunk.block = chunk, block
+        full = block.buffer[: chunk.numel]
+        accel.copy_(full[chunk.shard_slice], chunk.shard)
+        comm.all_gather(full, full[chunk.shard_slice], chunk.group)
+        chunk.bind(full)
+        self.gathers += 1
+        self.blocks_used_peak = max(self.blocks_used_peak, self.cache.num_used)
+
+    def evict(self, chunk: Chunk) -> None:
+        block = chunk.block
+        block.chunk = None
+        chunk.unbind()
+        self.cache.give_back(block)
+        self.evictions += 1
+
+    def evict_all(self) -> None:
+        """Drop every gathered on-demand chunk (their shards changed, or the step is over)."""
+        if self.cache is None:
+            return
+        for b in self.cache.occupied():
+            assert b.chunk.pins == 0, f"chunk {b.chunk.index} is still in use"
+            self.evict(b.chunk)
+
+    def _victim(self, candidates: list[Chunk]) -> Chunk:
+        if self.schedule.on_order:
+            return max(candidates, key=lambda c: (self.schedule.next_use(c.index), -c.last_use))
+        return min(candidates, key=lambda c: c.last_use)
+
+    def _free_block(self, chunk: Chunk):
+        block = self.cache.take()
+        if block is not None:
+            return block
+        candidates = [b.chunk for b in self.cache.blocks if b.chunk.pins == 0]
+        if not candidates and self._soft_pins:
+            self.release_soft_pins()
+            candidates = [b.chunk for b in self.cache.blocks if b.chunk.pins == 0]
+        if not candidates:
+            raise CacheTooSmallError(
+                f"all {self.cache.num_blocks} cache blocks hold chunks in use "
+                f"({[b.chunk.index for b in self.cache.blocks]}) while chunk {chunk.index} is needed; "
+                f"raise cache_blocks to at least {self.cache.num_blocks + 1}"
+            )
+        self.evict(self._victim(candidates))
+        return self.cache.take()
+
+    def _prefetch(self) -> None:
+        by_index = self.chunks
+        for idx in self.schedule.upcoming(self.prefetch_depth):
+            c = by_index[idx]
+            if c.state is ChunkState.GATHERED:
+                continue
+            block = self.cache.take()
+            if block is None:
+                candidates = [b.chunk for b in self.cache.blocks if b.chunk.pins == 0]
+                if not candidates:
+                    return
+                victim = self._victim(candidates)
+                # Belady: only displace a chunk that is needed later than the one fetched
+                if self.schedule.next_use(victim.index) <= self.schedule.next_use(idx):
+                    return
+                self.evict(victim)
+                block = self.cache.take()
+            self._gather(c, block)
+
+    # --- gradients ---------------------------------------------------------------------------
+
+    def add_grad(self, chunk: Chunk, offset: int, grad: torch.Tensor) -> None:
+        """Add a parameter's gradient into its chunk's fp32 gradient buffer; reduce when complete."""
+        if chunk.grad_buffer is None:
+            chunk.grad_buffer = self.tracker.empty(chunk.numel, torch.float32, "device", zero=True)
+        chunk.grad_buffer[offset : offset + grad.numel()].view_as(grad).add_(grad)
+        chunk.grads_seen += 1
+        if self._first_backward_counts is not None:
+            self._first_backward_counts[chunk.index] = self._first_backward_counts.get(chunk.index, 0) + 1
+        if chunk.expected_grads is not None and chunk.grads_seen >= chunk.expected_grads:
+            self.reduce_grad(chunk)
+
+    def reduce_grad(self, chunk: Chunk) -> None:
+        """Reduce the chunk's gradient buffer over its group into the fp32 gradient shard of the
+        master, at the optimizer's home. Later gradients of the same backward start a new buffer,
+        so reducing early is never wrong, only slower."""
+        buf = chunk.grad_buffer
+        chunk.grad_buffer, chunk.grads_seen = None, 0
+        if chunk.group.size == 1:
+            reduced = buf
+        else:
+            reduced = self.tracker.empty(chunk.shard_numel, torch.float32, "device")
+            comm.reduce_scatter_mean(reduced, buf, chunk.group)
+            self.tracker.release(buf, "device")
+        master = chunk.master
+        if chunk.optim_home == "device":
+            if master.grad is None:
+                master.grad = reduced
+            else:
+                master.grad.add_(reduced)
+                self.tracker.release(reduced, "device")
+        else:
+            if master.grad is None:
+                master.grad = self.tracker.empty(chunk.shard_numel, torch.float32, "host")
+                accel.copy_(master.grad, reduced)
+            else:
+                master.grad.add_(reduced.to(master.grad.device))
+            self.tracker.release(reduced, "device")
+        self.release_recompute_pin(chunk)
+
+    def enter_backward(self) -> None:
+        """Called by every backward-time event; the first one of a backward sets up its end."""
+        if self.in_backward:
+            return
+        self.in_backward = True
+        self.schedule.saw_backward()
+        if self.schedule.recording and self._first_backward_counts is None:
+            self._first_backward_counts = {}
+        torch.autograd.Variable._execution_engine.queue_callback(self.end_backward)
+
+    def end_backward(self) -> None:
+        """After the whole backward: reduce what is left, learn the gradient counts, drop pins."""
+        for c in self.chunks:
+            if c.grad_buffer is not None:
+                self.reduce_grad(c)
+        if self._first_backward_counts is not None and self.schedule.recording:
+            for c in self.chunks:
+                c.expected_grads = self._first_backward_counts.get(c.index) or None
+            self._first_backward_counts = None
+        self.schedule.end_backward()
+        self.release_node_pins()
+        for c in list(self._recompute_pins):
+            self.release_recompute_pin(c)
+        self.in_backward = False
+
+    # --- statistics --------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        t = self.tracker
+        return {
+            "device_bytes": t.bytes["device"],
+            "device_bytes_peak": t.bytes_peak["device"],
+            "host_bytes": t.bytes["host"],
+            "host_bytes_peak": t.bytes_peak["host"],
+            "gathers": self.gathers,
+            "evictions": self.evictions,
+            "num_chunks": len(self.chunks),
+            "cache_blocks": 0 if self.cache is None else self.cache.num_blocks,
+            "cache_blocks_used": 0 if self.cache is None else self.cache.num_used,
+            "cache_blocks_used_peak": self.blocks_used_peak,
+            "left_profiled_order": self.schedule.left_order,
+        }
+

@@ -1,0 +1,228 @@
+"""wrap(): put a model's parameters into chunks placed by a plan, and hook it up.
+
+The model stays the same object (HF models keep `config`, `generate`, ...); its parameters stay the
+same `nn.Parameter` objects, whose `.data` become views of chunk memory. The optimizer returned
+updates the chunks' fp32 masters with the user's own optimizer class and hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from elixir import accel
+from elixir.memory import BlockCache, Chunk, ChunkGroup, MemoryTracker, pack_offsets
+from elixir.memory.chunk import ParamSlot, empty_like_shape, padded_numel
+from elixir.optim import ElixirOptimizer, check_optimizer
+from elixir.plan import Plan, named_parameters, optimizer_group_of
+from elixir.runtime.hooks import Interceptor
+from elixir.runtime.state import Runtime
+
+_STATE_ATTR = "_elixir_runtime"
+
+
+def _default_plan(model, optimizer, compute_dtype, world_size) -> Plan:
+    # Until the planner searches, "auto" keeps everything resident on the device (ZeRO-2 when
+    # sharded), which is the fastest layout whenever it fits.
+    biggest = max(p.numel() for _, p in named_parameters(model))
+    itemsize = torch.empty((), dtype=compute_dtype).element_size() if compute_dtype else 4
+    chunk_mib = max(32.0, biggest * itemsize / 2**20 + 1 / 1024)
+    return Plan.uniform(
+        model, chunk_mib=chunk_mib, cache_blocks=0, resident=True,
+        compute_dtype=compute_dtype or torch.float32, world_size=world_size, optimizer=optimizer,
+    )
+
+
+def wrap(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    plan: Plan | str = "auto",
+    *,
+    compute_dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    process_group=None,
+) -> tuple[torch.nn.Module, ElixirOptimizer]:
+    """Manage `model`'s parameters in chunks placed by `plan`; return (model, optimizer).
+
+    Every check runs before anything is allocated: a plan for another model or world size, an
+    optimizer that does not hold the model's parameters, a dtype the device lacks, a cache too
+    small for a module's parameters are all `ValueError`s.
+    """
+    if hasattr(model, _STATE_ATTR):
+        raise ValueError("this model is already wrapped by elixir.wrap; wrap the original model once")
+    device = torch.device(device) if device is not None else accel.default_device()
+    if process_group is None and dist.is_available() and dist.is_initialized():
+        process_group = dist.group.WORLD
+    if process_group is not None:
+        group = ChunkGroup(process_group, dist.get_rank(process_group), dist.get_world_size(process_group))
+    else:
+        group = ChunkGroup.single()
+
+    if isinstance(plan, str):
+        if plan != "auto":
+            raise ValueError(f"plan={plan!r}: pass an elixir.Plan or 'auto'")
+        plan = _default_plan(model, optimizer, compute_dtype and _dtype(compute_dtype), group.size)
+    elif not isinstance(plan, Plan):
+        raise ValueError(f"plan must be an elixir.Plan or 'auto', not {type(plan).__name__}")
+    elif compute_dtype is not None and _dtype(compute_dtype) != plan.dtype:
+        raise ValueError(
+            f"compute_dtype={compute_dtype} but the plan computes in {plan.compute_dtype}; "
+            "make the plan with the dtype you want, or leave compute_dtype out"
+        )
+    plan.check_model(model, group.size)
+    check_optimizer(optimizer, model)
+    accel.check_dtype(device, plan.dtype)
+
+    named = named_parameters(model)
+    params = dict(named)
+    group_of = optimizer_group_of(model, optimizer)
+    chunk_specs = _split_by_group(plan, params, group_of)
+    if any(p.device.type == "meta" for p in params.values()):
+        raise ValueError(
+            "the model has parameters on the meta device; wrap a materialized model "
+            "(loading weights into a meta-built model is elixir.load_pretrained's job)"
+        )
+
+    # Check the cache against the modules before allocating anything.
+    ondemand_names = {n for spec in chunk_specs if not spec[1].resident for n in spec[0]}
+    fake_chunk_of = {id(params[n]): i for i, spec in enumerate(chunk_specs) for n in spec[0] if n in ondemand_names}
+    need, where = _max_chunks_per_module(model, fake_chunk_of)
+    if ondemand_names and need > plan.cache_blocks:
+        raise ValueError(
+            f"cache_blocks={plan.cache_blocks} is too small: module {where!r} uses parameters from {need} "
+            f"on-demand chunks, which must be gathered together; use cache_blocks >= {need}"
+        )
+
+    tracker = MemoryTracker(device)
+    dtype = plan.dtype
+    chunks: list[Chunk] = []
+    for idx, (names, cp, og) in enumerate(chunk_specs):
+        numels = [params[n].numel() for n in names]
+        offsets, used = pack_offsets(numels, dtype.itemsize)
+        slots = [ParamSlot(n, params[n], off, params[n].shape) for n, off in zip(names, offsets)]
+        trainable = og is not None
+        chunk = Chunk(
+            index=idx, slots=slots, numel=padded_numel(used, group.size), dtype=dtype, group=group,
+            resident=cp.resident, param_home=cp.param_home, optim_home=cp.optim_home,
+            trainable=trainable, optim_group=og,
+        )
+        _materialize(chunk, tracker)
+        chunks.append(chunk)
+
+    cache = None
+    if ondemand_names:
+        cache = BlockCache(plan.cache_blocks, plan.block_numel, dtype, tracker)
+    runtime = Runtime(chunks, cache, tracker, device, prefetch_depth=plan.prefetch_depth)
+    for b in model.buffers():
+        b.data = b.data.to(device)
+    # Parameters that are not optimized keep their own dtype-less role: they are in chunks too.
+    chunk_of = {id(s.param): c for c in chunks for s in c.slots}
+    ondemand = {pid: c for pid, c in chunk_of.items() if not c.resident}
+    _install_grad_hooks(runtime, chunks)
+    interceptor = Interceptor(runtime, model, ondemand) if ondemand else None
+    elixir_optim = ElixirOptimizer(optimizer, chunks, runtime)
+    setattr(model, _STATE_ATTR, _WrapState(plan, runtime, interceptor, elixir_optim))
+    return model, elixir_optim
+
+
+class _WrapState:
+    def __init__(self, plan, runtime, interceptor, optimizer):
+        self.plan = plan
+        self.runtime = runtime
+        self.interceptor = interceptor
+        self.optimizer = optimizer
+
+
+def runtime_of(model: torch.nn.Module) -> Runtime:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model is not wrapped; call elixir.wrap(model, optimizer) first")
+    return state.runtime
+
+
+def memory_stats(model: torch.nn.Module) -> dict:
+    """Model data as Elixir counts it: bytes per tier now and at peak, chunk fetches so far."""
+    return runtime_of(model).stats()
+
+
+def _dtype(d) -> torch.dtype:
+    from elixir.plan import DTYPES, dtype_name
+
+    return DTYPES[dtype_name(d)]
+
+
+def _split_by_group(plan: Plan, params: dict, group_of: dict) -> list:
+    """Plan chunks split where they mix optimizer groups (chunks never mix them)."""
+    out = []
+    for cp in plan.chunks:
+        run: list[str] = []
+        run_group = object()
+        for n in cp.params:
+            g = group_of.get(id(params[n]))
+            if run and g != run_group:
+                out.append((run, cp, run_group))
+                run = []
+            run.append(n)
+            run_group = g
+        out.append((run, cp, run_group))
+    return out
+
+
+def _max_chunks_per_module(model, chunk_of: dict[int, int]) -> tuple[int, str]:
+    best, where = 0, ""
+    for name, module in model.named_modules():
+        n = len({chunk_of[id(p)] for p in module.parameters(recurse=False) if id(p) in chunk_of})
+        if n > best:
+            best, where = n, name or "<root>"
+    return best, where
+
+
+def _materialize(chunk: Chunk, tracker: MemoryTracker) -> None:
+    """Allocate the chunk's buffers and move the parameters' values in; the original parameter
+    memory is released as each `.data` is replaced."""
+    dtype, rng = chunk.dtype, chunk.shard_slice
+    # fp32 values of this rank's slice, from the original parameters (masters keep full precision)
+    values = torch.zeros(chunk.shard_numel, dtype=torch.float32)
+    for s in chunk.slots:
+        lo, hi = max(s.offset, rng.start), min(s.offset + s.numel, rng.stop)
+        if lo < hi:
+            flat = s.param.detach().reshape(-1)[lo - s.offset : hi - s.offset]
+            values[lo - rng.start : hi - rng.start].copy_(flat)
+    if chunk.resident:
+        full = tracker.empty(chunk.numel, dtype, "device", zero=True)
+        for s in chunk.slots:
+            full[s.offset : s.offset + s.numel].copy_(s.param.detach().reshape(-1))
+        chunk.shard = full[rng]
+        chunk.bind(full)
+    else:
+        chunk.shard = tracker.empty(chunk.shard_numel, dtype, chunk.param_home)
+        chunk.shard.copy_(values)
+        device = tracker.devices["device"]
+        for s in chunk.slots:
+            s.placeholder = empty_like_shape(s.shape, dtype, device)
+            s.param.data = s.placeholder
+    if chunk.trainable:
+        alias = dtype == torch.float32 and (chunk.param_home == chunk.optim_home)
+        if alias:
+            chunk.master = chunk.shard  # fp32 compute: the parameter shard is the master
+        else:
+            chunk.master = tracker.empty(chunk.shard_numel, torch.float32, chunk.optim_home)
+            chunk.master.copy_(values)
+
+
+def _install_grad_hooks(runtime: Runtime, chunks: list[Chunk]) -> None:
+    for c in chunks:
+        for s in c.slots:
+            if not s.param.requires_grad:
+                continue
+            s.param.register_post_accumulate_grad_hook(_grad_hook(runtime, c, s.offset))
+
+
+def _grad_hook(runtime: Runtime, chunk: Chunk, offset: int):
+    def hook(p: torch.Tensor) -> None:
+        runtime.enter_backward()
+        g, p.grad = p.grad, None
+        if chunk.trainable:
+            runtime.add_grad(chunk, offset, g)
+
+    return hook

@@ -6,8 +6,11 @@ and ranks, as a plan says; `wrap` turns an ordinary model and optimizer into man
 
 from elixir.optim import ElixirOptimizer
 from elixir.plan import ChunkPlan, Plan
-from elixir.runtime import CacheTooSmallError, memory_stats, wrap
+from elixir.runtime import CacheTooSmallError, full_state_dict, memory_stats, runtime_of, wrap
 
 __version__ = "0.1.0"
 
-__all__ = ["CacheTooSmallError", "ChunkPlan", "ElixirOptimizer", "Plan", "memory_stats", "wrap"]
+__all__ = [
+    "CacheTooSmallError", "ChunkPlan", "ElixirOptimizer", "Plan", "full_state_dict", "memory_stats",
+    "runtime_of", "wrap",
+]

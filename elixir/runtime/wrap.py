@@ -226,3 +226,21 @@ def _grad_hook(runtime: Runtime, chunk: Chunk, offset: int):
             runtime.add_grad(chunk, offset, g)
 
     return hook
+
+
+@torch.no_grad()
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's full value as fp32 host tensors, by name (the masters for trained ones),
+    gathered one chunk at a time. On several ranks every rank must call it."""
+    from elixir import comm
+
+    rt = runtime_of(model)
+    out: dict[str, torch.Tensor] = {}
+    for c in rt.chunks:
+        src = c.master if c.master is not None else c.shard
+        full = torch.empty(c.numel, dtype=torch.float32, device=rt.device)
+        comm.all_gather(full, src.to(device=rt.device, dtype=torch.float32), c.group)
+        full = full.cpu()
+        for s in c.slots:
+            out[s.name] = full[s.offset : s.offset + s.numel].view(s.shape).clone()
+    return out

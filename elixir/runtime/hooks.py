@@ -110,8 +110,13 @@ class Interceptor:
                 rt.schedule.start_forward()
                 self._enter_forward()
             rt.release_soft_pins()
+            pinned: list[Chunk] = []
             if backward:
                 rt.enter_backward()
+                node = _current_node()
+                rt.new_node(node)
+                rt.start_recompute(node)
+            self._stack.append((pinned, backward))
             with _quiet():
                 for c in chunks:
                     rt.acquire(c)
@@ -119,7 +124,7 @@ class Interceptor:
                         rt.recompute_pin(c)
                     else:
                         rt.pin(c)
-            self._stack.append((chunks, backward))
+                        pinned.append(c)
 
         return pre
 
@@ -165,9 +170,11 @@ class Interceptor:
         rt = self.runtime
         rt.enter_backward()
         c = saved.chunk
+        node = _current_node()
+        rt.new_node(node)  # the previous node is done with its views: free them before fetching
         with _quiet():
             rt.acquire(c)
-        rt.node_pin(c, _current_node())
+        rt.node_pin(c, node)
         return c.block.buffer.as_strided(saved.size, saved.stride, saved.storage_offset)
 
     def remove(self) -> None:

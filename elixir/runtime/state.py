@@ -9,7 +9,8 @@ A chunk that something is using right now is pinned and is never evicted:
   node unpacks (the node's views must stay valid while it computes);
 - backward, recomputation (activation checkpointing): the recomputed tensors are views of the
   chunk that the region's backward uses later, so the chunk stays pinned until its gradients are
-  complete or the backward ends.
+  complete, or the next region's recomputation starts (autograd runs the later region's nodes
+  first: they have higher sequence numbers), or the backward ends.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Runtime:
         self._node_pins: list[Chunk] = []
         self._node = None
         self._recompute_pins: set[Chunk] = set()
+        self._recompute_node = None
         self.in_backward = False
         self._first_backward_counts: dict[int, int] | None = None
 
@@ -83,11 +85,15 @@ class Runtime:
             c.pins -= 1
         self._soft_pins.clear()
 
-    def node_pin(self, chunk: Chunk, node) -> None:
-        """Pin for the autograd node now running; releases the previous node's pins."""
+    def new_node(self, node) -> None:
+        """The autograd node `node` runs now: the previous node's views are no longer used."""
         if node is not self._node:
             self.release_node_pins()
             self._node = node
+
+    def node_pin(self, chunk: Chunk, node) -> None:
+        """Pin for the autograd node now running; releases the previous node's pins."""
+        self.new_node(node)
         chunk.pins += 1
         self._node_pins.append(chunk)
 
@@ -97,10 +103,22 @@ class Runtime:
         self._node_pins.clear()
         self._node = None
 
+    def start_recompute(self, node) -> None:
+        """A recomputation runs inside the unpacking of `node`'s saved tensors. A new node means a
+        new checkpointed region: the previous region's backward, which used its recomputed views,
+        has run (see [Note: pins])."""
+        if node is not self._recompute_node:
+            self.release_recompute_pins()
+            self._recompute_node = node
+
     def recompute_pin(self, chunk: Chunk) -> None:
         if chunk not in self._recompute_pins:
             chunk.pins += 1
             self._recompute_pins.add(chunk)
+
+    def release_recompute_pins(self) -> None:
+        for c in list(self._recompute_pins):
+            self.release_recompute_pin(c)
 
     def release_recompute_pin(self, chunk: Chunk) -> None:
         if chunk in self._recompute_pins:
@@ -145,9 +163,15 @@ class Runtime:
             self.release_soft_pins()
             candidates = [b.chunk for b in self.cache.blocks if b.chunk.pins == 0]
         if not candidates:
+            why = ""
+            if self._recompute_pins:
+                why = (
+                    " (activation checkpointing: a recomputed region keeps its chunks "
+                    f"{sorted(c.index for c in self._recompute_pins)} gathered until its backward has run)"
+                )
             raise CacheTooSmallError(
                 f"all {self.cache.num_blocks} cache blocks hold chunks in use "
-                f"({[b.chunk.index for b in self.cache.blocks]}) while chunk {chunk.index} is needed; "
+                f"({[b.chunk.index for b in self.cache.blocks]}) while chunk {chunk.index} is needed{why}; "
                 f"raise cache_blocks to at least {self.cache.num_blocks + 1}"
             )
         self.evict(self._victim(candidates))
@@ -234,8 +258,9 @@ class Runtime:
             self._first_backward_counts = None
         self.schedule.end_backward()
         self.release_node_pins()
-        for c in list(self._recompute_pins):
-            self.release_recompute_pin(c)
+        self.release_recompute_pins()
+        self._recompute_node = None
+        self.release_soft_pins()
         self.in_backward = False
 
     # --- statistics --------------------------------------------------------------------------

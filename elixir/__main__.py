@@ -1,0 +1,6 @@
+"""`python -m elixir ...` runs the `elixir` command (as torchrun's `-m elixir` needs)."""
+
+from elixir.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The `elixir` command: one subcommand per job (`train` now; `plan`, `bench`, `export` to come).
+
+Each subcommand lives in its own module with two functions: `add_arguments(parser)` declares its
+flags and `run(args, parser) -> int` does the job, reporting bad flag values through
+`parser.error` (one line naming the value and the fix, exit status 2) before anything is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from elixir.cli import train
+
+_SUBCOMMANDS = {
+    "train": (train, "train a model (default: the small GPT on the embedded corpus)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="elixir",
+        description="Train LLMs with model data in chunks placed over device memory, host memory and ranks.",
+    )
+    from elixir import __version__
+
+    parser.add_argument("--version", action="version", version=f"elixir {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in _SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=module.__doc__.splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run, _parser=p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `elixir` console script and of `python -m elixir`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args._run(args, args._parser)

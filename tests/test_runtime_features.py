@@ -1,0 +1,319 @@
+"""Runtime mechanisms, each against plain PyTorch: eviction between forward and backward,
+activation checkpointing, parameters used outside their module, frozen parameters, gradient
+accumulation, clipping, lr schedulers, fp16 overflow, and the memory bounds of a plan."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    assert_close_rel,
+    assert_params_close,
+    batches,
+    build,
+    loss_of,
+    make_plan,
+    train_elixir,
+    train_reference,
+)
+from torch import nn
+
+import elixir
+
+
+def _wrap(model, kind, lr=1e-2, dtype=torch.float32, **kw):
+    model = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+    return elixir.wrap(model, opt, plan=make_plan(model, kind, opt, dtype=dtype, **kw))
+
+
+def test_every_chunk_evicted_between_forward_and_backward():
+    """Saved views are rebuilt from chunks fetched back into other blocks; stale blocks are poisoned."""
+    model = build("gpt")
+    data = batches(4)
+    ref_losses, ref_params = train_reference(model, data, 4)
+    wrapped, opt = _wrap(model, "on_demand")
+    rt = elixir.runtime_of(wrapped)
+    losses = []
+    for x in data:
+        loss = loss_of(wrapped, x)
+        before = {b.chunk.index: b.index for b in rt.cache.occupied()}
+        rt.evict_all()
+        assert rt.cache.num_used == 0
+        for b in rt.cache.blocks:
+            b.buffer.fill_(float("nan"))
+        rt.cache._free.reverse()  # hand blocks out in another order: chunks land in other blocks
+        gathers = rt.gathers
+        loss.backward()
+        after = {b.chunk.index: b.index for b in rt.cache.occupied()}
+        assert rt.gathers > gathers
+        assert any(after.get(c) not in (None, b) for c, b in before.items()) or before.keys() != after.keys()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert_close_rel(losses, ref_losses, 1e-5)
+    assert_params_close(elixir.full_state_dict(wrapped), ref_params, 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["on_demand", "host"])
+def test_activation_checkpointing(kind):
+    model = build("gpt")
+    data = batches(4)
+    ref_losses, ref_params = train_reference(model, data, 4)
+    ckpt = copy.deepcopy(model)
+    ckpt.gradient_checkpointing_enable()
+    # a recomputed block keeps its chunks gathered until its backward has run: 6 of 12 chunks here
+    losses, params, wrapped, plan = train_elixir(ckpt, data, 4, kind, cache_blocks=6)
+    assert elixir.memory_stats(wrapped)["evictions"] > 0 and len(plan.chunks) > 6
+    assert_close_rel(losses, ref_losses, 1e-5)
+    assert_params_close(params, ref_params, 1e-5)
+
+
+def test_checkpointing_with_too_small_a_cache_is_a_clear_error():
+    ckpt = build("gpt")
+    ckpt.gradient_checkpointing_enable()
+    with pytest.raises(elixir.CacheTooSmallError, match="activation checkpointing"):
+        train_elixir(ckpt, batches(2), 2, "on_demand", cache_blocks=3)
+
+
+class Borrower(nn.Module):
+    """Uses a sibling's weight inside its own forward: a use outside the owning module."""
+
+    def __init__(self, lender: nn.Linear) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(lender.in_features))
+        self.lender = [lender]  # not a submodule
+
+    def forward(self, x):
+        return F.linear(x, self.lender[0].weight.t()) * self.scale
+
+
+class Outside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 48)
+        self.mid = nn.Linear(48, 48)
+        self.mid2 = nn.Linear(48, 48)
+        self.out = Borrower(self.inp)  # 48 -> 16 through inp.weight transposed
+        self.bias = nn.Parameter(torch.zeros(16))  # a parameter of the root, used in the root
+
+    def forward(self, input_ids, labels=None):
+        x = F.one_hot(input_ids % 16, 16).float()
+        y = self.out(torch.relu(self.mid2(torch.relu(self.mid(torch.relu(self.inp(x))))))) + self.bias
+        return type("Out", (), {"loss": F.cross_entropy(y.flatten(0, 1), labels.flatten() % 16)})
+
+
+def test_parameter_used_outside_its_module():
+    torch.manual_seed(0)
+    model = Outside()
+    data = batches(4)
+    ref_losses, ref_params = train_reference(model, data, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    plan = elixir.Plan.uniform(model, chunk_mib=48 * 48 * 4 / 2**20 * 1.05, cache_blocks=2, resident=False,
+                               optimizer=opt)
+    assert len(plan.chunks) >= 3
+    wrapped, opt = elixir.wrap(model, opt, plan=plan)
+    losses = []
+    for x in data:
+        loss = loss_of(wrapped, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert elixir.memory_stats(wrapped)["evictions"] > 0
+    assert_close_rel(losses, ref_losses, 1e-5)
+    assert_params_close(elixir.full_state_dict(wrapped), ref_params, 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["on_demand", "mixed"])
+def test_frozen_parameters(kind):
+    model = build("gpt")
+    for name, p in model.named_parameters():
+        if name.startswith(("wpe", "h.0.")):
+            p.requires_grad_(False)
+    data = batches(4)
+    ref_losses, ref_params = train_reference(model, data, 4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    m = copy.deepcopy(model)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    assert len(trainable) == sum(len(g["params"]) for g in opt.param_groups)
+    wrapped, opt = elixir.wrap(m, opt, plan=make_plan(m, kind, opt))
+    losses = []
+    for x in data:
+        loss = loss_of(wrapped, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert_close_rel(losses, ref_losses, 1e-5)
+    params = elixir.full_state_dict(wrapped)
+    assert_params_close(params, ref_params, 1e-5)
+    assert torch.equal(params["wpe.weight"], model.wpe.weight.detach())  # untouched
+    assert all(c.master is None for c in elixir.runtime_of(wrapped).chunks if not c.trainable)
+
+
+@pytest.mark.parametrize("kind", ["resident", "host"])
+def test_gradient_accumulation_equals_one_large_batch(kind):
+    # SGD: the update is the gradient itself, so parameters compare gradients without Adam's
+    # normalisation amplifying rounding noise in gradients that are zero in exact arithmetic
+    model = build("gpt")
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    wrapped, opt = elixir.wrap(m, opt, plan=make_plan(m, kind, opt))
+    for x in batches(3, batch=8):
+        loss_of(ref, x).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        for half in x.chunk(2):
+            (loss_of(wrapped, half) / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    ref_params = {n: p.detach() for n, p in ref.named_parameters()}
+    assert_params_close(elixir.full_state_dict(wrapped), ref_params, 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["resident", "mixed"])
+def test_clip_grad_norm_matches_torch(kind):
+    model = build("gpt")
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    wrapped, opt = _wrap(model, kind)
+    for x in batches(3):
+        for m, o in ((ref, ref_opt), (wrapped, opt)):
+            loss_of(m, x).backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        norm = opt.clip_grad_norm_(0.5)
+        assert ref_norm > 0.5  # the clip really acts
+        assert_close_rel(norm, ref_norm, 1e-5)
+        for o in (ref_opt, opt):
+            o.step()
+            o.zero_grad()
+    ref_params = {n: p.detach() for n, p in ref.named_parameters()}
+    assert_params_close(elixir.full_state_dict(wrapped), ref_params, 1e-5)
+    inf_norm = None
+    loss_of(wrapped, batches(1)[0]).backward()
+    inf_norm = opt.clip_grad_norm_(1e9, norm_type=float("inf"))
+    assert inf_norm > 0
+
+
+def test_lr_scheduler_works_unchanged():
+    model = build("gpt")
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    wrapped, opt = _wrap(model, "host")
+    sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (ref_opt, opt)]
+    for x in batches(4):
+        for m, o, s in zip((ref, wrapped), (ref_opt, opt), sched):
+            loss_of(m, x).backward()
+            o.step()
+            o.zero_grad()
+            s.step()
+        assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
+    ref_params = {n: p.detach() for n, p in ref.named_parameters()}
+    assert_params_close(elixir.full_state_dict(wrapped), ref_params, 1e-5)
+
+
+def test_param_groups_keep_their_hyperparameters():
+    model = build("gpt")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    ref = copy.deepcopy(model)
+    groups = lambda m: [
+        {"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": 0.5},
+        {"params": [p for p in m.parameters() if p.dim() < 2], "weight_decay": 0.0, "lr": 3e-3},
+    ]
+    assert decay and no_decay
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, fused=True)
+    opt = torch.optim.AdamW(groups(model), lr=1e-2, fused=True)
+    plan = make_plan(model, "mixed")  # made without the optimizer: wrap splits mixed chunks
+    wrapped, opt = elixir.wrap(model, opt, plan=plan)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
+    for c in elixir.runtime_of(wrapped).chunks:
+        assert len({opt_group_of(opt, c)}) == 1
+    for x in batches(3):
+        for m, o in ((ref, ref_opt), (wrapped, opt)):
+            loss_of(m, x).backward()
+            o.step()
+            o.zero_grad()
+    ref_params = {n: p.detach() for n, p in ref.named_parameters()}
+    assert_params_close(elixir.full_state_dict(wrapped), ref_params, 1e-5)
+
+
+def opt_group_of(opt, chunk):
+    return next(i for i, g in enumerate(opt.param_groups) if any(m is chunk.master for m in g["params"]))
+
+
+def test_fp16_overflow_skips_the_step():
+    model = build("gpt")
+    wrapped, opt = _wrap(model, "mixed", dtype=torch.float16)
+    x = batches(1)[0]
+    before = elixir.full_state_dict(wrapped)
+    scale = opt.loss_scale
+    opt.backward(loss_of(wrapped, x) * float("inf"))  # injected inf
+    opt.step()
+    opt.zero_grad()
+    assert opt.skipped_steps == 1
+    assert opt.loss_scale == scale / 2
+    after = elixir.full_state_dict(wrapped)
+    for n in before:
+        assert torch.equal(before[n], after[n]), n
+    # the next, finite step updates
+    opt.backward(loss_of(wrapped, x))
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert any(not torch.equal(before[n], v) for n, v in elixir.full_state_dict(wrapped).items())
+
+
+def _device_bytes_allowed(plan, rt):
+    """What a plan may hold on the device: resident chunks, device shards, the cache, device-side
+    masters, gradient shards and AdamW's two states, and at most every chunk's fp32 gradient buffer."""
+    total = 0
+    block_bytes = plan.block_numel * plan.dtype.itemsize
+    total += plan.cache_blocks * block_bytes if any(not c.resident for c in rt.chunks) else 0
+    for c in rt.chunks:
+        shard = c.shard_numel
+        if c.resident:
+            total += c.numel * c.dtype.itemsize
+        elif c.param_home == "device":
+            total += shard * c.dtype.itemsize
+        if c.trainable:
+            total += c.numel * 4  # the gradient buffer during backward
+            if c.optim_home == "device":
+                total += shard * 4 * (3 if c.master is not c.shard else 2)
+    return total
+
+
+@pytest.mark.parametrize("kind", ["resident", "on_demand", "host", "mixed"])
+def test_memory_stays_within_the_plan(kind):
+    model = build("llama")
+    _, _, wrapped, plan = train_elixir(model, batches(3), 3, kind)
+    stats = elixir.memory_stats(wrapped)
+    rt = elixir.runtime_of(wrapped)
+    assert stats["device_bytes_peak"] <= _device_bytes_allowed(plan, rt)
+    assert stats["cache_blocks_used_peak"] <= plan.cache_blocks
+    if kind != "resident":
+        assert stats["gathers"] > 0
+        assert stats["cache_blocks_used_peak"] == plan.cache_blocks
+    if kind == "host":
+        chunk_bytes = sum(c.numel for c in rt.chunks) * 4
+        # fp32 parameters (their own masters) and AdamW's two states live on the host; the device
+        # holds only the cache once the step is over
+        assert stats["host_bytes"] == 3 * chunk_bytes
+        assert stats["device_bytes"] <= plan.cache_blocks * plan.block_numel * 4
+
+
+def test_model_data_is_counted_exactly():
+    """After a step with everything resident: parameters + AdamW's two states + fp32 gradients."""
+    model = build("gpt")
+    wrapped, opt = _wrap(model, "resident")
+    loss_of(wrapped, batches(1)[0]).backward()
+    opt.step()
+    rt = elixir.runtime_of(wrapped)
+    numel = sum(c.numel for c in rt.chunks)
+    assert elixir.memory_stats(wrapped)["device_bytes"] == numel * 4 * 4  # param(=master), grad, 2 states
+    opt.zero_grad()
+    assert elixir.memory_stats(wrapped)["device_bytes"] == numel * 4 * 3

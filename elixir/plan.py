@@ -200,7 +200,8 @@ class Plan:
             diffs.append(f"{n!r} is in the model but not in the plan")
         for n in shapes.keys() & self.param_shapes.keys():
             if shapes[n] != self.param_shapes[n]:
-                diffs.append(f"{n!r} has shape {list(shapes[n])} in the model, {list(self.param_shapes[n])} in the plan")
+                model_shape, plan_shape = list(shapes[n]), list(self.param_shapes[n])
+                diffs.append(f"{n!r} has shape {model_shape} in the model, {plan_shape} in the plan")
         if diffs:
             more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
             raise ValueError(

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from helpers import PLANS, assert_close_rel, assert_params_close, batches, build, train_elixir, train_reference
+from helpers import (
+    PLANS,
+    assert_close_rel,
+    assert_params_close,
+    batches,
+    build,
+    train_elixir,
+    train_reference,
+)
 
 FAMILIES = ("gpt", "gpt2", "opt", "llama")
 STEPS = 5

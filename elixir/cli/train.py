@@ -291,10 +291,10 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
     )
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
     recent = deque(maxlen=FINAL_LOSS_STEPS)  # per-step losses, for the final train loss
-    window: list[torch.Tensor] = []  # per-step losses since the last progress line
+    window_loss = torch.zeros((), device=job.device)  # sum of step losses since the last progress line
     val_loss = math.nan
     start = window_start = time.perf_counter()
-    train_s = eval_s = 0.0
+    train_s = 0.0
     window_steps = 0
     for step in range(1, args.steps + 1):
         step_loss = torch.zeros((), device=job.device)
@@ -307,13 +307,13 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
         job.optim.zero_grad()
         job.scheduler.step()
         recent.append(step_loss)
-        window.append(step_loss)
+        window_loss += step_loss
         window_steps += 1
 
         last = step == args.steps
         if progress.due(step) or last:
             # The loss shown is this rank's; .item() waits for the device, so the time is true.
-            shown_loss = torch.stack(window).mean().item()
+            shown_loss = window_loss.item() / window_steps
             now = time.perf_counter()
             window_s = now - window_start
             train_s += window_s
@@ -324,12 +324,12 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
                 host_mib=stats["host_bytes"] / 2**20, host_peak_mib=stats["host_bytes_peak"] / 2**20,
                 elapsed_s=now - start,
             )
-            window, window_steps, window_start = [], 0, time.perf_counter()
+            window_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
         if (args.eval_every and step % args.eval_every == 0) or last:
             t = time.perf_counter()
             val_loss = evaluate(job, args)
             progress.line(f"step {step:>{len(str(args.steps))}}/{args.steps}: val loss {val_loss:.4f}")
-            eval_s += time.perf_counter() - t
             # The window restarts after an evaluation, so its time is not counted as training.
             if window_steps == 0:
                 window_start = time.perf_counter()

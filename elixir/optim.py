@@ -134,7 +134,7 @@ class ElixirOptimizer(torch.optim.Optimizer):
             if g is not None:
                 g.mul_(inv)
                 found = torch.maximum(found, (~torch.isfinite(g)).any().float().cpu())
-        comm.all_reduce_max(found.to(self._comm_device()), self.group)
+        found = comm.all_reduce_max(found.to(self._comm_device()), self.group)
         self._overflow = bool(found.item())
         self._unscaled = True
         return self._overflow

@@ -4,6 +4,7 @@ Parameters, gradients and optimizer states live in chunks spread over device mem
 and ranks, as a plan says; `wrap` turns an ordinary model and optimizer into managed ones.
 """
 
+from elixir.comm import CollectiveError, init_distributed
 from elixir.optim import ElixirOptimizer
 from elixir.plan import ChunkPlan, Plan
 from elixir.runtime import CacheTooSmallError, full_state_dict, memory_stats, runtime_of, wrap
@@ -11,6 +12,14 @@ from elixir.runtime import CacheTooSmallError, full_state_dict, memory_stats, ru
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheTooSmallError", "ChunkPlan", "ElixirOptimizer", "Plan", "full_state_dict", "memory_stats",
-    "runtime_of", "wrap",
+    "CacheTooSmallError",
+    "ChunkPlan",
+    "CollectiveError",
+    "ElixirOptimizer",
+    "Plan",
+    "full_state_dict",
+    "init_distributed",
+    "memory_stats",
+    "runtime_of",
+    "wrap",
 ]

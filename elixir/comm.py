@@ -1,11 +1,21 @@
-"""Collectives on flat 1-D buffers, with the version shims in one place.
+"""Collectives on flat 1-D buffers, with the version shims and the failure reports in one place.
 
 Gloo takes only flat 1-D buffers for all-gather and reduce-scatter and rejects PREMUL_SUM/AVG, so
 every collective here works on flat buffers and averages by dividing. A group of size one
 communicates nothing: the single-process path is the same code with the communication skipped.
+
+[Note: failed collectives]
+A rank that dies makes its peers' collectives fail (connection closed); a rank that hangs makes
+them time out after the process group's timeout. Either way the peers raise `CollectiveError`,
+which names the collective, what it was moving, and the timeout, instead of hanging or printing a
+transport error alone. `init_distributed(timeout_s=...)` sets that timeout.
 """
 
 from __future__ import annotations
+
+import datetime
+import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -16,33 +26,113 @@ from elixir.memory.chunk import ChunkGroup
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
+DEFAULT_TIMEOUT_S = 600.0
+_timeout_s = DEFAULT_TIMEOUT_S
 
-def all_gather(full: torch.Tensor, shard: torch.Tensor, group: ChunkGroup, *, async_op: bool = False):
-    """Gather every rank's `shard` into `full` (rank r's slice r). Returns a work handle or None."""
+
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer rank exited, or did not answer within the timeout."""
+
+
+def init_distributed(*, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> ChunkGroup:
+    """Join the process group that torchrun (or the caller's environment) describes.
+
+    With no WORLD_SIZE in the environment (a plain `python` run) this is a single process and
+    nothing is initialised. `timeout_s` bounds every collective: a dead or hung peer becomes a
+    `CollectiveError` within about that time instead of a hang.
+    """
+    global _timeout_s
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s={timeout_s} must be positive (seconds a collective may wait for peers)")
+    _timeout_s = float(timeout_s)
+    if dist.is_initialized():
+        return ChunkGroup(dist.group.WORLD, dist.get_rank(), dist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return ChunkGroup.single()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return ChunkGroup(dist.group.WORLD, dist.get_rank(), dist.get_world_size())
+
+
+def _fail(what: str, group: ChunkGroup, started: float, err: Exception) -> CollectiveError:
+    waited = time.monotonic() - started
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CollectiveError(
+        f"{what} over {group.size} ranks failed on rank {group.rank} after {waited:.1f} s: a peer rank exited or "
+        f"did not answer within the timeout ({_timeout_s:g} s; set it with init_distributed(timeout_s=...) or "
+        f"`elixir train --timeout`). Cause: {cause}"
+    )
+
+
+class Pending:
+    """An asynchronous collective in flight; `wait()` finishes it (and names a failure)."""
+
+    __slots__ = ("work", "what", "group", "started", "after")
+
+    def __init__(self, work, what: str, group: ChunkGroup, after=None) -> None:
+        self.work, self.what, self.group, self.after = work, what, group, after
+        self.started = time.monotonic()
+
+    def wait(self) -> None:
+        try:
+            self.work.wait()
+        except Exception as e:
+            raise _fail(self.what, self.group, self.started, e) from e
+        if self.after is not None:
+            self.after()
+
+
+def all_gather(full: torch.Tensor, shard: torch.Tensor, group: ChunkGroup, *, what: str = "all-gather",
+               async_op: bool = False) -> Pending | None:
+    """Gather every rank's `shard` into `full` (rank r's slice r). Async: returns a `Pending`."""
     if group.size == 1:
         if full.data_ptr() != shard.data_ptr():
             full[: shard.numel()].copy_(shard)
         return None
-    return _all_gather_flat(full, shard, group=group.process_group, async_op=async_op)
+    started = time.monotonic()
+    try:
+        work = _all_gather_flat(full, shard, group=group.process_group, async_op=async_op)
+    except Exception as e:
+        raise _fail(what, group, started, e) from e
+    return Pending(work, what, group) if async_op else None
 
 
-def reduce_scatter_mean(shard_out: torch.Tensor, full: torch.Tensor, group: ChunkGroup) -> None:
+def reduce_scatter_mean(shard_out: torch.Tensor, full: torch.Tensor, group: ChunkGroup, *,
+                        what: str = "reduce-scatter", async_op: bool = False) -> Pending | None:
     """Average `full` over the group into this rank's `shard_out` (slice `group.rank`)."""
     if group.size == 1:
         if shard_out.data_ptr() != full.data_ptr():
             shard_out.copy_(full)
-        return
-    _reduce_scatter_flat(shard_out, full, group=group.process_group)
-    shard_out.div_(group.size)
+        return None
+    started = time.monotonic()
+    scale = lambda: shard_out.div_(group.size)  # noqa: E731 - gloo has no AVG/PREMUL_SUM
+    try:
+        work = _reduce_scatter_flat(shard_out, full, group=group.process_group, async_op=async_op)
+    except Exception as e:
+        raise _fail(what, group, started, e) from e
+    if async_op:
+        return Pending(work, what, group, after=scale)
+    scale()
+    return None
 
 
-def all_reduce_sum(t: torch.Tensor, group: ChunkGroup) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, group: ChunkGroup, op, what: str) -> torch.Tensor:
     if group.size > 1:
-        dist.all_reduce(t, group=group.process_group)
+        started = time.monotonic()
+        try:
+            dist.all_reduce(t, op=op, group=group.process_group)
+        except Exception as e:
+            raise _fail(what, group, started, e) from e
     return t
 
 
-def all_reduce_max(t: torch.Tensor, group: ChunkGroup) -> torch.Tensor:
-    if group.size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group.process_group)
-    return t
+def all_reduce_sum(t: torch.Tensor, group: ChunkGroup, what: str = "all-reduce") -> torch.Tensor:
+    return _all_reduce(t, group, dist.ReduceOp.SUM, what)
+
+
+def all_reduce_max(t: torch.Tensor, group: ChunkGroup, what: str = "all-reduce (max)") -> torch.Tensor:
+    return _all_reduce(t, group, dist.ReduceOp.MAX, what)

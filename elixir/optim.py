@@ -188,11 +188,16 @@ class ElixirOptimizer(torch.optim.Optimizer):
     def _write_back(self) -> None:
         """Cast the updated masters into the parameter shards, wherever those live."""
         rt = self.runtime
+        gathers = []
         for c in self.chunks:
             if c.master is not c.shard:
                 accel.copy_(c.shard, c.master)
-            if c.resident:
-                comm.all_gather(c.full, c.shard, c.group)
+            if c.resident:  # gathered again at once, all chunks' all-gathers in flight together
+                what = f"all-gather of updated chunk {c.index}"
+                gathers.append(comm.all_gather(c.full, c.shard, c.group, what=what, async_op=True))
+        for g in gathers:
+            if g is not None:
+                g.wait()
         # gathered copies of updated on-demand chunks are stale now
         if rt.cache is not None:
             for b in rt.cache.occupied():

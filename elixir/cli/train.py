@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -73,22 +74,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model", default="small", choices=presets, help="GPT preset (default: small, ~3.3M parameters)"
     )
     job.add_argument(
-        "--steps", type=_int_at_least(1, "--steps"), default=200, help="optimizer steps (default: 200)"
+        "--steps", type=_int_at_least(1, "--steps"), metavar="N", default=200, help="optimizer steps (default: 200)"
     )
     job.add_argument(
-        "--batch-size", type=_int_at_least(1, "--batch-size"), default=8,
+        "--batch-size", type=_int_at_least(1, "--batch-size"), metavar="N", default=8,
         help="sequences per micro-batch, over all ranks (default: 8)",
     )
     job.add_argument(
-        "--seq-len", type=_int_at_least(2, "--seq-len"), default=None,
+        "--seq-len", type=_int_at_least(2, "--seq-len"), metavar="N", default=None,
         help=f"tokens (bytes) per sequence (default: {DEFAULT_SEQ_LEN}, or the preset's block size)",
     )
     job.add_argument(
-        "--grad-accum", type=_int_at_least(1, "--grad-accum"), default=1,
+        "--grad-accum", type=_int_at_least(1, "--grad-accum"), metavar="N", default=1,
         help="micro-batches per optimizer step (default: 1)",
     )
     job.add_argument(
-        "--lr", type=_positive_float("--lr"), default=3e-3,
+        "--lr", type=_positive_float("--lr"), metavar="X", default=3e-3,
         help="peak learning rate of AdamW; linear warmup, then cosine decay to 10%% (default: 3e-3)",
     )
     job.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="compute dtype (default: fp32)")
@@ -96,18 +97,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data", metavar="PATH", default=None,
         help="a text file, or a folder of text files, to train on (default: the embedded corpus)",
     )
-    job.add_argument("--seed", type=int, default=0, help="seed of the init and the batches (default: 0)")
+    job.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the init and the batches (default: 0)")
     job.add_argument(
         "--checkpointing", action="store_true", help="activation checkpointing: blocks recompute in backward"
     )
 
     plan = p.add_argument_group("plan (the same choices for every chunk)")
     plan.add_argument(
-        "--chunk-mib", type=_positive_float("--chunk-mib"), default=None,
+        "--chunk-mib", type=_positive_float("--chunk-mib"), metavar="MIB", default=None,
         help=f"chunk (and cache block) size in MiB (default: {MIN_CHUNK_MIB:g}, or the largest parameter's)",
     )
     plan.add_argument(
-        "--cache-blocks", type=_int_at_least(1, "--cache-blocks"), default=4,
+        "--cache-blocks", type=_int_at_least(1, "--cache-blocks"), metavar="N", default=4,
         help="device cache blocks for on-demand chunks (default: 4)",
     )
     where = plan.add_mutually_exclusive_group()
@@ -128,21 +129,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where fp32 masters and optimizer states live and update (default: device)",
     )
     plan.add_argument(
-        "--prefetch-depth", type=_int_at_least(0, "--prefetch-depth"), default=2,
+        "--prefetch-depth", type=_int_at_least(0, "--prefetch-depth"), metavar="N", default=2,
         help="on-demand chunks fetched ahead of use (default: 2)",
     )
 
     out = p.add_argument_group("output")
     out.add_argument(
-        "--log-every", type=_int_at_least(1, "--log-every"), default=10,
+        "--log-every", type=_int_at_least(1, "--log-every"), metavar="N", default=10,
         help="steps between progress lines when stdout is not a terminal (default: 10)",
     )
     out.add_argument(
-        "--eval-every", type=_int_at_least(0, "--eval-every"), default=50,
+        "--eval-every", type=_int_at_least(0, "--eval-every"), metavar="N", default=50,
         help="steps between validation losses, 0 for only the final one (default: 50)",
     )
     out.add_argument(
-        "--eval-batches", type=_int_at_least(1, "--eval-batches"), default=4,
+        "--eval-batches", type=_int_at_least(1, "--eval-batches"), metavar="N", default=4,
         help="validation batches per evaluation (default: 4)",
     )
     out.add_argument("--quiet", action="store_true", help="print nothing")
@@ -289,6 +290,7 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
         f"{job.device.type}; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens"
         + (f" x {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
     )
+    progress.line("memory: model data as elixir.memory_stats counts it, MiB now/peak")
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
     recent = deque(maxlen=FINAL_LOSS_STEPS)  # per-step losses, for the final train loss
     window_loss = torch.zeros((), device=job.device)  # sum of step losses since the last progress line
@@ -390,14 +392,16 @@ class Progress:
         width = len(str(self.total))
         text = (
             f"step {step:>{width}}/{self.total} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | "
-            f"device {device_mib:.1f} MiB (peak {device_peak_mib:.1f}) | "
-            f"host {host_mib:.1f} MiB (peak {host_peak_mib:.1f}) | {_clock(elapsed_s)}"
+            f"device {device_mib:.1f}/{device_peak_mib:.1f} MiB | host {host_mib:.1f}/{host_peak_mib:.1f} MiB | "
+            f"{_clock(elapsed_s)}"
         )
         if not self.tty:
             print(text, file=self.out, flush=True)
             return
-        filled = round(20 * step / self.total)
-        text = f"[{'#' * filled}{'.' * (20 - filled)}] {text}"
+        filled = round(10 * step / self.total)
+        # A line wider than the terminal wraps, and `\r` then redraws only its last part.
+        columns = shutil.get_terminal_size().columns
+        text = f"[{'#' * filled}{'.' * (10 - filled)}] {text}"[: max(20, columns - 1)]
         self.out.write("\r" + text.ljust(self._bar_width))
         self.out.flush()
         self._bar_width = len(text)

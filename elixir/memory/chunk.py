@@ -113,6 +113,7 @@ class Chunk:
     master: torch.Tensor | None = None  # fp32 shard at optim_home (trainable chunks)
     grad_buffer: torch.Tensor | None = None  # full-chunk gradient, during backward
     grads_seen: int = 0  # gradient hooks fired into grad_buffer since it was last reduced
+    pending: object | None = None  # an all-gather in flight into `full` (a prefetch)
     pins: int = 0  # users that need it gathered right now; a pinned chunk is never evicted
     last_use: int = 0  # logical clock of the last use (least-recently-used fallback)
     expected_grads: int | None = None  # gradient hooks per backward, learned in the first one

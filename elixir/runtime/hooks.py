@@ -55,7 +55,7 @@ class ParamUseMode(TorchFunctionMode):
 
     def _touch(self, a) -> None:
         c = self.chunk_of.get(id(a))
-        if c is not None and c.state is not ChunkState.GATHERED:
+        if c is not None and (c.state is not ChunkState.GATHERED or c.pending is not None):
             with _quiet():
                 self.runtime.acquire(c)
             self.runtime.soft_pin(c)

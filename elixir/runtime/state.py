@@ -53,6 +53,9 @@ class Runtime:
         self._recompute_pins: set[Chunk] = set()
         self._recompute_node = None
         self.in_backward = False
+        self._reductions: list = []
+        # reduce-scatters left in flight during backward, each holding a full-chunk fp32 buffer
+        self.max_reductions_in_flight = 2
         self._first_backward_counts: dict[int, int] | None = None
 
     # --- fetching ----------------------------------------------------------------------------
@@ -64,6 +67,9 @@ class Runtime:
         moved = self.schedule.use(chunk.index)
         if chunk.state is not ChunkState.GATHERED:
             self._gather(chunk, self._free_block(chunk))
+        elif chunk.pending is not None:
+            chunk.pending.wait()
+            chunk.pending = None
         if moved and self.prefetch_depth and self.schedule.on_order:
             chunk.pins += 1  # the chunk being used now is no prefetch victim
             self._prefetch()
@@ -125,16 +131,22 @@ class Runtime:
             self._recompute_pins.discard(chunk)
             chunk.pins -= 1
 
-    def _gather(self, chunk: Chunk, block) -> None:
+    def _gather(self, chunk: Chunk, block, *, prefetch: bool = False) -> None:
         block.chunk, chunk.block = chunk, block
         full = block.buffer[: chunk.numel]
         accel.copy_(full[chunk.shard_slice], chunk.shard)
-        comm.all_gather(full, full[chunk.shard_slice], chunk.group)
+        # a prefetch leaves its all-gather in flight; the first use waits for it (see acquire)
+        chunk.pending = comm.all_gather(
+            full, full[chunk.shard_slice], chunk.group, what=f"all-gather of chunk {chunk.index}", async_op=prefetch
+        )
         chunk.bind(full)
         self.gathers += 1
         self.blocks_used_peak = max(self.blocks_used_peak, self.cache.num_used)
 
     def evict(self, chunk: Chunk) -> None:
+        if chunk.pending is not None:
+            chunk.pending.wait()  # the block is still being written
+            chunk.pending = None
         block = chunk.block
         block.chunk = None
         chunk.unbind()
@@ -194,7 +206,7 @@ class Runtime:
                     return
                 self.evict(victim)
                 block = self.cache.take()
-            self._gather(c, block)
+            self._gather(c, block, prefetch=True)
 
     # --- gradients ---------------------------------------------------------------------------
 
@@ -212,19 +224,36 @@ class Runtime:
     def reduce_grad(self, chunk: Chunk) -> None:
         """Reduce the chunk's gradient buffer over its group into the fp32 gradient shard of the
         master, at the optimizer's home. Later gradients of the same backward start a new buffer,
-        so reducing early is never wrong, only slower."""
+        so reducing early is never wrong, only slower. On several ranks the reduce-scatter is left
+        in flight while backward goes on; `finish_reductions` completes it."""
         buf = chunk.grad_buffer
         chunk.grad_buffer, chunk.grads_seen = None, 0
+        self.release_recompute_pin(chunk)
         if chunk.group.size == 1:
-            reduced = buf
-        else:
-            reduced = self.tracker.empty(chunk.shard_numel, torch.float32, "device")
-            comm.reduce_scatter_mean(reduced, buf, chunk.group)
-            self.tracker.release(buf, "device")
+            self._add_to_master(chunk, buf)
+            return
+        reduced = self.tracker.empty(chunk.shard_numel, torch.float32, "device")
+        pending = comm.reduce_scatter_mean(
+            reduced, buf, chunk.group, what=f"reduce-scatter of chunk {chunk.index}'s gradients", async_op=True
+        )
+        self._reductions.append((chunk, buf, reduced, pending))
+        if len(self._reductions) > self.max_reductions_in_flight:
+            self._finish_reduction(*self._reductions.pop(0))
+
+    def finish_reductions(self) -> None:
+        while self._reductions:
+            self._finish_reduction(*self._reductions.pop(0))
+
+    def _finish_reduction(self, chunk: Chunk, buf, reduced, pending) -> None:
+        pending.wait()
+        self.tracker.release(buf, "device")
+        self._add_to_master(chunk, reduced)
+
+    def _add_to_master(self, chunk: Chunk, reduced: torch.Tensor) -> None:
         master = chunk.master
         if chunk.optim_home == "device":
             if master.grad is None:
-                master.grad = reduced
+                master.grad = reduced  # adopt the buffer: its bytes stay counted on the device
             else:
                 master.grad.add_(reduced)
                 self.tracker.release(reduced, "device")
@@ -235,7 +264,6 @@ class Runtime:
             else:
                 master.grad.add_(reduced.to(master.grad.device))
             self.tracker.release(reduced, "device")
-        self.release_recompute_pin(chunk)
 
     def enter_backward(self) -> None:
         """Called by every backward-time event; the first one of a backward sets up its end."""
@@ -252,6 +280,7 @@ class Runtime:
         for c in self.chunks:
             if c.grad_buffer is not None:
                 self.reduce_grad(c)
+        self.finish_reductions()
         if self._first_backward_counts is not None and self.schedule.recording:
             for c in self.chunks:
                 c.expected_grads = self._first_backward_counts.get(c.index) or None

@@ -316,3 +316,14 @@ def test_model_data_is_counted_exactly():
     assert elixir.memory_stats(wrapped)["device_bytes"] == numel * 4 * 4  # param(=master), grad, 2 states
     opt.zero_grad()
     assert elixir.memory_stats(wrapped)["device_bytes"] == numel * 4 * 3
+
+
+def test_state_dict_of_a_wrapped_model_has_the_full_values():
+    model = build("gpt2")  # tied embedding: two keys, one parameter
+    _, params, wrapped, _ = train_elixir(model, batches(2), 2, "host")
+    sd = wrapped.state_dict()
+    assert torch.equal(sd["lm_head.weight"], params["transformer.wte.weight"])
+    for name, value in params.items():
+        assert torch.equal(sd[name], value), name
+    with pytest.raises(ValueError, match="load the weights before elixir.wrap"):
+        wrapped.load_state_dict(sd)

@@ -122,7 +122,29 @@ def wrap(
     interceptor = Interceptor(runtime, model, ondemand) if ondemand else None
     elixir_optim = ElixirOptimizer(optimizer, chunks, runtime)
     setattr(model, _STATE_ATTR, _WrapState(plan, runtime, interceptor, elixir_optim))
+    if ondemand:
+        model._register_state_dict_hook(_full_values_in_state_dict)
+        model._register_load_state_dict_pre_hook(_refuse_load_state_dict, with_module=True)
     return model, elixir_optim
+
+
+def _full_values_in_state_dict(model, state_dict, prefix, local_metadata):
+    """`model.state_dict()` would hand out parameters that hold no memory between uses (touching
+    them crashes); give the full fp32 values instead, as `full_state_dict` gathers them."""
+    full = full_state_dict(model)
+    first_name = {id(p): n for n, p in model.named_parameters()}  # tied parameters: one value
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = prefix + name
+        if key in state_dict:
+            state_dict[key] = full[first_name[id(p)]]
+    return state_dict
+
+
+def _refuse_load_state_dict(model, state_dict, prefix, *args):
+    raise ValueError(
+        "load_state_dict on a model wrapped with on-demand chunks would write into parameters that hold no "
+        "memory; load the weights before elixir.wrap(), or use a plan with every chunk resident"
+    )
 
 
 class _WrapState:

@@ -1,12 +1,13 @@
 """Train a reference GPT preset on the embedded corpus (or on text files) under a uniform plan.
 
-With no flags this is the default job: the "small" GPT (~3.3M parameters) for 200 steps on
-CPython's documentation text, AdamW with warmup and cosine decay, every chunk resident. The flags
-of the uniform plan (`--on-demand`, `--param-home`, `--optim-home`, ...) move model data between
-device memory, host memory and the block cache without changing anything else in the loop.
+With no flags this is the default job: the "small" GPT (~3.3M parameters) for 400 steps of
+8 x 128 tokens (about one pass over CPython's documentation text, the embedded corpus), AdamW
+with warmup and cosine decay, every chunk resident. The flags of the uniform plan (`--on-demand`,
+`--param-home`, `--optim-home`, ...) move model data between device memory, host memory and the
+block cache without changing anything else in the loop.
 
-The loop reads top to bottom in `train`; `build` makes everything it needs, and `check_args`
-rejects bad flag values before anything is built.
+`train` is three steps: `check_args` rejects bad flag values before anything is built, `build`
+makes the data, model, plan and optimizer, and `loop` trains, reading top to bottom.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model", default="small", choices=presets, help="GPT preset (default: small, ~3.3M parameters)"
     )
     job.add_argument(
-        "--steps", type=_int_at_least(1, "--steps"), metavar="N", default=200, help="optimizer steps (default: 200)"
+        "--steps", type=_int_at_least(1, "--steps"), metavar="N", default=400, help="optimizer steps (default: 400)"
     )
     job.add_argument(
         "--batch-size", type=_int_at_least(1, "--batch-size"), metavar="N", default=8,
@@ -135,12 +136,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     out = p.add_argument_group("output")
     out.add_argument(
-        "--log-every", type=_int_at_least(1, "--log-every"), metavar="N", default=10,
-        help="steps between progress lines when stdout is not a terminal (default: 10)",
+        "--log-every", type=_int_at_least(1, "--log-every"), metavar="N", default=20,
+        help="steps between progress lines when stdout is not a terminal (default: 20)",
     )
     out.add_argument(
-        "--eval-every", type=_int_at_least(0, "--eval-every"), metavar="N", default=50,
-        help="steps between validation losses, 0 for only the final one (default: 50)",
+        "--eval-every", type=_int_at_least(0, "--eval-every"), metavar="N", default=100,
+        help="steps between validation losses, 0 for only the final one (default: 100)",
     )
     out.add_argument(
         "--eval-batches", type=_int_at_least(1, "--eval-batches"), metavar="N", default=4,

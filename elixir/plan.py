@@ -85,11 +85,16 @@ class Plan:
     """Number of ranks the chunks are sharded over."""
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Every parameter name of the model the plan was made for, with its shape."""
+    use_order: tuple[str, ...] = ()
+    """Parameter names in the order a profiled step uses them (empty: the runtime records the first step)."""
+    predicted: dict = field(default_factory=dict, compare=False)
+    """The cost model's prediction for this plan (step time, peak bytes per tier), when searched."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "chunks", tuple(self.chunks))
         object.__setattr__(self, "compute_dtype", dtype_name(self.compute_dtype))
         object.__setattr__(self, "param_shapes", {k: tuple(v) for k, v in self.param_shapes.items()})
+        object.__setattr__(self, "use_order", tuple(self.use_order))
         if self.world_size < 1:
             raise ValueError(f"world_size={self.world_size} must be at least 1")
         if self.prefetch_depth < 0:

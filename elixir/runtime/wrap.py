@@ -41,8 +41,14 @@ def wrap(
     compute_dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     process_group=None,
+    example_batch=None,
+    loss_fn=None,
 ) -> tuple[torch.nn.Module, ElixirOptimizer]:
     """Manage `model`'s parameters in chunks placed by `plan`; return (model, optimizer).
+
+    `plan="auto"` with an `example_batch` profiles one step on the meta device, measures the
+    hardware (cached) and searches the fastest plan that fits (see elixir.plan); without a batch
+    it keeps every chunk resident on the device.
 
     Every check runs before anything is allocated: a plan for another model or world size, an
     optimizer that does not hold the model's parameters, a dtype the device lacks, a cache too
@@ -61,7 +67,15 @@ def wrap(
     if isinstance(plan, str):
         if plan != "auto":
             raise ValueError(f"plan={plan!r}: pass an elixir.Plan or 'auto'")
-        plan = _default_plan(model, optimizer, compute_dtype and _dtype(compute_dtype), group.size)
+        if example_batch is not None:
+            from elixir.search.api import plan as make_plan
+
+            plan = make_plan(
+                model, example_batch, world_size=group.size, compute_dtype=compute_dtype or torch.float32,
+                loss_fn=loss_fn,
+            )
+        else:
+            plan = _default_plan(model, optimizer, compute_dtype and _dtype(compute_dtype), group.size)
     elif not isinstance(plan, Plan):
         raise ValueError(f"plan must be an elixir.Plan or 'auto', not {type(plan).__name__}")
     elif compute_dtype is not None and _dtype(compute_dtype) != plan.dtype:
@@ -113,6 +127,11 @@ def wrap(
     if ondemand_names:
         cache = BlockCache(plan.cache_blocks, plan.block_numel, dtype, tracker)
     runtime = Runtime(chunks, cache, tracker, device, prefetch_depth=plan.prefetch_depth)
+    if plan.use_order and cache is not None:
+        # the profiled order drives eviction and prefetch from the first step
+        by_name = {s.name: c for c in chunks for s in c.slots}
+        ondemand_uses = [by_name[n] for n in plan.use_order if n in by_name and not by_name[n].resident]
+        runtime.schedule.set_order([c.index for c in ondemand_uses])
     for b in model.buffers():
         b.data = b.data.to(device)
     # Parameters that are not optimized keep their own dtype-less role: they are in chunks too.

@@ -1,0 +1,250 @@
+"""The cost model: replay a profiled step under a plan and predict its time and peak memory.
+
+Two streams, as on a GPU: a compute stream runs the profiled operators one after another (FLOPs at
+the hardware's matmul rate; operators without FLOPs at its copy bandwidth over the bytes they make);
+a communication stream runs chunk fetches (host->device copies and all-gathers) and gradient
+reductions. A fetch for a chunk that is not cached stalls compute until it lands; prefetches for the
+next `prefetch_depth` chunks of the profiled order start while compute goes on, when a cache block
+is free or holds a chunk needed later (Belady, as the runtime does). After backward, the optimizer
+updates every chunk where its state lives. On a CPU-only machine host<->device copies run on the
+compute thread itself: they do not overlap.
+
+[Note: memory the plan holds]
+device: resident chunks whole; on-demand chunks' shards that live on the device; the cache blocks;
+fp32 master (unless the fp32 parameter shard is its own master), gradient shard and two AdamW states
+of chunks whose optimizer lives on the device; up to (in-flight reductions + 1) fp32 gradient buffers
+of whole chunks during backward; the profiled activations. host: the same for what lives there.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import asdict, dataclass
+
+from elixir.hardware import Hardware
+from elixir.memory.chunk import pack_offsets, padded_numel
+from elixir.plan import Plan
+from elixir.profile import Profile
+
+# AdamW keeps two fp32 states per element
+_STATE_BYTES = 8
+# operators whose cost is not their FLOPs: a fixed launch / dispatch cost each (eager PyTorch)
+_OP_OVERHEAD_S = {"cpu": 4e-6, "gpu": 6e-6}
+# reduce-scatters left in flight by the runtime (see Runtime.max_reductions_in_flight)
+_REDUCTIONS_IN_FLIGHT = 2
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted time and memory of one training step under a plan."""
+
+    step_s: float
+    compute_s: float
+    stall_s: float
+    """Time compute waited for chunk fetches (communication that prefetch did not hide)."""
+    comm_busy_s: float
+    optim_s: float
+    fetches: int
+    device_bytes_peak: int
+    host_bytes_peak: int
+    model_device_bytes: int
+    """Model data on the device (the runtime's device counter at its peak, activations excluded)."""
+    model_host_bytes: int
+    activation_bytes: int
+    flops: int
+
+    def tflops(self) -> float:
+        return self.flops / self.step_s / 1e12 if self.step_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tflops": self.tflops()}
+
+
+@dataclass
+class _Chunk:
+    index: int
+    names: tuple[str, ...]
+    numel: int
+    resident: bool
+    param_home: str
+    optim_home: str
+
+
+def layout(plan: Plan, profile: Profile) -> list[_Chunk]:
+    itemsize = plan.dtype.itemsize
+    out = []
+    for i, c in enumerate(plan.chunks):
+        numels = [profile.param_numels[n] for n in c.params]
+        used = pack_offsets(numels, itemsize)[1]
+        out.append(_Chunk(i, c.params, padded_numel(used, plan.world_size), c.resident, c.param_home, c.optim_home))
+    return out
+
+
+def memory(plan: Plan, chunks: list[_Chunk], profile: Profile | None = None) -> tuple[int, int]:
+    """Model-data bytes (device, host) at the step's peak; see [Note: memory the plan holds]."""
+    itemsize = plan.dtype.itemsize
+    n = plan.world_size
+    device = host = 0
+    fp32 = itemsize == 4
+    if any(not c.resident for c in chunks):
+        device += plan.cache_blocks * plan.block_numel * itemsize
+    biggest = 0
+    for c in chunks:
+        shard = c.numel // n
+        if c.resident:
+            device += c.numel * itemsize
+        elif c.param_home == "device":
+            device += shard * itemsize
+        else:
+            host += shard * itemsize
+        aliased = fp32 and c.param_home == c.optim_home
+        optim = shard * (4 + _STATE_BYTES + (0 if aliased else 4))
+        if c.optim_home == "device":
+            device += optim
+        else:
+            host += optim
+        biggest = max(biggest, c.numel)
+    device += min(len(chunks), _REDUCTIONS_IN_FLIGHT + 1) * biggest * 4
+    return device, host
+
+
+def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
+    """Predict one step of `profile` under `plan` on `hardware` (one rank of `plan.world_size`)."""
+    chunks = layout(plan, profile)
+    chunk_of = {name: c.index for c in chunks for name in c.names}
+    for other, first in profile.tied_names.items():
+        if first in chunk_of:
+            chunk_of[other] = chunk_of[first]
+    n = plan.world_size
+    itemsize = plan.dtype.itemsize
+    cpu = hardware.name.lower().endswith("cpu") or hardware.name == "CPU"
+    overhead = _OP_OVERHEAD_S["cpu" if cpu else "gpu"]
+    matmul = hardware.matmul_rate(plan.dtype)
+    coll = hardware.collective_rate(n)
+    copy_rate = hardware.device_copy_bytes_per_s
+
+    def fetch_cost(c: _Chunk) -> tuple[float, float]:
+        """(seconds on the compute thread, seconds on the communication stream)."""
+        shard_bytes = c.numel // n * itemsize
+        move = shard_bytes / (hardware.h2d_bytes_per_s if c.param_home == "host" else copy_rate)
+        gather = (n - 1) / n * c.numel * itemsize / coll if n > 1 else 0.0
+        return (move, gather) if cpu else (0.0, move + gather)
+
+    # the on-demand use sequence with positions, for Belady and prefetch
+    seq: list[int] = []
+    op_pos: list[list[int]] = []
+    for op in profile.ops:
+        mine = []
+        for name in op.params:
+            c = chunk_of.get(name)
+            if c is None or chunks[c].resident:
+                continue
+            if not seq or seq[-1] != c:
+                seq.append(c)
+            mine.append(len(seq) - 1)
+        op_pos.append(mine)
+    positions: dict[int, list[int]] = {}
+    for i, c in enumerate(seq):
+        positions.setdefault(c, []).append(i)
+
+    def next_use(c: int, cursor: int) -> float:
+        pos = positions.get(c, [])
+        j = bisect.bisect_right(pos, cursor)
+        return pos[j] if j < len(pos) else math.inf
+
+    last_backward_use: dict[int, int] = {}
+    for i, op in enumerate(profile.ops):
+        if op.phase == "backward":
+            for name in op.params:
+                if name in chunk_of:
+                    last_backward_use[chunk_of[name]] = i
+
+    t_compute = t_comm = comm_busy = stall = 0.0
+    ready: dict[int, float] = {}
+    cached: set[int] = set()
+    fetches = 0
+    blocks = plan.cache_blocks
+
+    def fetch(c: int, cursor: int, now: float, *, demand: bool, protect: set[int]) -> bool:
+        nonlocal t_comm, comm_busy, fetches, t_compute
+        if c in cached:
+            return True
+        if len(cached) >= blocks:
+            victims = [v for v in cached if v not in protect]
+            if not victims:
+                return False
+            victim = max(victims, key=lambda v: next_use(v, cursor))
+            if not demand and next_use(victim, cursor) <= next_use(c, cursor):
+                return False
+            cached.discard(victim)
+        on_compute, on_comm = fetch_cost(chunks[c])
+        t_compute += on_compute
+        start = max(t_comm, now)
+        t_comm = start + on_comm
+        comm_busy += on_comm
+        ready[c] = t_comm
+        cached.add(c)
+        fetches += 1
+        return True
+
+    for i, op in enumerate(profile.ops):
+        cursor = -1
+        need: set[int] = set()
+        for pos in op_pos[i]:
+            cursor = pos
+            c = seq[pos]
+            need.add(c)
+            fetch(c, pos, t_compute, demand=True, protect=need)
+        if cursor >= 0 and plan.prefetch_depth:
+            upcoming: list[int] = []
+            for c in seq[cursor + 1 :]:
+                if c not in upcoming:
+                    upcoming.append(c)
+                    if len(upcoming) == plan.prefetch_depth:
+                        break
+            for c in upcoming:
+                if not fetch(c, cursor, t_compute, demand=False, protect=need):
+                    break
+        start = max([t_compute] + [ready.get(c, 0.0) for c in need])
+        stall += start - t_compute
+        op_s = op.flops / matmul if op.flops else getattr(op, "out_bytes", 0) * 2 / copy_rate
+        t_compute = start + op_s + overhead
+        for c, last in last_backward_use.items():
+            if last == i:  # the chunk's gradients are complete: reduce it
+                ch = chunks[c]
+                t_compute += 3 * ch.numel * 4 / copy_rate  # zeroing and adding into the fp32 buffer
+                red = (n - 1) / n * ch.numel * 4 / coll if n > 1 else 0.0
+                if ch.optim_home == "host":
+                    red += ch.numel // n * 4 / hardware.d2h_bytes_per_s
+                start_r = max(t_comm, t_compute)
+                t_comm = start_r + red
+                comm_busy += red
+    end_backward = max(t_compute, t_comm)
+
+    optim = 0.0
+    for c in chunks:
+        shard = c.numel // n
+        rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s
+        optim += shard / rate
+        if c.optim_home != c.param_home or itemsize != 4:
+            bw = hardware.h2d_bytes_per_s if c.optim_home != c.param_home else copy_rate
+            optim += shard * itemsize / bw
+        if c.resident and n > 1:
+            optim += (n - 1) / n * c.numel * itemsize / coll
+    model_device, model_host = memory(plan, chunks)
+    activations = profile.peak_activation_bytes
+    return Prediction(
+        step_s=end_backward + optim,
+        compute_s=t_compute - stall,
+        stall_s=stall,
+        comm_busy_s=comm_busy,
+        optim_s=optim,
+        fetches=fetches,
+        device_bytes_peak=model_device + activations,
+        host_bytes_peak=model_host,
+        model_device_bytes=model_device,
+        model_host_bytes=model_host,
+        activation_bytes=activations,
+        flops=profile.total_flops,
+    )

@@ -7,7 +7,9 @@ and ranks, as a plan says; `wrap` turns an ordinary model and optimizer into man
 from elixir.comm import CollectiveError, init_distributed
 from elixir.optim import ElixirOptimizer
 from elixir.plan import ChunkPlan, Plan
+from elixir.profile import profile
 from elixir.runtime import CacheTooSmallError, full_state_dict, memory_stats, runtime_of, wrap
+from elixir.search import PlanDoesNotFitError, plan
 
 __version__ = "0.1.0"
 
@@ -17,9 +19,12 @@ __all__ = [
     "CollectiveError",
     "ElixirOptimizer",
     "Plan",
+    "PlanDoesNotFitError",
     "full_state_dict",
     "init_distributed",
     "memory_stats",
+    "plan",
+    "profile",
     "runtime_of",
     "wrap",
 ]

@@ -227,9 +227,11 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
         shard = c.numel // n
         rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s
         optim += shard / rate
-        if c.optim_home != c.param_home or itemsize != 4:
-            bw = hardware.h2d_bytes_per_s if c.optim_home != c.param_home else copy_rate
+        if c.optim_home != c.param_home:  # the updated master is cast into the shard in the other tier
+            bw = hardware.h2d_bytes_per_s if c.optim_home == "host" else hardware.d2h_bytes_per_s
             optim += shard * itemsize / bw
+        elif itemsize != 4:
+            optim += shard * itemsize / copy_rate
         if c.resident and n > 1:
             optim += (n - 1) / n * c.numel * itemsize / coll
     model_device, model_host = memory(plan, chunks)

@@ -1,0 +1,139 @@
+"""The cost model against hand-computed cases, and the search's choices."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import elixir
+from elixir.hardware import Hardware
+from elixir.plan import ChunkPlan, Plan
+from elixir.profile import OpRecord, Profile
+from elixir.search import PlanDoesNotFitError, search, simulate
+from elixir.search.cost import _OP_OVERHEAD_S
+from helpers import batches, build
+
+MS = 1e-3
+NUMEL = 1000  # every parameter: 1000 fp32 elements, one chunk each
+
+
+def hand_profile(forward, backward, flops=10**9, activation_bytes=0):
+    ops = [OpRecord(f"op{i}", "forward", (p,), flops, activation_bytes) for i, p in enumerate(forward)]
+    ops += [OpRecord(f"bop{i}", "backward", (p,), flops, activation_bytes) for i, p in enumerate(backward)]
+    names = sorted(set(forward) | set(backward))
+    fwd = flops * len(forward)
+    return Profile(
+        ops=ops, param_shapes={n: (NUMEL,) for n in names}, param_numels={n: NUMEL for n in names},
+        peak_activation_bytes=activation_bytes, forward_flops=fwd, backward_flops=flops * len(backward),
+        total_flops=flops * len(ops),
+    )
+
+
+def gpu(fetch_s=0.5 * MS, **kw):
+    """A GPU whose ops take 1 ms (1 GFLOP at 1 TFLOP/s) and whose host shard fetch takes `fetch_s`."""
+    return Hardware(
+        name="test-gpu", device_bytes=10**9, host_bytes=10**10, matmul_flops={"float32": 1e12},
+        h2d_bytes_per_s=NUMEL * 4 / fetch_s, d2h_bytes_per_s=1e12, device_copy_bytes_per_s=1e15,
+        device_optim_elems_per_s=1e15, host_optim_elems_per_s=1e15, **kw,
+    )
+
+
+def hand_plan(names, *, blocks, depth, resident=False, param_home="host"):
+    return Plan(
+        chunks=tuple(ChunkPlan(params=(n,), resident=resident, param_home=param_home, optim_home="device")
+                     for n in names),
+        chunk_numel=NUMEL, cache_blocks=blocks, prefetch_depth=depth,
+        param_shapes={n: (NUMEL,) for n in names},
+    )
+
+
+OVERHEAD = _OP_OVERHEAD_S["gpu"]
+
+
+def test_cache_misses_follow_farthest_next_use():
+    # forward 0 1 2 3, backward 3 2 1 0, two blocks: 0,1 miss; 2 evicts 0 (next use farthest); 3 evicts 1;
+    # backward: 3 and 2 hit; 1 misses (evicts 3, never used again); 0 misses: 6 fetches
+    names = ["p0", "p1", "p2", "p3"]
+    prof = hand_profile(names, names[::-1])
+    pred = simulate(prof, hand_plan(names, blocks=2, depth=0), gpu())
+    assert pred.fetches == 6
+    # with four blocks every chunk is fetched once
+    assert simulate(prof, hand_plan(names, blocks=4, depth=0), gpu()).fetches == 4
+    # resident: nothing fetched
+    assert simulate(prof, hand_plan(names, blocks=0, depth=0, resident=True, param_home="device"), gpu()).fetches == 0
+
+
+def test_prefetch_hides_fetches_behind_compute():
+    # two ops of 1 ms on two chunks whose fetch takes 0.5 ms.
+    names = ["p0", "p1"]
+    prof = hand_profile(names, [])
+    # no prefetch: fetch 0 (0.5), op0 (1), fetch 1 (0.5), op1 (1) = 3 ms
+    serial = simulate(prof, hand_plan(names, blocks=2, depth=0), gpu())
+    assert serial.step_s == pytest.approx(3 * MS + 2 * OVERHEAD, abs=1e-7)
+    assert serial.stall_s == pytest.approx(1 * MS, abs=1e-7)
+    # prefetch depth 1: chunk 1 arrives at 1.0 ms while op0 runs until 1.5 ms: 2.5 ms
+    overlapped = simulate(prof, hand_plan(names, blocks=2, depth=1), gpu())
+    assert overlapped.step_s == pytest.approx(2.5 * MS + 2 * OVERHEAD, abs=1e-7)
+    assert overlapped.stall_s == pytest.approx(0.5 * MS, abs=1e-7)
+    # a fetch longer than the op is only partly hidden: fetches of 2 ms -> op0 runs 2..3 ms while p1 lands at
+    # 4 ms, op1 runs 4..5 ms (op0's launch overhead vanishes in that wait)
+    slow = simulate(prof, hand_plan(names, blocks=2, depth=1), gpu(fetch_s=2 * MS))
+    assert slow.step_s == pytest.approx(5 * MS + OVERHEAD, abs=1e-7)
+
+
+def test_memory_of_a_plan_is_predicted_from_its_chunks():
+    names = ["p0", "p1", "p2", "p3"]
+    prof = hand_profile(names, names[::-1], activation_bytes=12345)
+    plan = hand_plan(names, blocks=2, depth=0, param_home="host")
+    pred = simulate(prof, plan, gpu())
+    chunk_bytes = NUMEL * 4
+    # device: cache, each chunk's fp32 master + grad + two states (optimizer on the device), 3 gradient buffers
+    assert pred.model_device_bytes == 2 * chunk_bytes + 4 * (4 * chunk_bytes) + 3 * chunk_bytes
+    assert pred.model_host_bytes == 4 * chunk_bytes  # parameter shards
+    assert pred.device_bytes_peak == pred.model_device_bytes + 12345
+
+
+def _profile_gpt():
+    model = build("gpt")
+    x = batches(1)[0]
+    return elixir.profile(model, {"input_ids": x, "labels": x})
+
+
+def test_search_keeps_everything_resident_when_it_fits():
+    plan, pred = search(_profile_gpt(), Hardware.preset("A100-80GB"))
+    assert all(c.resident and c.optim_home == "device" for c in plan.chunks)
+    assert pred.fetches == 0
+
+
+def test_search_offloads_when_the_device_is_small():
+    prof = _profile_gpt()
+    roomy, roomy_pred = search(prof, Hardware.preset("A100-80GB"))
+    budget = int(roomy_pred.device_bytes_peak * 0.7)
+    hw = Hardware.preset("A100-80GB").with_memory(device_bytes=budget)
+    plan, pred = search(prof, hw)
+    assert pred.device_bytes_peak <= budget
+    assert any(c.optim_home == "host" or not c.resident for c in plan.chunks)
+    assert pred.step_s >= roomy_pred.step_s
+
+
+def test_search_says_what_would_fit_when_nothing_does():
+    prof = _profile_gpt()
+    hw = Hardware.preset("A100-80GB").with_memory(device_bytes=prof.peak_activation_bytes // 2)
+    with pytest.raises(PlanDoesNotFitError, match="smaller batch or activation checkpointing"):
+        search(prof, hw)
+    hw = Hardware.preset("A100-80GB").with_memory(host_bytes=10_000, device_bytes=prof.peak_activation_bytes + 10**5)
+    with pytest.raises(PlanDoesNotFitError, match=r"more host memory: at least .* more GPUs: about \d+ ranks"):
+        search(prof, hw)
+
+
+def test_plan_api_searches_and_the_plan_trains():
+    model = build("gpt")
+    x = batches(1)[0]
+    plan = elixir.plan(model, {"input_ids": x, "labels": x}, hardware=Hardware.preset("A100-80GB"))
+    assert plan.use_order and plan.predicted["step_s"] > 0
+    again = elixir.Plan.from_json(plan.to_json())
+    assert again == plan
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, opt = elixir.wrap(model, opt, plan=dataclasses.replace(plan))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()

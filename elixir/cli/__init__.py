@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from elixir.cli import train
+from elixir.cli import plan, train
 
 _SUBCOMMANDS = {
     "train": (train, "train a model (default: the small GPT on the embedded corpus)"),
+    "plan": (plan, "profile a model on the meta device and search the fastest plan that fits a machine"),
 }
 
 

@@ -7,6 +7,7 @@ needed (memory falls monotonically with the count, time grows):
   L1 the optimizer (fp32 master, gradient shard, states) of k chunks on the host;
   L2 every optimizer on the host, k chunks gathered on demand (their shards on the device);
   L3 every chunk on demand, the shards of k chunks on the host;
+  L4 when even L3 overflows the host: all shards on the host, the optimizer of k chunks back on the device;
 with a few cache sizes for levels that use the cache. Every candidate is simulated; the fastest
 that fits wins. Nothing is allocated: a candidate is a Plan and a replay of the profile.
 """
@@ -111,8 +112,10 @@ def search(
                     choice = dict(resident=True, param_home="device", optim_home="host" if moved else "device")
                 elif lvl == 2:
                     choice = dict(resident=not moved, param_home="device", optim_home="host")
-                else:
+                elif lvl == 3:
                     choice = dict(resident=False, param_home="host" if moved else "device", optim_home="host")
+                else:  # every shard on the host, the optimizer of k chunks back on the device
+                    choice = dict(resident=False, param_home="host", optim_home="device" if moved else "host")
                 chunks.append(ChunkPlan(params=c, **choice))
             uses_cache = any(not c.resident for c in chunks)
             return dataclasses.replace(base, chunks=tuple(chunks), cache_blocks=blocks if uses_cache else 0)
@@ -136,6 +139,19 @@ def search(
                 consider(level(lo, lvl, blocks))
             if best is not None and best[0].chunk_numel == chunk_numel:
                 break  # a cheaper level already fits at this chunk size
+        else:
+            # L4: when the host is what overflows, give the device's spare room to optimizer states:
+            # the largest k whose device memory still fits (device memory grows with k, host falls)
+            for blocks in sorted({min_blocks, min_blocks + 2}):
+                blocks = min(blocks, len(names))
+                lo, hi = 0, len(names)
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if consider(level(mid, 4, blocks)).device_bytes_peak <= device_budget:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                consider(level(lo, 4, blocks))
     if best is None:
         raise _infeasible(smallest, device_budget, host_budget, world_size)
     return best

@@ -1,0 +1,159 @@
+"""Plan a model for a machine: profile one step on the meta device, search the plan, print it.
+
+`elixir plan --model opt-30b --gpus 1 --gpu A100-40GB --host-memory 512GiB` profiles OPT-30B (by its
+published dimensions, built on the meta device: nothing is allocated) at the given batch, searches
+the fastest plan that fits one GPU's memory and its share of the host memory, and prints what lives
+where, the predicted step time, TFLOPS per GPU and the peak bytes per tier. `--json` writes the plan
+(loadable with elixir.Plan.from_json) with its prediction; `--plot` draws memory over the step and
+where each chunk lives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from elixir.hardware import Hardware, parse_bytes
+from elixir.models.families import build_family, family_names
+from elixir.search import PlanDoesNotFitError, search
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GiB = 2**30
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=f"a preset ({', '.join(family_names())}) or a HF config.json path")
+    p.add_argument("--gpus", type=_positive, default=1, help="number of GPUs (ranks) the model data is sharded over")
+    p.add_argument("--gpu", default=None, help=f"hardware preset ({', '.join(Hardware.preset_names())}); "
+                   "default: measure this machine")
+    p.add_argument("--gpu-memory", type=_size, default=None, help="device memory per GPU, e.g. 40GiB")
+    p.add_argument("--host-memory", type=_size, default=None,
+                   help="host memory of the machine, shared by its GPUs, e.g. 512GiB")
+    p.add_argument("--batch-size", type=_positive, default=1, help="sequences per GPU per step")
+    p.add_argument("--seq-len", type=_positive, default=1024, help="tokens per sequence")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every layer")
+    p.add_argument("--prefetch-depth", type=int, default=2, help="chunks fetched ahead of use")
+    p.add_argument("--json", metavar="PATH", help="write the plan and its prediction as JSON")
+    p.add_argument("--plot", metavar="PNG", help="draw memory over the step and where each chunk lives")
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.gpu is not None and args.gpu not in Hardware.preset_names():
+        parser.error(f"--gpu {args.gpu!r} is not a preset; use one of {', '.join(Hardware.preset_names())}")
+    if args.prefetch_depth < 0:
+        parser.error(f"--prefetch-depth {args.prefetch_depth} must be 0 or more")
+    try:
+        model = build_family(args.model)
+    except ValueError as e:
+        parser.error(f"--model: {e}")
+    hw = Hardware.preset(args.gpu) if args.gpu else Hardware.measure()
+    if args.gpu_memory:
+        hw = hw.with_memory(device_bytes=args.gpu_memory)
+    if args.host_memory:
+        hw = hw.with_memory(host_bytes=args.host_memory // args.gpus)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    from elixir.profile import profile
+
+    ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.long)
+    started = time.perf_counter()
+    prof = profile(model, {"input_ids": ids, "labels": ids}, compute_dtype=DTYPES[args.dtype])
+    profiled_s = time.perf_counter() - started
+    try:
+        plan, pred = search(prof, hw, world_size=args.gpus, compute_dtype=DTYPES[args.dtype],
+                            prefetch_depth=args.prefetch_depth)
+    except PlanDoesNotFitError as e:
+        print(f"elixir plan: {e}")
+        return 1
+    searched_s = time.perf_counter() - started - profiled_s
+    plan = dataclasses.replace(plan, use_order=tuple(prof.use_sequence()), predicted=pred.as_dict())
+    params = sum(prof.param_numels.values())
+    tokens = args.batch_size * args.seq_len
+    factor = 8 if args.checkpointing else 6
+    tflops = factor * params * tokens / pred.step_s / 1e12
+    print(f"{args.model}: {params / 1e9:.2f} B parameters; {args.gpus} x {hw.name} "
+          f"({hw.device_bytes / GiB:.0f} GiB device, {hw.host_bytes / GiB:.0f} GiB host per rank); "
+          f"batch {args.batch_size} x {args.seq_len} per GPU, {DTYPES[args.dtype]}"
+          f"{', activation checkpointing' if args.checkpointing else ''}")
+    print(plan.summary())
+    print(f"predicted step      {pred.step_s:.3f} s (compute {pred.compute_s:.3f} s, waiting for chunks "
+          f"{pred.stall_s:.3f} s, optimizer {pred.optim_s:.3f} s)")
+    print(f"throughput per GPU  {tokens / pred.step_s:,.0f} tokens/s, {tflops:.1f} TFLOPS "
+          f"({factor} x params x tokens / step)")
+    print(f"peak device         {pred.device_bytes_peak / GiB:.2f} GiB "
+          f"(model data {pred.model_device_bytes / GiB:.2f}, activations {pred.activation_bytes / GiB:.2f}) "
+          f"of {hw.device_bytes / GiB:.2f} GiB")
+    print(f"peak host           {pred.host_bytes_peak / GiB:.2f} GiB per rank of {hw.host_bytes / GiB:.2f} GiB")
+    print(f"(profiled in {profiled_s:.1f} s, searched in {searched_s:.1f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(plan.to_json())
+    if args.plot:
+        _plot(args.plot, prof, plan, pred, hw)
+    summary = {"step_s": pred.step_s, "tflops_per_gpu": tflops, "tokens_per_s_per_gpu": tokens / pred.step_s}
+    args._result = {**summary, "plan": json.loads(plan.to_json())}
+    return 0
+
+
+def _plot(path: str, prof, plan, pred, hw) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'elixir-train[plot]'") from None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), gridspec_kw={"height_ratios": [3, 1]})
+    steps = range(len(prof.ops))
+    act = [op.live_activation_bytes / GiB for op in prof.ops]
+    model_dev = pred.model_device_bytes / GiB
+    top.fill_between(steps, 0, model_dev, color="#4c72b0", alpha=0.6, label="device: model data")
+    top.fill_between(steps, model_dev, [model_dev + a for a in act], color="#dd8452", alpha=0.6,
+                     label="device: activations")
+    top.axhline(hw.device_bytes / GiB, color="k", ls="--", lw=1, label="device memory")
+    backward = next((i for i, op in enumerate(prof.ops) if op.phase == "backward"), None)
+    if backward is not None:
+        top.axvline(backward, color="grey", lw=1)
+        top.text(backward, top.get_ylim()[1] * 0.95, " backward", color="grey")
+    top.set_xlabel("operator of the profiled step")
+    top.set_ylabel("device GiB")
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"predicted step {pred.step_s:.3f} s; peak device {pred.device_bytes_peak / GiB:.1f} GiB, "
+                  f"host {pred.host_bytes_peak / GiB:.1f} GiB")
+    colors = {("resident", "device"): "#4c72b0", ("on demand", "device"): "#8172b2",
+              ("on demand", "host"): "#55a868"}
+    x = 0
+    for placed in plan.chunks:
+        key = ("resident" if placed.resident else "on demand", placed.param_home)
+        bottom.bar(x, 1, width=1, color=colors[key], edgecolor="none")
+        bottom.bar(x, -0.5, width=1, color="#c44e52" if placed.optim_home == "host" else "#4c72b0")
+        x += 1
+    bottom.set_yticks([0.5, -0.25], ["parameters", "optimizer"])
+    bottom.set_xlabel("chunk (blue: device, purple: on demand from device, green: on demand from host; "
+                      "optimizer red: host)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

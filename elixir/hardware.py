@@ -1,0 +1,580 @@
+"""What a machine can do, as the planner's cost model needs it: memory sizes and measured rates.
+
+A `Hardware` is a frozen record of one rank's view of a machine: the device memory it may fill, its
+share of host memory, and the rates that decide a training step's time (matmul FLOP/s per dtype,
+host<->device copy bandwidth, collective bus bandwidth per world size, AdamW update rate on device and
+on host, device-internal copy bandwidth). `Hardware.preset(name)` gives figures for machines one does not
+have (datasheet peaks times the fraction large kernels achieve in practice, with sources); `Hardware.measure()`
+calibrates the machine at hand in a few seconds and caches the result.
+
+On a CPU-only machine "device" and "host" are the same RAM (see DESIGN.md): the device rates are measured
+on buffers kept apart from the host ones, as the runtime keeps them, and each side gets half the RAM so
+that a plan filling both still fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["Hardware", "cache_dir", "parse_bytes"]
+
+_FORMAT_VERSION = 1
+GiB = 2**30
+
+# ---------------------------------------------------------------------------------------------------------------
+# sizes
+
+
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(value: str | int) -> int:
+    """Bytes in a human size: "40GiB" (2**30), "40GB" (10**9), "512MiB", "1.5TiB", "4096" (bytes).
+
+    Accepts B, KB/KiB, MB/MiB, GB/GiB, TB/TiB in any letter case; anything else is a ValueError naming it.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"size {value!r} is negative; give a number of bytes >= 0")
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    unit = match.group(2).upper() if match else None
+    if match is None or (unit or "B") not in _UNITS:
+        raise ValueError(
+            f"cannot read {value!r} as a size; write a number and a unit such as '40GiB', '80GB', '512MiB' "
+            f"(units: {', '.join(u if 'I' not in u else u.replace('I', 'i') for u in _UNITS)})"
+        )
+    return int(float(match.group(1)) * _UNITS[unit or "B"])
+
+
+def cache_dir() -> Path:
+    """Where elixir caches what it measured: $ELIXIR_CACHE_DIR, else ~/.cache/elixir.
+
+    The one place that reads ELIXIR_CACHE_DIR; everything else asks this function."""
+    configured = os.environ.get("ELIXIR_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "elixir"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the record
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    """One rank's machine: memory it may use and the rates of what a training step does."""
+
+    name: str
+    """A preset name ("A100-80GB"), or "measured: <device>" for `measure()`."""
+    device_bytes: int
+    """Device memory of one device (nvidia-smi's memory.total); the planner keeps its own margin for the
+    CUDA context and allocator. On a CPU-only machine: half the RAM."""
+    host_bytes: int
+    """Host memory for one rank: the machine's RAM divided by the devices (ranks) on it. On a CPU-only
+    machine: the other half of the RAM."""
+    matmul_flops: dict[str, float]
+    """FLOP/s that large matmuls achieve, by dtype name ("float32", "bfloat16", "float16"); a dtype the
+    device lacks (or runs uselessly slowly) is absent. float32 is strict FP32 in the presets (PyTorch's default);
+    `measure()` times what the process runs (TF32 if it allowed TF32)."""
+    h2d_bytes_per_s: float
+    """Host-to-device copy bandwidth, from pinned staging memory on a GPU."""
+    d2h_bytes_per_s: float
+    """Device-to-host copy bandwidth, into pinned staging memory on a GPU."""
+    collective_bytes_per_s: dict[int, float] = field(default_factory=dict)
+    """Bus bandwidth per device of all-gather / reduce-scatter, by world size, as nccl-tests defines it:
+    (n - 1) / n * gathered bytes / time. Empty when unknown (a single process that was not measured)."""
+    device_optim_elems_per_s: float
+    """Elements per second of a fused AdamW step (fp32 master and states) on the device."""
+    host_optim_elems_per_s: float
+    """Elements per second of a fused AdamW step on the host, for the share of CPU cores one rank has."""
+    device_copy_bytes_per_s: float
+    """Bytes per second copied from one device buffer into another (each byte read once, written once)."""
+    device_type: str = "cuda"
+    """"cuda", or "cpu" for a CPU-only machine, where device and host are the same RAM and copies between
+    them are synchronous (they occupy the compute thread instead of overlapping with it)."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("Hardware.name must not be empty")
+        if self.device_type not in ("cuda", "cpu"):
+            raise ValueError(f"Hardware.device_type={self.device_type!r}; use 'cuda' or 'cpu'")
+        for what in ("device_bytes", "host_bytes"):
+            value = getattr(self, what)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Hardware.{what}={value!r} must be a positive number of bytes (see parse_bytes)")
+        for what in (
+            "h2d_bytes_per_s",
+            "d2h_bytes_per_s",
+            "device_optim_elems_per_s",
+            "host_optim_elems_per_s",
+            "device_copy_bytes_per_s",
+        ):
+            value = getattr(self, what)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"Hardware.{what}={value!r} must be a positive finite rate")
+        if not self.matmul_flops:
+            raise ValueError("Hardware.matmul_flops is empty; give the FLOP/s of at least one dtype, e.g. 'float32'")
+        for dtype, rate in self.matmul_flops.items():
+            if dtype not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"Hardware.matmul_flops has dtype {dtype!r}; use 'float32', 'bfloat16', 'float16'")
+            if not (rate > 0 and math.isfinite(rate)):
+                raise ValueError(f"Hardware.matmul_flops[{dtype!r}]={rate!r} must be a positive finite FLOP/s")
+        for world, rate in self.collective_bytes_per_s.items():
+            if not (isinstance(world, int) and world >= 2 and rate > 0 and math.isfinite(rate)):
+                raise ValueError(
+                    f"Hardware.collective_bytes_per_s[{world!r}]={rate!r}: keys are world sizes >= 2, values "
+                    "positive bytes/s"
+                )
+
+    def __hash__(self) -> int:  # the dict fields are not hashable; the JSON text is
+        return hash(self.to_json())
+
+    # ---- lookups the cost model uses ----
+
+    def matmul_rate(self, dtype: torch.dtype | str) -> float:
+        """FLOP/s of large matmuls in `dtype`; ValueError when this hardware has no figure for it."""
+        name = str(dtype).removeprefix("torch.")
+        if name not in self.matmul_flops:
+            raise ValueError(
+                f"{self.name} has no matmul rate for {name}; it has {', '.join(self.matmul_flops)}: "
+                "pick one of those as compute dtype"
+            )
+        return self.matmul_flops[name]
+
+    def collective_rate(self, world_size: int) -> float:
+        """Bus bandwidth per device for `world_size` ranks: the figure for that size, else for the nearest
+        larger size measured (bandwidth does not grow with the group), else for the largest. A world of one
+        communicates nothing (infinite rate)."""
+        if world_size < 1:
+            raise ValueError(f"world_size={world_size} must be >= 1")
+        if world_size == 1:
+            return math.inf
+        if not self.collective_bytes_per_s:
+            raise ValueError(
+                f"{self.name} has no collective bandwidth: run Hardware.measure() on every rank after "
+                "torch.distributed is initialised, or use a preset"
+            )
+        larger = [w for w in self.collective_bytes_per_s if w >= world_size]
+        return self.collective_bytes_per_s[min(larger) if larger else max(self.collective_bytes_per_s)]
+
+    def with_memory(self, *, device_bytes: int | str | None = None, host_bytes: int | str | None = None) -> Hardware:
+        """A copy with other memory sizes (bytes, or human sizes such as "40GiB")."""
+        changes = {}
+        if device_bytes is not None:
+            changes["device_bytes"] = parse_bytes(device_bytes)
+        if host_bytes is not None:
+            changes["host_bytes"] = parse_bytes(host_bytes)
+        return dataclasses.replace(self, **changes)
+
+    # ---- presets ----
+
+    @staticmethod
+    def preset_names() -> tuple[str, ...]:
+        return tuple(_PRESETS)
+
+    @classmethod
+    def preset(cls, name: str) -> Hardware:
+        """Datasheet figures times realistic achieved fractions for a named machine (one rank's view)."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown hardware preset {name!r}; the presets are: {', '.join(_PRESETS)}")
+        return _PRESETS[name]()
+
+    # ---- JSON ----
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["collective_bytes_per_s"] = {str(w): r for w, r in self.collective_bytes_per_s.items()}
+        data["format_version"] = _FORMAT_VERSION
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Hardware:
+        data = json.loads(text)
+        version = data.pop("format_version", None)
+        if version != _FORMAT_VERSION:
+            raise ValueError(f"hardware format_version={version!r}, this elixir reads {_FORMAT_VERSION}; measure again")
+        data["collective_bytes_per_s"] = {int(w): r for w, r in data.get("collective_bytes_per_s", {}).items()}
+        return cls(**data)
+
+    # ---- measurement ----
+
+    @classmethod
+    def measure(cls, cache: bool = True, *, quick: bool = False, refresh: bool = False) -> Hardware:
+        """Calibrate the rates on this machine (a few seconds; `quick` takes about one, less precisely).
+
+        With `cache`, the result is read from, or written to, cache_dir()/hardware-<host>-<device>.json
+        (`refresh` measures again and overwrites it). When torch.distributed is initialised every rank must
+        call this together: the collectives are measured over the world group, and a cache without that world
+        size on any rank makes every rank measure.
+        """
+        path = _cache_path(quick)
+        cached = _read_cache(path) if cache and not refresh else None
+        world = _world_size()
+        usable = cached is not None and (world == 1 or world in cached.collective_bytes_per_s)
+        if world > 1:
+            usable = _all_ranks_agree(usable)
+        if usable:
+            assert cached is not None
+            return cached
+        hardware = _measure(quick)
+        if cached is not None:  # keep the collective figures of other world sizes
+            merged = {**cached.collective_bytes_per_s, **hardware.collective_bytes_per_s}
+            hardware = dataclasses.replace(hardware, collective_bytes_per_s=dict(sorted(merged.items())))
+        if cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            tmp.write_text(hardware.to_json())
+            tmp.replace(path)  # atomic: ranks on one machine write at once, and nobody reads half a file
+        return hardware
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# presets
+#
+# Achieved fractions used throughout (peaks are from the datasheets cited at each figure):
+_MATMUL_ACHIEVED = 0.65  # large bf16/fp16 GEMMs in training reach ~60-70% of the tensor-core peak
+_FP32_ACHIEVED = 0.85  # strict-FP32 SIMT GEMMs run close to the CUDA-core peak
+_HBM_ACHIEVED = 0.8  # streaming kernels reach ~80% of the memory bandwidth
+# A fused AdamW step streams ~32 bytes per element: reads fp32 grad, param, exp_avg, exp_avg_sq (16 B), writes
+# param, exp_avg, exp_avg_sq (12 B) and the compute-dtype copy of the param (2 B), rounded up.
+_ADAM_BYTES_PER_ELEM = 32
+_PCIE4_ACHIEVED = 25e9  # PCIe 4.0 x16: 31.5 GB/s per direction; ~25 GB/s pinned (CUDA bandwidthTest)
+_PCIE5_ACHIEVED = 50e9  # PCIe 5.0 x16: 63 GB/s per direction; ~50 GB/s pinned (CUDA bandwidthTest)
+# Host-side AdamW for one rank of an 8-GPU server: two sockets of 8-channel DDR4-3200 (2 x 204.8 GB/s) or
+# DDR5-4800 (2 x 307 GB/s) at ~60% achieved, shared by 8 ranks, / 32 B per element. ZeRO-Offload reports
+# CPU-Adam around 1e9 parameters/s on such servers, which agrees.
+_HOST_ADAM_DDR4 = 2 * 204.8e9 * 0.6 / 8 / _ADAM_BYTES_PER_ELEM  # ~0.96e9
+_HOST_ADAM_DDR5 = 2 * 307.2e9 * 0.6 / 8 / _ADAM_BYTES_PER_ELEM  # ~1.4e9
+
+
+def _gpu(
+    name: str,
+    *,
+    device_bytes: int,
+    host_bytes: int,
+    bf16_peak: float,
+    fp32_peak: float,
+    hbm_bytes_per_s: float,
+    pcie: float,
+    collective: dict[int, float],
+    host_adam: float,
+) -> Callable[[], Hardware]:
+    return lambda: Hardware(
+        name=name,
+        device_bytes=device_bytes,
+        host_bytes=host_bytes,
+        matmul_flops={
+            "float32": fp32_peak * _FP32_ACHIEVED,
+            "bfloat16": bf16_peak * _MATMUL_ACHIEVED,
+            "float16": bf16_peak * _MATMUL_ACHIEVED,
+        },
+        h2d_bytes_per_s=pcie,
+        d2h_bytes_per_s=pcie,
+        collective_bytes_per_s=dict(collective),
+        device_optim_elems_per_s=hbm_bytes_per_s * _HBM_ACHIEVED / _ADAM_BYTES_PER_ELEM,
+        host_optim_elems_per_s=host_adam,
+        # a copy reads and writes every byte: half the bandwidth
+        device_copy_bytes_per_s=hbm_bytes_per_s * _HBM_ACHIEVED / 2,
+    )
+
+
+_PRESETS: dict[str, Callable[[], Hardware]] = {
+    # NVIDIA A100 Tensor Core GPU datasheet (SXM4): BF16/FP16 dense 312 TFLOPS, FP32 19.5 TFLOPS, HBM2 1,555 GB/s,
+    # NVLink 3 600 GB/s (300 GB/s per direction), PCIe 4.0. nvidia-smi memory.total 40960 MiB.
+    # Host: DGX A100 (320 GB) has 1 TB of RAM for 8 GPUs. Collectives: nccl-tests all_gather/reduce_scatter on
+    # NVSwitch reach ~230 GB/s bus bandwidth of the 300 GB/s; across nodes one 200 Gb/s HDR NIC per GPU
+    # (25 GB/s) gives ~20 GB/s.
+    "A100-40GB": _gpu(
+        "A100-40GB",
+        device_bytes=40960 * 2**20,
+        host_bytes=1024 * GiB // 8,
+        bf16_peak=312e12,
+        fp32_peak=19.5e12,
+        hbm_bytes_per_s=1555e9,
+        pcie=_PCIE4_ACHIEVED,
+        collective={2: 230e9, 4: 230e9, 8: 230e9, 16: 20e9},
+        host_adam=_HOST_ADAM_DDR4,
+    ),
+    # Same datasheet, A100 80GB SXM4: HBM2e 2,039 GB/s; nvidia-smi memory.total 81920 MiB. DGX A100 (640 GB)
+    # has 2 TB of RAM for 8 GPUs.
+    "A100-80GB": _gpu(
+        "A100-80GB",
+        device_bytes=81920 * 2**20,
+        host_bytes=2048 * GiB // 8,
+        bf16_peak=312e12,
+        fp32_peak=19.5e12,
+        hbm_bytes_per_s=2039e9,
+        pcie=_PCIE4_ACHIEVED,
+        collective={2: 230e9, 4: 230e9, 8: 230e9, 16: 20e9},
+        host_adam=_HOST_ADAM_DDR4,
+    ),
+    # NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16/FP16 dense 989 TFLOPS (1,979 with sparsity), FP32
+    # 67 TFLOPS, HBM3 3.35 TB/s, NVLink 4 900 GB/s (450 per direction), PCIe 5.0. nvidia-smi memory.total
+    # 81559 MiB. DGX H100 has 2 TB of RAM for 8 GPUs. nccl-tests on NVSwitch: ~360 GB/s bus bandwidth; across
+    # nodes one 400 Gb/s NDR NIC per GPU (50 GB/s) gives ~40 GB/s.
+    "H100-80GB": _gpu(
+        "H100-80GB",
+        device_bytes=81559 * 2**20,
+        host_bytes=2048 * GiB // 8,
+        bf16_peak=989e12,
+        fp32_peak=67e12,
+        hbm_bytes_per_s=3350e9,
+        pcie=_PCIE5_ACHIEVED,
+        collective={2: 360e9, 4: 360e9, 8: 360e9, 16: 40e9},
+        host_adam=_HOST_ADAM_DDR5,
+    ),
+    # NVIDIA H200 Tensor Core GPU product brief (SXM): the H100's compute (BF16 dense 989 TFLOPS, FP32
+    # 67 TFLOPS) with 141 GB HBM3e at 4.8 TB/s, NVLink 4 900 GB/s, PCIe 5.0. nvidia-smi memory.total
+    # 143771 MiB. DGX H200 has 2 TB of RAM for 8 GPUs; collectives as DGX H100.
+    "H200": _gpu(
+        "H200",
+        device_bytes=143771 * 2**20,
+        host_bytes=2048 * GiB // 8,
+        bf16_peak=989e12,
+        fp32_peak=67e12,
+        hbm_bytes_per_s=4800e9,
+        pcie=_PCIE5_ACHIEVED,
+        collective={2: 360e9, 4: 360e9, 8: 360e9, 16: 40e9},
+        host_adam=_HOST_ADAM_DDR5,
+    ),
+    # NVIDIA Ada GPU architecture whitepaper, appendix A (GeForce RTX 4090): FP16/BF16 tensor with FP32
+    # accumulate 165.2 TFLOPS dense (330 only with FP16 accumulate, which PyTorch does not use), FP32
+    # 82.6 TFLOPS, GDDR6X 1,008 GB/s, PCIe 4.0, no NVLink and no P2P on GeForce. nvidia-smi memory.total
+    # 24564 MiB. Host: a 4-GPU workstation with 256 GB of DDR5 (2 x 4 channels at 4800 MT/s, ~60% achieved).
+    # Collectives go through host memory over PCIe: nccl-tests reports ~10 GB/s bus bandwidth for 2 GPUs,
+    # less as more GPUs share the root complex.
+    "RTX4090": _gpu(
+        "RTX4090",
+        device_bytes=24564 * 2**20,
+        host_bytes=256 * GiB // 4,
+        bf16_peak=165.2e12,
+        fp32_peak=82.6e12,
+        hbm_bytes_per_s=1008e9,
+        pcie=_PCIE4_ACHIEVED,
+        collective={2: 10e9, 4: 7e9, 8: 5e9},
+        host_adam=8 * 38.4e9 * 0.6 / 4 / _ADAM_BYTES_PER_ELEM,
+    ),
+    # A CPU-only server socket: 32 Zen 4 cores at ~3 GHz, AVX-512 on 2 x 256-bit pipes: 32 FP32 FLOP/cycle/core,
+    # 3.1 TFLOPS peak, ~60% in oneDNN SGEMM; AVX512-BF16 doubles that for bfloat16; no fast float16 GEMM
+    # (absent). 12 channels of DDR5-4800 (460 GB/s, ~60% achieved), 384 GB of RAM split between "device" and
+    # "host" (the same RAM, see the module docstring). No collectives: one process.
+    "CPU": lambda: Hardware(
+        name="CPU",
+        device_type="cpu",
+        device_bytes=192 * GiB,
+        host_bytes=192 * GiB,
+        matmul_flops={"float32": 0.6 * 3.1e12, "bfloat16": 0.6 * 6.2e12},
+        h2d_bytes_per_s=460e9 * 0.6 / 2,
+        d2h_bytes_per_s=460e9 * 0.6 / 2,
+        collective_bytes_per_s={},
+        device_optim_elems_per_s=460e9 * 0.6 / _ADAM_BYTES_PER_ELEM,
+        host_optim_elems_per_s=460e9 * 0.6 / _ADAM_BYTES_PER_ELEM,
+        device_copy_bytes_per_s=460e9 * 0.6 / 2,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurement
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
+    return "cpu"
+
+
+def _cache_path(quick: bool) -> Path:
+    host = re.sub(r"[^A-Za-z0-9.-]+", "-", socket.gethostname()) or "host"
+    suffix = "-quick" if quick else ""
+    return cache_dir() / f"hardware-{host}-{_device_label(_device())}{suffix}.json"
+
+
+def _read_cache(path: Path) -> Hardware | None:
+    try:
+        return Hardware.from_json(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError):
+        return None  # an older or damaged cache file: measure again and replace it
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    """True only if `flag` is true on every rank."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _seconds(fn: Callable[[], object], sync: Callable[[], None], *, min_total_s: float, max_reps: int = 20) -> float:
+    """Shortest seconds of `fn` after one warm-up run, over runs repeated until `min_total_s` has passed (at
+    least 3): the machine's rate, not its neighbours' load (these machines are shared and noisy)."""
+    fn()
+    sync()
+    times: list[float] = []
+    while len(times) < 3 or (sum(times) < min_total_s and len(times) < max_reps):
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def _matmul_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], sync, *, min_total_s: float,
+                  slow_s: float, give_up_below: float = 0.0) -> float | None:
+    """Best FLOP/s over square matmuls of growing size; growing stops before a size whose runs would take
+    well over `slow_s`. None when the device cannot multiply in `dtype`, or does it below `give_up_below`
+    (float16 GEMM on most CPUs is scalar code: the smallest size says so)."""
+    best = 0.0
+    for n in sizes:
+        try:
+            a = torch.randn(n, n, device=device).to(dtype)
+            b = torch.randn(n, n, device=device).to(dtype)
+            out = torch.empty(n, n, device=device, dtype=dtype)
+            seconds = _seconds(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), sync, min_total_s=min_total_s)
+        except RuntimeError:
+            return None
+        best = max(best, 2 * n**3 / seconds)
+        if best < give_up_below:
+            return None
+        if seconds * 8 > 4 * slow_s:  # the next size does 8x the work
+            break
+    return best or None
+
+
+def _adamw_elems_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> float:
+    param = torch.zeros(numel, device=device, requires_grad=True)
+    param.grad = torch.randn(numel, device=device)
+    try:
+        optim = torch.optim.AdamW([param], lr=1e-3, fused=True)
+        optim.step()
+    except RuntimeError:  # no fused kernel for this device: the default implementation
+        optim = torch.optim.AdamW([param], lr=1e-3)
+    return numel / _seconds(optim.step, sync, min_total_s=min_total_s)
+
+
+def _copy_bytes_per_s(dst: torch.Tensor, src: torch.Tensor, sync, min_total_s: float) -> float:
+    non_blocking = dst.is_cuda != src.is_cuda
+    return src.numel() * src.element_size() / _seconds(
+        lambda: dst.copy_(src, non_blocking=non_blocking), sync, min_total_s=min_total_s
+    )
+
+
+def _collective_bytes_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> dict[int, float]:
+    import torch.distributed as dist
+
+    if _world_size() < 2:
+        return {}
+    from elixir.comm import all_gather, reduce_scatter_mean
+    from elixir.memory.chunk import ChunkGroup
+
+    world = dist.get_world_size()
+    group = ChunkGroup(dist.group.WORLD, dist.get_rank(), world)
+    numel -= numel % world
+    full = torch.zeros(numel, device=device)
+    shard = torch.zeros(numel // world, device=device)
+    nbytes = full.numel() * full.element_size()
+    gather = _seconds(lambda: all_gather(full, shard, group), sync, min_total_s=min_total_s)
+    scatter = _seconds(lambda: reduce_scatter_mean(shard, full, group), sync, min_total_s=min_total_s)
+    # Ranks time slightly different runs; the slowest decides a collective's time.
+    slowest = torch.tensor([gather, scatter], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    bus = (world - 1) / world * nbytes
+    return {world: bus / float(slowest.max())}
+
+
+def _memory_bytes(device: torch.device) -> tuple[int, int]:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, ram // max(1, torch.cuda.device_count())
+    return ram // 2, ram // 2
+
+
+def _measure(quick: bool) -> Hardware:
+    device = _device()
+    on_gpu = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if on_gpu else (lambda: None)
+    min_total_s = 0.05 if quick else 0.2
+    slow_s = 0.05 if quick else 0.25
+    mib = 2**20
+    if on_gpu:
+        sizes, copy_bytes, adam_numel = ((1024, 2048) if quick else (2048, 4096, 8192)), 256 * mib, 2**24
+    else:
+        # copies of 64 MiB: well beyond the last-level cache, which would flatter the bandwidth
+        sizes, copy_bytes, adam_numel = ((256, 512) if quick else (256, 512, 1024)), 64 * mib, 2**21
+    if quick:
+        copy_bytes, adam_numel = copy_bytes // 4, adam_numel // 4
+
+    matmul: dict[str, float] = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if on_gpu and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            continue
+        # A CPU without AVX512-FP16/AMX runs float16 GEMM as scalar code, ~50x slower: not a real option.
+        give_up_below = 0.25 * max(matmul.values(), default=0.0) if dtype == torch.float16 and not on_gpu else 0.0
+        rate = _matmul_flops(
+            device, dtype, sizes, sync, min_total_s=min_total_s, slow_s=slow_s, give_up_below=give_up_below
+        )
+        if rate is not None:
+            matmul[str(dtype).removeprefix("torch.")] = rate
+
+    numel = copy_bytes // 4
+    # Distinct buffers for the two sides, also on a CPU-only machine where both are RAM; pinned staging on a
+    # GPU (only this one buffer, freed on return).
+    host = torch.ones(numel, pin_memory=on_gpu)
+    on_device = torch.ones(numel, device=device)
+    other_on_device = torch.ones(numel, device=device)
+    h2d = _copy_bytes_per_s(on_device, host, sync, min_total_s)
+    d2h = _copy_bytes_per_s(host, on_device, sync, min_total_s)
+    device_copy = _copy_bytes_per_s(other_on_device, on_device, sync, min_total_s)
+    del host, on_device, other_on_device
+
+    device_optim = _adamw_elems_per_s(device, adam_numel, sync, min_total_s)
+    host_optim = _adamw_elems_per_s(torch.device("cpu"), adam_numel if not on_gpu else adam_numel // 8,
+                                    lambda: None, min_total_s)
+    device_bytes, host_bytes = _memory_bytes(device)
+    return Hardware(
+        name=f"measured: {_device_label(device)}",
+        device_type=device.type,
+        device_bytes=device_bytes,
+        host_bytes=host_bytes,
+        matmul_flops=matmul,
+        h2d_bytes_per_s=h2d,
+        d2h_bytes_per_s=d2h,
+        collective_bytes_per_s=_collective_bytes_per_s(device, numel, sync, min_total_s),
+        device_optim_elems_per_s=device_optim,
+        host_optim_elems_per_s=host_optim,
+        device_copy_bytes_per_s=device_copy,
+    )

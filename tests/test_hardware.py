@@ -1,0 +1,127 @@
+"""Hardware descriptions: presets, sizes, JSON, the rate lookups, and a quick measurement of this machine."""
+
+import dataclasses
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from elixir.hardware import Hardware, cache_dir, parse_bytes
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("name", ["A100-40GB", "A100-80GB", "H100-80GB", "H200", "RTX4090", "CPU"])
+def test_presets_load_and_round_trip(name):
+    hw = Hardware.preset(name)
+    assert hw.name == name
+    assert Hardware.from_json(hw.to_json()) == hw
+    assert hw.device_bytes > 0 and hw.host_bytes > 0
+    assert hw.matmul_rate("float32") > 0 and hw.matmul_rate(torch.bfloat16) >= hw.matmul_rate("float32")
+    for rate in (hw.h2d_bytes_per_s, hw.d2h_bytes_per_s, hw.device_optim_elems_per_s, hw.host_optim_elems_per_s,
+                 hw.device_copy_bytes_per_s):
+        assert rate > 0
+    assert hw.collective_rate(1) == math.inf
+    assert hw.device_type == ("cpu" if name == "CPU" else "cuda")
+
+
+def test_preset_figures_are_plausible():
+    a100, h100, h200 = Hardware.preset("A100-40GB"), Hardware.preset("H100-80GB"), Hardware.preset("H200")
+    # 312 TFLOPS bf16 peak at a 60-70% achieved fraction.
+    assert 0.6 * 312e12 <= a100.matmul_flops["bfloat16"] <= 0.7 * 312e12
+    assert 39 * GiB < a100.device_bytes <= 40 * GiB
+    assert 139 * GiB < h200.device_bytes < 141 * GiB  # "141 GB"; the lent H200 shows ~139 GiB free
+    assert h200.matmul_flops == h100.matmul_flops  # same GH100 compute, more and faster memory
+    assert h200.device_optim_elems_per_s > h100.device_optim_elems_per_s
+    # NVLink all-gather within a node is an order of magnitude above PCIe host copies and the next node.
+    assert a100.collective_rate(8) > 5 * a100.h2d_bytes_per_s
+    assert a100.collective_rate(64) < a100.collective_rate(8)  # beyond what is listed: the largest size's
+    assert a100.collective_rate(3) == a100.collective_bytes_per_s[4]  # the nearest larger size listed
+    # Host AdamW per rank is far slower than on the device: why optimizer placement is a choice.
+    assert a100.host_optim_elems_per_s < a100.device_optim_elems_per_s / 10
+
+
+def test_unknown_preset_lists_the_names():
+    with pytest.raises(ValueError, match="A100-40GB, A100-80GB, H100-80GB, H200, RTX4090, CPU"):
+        Hardware.preset("TPUv5")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("40GiB", 40 * GiB),
+        ("40GB", 40 * 10**9),
+        ("1.5TiB", 3 * 2**39),
+        ("2TB", 2 * 10**12),
+        ("512MiB", 512 * 2**20),
+        ("100MB", 10**8),
+        (" 8 gib ", 8 * GiB),
+        ("4096", 4096),
+        ("64KiB", 65536),
+        (123, 123),
+    ],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["forty GB", "40 GBs", "40XB", "", "-1GB", "1e3GB", -5])
+def test_parse_bytes_rejects_with_the_value(bad):
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        parse_bytes(bad)
+
+
+def test_with_memory_and_validation():
+    hw = Hardware.preset("A100-80GB")
+    smaller = hw.with_memory(device_bytes="40GiB", host_bytes=64 * GiB)
+    assert (smaller.device_bytes, smaller.host_bytes) == (40 * GiB, 64 * GiB)
+    assert dataclasses.replace(smaller, device_bytes=hw.device_bytes, host_bytes=hw.host_bytes) == hw
+    assert hw.with_memory(host_bytes="1TiB").device_bytes == hw.device_bytes
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        hw.device_bytes = 1
+    with pytest.raises(ValueError, match="device_bytes"):
+        dataclasses.replace(hw, device_bytes=0)
+    with pytest.raises(ValueError, match="float8"):
+        dataclasses.replace(hw, matmul_flops={"float8": 1e15})
+    with pytest.raises(ValueError, match="h2d_bytes_per_s"):
+        dataclasses.replace(hw, h2d_bytes_per_s=-1.0)
+    with pytest.raises(ValueError, match="no matmul rate for float16"):
+        Hardware.preset("CPU").matmul_rate(torch.float16)
+    with pytest.raises(ValueError, match="no collective bandwidth"):
+        Hardware.preset("CPU").collective_rate(2)
+    data = json.loads(hw.to_json())
+    data["format_version"] = 99
+    with pytest.raises(ValueError, match="format_version"):
+        Hardware.from_json(json.dumps(data))
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path / "here"))
+    assert cache_dir() == tmp_path / "here"
+    monkeypatch.delenv("ELIXIR_CACHE_DIR")
+    assert cache_dir().parts[-2:] == (".cache", "elixir")
+
+
+def test_measure_quick_and_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))
+    hw = Hardware.measure(quick=True)
+    assert hw.name.startswith("measured")
+    assert hw.matmul_flops["float32"] > 0 and hw.matmul_flops.get("bfloat16", 1.0) > 0
+    for rate in (hw.h2d_bytes_per_s, hw.d2h_bytes_per_s, hw.device_copy_bytes_per_s,
+                 hw.device_optim_elems_per_s, hw.host_optim_elems_per_s):
+        assert 0 < rate < math.inf
+    assert hw.device_bytes > 0 and hw.host_bytes > 0
+    assert hw.collective_bytes_per_s == {}  # a single process: nothing to measure
+    assert hw.device_type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if hw.device_type == "cpu":  # device and host are the same RAM, split in two
+        assert hw.device_bytes == hw.host_bytes
+
+    files = list(tmp_path.glob("hardware-*-quick.json"))
+    assert len(files) == 1
+    assert Hardware.from_json(files[0].read_text()) == hw
+    assert Hardware.measure(quick=True) == hw  # read back from the cache, not measured again
+    files[0].write_text("{damaged")
+    assert Hardware.measure(quick=True).name == hw.name  # a damaged cache is measured again and replaced
+    assert Hardware.from_json(files[0].read_text()).name == hw.name

@@ -215,16 +215,13 @@ class ElixirOptimizer(torch.optim.Optimizer):
         self._state_bytes = now
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        tracker = self.runtime.tracker
         for c in self.chunks:
-            g = c.master.grad
-            if g is None:
+            if c.master.grad is None:
                 continue
             if set_to_none:
-                tracker.release(g, c.optim_home)
-                c.master.grad = None
+                self.runtime.drop_master_grad(c)
             else:
-                g.zero_()
+                c.master.grad.zero_()
         self._unscaled = False
 
 

@@ -273,6 +273,7 @@ def _device_bytes_allowed(plan, rt):
     total = 0
     block_bytes = plan.block_numel * plan.dtype.itemsize
     total += plan.cache_blocks * block_bytes if any(not c.resident for c in rt.chunks) else 0
+    biggest = max(c.numel for c in rt.chunks)
     for c in rt.chunks:
         shard = c.shard_numel
         if c.resident:
@@ -280,7 +281,7 @@ def _device_bytes_allowed(plan, rt):
         elif c.param_home == "device":
             total += shard * c.dtype.itemsize
         if c.trainable:
-            total += c.numel * 4  # the gradient buffer during backward
+            total += biggest * 4  # a pooled gradient buffer (the largest chunk's size)
             if c.optim_home == "device":
                 total += shard * 4 * (3 if c.master is not c.shard else 2)
     return total
@@ -300,22 +301,29 @@ def test_memory_stays_within_the_plan(kind):
     if kind == "host":
         chunk_bytes = sum(c.numel for c in rt.chunks) * 4
         # fp32 parameters (their own masters) and AdamW's two states live on the host; the device
-        # holds only the cache once the step is over
+        # holds only the cache and the pooled gradient buffers once the step is over
         assert stats["host_bytes"] == 3 * chunk_bytes
-        assert stats["device_bytes"] <= plan.cache_blocks * plan.block_numel * 4
+        assert stats["device_bytes"] == plan.cache_blocks * plan.block_numel * 4 + stats["grad_buffer_bytes"]
+        assert stats["grad_buffer_bytes"] <= 3 * max(c.numel for c in rt.chunks) * 4
 
 
 def test_model_data_is_counted_exactly():
-    """After a step with everything resident: parameters + AdamW's two states + fp32 gradients."""
+    """After a step with everything resident: parameters (their own masters) + AdamW's two states
+    + one pooled gradient buffer per chunk (adopted as the masters' gradients, kept for the next step)."""
     model = build("gpt")
     wrapped, opt = _wrap(model, "resident")
     loss_of(wrapped, batches(1)[0]).backward()
     opt.step()
     rt = elixir.runtime_of(wrapped)
     numel = sum(c.numel for c in rt.chunks)
-    assert elixir.memory_stats(wrapped)["device_bytes"] == numel * 4 * 4  # param(=master), grad, 2 states
+    buffers = len(rt.chunks) * max(c.numel for c in rt.chunks) * 4
+    assert elixir.memory_stats(wrapped)["grad_buffer_bytes"] == buffers
+    assert elixir.memory_stats(wrapped)["device_bytes"] == numel * 4 * 3 + buffers
     opt.zero_grad()
-    assert elixir.memory_stats(wrapped)["device_bytes"] == numel * 4 * 3
+    assert elixir.memory_stats(wrapped)["device_bytes"] == numel * 4 * 3 + buffers
+    loss_of(wrapped, batches(1)[0]).backward()  # the next step reuses the pool
+    opt.step()
+    assert elixir.memory_stats(wrapped)["grad_buffer_bytes"] == buffers
 
 
 def test_state_dict_of_a_wrapped_model_has_the_full_values():

@@ -111,8 +111,12 @@ class Chunk:
     full: torch.Tensor | None = None  # the gathered chunk, when GATHERED
     block: object | None = None  # the cache block holding it (on-demand chunks only)
     master: torch.Tensor | None = None  # fp32 shard at optim_home (trainable chunks)
-    grad_buffer: torch.Tensor | None = None  # full-chunk gradient, during backward
+    grad_buffer: torch.Tensor | None = None  # pooled fp32 buffer of the chunk's gradient, during backward
     grads_seen: int = 0  # gradient hooks fired into grad_buffer since it was last reduced
+    grad_written: list[bool] = field(default_factory=list)  # per slot: has grad_buffer its gradient yet
+    slots_written: int = 0
+    trainable_slots: int = 0  # parameters that receive gradients
+    master_grad_base: torch.Tensor | None = None  # pooled buffer that master.grad is a view of
     pending: object | None = None  # an all-gather in flight into `full` (a prefetch)
     pins: int = 0  # users that need it gathered right now; a pinned chunk is never evicted
     last_use: int = 0  # logical clock of the last use (least-recently-used fallback)

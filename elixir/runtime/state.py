@@ -54,6 +54,9 @@ class Runtime:
         self._recompute_node = None
         self.in_backward = False
         self._reductions: list = []
+        self._grad_pool: list[torch.Tensor] = []
+        self._grad_buffer_numel = max(c.numel for c in chunks)
+        self.grad_buffers = 0  # pooled gradient buffers made so far (see [Note: gradient buffers])
         # reduce-scatters left in flight during backward, each holding a full-chunk fp32 buffer
         self.max_reductions_in_flight = 2
         self._first_backward_counts: dict[int, int] | None = None
@@ -210,15 +213,45 @@ class Runtime:
 
     # --- gradients ---------------------------------------------------------------------------
 
-    def add_grad(self, chunk: Chunk, offset: int, grad: torch.Tensor) -> None:
-        """Add a parameter's gradient into its chunk's fp32 gradient buffer; reduce when complete."""
+    # [Note: gradient buffers]
+    # A chunk's gradient is gathered in an fp32 buffer of the whole chunk, taken from a pool of
+    # buffers of the largest chunk's size: allocated once and reused, since a fresh zero-filled
+    # buffer per chunk per step costs an allocation (page faults on the CPU) and a fill. The first
+    # gradient of a parameter is copied in and later ones added, so the buffer is never zeroed
+    # whole: only the ranges no gradient reached (padding, alignment gaps, unused parameters) are
+    # zeroed before the reduction. Pooled buffers stay allocated, and counted, until the model goes.
+
+    def _take_grad_buffer(self) -> torch.Tensor:
+        if self._grad_pool:
+            return self._grad_pool.pop()
+        self.grad_buffers += 1
+        return self.tracker.empty(self._grad_buffer_numel, torch.float32, "device")
+
+    def give_back_grad_buffer(self, buf: torch.Tensor) -> None:
+        self._grad_pool.append(buf)
+
+    def add_grad(self, chunk: Chunk, slot: int, grad: torch.Tensor) -> None:
+        """Put a parameter's gradient into its chunk's fp32 gradient buffer; reduce when complete."""
         if chunk.grad_buffer is None:
-            chunk.grad_buffer = self.tracker.empty(chunk.numel, torch.float32, "device", zero=True)
-        chunk.grad_buffer[offset : offset + grad.numel()].view_as(grad).add_(grad)
+            chunk.grad_buffer = self._take_grad_buffer()
+            chunk.grad_written = [False] * len(chunk.slots)
+            chunk.slots_written = 0
+        offset = chunk.slots[slot].offset
+        dst = chunk.grad_buffer[offset : offset + grad.numel()].view_as(grad)
+        if chunk.grad_written[slot]:
+            dst.add_(grad)
+        else:
+            dst.copy_(grad)
+            chunk.grad_written[slot] = True
+            chunk.slots_written += 1
         chunk.grads_seen += 1
         if self._first_backward_counts is not None:
             self._first_backward_counts[chunk.index] = self._first_backward_counts.get(chunk.index, 0) + 1
-        if chunk.expected_grads is not None and chunk.grads_seen >= chunk.expected_grads:
+        # complete: every trainable parameter has its gradient, as many times as a backward gives it
+        # (more than once only when autograd runs its accumulation twice, e.g. reentrant checkpointing)
+        if chunk.slots_written == chunk.trainable_slots and (
+            chunk.expected_grads is None or chunk.grads_seen >= chunk.expected_grads
+        ):
             self.reduce_grad(chunk)
 
     def reduce_grad(self, chunk: Chunk) -> None:
@@ -226,17 +259,27 @@ class Runtime:
         master, at the optimizer's home. Later gradients of the same backward start a new buffer,
         so reducing early is never wrong, only slower. On several ranks the reduce-scatter is left
         in flight while backward goes on; `finish_reductions` completes it."""
-        buf = chunk.grad_buffer
+        base = chunk.grad_buffer
         chunk.grad_buffer, chunk.grads_seen = None, 0
         self.release_recompute_pin(chunk)
+        buf = base[: chunk.numel]
+        end = 0
+        for s, written in zip(chunk.slots, chunk.grad_written):
+            if s.offset > end:
+                buf[end : s.offset].zero_()
+            if not written:
+                buf[s.offset : s.offset + s.numel].zero_()
+            end = s.offset + s.numel
+        if end < chunk.numel:
+            buf[end:].zero_()
         if chunk.group.size == 1:
-            self._add_to_master(chunk, buf)
+            self._add_to_master(chunk, buf, base)
             return
         reduced = self.tracker.empty(chunk.shard_numel, torch.float32, "device")
         pending = comm.reduce_scatter_mean(
             reduced, buf, chunk.group, what=f"reduce-scatter of chunk {chunk.index}'s gradients", async_op=True
         )
-        self._reductions.append((chunk, buf, reduced, pending))
+        self._reductions.append((chunk, base, reduced, pending))
         if len(self._reductions) > self.max_reductions_in_flight:
             self._finish_reduction(*self._reductions.pop(0))
 
@@ -244,26 +287,48 @@ class Runtime:
         while self._reductions:
             self._finish_reduction(*self._reductions.pop(0))
 
-    def _finish_reduction(self, chunk: Chunk, buf, reduced, pending) -> None:
+    def _finish_reduction(self, chunk: Chunk, base, reduced, pending) -> None:
         pending.wait()
-        self.tracker.release(buf, "device")
-        self._add_to_master(chunk, reduced)
+        self.give_back_grad_buffer(base)
+        self._add_to_master(chunk, reduced, None)
 
-    def _add_to_master(self, chunk: Chunk, reduced: torch.Tensor) -> None:
+    def _add_to_master(self, chunk: Chunk, reduced: torch.Tensor, base: torch.Tensor | None) -> None:
+        """Add a reduced gradient shard into the master's gradient. `base` is the pooled buffer that
+        `reduced` is a view of (one rank), or None when `reduced` was allocated for it."""
         master = chunk.master
+
+        def done_with_reduced():
+            if base is not None:
+                self.give_back_grad_buffer(base)
+            else:
+                self.tracker.release(reduced, "device")
+
         if chunk.optim_home == "device":
             if master.grad is None:
-                master.grad = reduced  # adopt the buffer: its bytes stay counted on the device
+                master.grad = reduced  # adopt it: no copy
+                chunk.master_grad_base = base
             else:
                 master.grad.add_(reduced)
-                self.tracker.release(reduced, "device")
+                done_with_reduced()
         else:
             if master.grad is None:
                 master.grad = self.tracker.empty(chunk.shard_numel, torch.float32, "host")
                 accel.copy_(master.grad, reduced)
             else:
                 master.grad.add_(reduced.to(master.grad.device))
-            self.tracker.release(reduced, "device")
+            done_with_reduced()
+
+    def drop_master_grad(self, chunk: Chunk) -> None:
+        """Free the master's gradient (zero_grad(set_to_none=True))."""
+        g = chunk.master.grad
+        if g is None:
+            return
+        if chunk.master_grad_base is not None:
+            self.give_back_grad_buffer(chunk.master_grad_base)
+            chunk.master_grad_base = None
+        else:
+            self.tracker.release(g, chunk.optim_home)
+        chunk.master.grad = None
 
     def enter_backward(self) -> None:
         """Called by every backward-time event; the first one of a backward sets up its end."""
@@ -308,5 +373,6 @@ class Runtime:
             "cache_blocks_used": 0 if self.cache is None else self.cache.num_used,
             "cache_blocks_used_peak": self.blocks_used_peak,
             "left_profiled_order": self.schedule.left_order,
+            "grad_buffer_bytes": self.grad_buffers * self._grad_buffer_numel * 4,
         }
 

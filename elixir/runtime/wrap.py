@@ -253,18 +253,19 @@ def _materialize(chunk: Chunk, tracker: MemoryTracker) -> None:
 
 def _install_grad_hooks(runtime: Runtime, chunks: list[Chunk]) -> None:
     for c in chunks:
-        for s in c.slots:
+        for i, s in enumerate(c.slots):
             if not s.param.requires_grad:
                 continue
-            s.param.register_post_accumulate_grad_hook(_grad_hook(runtime, c, s.offset))
+            c.trainable_slots += 1
+            s.param.register_post_accumulate_grad_hook(_grad_hook(runtime, c, i))
 
 
-def _grad_hook(runtime: Runtime, chunk: Chunk, offset: int):
+def _grad_hook(runtime: Runtime, chunk: Chunk, slot: int):
     def hook(p: torch.Tensor) -> None:
         runtime.enter_backward()
         g, p.grad = p.grad, None
         if chunk.trainable:
-            runtime.add_grad(chunk, offset, g)
+            runtime.add_grad(chunk, slot, g)
 
     return hook
 

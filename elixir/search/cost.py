@@ -118,7 +118,7 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
             chunk_of[other] = chunk_of[first]
     n = plan.world_size
     itemsize = plan.dtype.itemsize
-    cpu = hardware.name.lower().endswith("cpu") or hardware.name == "CPU"
+    cpu = hardware.device_type == "cpu"
     overhead = _OP_OVERHEAD_S["cpu" if cpu else "gpu"]
     matmul = hardware.matmul_rate(plan.dtype)
     coll = hardware.collective_rate(n)

@@ -13,6 +13,7 @@ makes the data, model, plan and optimizer, and `loop` trains, reading top to bot
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -148,6 +149,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="validation batches per evaluation (default: 4)",
     )
     out.add_argument("--quiet", action="store_true", help="print nothing")
+    out.add_argument("--json", metavar="PATH", help="write the final losses and throughput as JSON (rank 0)")
+
+    ranks = p.add_argument_group("several ranks (launch with torchrun --nproc-per-node N)")
+    ranks.add_argument(
+        "--timeout", type=_positive_float("--timeout"), metavar="SECONDS", default=600.0,
+        help="how long a collective waits for the other ranks before failing with a named error (default: 600)",
+    )
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -439,9 +447,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`elixir train`: bad values end in `parser.error` (exit status 2) before training starts."""
     try:
         check_args(args)
+        # under torchrun: join the process group (gloo on CPU, nccl on GPUs); the data is split by
+        # rank so that N ranks see the same global batch as one
+        elixir.init_distributed(timeout_s=args.timeout)
         _set_threads()
         job = build(args)
     except ValueError as e:
         parser.error(str(e))
-    loop(job, args)
+    result = loop(job, args)
+    if args.json and job.rank == 0:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0

@@ -131,6 +131,14 @@ class Plan:
     def block_numel(self) -> int:
         return padded_numel(self.chunk_numel, self.world_size)
 
+    def cache_layout(self) -> tuple[int, int]:
+        """(blocks, elements per block) the cache really needs: no more blocks than on-demand chunks,
+        blocks no larger than the largest of them (padded to the world size)."""
+        ondemand = [padded_numel(self.chunk_used_numel(c), self.world_size) for c in self.chunks if not c.resident]
+        if not ondemand:
+            return 0, 0
+        return min(self.cache_blocks, len(ondemand)), max(ondemand) if self.param_shapes else self.block_numel
+
     def chunk_used_numel(self, chunk: ChunkPlan) -> int:
         if not self.param_shapes:
             return 0

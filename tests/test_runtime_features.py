@@ -303,7 +303,8 @@ def test_memory_stays_within_the_plan(kind):
         # fp32 parameters (their own masters) and AdamW's two states live on the host; the device
         # holds only the cache and the pooled gradient buffers once the step is over
         assert stats["host_bytes"] == 3 * chunk_bytes
-        assert stats["device_bytes"] == plan.cache_blocks * plan.block_numel * 4 + stats["grad_buffer_bytes"]
+        assert stats["device_bytes"] == stats["cache_bytes"] + stats["grad_buffer_bytes"]
+        assert stats["cache_bytes"] <= plan.cache_blocks * max(c.numel for c in rt.chunks) * 4
         assert stats["grad_buffer_bytes"] <= 3 * max(c.numel for c in rt.chunks) * 4
 
 
@@ -335,3 +336,18 @@ def test_state_dict_of_a_wrapped_model_has_the_full_values():
         assert torch.equal(sd[name], value), name
     with pytest.raises(ValueError, match="load the weights before elixir.wrap"):
         wrapped.load_state_dict(sd)
+
+
+def test_cache_is_no_larger_than_the_on_demand_chunks_need():
+    """Four blocks of a generous chunk size for a model of two small on-demand chunks: two blocks
+    of the larger chunk's size are allocated, not four of the plan's capacity."""
+    model = build("gpt")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    plan = elixir.Plan.uniform(model, chunk_mib=1.0, cache_blocks=4, resident=False, optimizer=opt)
+    assert len(plan.chunks) <= 2
+    model, opt = elixir.wrap(model, opt, plan=plan)
+    rt = elixir.runtime_of(model)
+    stats = elixir.memory_stats(model)
+    assert stats["cache_blocks"] == len(rt.chunks)
+    assert stats["cache_bytes"] == len(rt.chunks) * max(c.numel for c in rt.chunks) * 4
+    assert plan.cache_layout() == (len(plan.chunks), max(c.numel for c in rt.chunks))

@@ -370,6 +370,7 @@ class Runtime:
             "evictions": self.evictions,
             "num_chunks": len(self.chunks),
             "cache_blocks": 0 if self.cache is None else self.cache.num_blocks,
+            "cache_bytes": 0 if self.cache is None else sum(b.buffer.nbytes for b in self.cache.blocks),
             "cache_blocks_used": 0 if self.cache is None else self.cache.num_used,
             "cache_blocks_used_peak": self.blocks_used_peak,
             "left_profiled_order": self.schedule.left_order,

@@ -125,7 +125,11 @@ def wrap(
 
     cache = None
     if ondemand_names:
-        cache = BlockCache(plan.cache_blocks, plan.block_numel, dtype, tracker)
+        # no more blocks than on-demand chunks, none larger than the largest of them
+        ondemand_chunks = [c for c in chunks if not c.resident]
+        cache = BlockCache(
+            min(plan.cache_blocks, len(ondemand_chunks)), max(c.numel for c in ondemand_chunks), dtype, tracker
+        )
     runtime = Runtime(chunks, cache, tracker, device, prefetch_depth=plan.prefetch_depth)
     if plan.use_order and cache is not None:
         # the profiled order drives eviction and prefetch from the first step

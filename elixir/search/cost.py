@@ -87,8 +87,8 @@ def memory(plan: Plan, chunks: list[_Chunk], profile: Profile | None = None) -> 
     n = plan.world_size
     device = host = 0
     fp32 = itemsize == 4
-    if any(not c.resident for c in chunks):
-        device += plan.cache_blocks * plan.block_numel * itemsize
+    blocks, block_numel = plan.cache_layout()
+    device += blocks * block_numel * itemsize
     biggest = 0
     for c in chunks:
         shard = c.numel // n

@@ -66,19 +66,18 @@ import statistics
 import sys
 import time
 import traceback
-import warnings
 from datetime import datetime, timezone
 
 import torch
 import torch.distributed as dist
 
 import elixir
+from elixir import benchmark as B
+from elixir.benchmark import LR, TORCH_LINEAR, WEIGHT_DECAY, adamw, plain_step
 from elixir.models import GPT, GPTConfig
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported (in build_deepspeed)
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-# FSDP2 and DeepSpeed call the collectives torch 2.13 renamed; one warning per call drowns the output
-warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is deprecated\. Please use")
 
 NO_OFFLOAD, OFFLOAD = "no offload", "offload"
 SYSTEMS = {
@@ -91,11 +90,9 @@ SYSTEMS = {
     "fsdp2-offload": (OFFLOAD, "fsdp2", "FSDP2 + CPUOffloadPolicy(pin_memory=False)"),
     "deepspeed-offload": (OFFLOAD, "deepspeed", "DeepSpeed ZeRO-3 + offload_optimizer cpu (DeepSpeedCPUAdam)"),
 }
-LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.01
-# DeepSpeed ZeRO-3 replaces torch.nn.functional.linear process-wide with its own autograd function
-# ("memory_efficient_linear", on by default) and leaves it so; every other system in these processes
-# would then run DeepSpeed's linear. The benchmark confines the override to DeepSpeed's own steps.
-TORCH_LINEAR = torch.nn.functional.linear
+# LR, BETAS, EPS, WEIGHT_DECAY, adamw, plain_step, TORCH_LINEAR and the FSDP2 and DeepSpeed builders are
+# elixir.benchmark's, shared with `elixir bench`: DeepSpeed ZeRO-3 replaces torch.nn.functional.linear
+# process-wide and leaves it so; its builder confines the override to DeepSpeed's own steps.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -159,21 +156,7 @@ class System:
         self.losses.append(self._step(x).detach())
 
 
-# --- builders ------------------------------------------------------------------------------------
-
-def adamw(params):
-    return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True)
-
-
-def plain_step(model, optim):
-    def step(x):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        optim.step()
-        optim.zero_grad()
-        return loss
-    return step
-
+# --- builders (FSDP2 and DeepSpeed as `elixir bench` builds them: elixir/benchmark.py) ---------------
 
 def build_elixir(name, base, args):
     m = copy.deepcopy(base).train()
@@ -194,65 +177,14 @@ def build_elixir(name, base, args):
 
 
 def build_fsdp2(name, base, args):
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-
-    m = copy.deepcopy(base).train()
-    kw = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if name == "fsdp2-offload" else {}
-    for block in m.h:
-        fully_shard(block, **kw)
-    fully_shard(m, **kw)
-    opt = adamw(m.parameters())
-    return System(name, m, opt, plain_step(m, opt), "reshard_after_forward=True (default)")
+    s = B.build_fsdp2(base, "cpu", torch.float32, offload=name == "fsdp2-offload")
+    return System(name, s.model, s.optim, s.step_fn, s.note)
 
 
 def build_deepspeed(name, base, args, local_batch):
-    import deepspeed
-
-    offload = name == "deepspeed-offload"
-    m = copy.deepcopy(base).train()
-    config = {
-        "train_micro_batch_size_per_gpu": local_batch,
-        "gradient_accumulation_steps": 1,
-        # DeepSpeed 0.19 clips gradients to norm 1.0 unless told otherwise; the other systems do not clip
-        "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": 3},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if offload:
-        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    ds_adamw = {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
-                                            "weight_decay": WEIGHT_DECAY}}
-    engine = note = None
-    if not offload:
-        try:  # client optimizer: the same torch.optim.AdamW as the other systems
-            engine, opt, _, _ = deepspeed.initialize(model=m, optimizer=adamw(m.parameters()), config=config)
-            note = f"client optimizer torch.optim.AdamW(fused=True) -> {type(opt.optimizer).__name__}"
-        except Exception as e:  # noqa: BLE001 - report and fall back
-            torch.nn.functional.linear = TORCH_LINEAR
-            log(f"[deepspeed] client torch.optim.AdamW rejected ({type(e).__name__}: {e}); using its 'AdamW' type")
-            m = copy.deepcopy(base).train()
-    if engine is None:
-        config["optimizer"] = ds_adamw
-        engine, opt, _, _ = deepspeed.initialize(model=m, model_parameters=m.parameters(), config=config)
-        inner = getattr(opt, "optimizer", opt)
-        note = f"DeepSpeed 'AdamW' type -> {type(inner).__module__}.{type(inner).__name__}"
-    ds_linear = torch.nn.functional.linear
-    torch.nn.functional.linear = TORCH_LINEAR
-    if ds_linear is not TORCH_LINEAR:
-        note += f"; its F.linear override ({ds_linear.__module__}.{ds_linear.__name__}) applied in its steps only"
-
-    def step(x):
-        torch.nn.functional.linear = ds_linear
-        try:
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-        finally:
-            torch.nn.functional.linear = TORCH_LINEAR
-        return loss
-
-    return System(name, engine, opt, step, note)
+    s = B.build_deepspeed(base, "cpu", torch.float32, offload=name == "deepspeed-offload", local_batch=local_batch,
+                          log=log)
+    return System(name, s.model, s.optim, s.step_fn, s.note)
 
 
 # --- main ----------------------------------------------------------------------------------------

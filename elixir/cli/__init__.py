@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from elixir.cli import plan, train
+from elixir.cli import bench, plan, train
 
 _SUBCOMMANDS = {
     "train": (train, "train a model (default: the small GPT on the embedded corpus)"),
     "plan": (plan, "profile a model on the meta device and search the fastest plan that fits a machine"),
+    "bench": (bench, "Elixir side by side with PyTorch, FSDP2 and DeepSpeed ZeRO-3 on this machine"),
 }
 
 

@@ -1,0 +1,109 @@
+"""Stage 0 of the GPU benchmark: Elixir's losses match plain PyTorch's, step by step, in fp32 and bf16.
+
+Two small models (the GPT "small" preset and OPT-125M; a tiny GPT and a shrunk OPT with --dry-run), one
+batch of random tokens, the same AdamW, 5 steps each under:
+  pytorch          fp32: the model and AdamW; bf16: a bf16 copy computes, fp32 masters are updated
+                   (the same math as Elixir's compute_dtype=bf16)
+  pytorch-amp      bf16 only: fp32 weights under torch.autocast (other rounding; shown, not checked)
+  elixir           the plan elixir.plan searches for this machine
+  elixir-offload   that plan with every optimizer on the host
+  elixir-ondemand  every chunk gathered on demand from shards on the host, optimizer on the host
+Checked: the largest relative loss difference to pytorch, against 1e-4 (fp32) and 1e-2 (bf16).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+from functools import partial
+
+import gpubench as G
+import torch
+
+import elixir
+from elixir import benchmark as B
+from elixir.hardware import Hardware
+
+STEPS = 5
+RTOL = {"fp32": 1e-4, "bf16": 1e-2}
+
+
+def ondemand_plan(model, dtype, optimizer):
+    biggest = max(p.numel() for p in model.parameters()) * dtype.itemsize / 2**20
+    return elixir.Plan.uniform(model, chunk_mib=math.ceil(biggest * 1024) / 1024, cache_blocks=4, resident=False,
+                               param_home="host", optim_home="host", compute_dtype=dtype, optimizer=optimizer)
+
+
+def build_ondemand(base, device, dtype) -> B.System:
+    import copy
+
+    m = copy.deepcopy(base).train()
+    opt = B.adamw(m.parameters())
+    plan = ondemand_plan(m, dtype, opt)
+    m, opt = elixir.wrap(m, opt, plan=plan, device=device)
+    return B.System("elixir-ondemand", m, opt, B.plain_step(m, opt), f"{len(plan.chunks)} chunks on demand",
+                    setting=B.OFFLOAD, family="elixir", description="Elixir, every chunk on demand from the host")
+
+
+def main() -> int:
+    args = G.parser(__doc__.splitlines()[0], budget_s=90).parse_args()
+    device = G.device_for(args)
+    hw = Hardware.measure()
+    results: dict = {"machine": G.machine(device), "hardware": hw.name, "checks": []}
+    ok = True
+    for model_name in ("gpt", "opt"):
+        for dtype_name in ("fp32", "bf16"):
+            dtype = B.DTYPES[dtype_name]
+            if model_name == "gpt":
+                base = B.build_model("tiny" if args.dry_run else "small", device=device)
+                vocab, (rows, seq) = base.config.vocab_size, ((4, 64) if args.dry_run else (8, 256))
+                label = "GPT tiny" if args.dry_run else "GPT small"
+            else:
+                base = G.family_model("opt-125m", device, dry_run=args.dry_run)
+                vocab, (rows, seq) = G.vocab_of(base), ((4, 64) if args.dry_run else (4, 256))
+                label = "OPT (shrunk)" if args.dry_run else "OPT-125M"
+            x = B.make_batch(rows, seq, vocab).to(device)
+            builders = {"pytorch": partial(B.build_pytorch, base, device, dtype)}
+            if dtype != torch.float32:
+                builders["pytorch-amp"] = partial(B.build_pytorch, base, device, dtype, amp=True)
+            builders["elixir"] = partial(B.build_elixir, base, device, dtype, x, hw)
+            builders["elixir-offload"] = partial(B.build_elixir, base, device, dtype, x, hw, optim_on_host=True)
+            builders["elixir-ondemand"] = partial(build_ondemand, base, device, dtype)
+            losses, errors = {}, {}
+            for name, build in builders.items():
+                try:
+                    s = build()
+                    for _ in range(STEPS):
+                        s.step(x)
+                    losses[name] = [float(v) for v in s.losses]
+                except Exception as e:  # noqa: BLE001 - reported in the table
+                    errors[name] = G.error_text(e)
+                    G.log(f"{label} {dtype_name} {name}: FAILED {errors[name]}")
+                s = None
+                gc.collect()
+            ref = losses.get("pytorch")
+            diffs = {}
+            if ref:
+                for name, v in losses.items():
+                    if name != "pytorch":
+                        diffs[name] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(v, ref))
+            checked = {k: v for k, v in diffs.items() if k != "pytorch-amp"}
+            passed = bool(ref) and not errors and all(v <= RTOL[dtype_name] for v in checked.values())
+            ok &= passed
+            results["checks"].append({"model": label, "dtype": dtype_name, "batch": [rows, seq], "steps": STEPS,
+                                      "losses": losses, "max_rel_diff": diffs, "rtol": RTOL[dtype_name],
+                                      "errors": errors, "ok": passed})
+            G.log(f"{label} {dtype_name}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+                  + f" -> {'OK' if passed else 'MISMATCH'} (tolerance {RTOL[dtype_name]:g}; pytorch-amp not checked)")
+            del base, builders
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            G.write_json(args, "parity", results | {"ok": ok})
+    G.log(f"parity {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

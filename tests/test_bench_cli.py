@@ -1,0 +1,107 @@
+"""`elixir bench` and the GPU benchmark's dry run: they complete, report every system, and reject bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from elixir.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--model", "tiny", "--reps", "1", "--steps", "1", "--warmup", "1"]
+
+
+def _env(**extra):
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def test_bench_one_process_writes_rows_and_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "elixir", "bench", "--nproc", "1", *TINY,
+                           "--systems", "pytorch,elixir,fsdp2", "--json", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| setting | system | tokens/s | TFLOPS/rank |" in done.stdout
+    assert "rep 1/1: elixir" in done.stdout  # the progress line
+    assert "predicted step" in done.stdout
+    data = json.loads(out.read_text())
+    rows = {r["system"]: r for r in data["rows"]}
+    assert set(rows) == {"pytorch", "elixir", "fsdp2"}
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["tflops_per_rank"] > 0
+        assert r["memory"]["ram"]["source"] == "RSS" and r["memory"]["ram"]["peak_bytes"] >= 0
+        assert r["speed_vs_elixir"]["vs"] == "elixir"
+        assert r["loss_rel_diff_first_steps"] <= 1e-4  # fp32, the same math
+    assert rows["elixir"]["speed_vs_elixir"]["median"] == 1.0
+    assert rows["elixir"]["predicted_step_s"] > 0 and rows["elixir"]["elixir_counters"]["device_bytes_peak"] > 0
+    assert set(data["ratios"]) == {"pytorch/elixir", "fsdp2/elixir"}
+    assert data["ratios"]["fsdp2/elixir"]["median"] > 0
+    assert data["config"]["world_size"] == 1 and data["skipped"] == {}
+
+
+def test_bench_relaunches_itself_on_two_ranks(tmp_path):
+    out = tmp_path / "bench2.json"
+    done = subprocess.run([sys.executable, "-m", "elixir", "bench", "--nproc", "2", *TINY, "--batch-size", "4",
+                           "--systems", "elixir,fsdp2-offload", "--json", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch.distributed.run --standalone --nproc-per-node=2" in done.stdout
+    assert done.stdout.count("| setting | system |") == 1  # rank 0 only
+    data = json.loads(out.read_text())
+    assert data["config"]["world_size"] == 2
+    assert {r["system"] for r in data["rows"]} == {"elixir", "fsdp2-offload"}
+    assert "fsdp2-offload/elixir" in data["ratios"]
+
+
+def test_deepspeed_missing_is_reported_and_the_rest_runs(tmp_path, monkeypatch, capsys):
+    from elixir import benchmark
+
+    monkeypatch.setattr(benchmark, "deepspeed_available", lambda: False)
+    out = tmp_path / "b.json"
+    assert main(["bench", *TINY, "--systems", "elixir,deepspeed", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "DeepSpeed not installed: pip install 'elixir-train[bench]'" in text
+    assert "| deepspeed | not run: DeepSpeed not installed |" in text
+    data = json.loads(out.read_text())
+    assert [r["system"] for r in data["rows"]] == ["elixir"] and "deepspeed" in data["skipped"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt5"], "unknown model 'gpt5'"),
+    (["--systems", "elixir,zero"], "unknown zero"),
+    (["--nproc", "0"], "0 is too small"),
+    (["--reps", "x"], "'x' is not an integer"),
+    (["--nproc", "2", "--systems", "pytorch,elixir"], "pytorch runs in one process only"),
+    (["--nproc", "2", "--batch-size", "3"], "does not divide over 2 ranks"),
+    (["--model", "tiny", "--seq-len", "100"], "exceeds the 64 positions"),
+    (["--model", "opt-125m", "--n-layer", "2"], "override the GPT presets only"),
+    (["--json", "/no/such/folder/x.json"], "does not exist"),
+])
+def test_bad_flags_give_one_line_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("elixir bench: error:") and message in last, err
+    assert "Traceback" not in err
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    done = subprocess.run(["bash", "bench/gpu/run.sh", "--dry-run"], cwd=REPO, env=_env(OUT=str(tmp_path)),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    text = done.stdout
+    assert "Elixir GPU benchmark summary" in text and "DRY RUN" in text
+    assert "| stage | measure | result |" in text
+    for row in ("| 0 parity fp32 |", "| 0 parity bf16 |", "| a opt-1.3b bf16", "| b opt-2.7b bf16", "| c (a) Elixir |",
+                "| c (b) Elixir |"):
+        assert row in text, row
+    assert "MISMATCH" not in text and "missing" not in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"a_elixir_over_pytorch", "b_elixir_over_fsdp2_offload"} <= set(summary["figures"])
+    for stage in ("parity", "fits", "offload-elixir", "offload-fsdp2-offload"):
+        assert (tmp_path / f"{stage}.json").exists(), stage

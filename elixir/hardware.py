@@ -29,7 +29,7 @@ import torch
 
 __all__ = ["Hardware", "cache_dir", "parse_bytes"]
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: attention_flops; AdamW on buffers beyond the last-level cache; Linear-layer GEMMs
 GiB = 2**30
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,7 +96,8 @@ class Hardware:
     matmul_flops: dict[str, float]
     """FLOP/s that large matmuls achieve, by dtype name ("float32", "bfloat16", "float16"); a dtype the
     device lacks (or runs uselessly slowly) is absent. float32 is strict FP32 in the presets (PyTorch's default);
-    `measure()` times what the process runs (TF32 if it allowed TF32)."""
+    `measure()` times the GEMMs of a Linear layer's forward and backward as the process runs them (TF32 if it
+    allowed TF32)."""
     h2d_bytes_per_s: float
     """Host-to-device copy bandwidth, from pinned staging memory on a GPU."""
     d2h_bytes_per_s: float
@@ -113,6 +114,12 @@ class Hardware:
     device_type: str = "cuda"
     """"cuda", or "cpu" for a CPU-only machine, where device and host are the same RAM and copies between
     them are synchronous (they occupy the compute thread instead of overlapping with it)."""
+    attention_flops: dict[str, float] = field(default_factory=dict)
+    """FLOP/s of fused attention (forward and backward of `scaled_dot_product_attention`, causal, FLOPs by
+    torch.utils.flop_counter's formulas), by dtype name. Absent: the matmul rate. Fused attention also computes
+    a softmax per score and skips masked blocks, so its rate by those formulas differs from a GEMM's (on this
+    CPU ~0.7x); on GPUs FlashAttention-2 reaches roughly the fraction of peak that large GEMMs do, so the presets
+    leave it out."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -140,6 +147,12 @@ class Hardware:
                 raise ValueError(f"Hardware.matmul_flops has dtype {dtype!r}; use 'float32', 'bfloat16', 'float16'")
             if not (rate > 0 and math.isfinite(rate)):
                 raise ValueError(f"Hardware.matmul_flops[{dtype!r}]={rate!r} must be a positive finite FLOP/s")
+        for dtype, rate in self.attention_flops.items():
+            if dtype not in ("float32", "bfloat16", "float16") or not (rate > 0 and math.isfinite(rate)):
+                raise ValueError(
+                    f"Hardware.attention_flops[{dtype!r}]={rate!r}: keys are 'float32', 'bfloat16', 'float16', "
+                    "values positive finite FLOP/s"
+                )
         for world, rate in self.collective_bytes_per_s.items():
             if not (isinstance(world, int) and world >= 2 and rate > 0 and math.isfinite(rate)):
                 raise ValueError(
@@ -161,6 +174,11 @@ class Hardware:
                 "pick one of those as compute dtype"
             )
         return self.matmul_flops[name]
+
+    def attention_rate(self, dtype: torch.dtype | str) -> float:
+        """FLOP/s of fused attention in `dtype`: the measured figure, else the matmul rate."""
+        name = str(dtype).removeprefix("torch.")
+        return self.attention_flops.get(name) or self.matmul_rate(name)
 
     def collective_rate(self, world_size: int) -> float:
         """Bus bandwidth per device for `world_size` ranks: the figure for that size, else for the nearest
@@ -223,10 +241,11 @@ class Hardware:
     def measure(cls, cache: bool = True, *, quick: bool = False, refresh: bool = False) -> Hardware:
         """Calibrate the rates on this machine (a few seconds; `quick` takes about one, less precisely).
 
-        With `cache`, the result is read from, or written to, cache_dir()/hardware-<host>-<device>.json
-        (`refresh` measures again and overwrites it). When torch.distributed is initialised every rank must
-        call this together: the collectives are measured over the world group, and a cache without that world
-        size on any rank makes every rank measure.
+        With `cache`, the result is read from, or written to, cache_dir()/hardware-<host>-<device>.json, with
+        `-<n>ranks` before `.json` when n ranks of the job share the machine (`refresh` measures again and
+        overwrites it). When torch.distributed is initialised every rank must call this together: the
+        collectives are measured over the world group, and a cache without that world size on any rank makes
+        every rank measure.
         """
         path = _cache_path(quick)
         cached = _read_cache(path) if cache and not refresh else None
@@ -409,9 +428,21 @@ def _device_label(device: torch.device) -> str:
     return "cpu"
 
 
+def _local_ranks() -> int:
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE; else the world size, else 1)."""
+    try:
+        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+    except (KeyError, ValueError):
+        return _world_size()
+
+
 def _cache_path(quick: bool) -> Path:
+    """One cache file per machine, device and number of ranks sharing the machine: ranks measure together, so
+    on a CPU each sees its share of the cores (and on a GPU server its share of the host's bandwidth for the
+    host AdamW rate); those figures must not replace a single process's, nor the reverse."""
     host = re.sub(r"[^A-Za-z0-9.-]+", "-", socket.gethostname()) or "host"
-    suffix = "-quick" if quick else ""
+    ranks = _local_ranks()
+    suffix = (f"-{ranks}ranks" if ranks > 1 else "") + ("-quick" if quick else "")
     return cache_dir() / f"hardware-{host}-{_device_label(_device())}{suffix}.json"
 
 
@@ -439,7 +470,7 @@ def _all_ranks_agree(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _seconds(fn: Callable[[], object], sync: Callable[[], None], *, min_total_s: float, max_reps: int = 20) -> float:
+def _seconds(fn: Callable[[], object], sync: Callable[[], None], *, min_total_s: float, max_reps: int = 50) -> float:
     """Shortest seconds of `fn` after one warm-up run, over runs repeated until `min_total_s` has passed (at
     least 3): the machine's rate, not its neighbours' load (these machines are shared and noisy)."""
     fn()
@@ -455,24 +486,50 @@ def _seconds(fn: Callable[[], object], sync: Callable[[], None], *, min_total_s:
 
 def _matmul_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], sync, *, min_total_s: float,
                   slow_s: float, give_up_below: float = 0.0) -> float | None:
-    """Best FLOP/s over square matmuls of growing size; growing stops before a size whose runs would take
-    well over `slow_s`. None when the device cannot multiply in `dtype`, or does it below `give_up_below`
-    (float16 GEMM on most CPUs is scalar code: the smallest size says so)."""
+    """Best FLOP/s over the three GEMMs of a square Linear layer's training step (y = x w^T + b, dx = dy w,
+    dw = dy^T x: transposed operands and fresh outputs, as autograd runs them) of growing size; growing stops
+    before a size whose runs would take well over `slow_s`. None when the device cannot multiply in `dtype`,
+    or does it below `give_up_below` (float16 GEMM on most CPUs is scalar code: the smallest size says so)."""
     best = 0.0
     for n in sizes:
         try:
-            a = torch.randn(n, n, device=device).to(dtype)
-            b = torch.randn(n, n, device=device).to(dtype)
-            out = torch.empty(n, n, device=device, dtype=dtype)
-            seconds = _seconds(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), sync, min_total_s=min_total_s)
+            x, w, dy = (torch.randn(n, n, device=device).to(dtype) for _ in range(3))
+            b = torch.randn(n, device=device).to(dtype)
+
+            def linear(x=x, w=w, dy=dy, b=b):
+                torch.addmm(b, x, w.t())
+                torch.mm(dy, w)
+                torch.mm(dy.t(), x)
+
+            seconds = _seconds(linear, sync, min_total_s=min_total_s)
         except RuntimeError:
             return None
-        best = max(best, 2 * n**3 / seconds)
+        best = max(best, 3 * 2 * n**3 / seconds)
         if best < give_up_below:
             return None
         if seconds * 8 > 4 * slow_s:  # the next size does 8x the work
             break
     return best or None
+
+
+def _attention_flops(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int], sync, *,
+                     min_total_s: float) -> float | None:
+    """FLOP/s of a causal `scaled_dot_product_attention` forward and backward of (batch, heads, tokens, head
+    size) `shape`, by torch.utils.flop_counter's formulas (those the profile counts); None if it cannot run."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    try:
+        q, k, v = (torch.randn(shape, device=device).to(dtype).requires_grad_() for _ in range(3))
+        grad = torch.randn(shape, device=device).to(dtype)
+
+        def step():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+        seconds = _seconds(step, sync, min_total_s=min_total_s)
+    except RuntimeError:
+        return None
+    return (sdpa_flop_count(shape, shape, shape) + sdpa_backward_flop_count(shape, shape, shape, shape)) / seconds
 
 
 def _adamw_elems_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> float:
@@ -527,14 +584,17 @@ def _measure(quick: bool) -> Hardware:
     device = _device()
     on_gpu = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if on_gpu else (lambda: None)
-    min_total_s = 0.05 if quick else 0.2
+    min_total_s = 0.05 if quick else 0.5
     slow_s = 0.05 if quick else 0.25
     mib = 2**20
+    # Copies and AdamW on buffers well beyond the last-level cache (a GPU's L2 is 40-50 MiB, a server CPU's L3
+    # up to a few hundred), as the shards of a model are: in-cache figures would flatter both.
     if on_gpu:
         sizes, copy_bytes, adam_numel = ((1024, 2048) if quick else (2048, 4096, 8192)), 256 * mib, 2**24
+        attention = (4, 16, 1024, 128) if quick else (8, 16, 2048, 128)
     else:
-        # copies of 64 MiB: well beyond the last-level cache, which would flatter the bandwidth
-        sizes, copy_bytes, adam_numel = ((256, 512) if quick else (256, 512, 1024)), 64 * mib, 2**21
+        sizes, copy_bytes, adam_numel = ((256, 512) if quick else (256, 512, 1024)), 64 * mib, 2**23
+        attention = (2, 8, 256, 64) if quick else (4, 8, 512, 64)
     if quick:
         copy_bytes, adam_numel = copy_bytes // 4, adam_numel // 4
 
@@ -549,6 +609,11 @@ def _measure(quick: bool) -> Hardware:
         )
         if rate is not None:
             matmul[str(dtype).removeprefix("torch.")] = rate
+    attention_flops: dict[str, float] = {}
+    for name in matmul:
+        rate = _attention_flops(device, getattr(torch, name), attention, sync, min_total_s=min_total_s)
+        if rate is not None:
+            attention_flops[name] = rate
 
     numel = copy_bytes // 4
     # Distinct buffers for the two sides, also on a CPU-only machine where both are RAM; pinned staging on a
@@ -577,4 +642,5 @@ def _measure(quick: bool) -> Hardware:
         device_optim_elems_per_s=device_optim,
         host_optim_elems_per_s=host_optim,
         device_copy_bytes_per_s=device_copy,
+        attention_flops=attention_flops,
     )

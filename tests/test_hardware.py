@@ -89,6 +89,12 @@ def test_with_memory_and_validation():
         dataclasses.replace(hw, h2d_bytes_per_s=-1.0)
     with pytest.raises(ValueError, match="no matmul rate for float16"):
         Hardware.preset("CPU").matmul_rate(torch.float16)
+    # fused attention runs at the matmul rate unless a figure for it was measured
+    assert hw.attention_rate(torch.bfloat16) == hw.matmul_rate(torch.bfloat16)
+    measured = dataclasses.replace(hw, attention_flops={"bfloat16": 1e14})
+    assert measured.attention_rate("bfloat16") == 1e14 and Hardware.from_json(measured.to_json()) == measured
+    with pytest.raises(ValueError, match="attention_flops"):
+        dataclasses.replace(hw, attention_flops={"bfloat16": 0.0})
     with pytest.raises(ValueError, match="no collective bandwidth"):
         Hardware.preset("CPU").collective_rate(2)
     data = json.loads(hw.to_json())
@@ -113,6 +119,7 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
                  hw.device_optim_elems_per_s, hw.host_optim_elems_per_s):
         assert 0 < rate < math.inf
     assert hw.device_bytes > 0 and hw.host_bytes > 0
+    assert hw.attention_flops and all(rate > 0 for rate in hw.attention_flops.values())
     assert hw.collective_bytes_per_s == {}  # a single process: nothing to measure
     assert hw.device_type == ("cuda" if torch.cuda.is_available() else "cpu")
     if hw.device_type == "cpu":  # device and host are the same RAM, split in two

@@ -87,10 +87,26 @@ def test_memory_of_a_plan_is_predicted_from_its_chunks():
     plan = hand_plan(names, blocks=2, depth=0, param_home="host")
     pred = simulate(prof, plan, gpu())
     chunk_bytes = NUMEL * 4
-    # device: cache, each chunk's fp32 master + grad + two states (optimizer on the device), 3 gradient buffers
-    assert pred.model_device_bytes == 2 * chunk_bytes + 4 * (4 * chunk_bytes) + 3 * chunk_bytes
+    # device: cache, each chunk's fp32 master + two states (optimizer on the device), and its gradient. On one
+    # rank the runtime adopts the pooled fp32 buffer a chunk's gradient was gathered in as the master's gradient
+    # (no copy, no separate gradient shard), so the pool ends up with one buffer per chunk, held until zero_grad.
+    # (Before the pooled buffers this was a gradient shard per chunk plus 3 transient buffers.)
+    assert pred.model_device_bytes == 2 * chunk_bytes + 4 * (3 * chunk_bytes) + 4 * chunk_bytes
     assert pred.model_host_bytes == 4 * chunk_bytes  # parameter shards
     assert pred.device_bytes_peak == pred.model_device_bytes + 12345
+    # optimizer on the host: each gradient is copied out to an fp32 host shard as soon as it is complete and
+    # its buffer goes back to the pool; chunks complete one after another, so the pool holds one buffer
+    on_host = dataclasses.replace(plan, chunks=tuple(dataclasses.replace(c, optim_home="host") for c in plan.chunks))
+    pred = simulate(prof, on_host, gpu())
+    assert pred.model_device_bytes == 2 * chunk_bytes + 1 * chunk_bytes
+    # host: shards (aliased as fp32 masters: param and optimizer homes agree) + gradient + two states
+    assert pred.model_host_bytes == 4 * (4 * chunk_bytes)
+    # two ranks: every buffer is reduce-scattered into a gradient shard of half a chunk that stays (optimizer
+    # on the device); buffers come back when their reduction finishes, 2 left in flight: 1 + 2 buffers
+    two = dataclasses.replace(plan, world_size=2)
+    pred = simulate(prof, two, gpu(collective_bytes_per_s={2: 1e12}))
+    half = chunk_bytes // 2
+    assert pred.model_device_bytes == 2 * chunk_bytes + 4 * (3 * half) + 3 * chunk_bytes + 4 * half
 
 
 def _profile_gpt():

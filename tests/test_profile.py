@@ -189,6 +189,21 @@ def test_activation_peak_matches_a_real_run(model_kind):
     assert prof.peak_grad_bytes == 4 * sum(p.numel() for p in model.parameters())
 
 
+def test_gradient_arrivals_follow_backward():
+    model = tiny_gpt()
+    prof = profile(model, gpt_batch())
+    first_backward = next(i for i, op in enumerate(prof.ops) if op.phase == "backward")
+    # every trainable parameter's gradient arrives once, during backward; the tied wte.weight (embedding and
+    # output layer) once, after both contributions: last, after the embedding's backward
+    assert set(prof.grad_arrivals) == set(prof.param_shapes)
+    assert all(len(when) == 1 and first_backward < when[0] <= len(prof.ops) for when in prof.grad_arrivals.values())
+    order = sorted(prof.grad_arrivals, key=lambda n: prof.grad_arrivals[n][0])
+    assert order[-1] == "wte.weight" and order[0].startswith("ln_f.")
+    # a later block's gradients arrive before an earlier block's
+    assert max(prof.grad_arrivals[n][0] for n in block_params(model, 1)) < min(
+        prof.grad_arrivals[n][0] for n in block_params(model, 0))
+
+
 def test_json_round_trip_and_summary():
     prof = profile(tiny_gpt(checkpointing=True), gpt_batch())
     again = Profile.from_json(prof.to_json())

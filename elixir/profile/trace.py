@@ -124,6 +124,11 @@ class Profile:
     see [Note: values read on the meta device] in elixir/profile/trace.py."""
     trace_seconds: float = 0.0
     """Wall time the trace took."""
+    grad_arrivals: dict[str, list[int]] = field(default_factory=dict)
+    """For every trainable parameter (first name): when its gradient was accumulated into `.grad`, as the number
+    of operators recorded before (the gradient is complete after `ops[i - 1]`); more than one entry only when
+    autograd accumulates it several times (e.g. reentrant checkpointing). What the runtime's gradient
+    buffers follow: a chunk's buffer is taken at its first parameter's arrival, reduced at its last."""
 
     # ---- orders of use ----
 
@@ -269,6 +274,7 @@ class _StepTracer(TorchDispatchMode):
         self.peak_grad_bytes = 0
         self._names: dict[Any, str] = {}
         self.assumed_values = 0
+        self.grad_arrivals: dict[str, list[int]] = {}
 
     # -- storage accounting (see [Note: activation bytes are counted per storage]) --
 
@@ -308,6 +314,9 @@ class _StepTracer(TorchDispatchMode):
             self.activation_bytes -= entry[1]
 
     def grad_accumulated(self, param: Tensor) -> None:
+        name = self.param_of_storage.get(_storage_key(param))
+        if name is not None:
+            self.grad_arrivals.setdefault(name, []).append(len(self.ops))
         if param.grad is not None:
             self.track(param.grad.untyped_storage(), as_grad=True)
             # The last gradients become .grad after the last operator: count them in the peak here.
@@ -551,4 +560,5 @@ def profile(
         peak_grad_bytes=tracer.peak_grad_bytes,
         assumed_values=tracer.assumed_values,
         trace_seconds=time.perf_counter() - started,
+        grad_arrivals=tracer.grad_arrivals,
     )

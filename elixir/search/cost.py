@@ -1,19 +1,26 @@
 """The cost model: replay a profiled step under a plan and predict its time and peak memory.
 
-Two streams, as on a GPU: a compute stream runs the profiled operators one after another (FLOPs at
-the hardware's matmul rate; operators without FLOPs at its copy bandwidth over the bytes they make);
-a communication stream runs chunk fetches (host->device copies and all-gathers) and gradient
-reductions. A fetch for a chunk that is not cached stalls compute until it lands; prefetches for the
-next `prefetch_depth` chunks of the profiled order start while compute goes on, when a cache block
-is free or holds a chunk needed later (Belady, as the runtime does). After backward, the optimizer
-updates every chunk where its state lives. On a CPU-only machine host<->device copies run on the
-compute thread itself: they do not overlap.
+Two streams, as on a GPU: a compute stream runs the profiled operators one after another, each with a
+fixed launch / dispatch cost (FLOPs at the hardware's matmul rate, fused attention at its attention rate,
+operators without FLOPs at its copy bandwidth over the bytes they make); a communication stream runs chunk
+fetches (host->device copies and all-gathers) and gradient reductions. A fetch for a chunk that is not
+cached stalls compute until it lands; prefetches for the next `prefetch_depth` chunks of the profiled order
+start while compute goes on, when a cache block is free or holds a chunk needed later (Belady, as the
+runtime does). A chunk's gradients are copied into its fp32 buffer as they arrive and the chunk is reduced
+when the last one has, at the points the profile recorded (`Profile.grad_arrivals`). After backward, the
+optimizer updates every chunk where its state lives and writes the master back into the parameter shard
+where that is another buffer. On a CPU-only machine host<->device copies (fetches, gradients to the host)
+run on the compute thread itself: they do not overlap.
 
 [Note: memory the plan holds]
-device: resident chunks whole; on-demand chunks' shards that live on the device; the cache blocks;
-fp32 master (unless the fp32 parameter shard is its own master), gradient shard and two AdamW states
-of chunks whose optimizer lives on the device; up to (in-flight reductions + 1) fp32 gradient buffers
-of whole chunks during backward; the profiled activations. host: the same for what lives there.
+What the runtime's byte counters hold at the step's peak (the optimizer step, gradients still held).
+device: resident chunks whole; on-demand chunks' shards that live on the device; the cache blocks
+(`Plan.cache_layout`); fp32 master (unless the fp32 parameter shard is its own master) and two AdamW
+states of chunks whose optimizer lives on the device; the pool of fp32 gradient buffers, each as large as
+the largest chunk, as many as backward holds at once (`gradients`: on one rank a chunk whose optimizer is
+on the device keeps its buffer as its gradient until zero_grad); on several ranks the reduced gradient
+shards; the profiled activations. host: parameter shards, masters, states and fp32 gradient shards of
+what lives there.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from elixir.profile import Profile
 
 # AdamW keeps two fp32 states per element
 _STATE_BYTES = 8
-# operators whose cost is not their FLOPs: a fixed launch / dispatch cost each (eager PyTorch)
+# every operator: a fixed launch / dispatch cost (eager PyTorch; on the 2-core CPU of BENCHMARKS.md a tiny
+# GPT's forward and backward take ~4.5 us per aten operator)
 _OP_OVERHEAD_S = {"cpu": 4e-6, "gpu": 6e-6}
 # reduce-scatters left in flight by the runtime (see Runtime.max_reductions_in_flight)
 _REDUCTIONS_IN_FLIGHT = 2
@@ -81,12 +89,89 @@ def layout(plan: Plan, profile: Profile) -> list[_Chunk]:
     return out
 
 
-def memory(plan: Plan, chunks: list[_Chunk], profile: Profile | None = None) -> tuple[int, int]:
+def grad_arrivals(profile: Profile, chunks: list[_Chunk], chunk_of: dict[str, int]) -> list[tuple[int, int]]:
+    """Every accumulation of a parameter's gradient as (operators before it, chunk), in time order.
+
+    From the profile's `grad_arrivals`; a profile without them (made by hand) has each chunk's gradient
+    arrive once, right after the chunk's last use in backward (or at the end of the step if unused there)."""
+    events: list[tuple[int, int]] = []
+    if profile.grad_arrivals:
+        for name, when in profile.grad_arrivals.items():
+            c = chunk_of.get(profile.tied_names.get(name, name))
+            if c is not None:
+                events.extend((i, c) for i in when)
+        events.sort(key=lambda e: e[0])  # stable: ties keep the order the hooks fired in
+        return events
+    last = dict.fromkeys(range(len(chunks)), len(profile.ops))
+    for i, op in enumerate(profile.ops):
+        if op.phase == "backward":
+            for name in op.params:
+                if name in chunk_of:
+                    last[chunk_of[name]] = i + 1
+    return sorted(((i, c) for c, i in last.items()), key=lambda e: e[0])
+
+
+@dataclass
+class _Gradients:
+    completions: list[tuple[int, int]]
+    """(operators before it, chunk): when each chunk's gradient is complete and the runtime reduces it."""
+    pool_buffers: int
+    """fp32 buffers of the largest chunk that the runtime's pool ends up holding."""
+    shard_bytes_peak: int
+    """Largest device bytes of reduced gradient shards alive at once (several ranks only)."""
+
+
+def gradients(plan: Plan, chunks: list[_Chunk], arrivals: list[tuple[int, int]]) -> _Gradients:
+    """Replay the runtime's gradient buffers (see [Note: gradient buffers] in elixir/runtime/state.py).
+
+    A chunk takes a pooled buffer (fp32, as large as the largest chunk) at its first gradient and reduces it
+    when its last one has arrived. On one rank the reduction is the buffer itself: a chunk whose optimizer
+    lives on the device adopts it as its gradient until `zero_grad` (no copy), one on the host copies it out
+    and gives it back. On several ranks every buffer is reduce-scattered into a new shard and comes back once
+    its reduction is finished, with up to `_REDUCTIONS_IN_FLIGHT` left in flight; the shard stays as the
+    gradient (optimizer on the device) or is copied to the host and freed when that reduction finishes.
+    The pool never shrinks: its size is the most buffers held at once."""
+    n = plan.world_size
+    need: dict[int, int] = {}
+    for _, c in arrivals:
+        need[c] = need.get(c, 0) + 1
+    seen: dict[int, int] = {}
+    held = pool = shard_bytes = shard_peak = 0
+    in_flight: list[int] = []
+    completions = []
+    for i, c in arrivals:
+        if not seen.get(c):
+            held += 1
+            pool = max(pool, held)
+        seen[c] = seen.get(c, 0) + 1
+        if seen[c] < need[c]:
+            continue
+        seen[c] = 0
+        completions.append((i, c))
+        ch = chunks[c]
+        if n == 1:
+            if ch.optim_home != "device":
+                held -= 1
+            continue
+        shard_bytes += ch.numel // n * 4
+        shard_peak = max(shard_peak, shard_bytes)
+        in_flight.append(c)
+        if len(in_flight) > _REDUCTIONS_IN_FLIGHT:
+            done = chunks[in_flight.pop(0)]
+            held -= 1
+            if done.optim_home != "device":
+                shard_bytes -= done.numel // n * 4
+    return _Gradients(completions, pool, shard_peak)
+
+
+def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None) -> tuple[int, int]:
     """Model-data bytes (device, host) at the step's peak; see [Note: memory the plan holds]."""
     itemsize = plan.dtype.itemsize
     n = plan.world_size
     device = host = 0
     fp32 = itemsize == 4
+    if grads is None:  # every chunk's gradient arriving once, in reverse order of the chunks
+        grads = gradients(plan, chunks, [(len(chunks) - c.index, c.index) for c in reversed(chunks)])
     blocks, block_numel = plan.cache_layout()
     device += blocks * block_numel * itemsize
     biggest = 0
@@ -99,13 +184,13 @@ def memory(plan: Plan, chunks: list[_Chunk], profile: Profile | None = None) -> 
         else:
             host += shard * itemsize
         aliased = fp32 and c.param_home == c.optim_home
-        optim = shard * (4 + _STATE_BYTES + (0 if aliased else 4))
+        master = 0 if aliased else 4
         if c.optim_home == "device":
-            device += optim
+            device += shard * (master + _STATE_BYTES)  # its gradient is a pooled buffer or a reduced shard
         else:
-            host += optim
+            host += shard * (master + _STATE_BYTES + 4)
         biggest = max(biggest, c.numel)
-    device += min(len(chunks), _REDUCTIONS_IN_FLIGHT + 1) * biggest * 4
+    device += grads.pool_buffers * biggest * 4 + grads.shard_bytes_peak
     return device, host
 
 
@@ -121,6 +206,7 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
     cpu = hardware.device_type == "cpu"
     overhead = _OP_OVERHEAD_S["cpu" if cpu else "gpu"]
     matmul = hardware.matmul_rate(plan.dtype)
+    attention = hardware.attention_rate(plan.dtype)
     coll = hardware.collective_rate(n)
     copy_rate = hardware.device_copy_bytes_per_s
 
@@ -153,12 +239,10 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
         j = bisect.bisect_right(pos, cursor)
         return pos[j] if j < len(pos) else math.inf
 
-    last_backward_use: dict[int, int] = {}
-    for i, op in enumerate(profile.ops):
-        if op.phase == "backward":
-            for name in op.params:
-                if name in chunk_of:
-                    last_backward_use[chunk_of[name]] = i
+    grads = gradients(plan, chunks, grad_arrivals(profile, chunks, chunk_of))
+    completed_after: dict[int, list[int]] = {}  # operator index -> chunks whose gradient is complete after it
+    for k, c in grads.completions:
+        completed_after.setdefault(max(k - 1, 0), []).append(c)
 
     t_compute = t_comm = comm_busy = stall = 0.0
     ready: dict[int, float] = {}
@@ -208,18 +292,25 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
                     break
         start = max([t_compute] + [ready.get(c, 0.0) for c in need])
         stall += start - t_compute
-        op_s = op.flops / matmul if op.flops else getattr(op, "out_bytes", 0) * 2 / copy_rate
+        if op.flops:
+            op_s = op.flops / (attention if "attention" in op.name else matmul)
+        else:  # memory-bound: writes its outputs, reads about as much
+            op_s = op.out_bytes * 2 / copy_rate
         t_compute = start + op_s + overhead
-        for c, last in last_backward_use.items():
-            if last == i:  # the chunk's gradients are complete: reduce it
-                ch = chunks[c]
-                t_compute += 3 * ch.numel * 4 / copy_rate  # zeroing and adding into the fp32 buffer
-                red = (n - 1) / n * ch.numel * 4 / coll if n > 1 else 0.0
-                if ch.optim_home == "host":
-                    red += ch.numel // n * 4 / hardware.d2h_bytes_per_s
-                start_r = max(t_comm, t_compute)
-                t_comm = start_r + red
-                comm_busy += red
+        for c in completed_after.get(i, ()):  # the chunk's gradients are complete: reduce it
+            ch = chunks[c]
+            # every gradient was copied into the chunk's fp32 buffer as it arrived (see [Note: gradient buffers])
+            t_compute += ch.numel * 4 / copy_rate
+            red = (n - 1) / n * ch.numel * 4 / coll if n > 1 else 0.0
+            if ch.optim_home == "host":
+                to_host = ch.numel // n * 4 / hardware.d2h_bytes_per_s
+                if cpu:  # a synchronous copy on the compute thread
+                    t_compute += to_host
+                else:
+                    red += to_host
+            start_r = max(t_comm, t_compute)
+            t_comm = start_r + red
+            comm_busy += red
     end_backward = max(t_compute, t_comm)
 
     optim = 0.0
@@ -234,7 +325,7 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
             optim += shard * itemsize / copy_rate
         if c.resident and n > 1:
             optim += (n - 1) / n * c.numel * itemsize / coll
-    model_device, model_host = memory(plan, chunks)
+    model_device, model_host = memory(plan, chunks, grads)
     activations = profile.peak_activation_bytes
     return Prediction(
         step_s=end_backward + optim,

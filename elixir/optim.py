@@ -182,6 +182,7 @@ class ElixirOptimizer(torch.optim.Optimizer):
                 inner.param_groups[ig].update(_hyper(self.param_groups[gi]))
             inner.step()
         self._write_back()
+        self.runtime.wait_pending()
         self._count_state_bytes()
         return loss
 

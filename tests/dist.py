@@ -26,6 +26,9 @@ def _entry(rank, world_size, port, fn, args, errors):
     )
     try:
         fn(rank, world_size, *args)
+        # every rank leaves together: a rank that tears its group down while a peer still talks
+        # to it would fail the peer
+        dist.barrier()
     except BaseException:
         errors.put((rank, traceback.format_exc()))
         raise

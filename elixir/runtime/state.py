@@ -156,6 +156,15 @@ class Runtime:
         self.cache.give_back(block)
         self.evictions += 1
 
+    def wait_pending(self) -> None:
+        """Finish every collective still in flight (prefetches nobody used yet, reductions), so that
+        nothing writes into a buffer behind the caller's back, and no work outlives the step."""
+        self.finish_reductions()
+        for c in self.chunks:
+            if c.pending is not None:
+                c.pending.wait()
+                c.pending = None
+
     def evict_all(self) -> None:
         """Drop every gathered on-demand chunk (their shards changed, or the step is over)."""
         if self.cache is None:

@@ -459,5 +459,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     if dist.is_initialized():
+        dist.barrier()  # ranks leave together
         dist.destroy_process_group()
     return 0

@@ -139,6 +139,10 @@ class Interceptor:
                     rt.unpin(c)
             if is_root and not backward:
                 self._exit_forward()
+                if not torch.is_grad_enabled():
+                    # no backward follows (evaluation, generation): finish the prefetches now, so
+                    # none is left in flight when the caller moves on or tears its group down
+                    rt.wait_pending()
 
         return post
 

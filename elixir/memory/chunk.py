@@ -121,7 +121,6 @@ class Chunk:
     pins: int = 0  # users that need it gathered right now; a pinned chunk is never evicted
     last_use: int = 0  # logical clock of the last use (least-recently-used fallback)
     expected_grads: int | None = None  # gradient hooks per backward, learned in the first one
-    extra: dict = field(default_factory=dict)
 
     @property
     def shard_numel(self) -> int:
@@ -160,7 +159,3 @@ class Chunk:
         self.full = None
         self.block = None
         self.state = ChunkState.SHARDED
-
-    def grad_views(self, full: torch.Tensor):
-        for s in self.slots:
-            yield s, full[s.offset : s.offset + s.numel].view(s.shape)

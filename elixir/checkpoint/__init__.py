@@ -1,0 +1,9 @@
+"""Checkpoints and weights: save/load with resharding, export, and loading pretrained weights.
+
+See store.py ([Note: checkpoint layout], [Note: atomic save]) and weights.py.
+"""
+
+from elixir.checkpoint.files import CheckpointError
+from elixir.checkpoint.store import load, save
+
+__all__ = ["CheckpointError", "load", "save"]

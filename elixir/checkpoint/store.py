@@ -1,0 +1,485 @@
+"""elixir.save and elixir.load: per-rank shard files plus a manifest, resharded on load.
+
+[Note: checkpoint layout]
+A checkpoint is a folder:
+    manifest.json                           written last; lists everything below with sizes and sha256
+    rank-00000-of-00002.safetensors         one per rank: for each of its chunks `c{k}.values` (the fp32
+                                            master, or the parameter shard when nothing trains it) and
+                                            `c{k}.state.{name}` (optimizer states)
+    rank-00000-of-00002.pt                  that rank's RNG states (torch, CUDA, Python, NumPy)
+    common.pt                               rank 0: `extra`, the lr scheduler's state, persistent buffers
+    config.json                             Hugging Face models only: their config, for `elixir export`
+The manifest describes every rank's chunks as ranges of the model's own tensors (see layout.py), so
+a checkpoint loads under any plan and world size: each rank reads, with seeks, only the ranges that
+fall in its own shards; no rank ever holds the whole model.
+
+[Note: atomic save]
+Every rank writes into `<path>.tmp`; when all files and the manifest are on disk, rank 0 renames the
+old checkpoint to `<path>.old`, the new one to `<path>`, and removes `<path>.old`. An exception or a
+crash before that leaves `<path>` untouched; a crash between the two renames leaves the previous
+checkpoint complete at `<path>.old`, where `load` finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from elixir.checkpoint.files import CheckpointError, Reader, StreamWriter, file_digest
+from elixir.checkpoint.layout import (
+    describe_shape_difference,
+    fingerprint,
+    global_slots,
+    model_shapes,
+    shard_pieces,
+    values_of,
+)
+
+FORMAT = "elixir-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+COMMON = "common.pt"
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _world()[1] > 1:
+        dist.barrier()
+
+
+def _all_gather_object(obj) -> list:
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rank_file(rank: int, world: int, ext: str) -> str:
+    return f"rank-{rank:05d}-of-{world:05d}.{ext}"
+
+
+def _wrap_state(model, optimizer):
+    from elixir.runtime.wrap import _STATE_ATTR
+
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model is not wrapped; call elixir.wrap(model, optimizer) first")
+    if optimizer is not None and optimizer is not state.optimizer:
+        raise ValueError(
+            "optimizer is not the one elixir.wrap returned for this model; pass the ElixirOptimizer from wrap()"
+        )
+    return state
+
+
+# --- save ------------------------------------------------------------------------------------
+
+
+def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
+    """Write a checkpoint of a wrapped model and its optimizer to the folder `path`; every rank calls it.
+
+    Saves the fp32 masters (parameter values of untrained chunks), optimizer states, step counters,
+    loss scale, RNG states, `scheduler.state_dict()` and `extra` (tensors, numbers, strings, lists
+    and dicts of them). The previous checkpoint at `path` is replaced only once the new one is
+    complete (see [Note: atomic save])."""
+    state = _wrap_state(model, optimizer)
+    rt, opt = state.runtime, state.optimizer
+    rank, world = _world()
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
+        raise ValueError(
+            f"{path} exists and is not an Elixir checkpoint (no {MANIFEST}); refusing to replace it: "
+            "choose a new path or remove it"
+        )
+    tmp = path + ".tmp"
+    rt.wait_pending()  # nothing may write into a shard while it is saved
+    if rank == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)  # left by an interrupted save: never a checkpoint
+        os.makedirs(tmp)
+    _barrier()
+
+    files: dict[str, dict] = {}
+    chunk_docs = []
+    name = _rank_file(rank, world, "safetensors")
+    specs, sources = [], []
+    for c in rt.chunks:
+        key = f"c{c.index}"
+        vals = values_of(c)
+        specs.append((f"{key}.values", vals.dtype, tuple(vals.shape)))
+        sources.append(vals)
+        states = {}
+        for k, v in (opt.state.get(c.master, {}) if c.master is not None else {}).items():
+            if not torch.is_tensor(v):
+                raise ValueError(f"optimizer state {k!r} of chunk {c.index} is not a tensor; it cannot be saved")
+            states[k] = "sharded" if v.shape == c.master.shape else "replicated"
+            specs.append((f"{key}.state.{k}", v.dtype, tuple(v.shape)))
+            sources.append(v)
+        chunk_docs.append({
+            "key": key, "numel": c.numel, "shard_numel": c.shard_numel, "group_rank": c.group.rank,
+            "group_size": c.group.size, "trainable": c.master is not None, "optim_group": c.optim_group,
+            "states": states,
+            "slots": [[g.name, g.chunk_offset, g.numel, g.flat_start] for g in global_slots(c)],
+        })
+    writer = StreamWriter(os.path.join(tmp, name), specs, {"format": "pt", "elixir": FORMAT})
+    try:
+        for (tname, _, _), src in zip(specs, sources):
+            writer.write(tname, src)
+    except BaseException:
+        writer.abort()
+        raise
+    size, digest = writer.close()
+    files[name] = {"bytes": size, "sha256": digest}
+
+    rng_name = _rank_file(rank, world, "pt")
+    torch.save(_rng_state(), os.path.join(tmp, rng_name))
+    files[rng_name] = dict(zip(("bytes", "sha256"), file_digest(os.path.join(tmp, rng_name))))
+
+    gathered = _all_gather_object({"files": files, "chunks": chunk_docs, "shapes": model_shapes(rt.chunks)})
+    if rank == 0:
+        from elixir.checkpoint.weights import persistent_buffers
+
+        common = {
+            "extra": extra, "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "buffers": {n: b.detach().cpu() for n, b in persistent_buffers(model).items()},
+        }
+        torch.save(common, os.path.join(tmp, COMMON))
+        all_files = {k: v for g in gathered for k, v in g["files"].items()}
+        all_files[COMMON] = dict(zip(("bytes", "sha256"), file_digest(os.path.join(tmp, COMMON))))
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                f.write(config.to_json_string())
+            all_files["config.json"] = dict(zip(("bytes", "sha256"), file_digest(os.path.join(tmp, "config.json"))))
+        shapes = {k: list(v) for g in gathered for k, v in g["shapes"].items()}
+        manifest = {
+            "format": FORMAT, "version": VERSION, "world_size": world,
+            "model": {"class": type(model).__name__, "fingerprint": fingerprint(shapes), "shapes": shapes},
+            "plan": json.loads(state.plan.to_json()),
+            "optimizer": {
+                "class": opt.inner_class.__name__, "steps": opt.steps, "skipped_steps": opt.skipped_steps,
+                "loss_scale": opt.scaler.scale, "good_steps": opt.scaler.good_steps,
+                "param_groups": [_jsonable_hyper(g) for g in opt.param_groups],
+            },
+            "ranks": [g["chunks"] for g in gathered],
+            "files": all_files,
+        }
+        _write_json(os.path.join(tmp, MANIFEST), manifest)
+    _barrier()
+    if rank == 0:
+        _swap_in(tmp, path)
+    _barrier()
+
+
+def _swap_in(tmp: str, path: str) -> None:
+    old = path + ".old"
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _jsonable_hyper(group: dict) -> dict:
+    out = {}
+    for k, v in group.items():
+        if k == "params":
+            continue
+        if torch.is_tensor(v):
+            v = v.item() if v.numel() == 1 else v.tolist()
+        if isinstance(v, (tuple, list)):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": _python_rng()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
+    except ImportError:
+        pass
+    return state
+
+
+def _python_rng():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+
+
+# --- load ------------------------------------------------------------------------------------
+
+
+def resolve(path: str) -> str:
+    """The checkpoint folder to read: `path`, or `<path>.old` when a save was interrupted between
+    its two renames (see [Note: atomic save])."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return path
+    if not os.path.exists(path) and os.path.isfile(os.path.join(path + ".old", MANIFEST)):
+        return path + ".old"
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    raise CheckpointError(f"{os.path.join(path, MANIFEST)}: missing; {path} is not a complete Elixir checkpoint")
+
+
+def read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, MANIFEST)
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{mpath}: not valid JSON ({e}); the manifest is damaged") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mpath}: not an Elixir checkpoint manifest")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{mpath}: format version {manifest.get('version')}, this Elixir reads {VERSION}")
+    return manifest
+
+
+def verify_file(path: str, name: str, manifest: dict) -> None:
+    """CheckpointError naming the file when it is missing, of another size, or altered."""
+    info = manifest["files"].get(name)
+    fpath = os.path.join(path, name)
+    if info is None:
+        raise CheckpointError(f"{fpath}: not listed in the manifest")
+    if not os.path.isfile(fpath):
+        raise CheckpointError(f"{fpath}: missing (the manifest lists it with {info['bytes']} bytes)")
+    size = os.path.getsize(fpath)
+    if size != info["bytes"]:
+        raise CheckpointError(f"{fpath}: {size} bytes, the manifest says {info['bytes']} (truncated or replaced)")
+    if file_digest(fpath)[1] != info["sha256"]:
+        raise CheckpointError(f"{fpath}: its sha256 differs from the manifest's: the file was altered or damaged")
+
+
+class PieceIndex:
+    """Where every range of every global tensor lives in a checkpoint: name -> [(lo, hi, file, key, file_lo)],
+    global flat ranges [lo, hi) stored at elements [file_lo, ...) of tensor `{key}.values` of `file`."""
+
+    def __init__(self, manifest: dict) -> None:
+        world = manifest["world_size"]
+        self.pieces: dict[str, list[tuple[int, int, str, str, int]]] = {}
+        self.chunks: dict[tuple[str, str], dict] = {}
+        for r, docs in enumerate(manifest["ranks"]):
+            fname = _rank_file(r, world, "safetensors")
+            for doc in docs:
+                self.chunks[(fname, doc["key"])] = doc
+                s_lo = doc["group_rank"] * doc["shard_numel"]
+                s_hi = s_lo + doc["shard_numel"]
+                for name, off, numel, flat in doc["slots"]:
+                    lo, hi = max(off, s_lo), min(off + numel, s_hi)
+                    if lo < hi:
+                        self.pieces.setdefault(name, []).append((flat + lo - off, flat + hi - off, fname, doc["key"], lo - s_lo))
+        for v in self.pieces.values():
+            v.sort()
+
+    def overlapping(self, name: str, lo: int, hi: int):
+        for p in self.pieces.get(name, ()):
+            if p[0] < hi and p[1] > lo:
+                yield p
+
+    def check_covered(self, name: str, lo: int, hi: int, where: str) -> None:
+        covered = sum(min(p[1], hi) - max(p[0], lo) for p in self.overlapping(name, lo, hi))
+        if covered != hi - lo:
+            raise CheckpointError(
+                f"{where}: holds {covered} of the {hi - lo} values of {name!r} [{lo}, {hi}) (damaged manifest)"
+            )
+
+
+def _needed_files(rt, index: PieceIndex) -> set[str]:
+    files = set()
+    for c in rt.chunks:
+        for gs, lo, hi in shard_pieces(c):
+            g_lo = gs.flat_start + lo - gs.chunk_offset
+            for p in index.overlapping(gs.name, g_lo, g_lo + hi - lo):
+                files.add(p[2])
+    return files
+
+
+def load(model, optimizer, path: str, *, scheduler=None):
+    """Restore a checkpoint written by `elixir.save` into a wrapped model and its optimizer; every
+    rank calls it. The checkpoint may come from another world size or plan: parameters are matched
+    by name and each rank reads only its own shards' ranges. Returns the `extra` that was saved.
+
+    Everything is checked before anything is written into the model: the manifest, that the
+    checkpoint is of this model (names and shapes), and the size and sha256 of every file this rank
+    reads; any rank's failure fails every rank (`CheckpointError` naming the file and the problem)."""
+    state = _wrap_state(model, optimizer)
+    rt, opt = state.runtime, state.optimizer
+    rank, world = _world()
+    error = None
+    try:
+        path = resolve(path)
+        manifest = read_manifest(path)
+        shapes_here = {k: list(v) for g in _gather_if_many(model_shapes(rt.chunks)) for k, v in g.items()}
+        diff = describe_shape_difference(manifest["model"]["shapes"], shapes_here)
+        if diff is not None:
+            raise CheckpointError(f"{path} is a checkpoint of another model: {diff}")
+        index = PieceIndex(manifest)
+        for c in rt.chunks:
+            for gs, lo, hi in shard_pieces(c):
+                g_lo = gs.flat_start + lo - gs.chunk_offset
+                index.check_covered(gs.name, g_lo, g_lo + hi - lo, os.path.join(path, MANIFEST))
+        needed = sorted(_needed_files(rt, index))
+        rng_name = _rank_file(rank, manifest["world_size"], "pt") if rank < manifest["world_size"] else None
+        for name in needed + [COMMON] + ([rng_name] if rng_name else []):
+            verify_file(path, name, manifest)
+        readers = {name: Reader(os.path.join(path, name)) for name in needed}
+    except CheckpointError as e:
+        error = e
+    failed = _any_rank(error is not None, rt)
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"loading {path} failed on another rank (its error says why); nothing was changed")
+
+    opt_doc = manifest["optimizer"]
+    for c in rt.chunks:
+        _fill_chunk(c, opt, index, readers)
+    rt.wait_pending()
+    from elixir import comm
+
+    for c in rt.chunks:
+        if c.resident and c.group.size > 1:
+            comm.all_gather(c.full, c.shard, c.group, what=f"all-gather of loaded chunk {c.index}")
+    rt.evict_all()
+    opt.zero_grad()
+    opt.steps = opt_doc["steps"]
+    opt.skipped_steps = opt_doc["skipped_steps"]
+    opt.scaler.scale = opt_doc["loss_scale"]
+    opt.scaler.good_steps = opt_doc["good_steps"]
+    for g, saved in zip(opt.param_groups, opt_doc["param_groups"]):
+        for k, v in saved.items():
+            if k in g and not isinstance(g[k], torch.Tensor):
+                g[k] = tuple(v) if isinstance(g[k], tuple) else v
+    opt._count_state_bytes()
+    if rng_name:
+        _set_rng_state(torch.load(os.path.join(path, rng_name), weights_only=True))
+    common = torch.load(os.path.join(path, COMMON), weights_only=True)
+    from elixir.checkpoint.weights import persistent_buffers
+
+    for n, b in persistent_buffers(model).items():
+        if n in common.get("buffers", {}):
+            b.data.copy_(common["buffers"][n])
+    if scheduler is not None and common["scheduler"] is not None:
+        scheduler.load_state_dict(common["scheduler"])
+    return common["extra"]
+
+
+def _gather_if_many(obj) -> list:
+    return _all_gather_object(obj)
+
+
+def _any_rank(flag: bool, rt) -> bool:
+    if _world()[1] == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _read_range(index: PieceIndex, readers: dict, name: str, lo: int, hi: int, suffix: str) -> torch.Tensor:
+    """Global elements [lo, hi) of `name`'s values (suffix "values") or of a sharded optimizer state
+    (suffix "state.<key>"), assembled from the pieces that hold them."""
+    out = None
+    for p_lo, p_hi, fname, key, f_lo in index.overlapping(name, lo, hi):
+        a, b = max(p_lo, lo), min(p_hi, hi)
+        part = readers[fname].read(f"{key}.{suffix}", f_lo + a - p_lo, f_lo + b - p_lo)
+        if out is None:
+            out = torch.empty(hi - lo, dtype=part.dtype)
+        out[a - lo : b - lo].copy_(part)
+    return out
+
+
+@torch.no_grad()
+def _fill_chunk(c, opt, index: PieceIndex, readers: dict) -> None:
+    pieces = shard_pieces(c)
+    base = c.group.rank * c.shard_numel
+    values = torch.zeros(c.shard_numel, dtype=torch.float32)
+    states: dict[str, torch.Tensor] = {}
+    replicated: dict[str, torch.Tensor] = {}
+    for gs, lo, hi in pieces:
+        g_lo = gs.flat_start + lo - gs.chunk_offset
+        values[lo - base : hi - base].copy_(_read_range(index, readers, gs.name, g_lo, g_lo + hi - lo, "values"))
+        if c.master is None:
+            continue
+        first = next(index.overlapping(gs.name, g_lo, g_lo + hi - lo))
+        doc = index.chunks[(first[2], first[3])]
+        for k, kind in doc["states"].items():
+            if kind == "replicated":
+                if k not in replicated:
+                    replicated[k] = readers[first[2]].read_tensor(f"{first[3]}.state.{k}")
+                continue
+            part = _read_range(index, readers, gs.name, g_lo, g_lo + hi - lo, f"state.{k}")
+            if k not in states:
+                states[k] = torch.zeros(c.shard_numel, dtype=part.dtype)
+            states[k][lo - base : hi - base].copy_(part)
+    if c.master is not None:
+        c.master.copy_(values)
+        if c.shard is not c.master:
+            c.shard.copy_(values)
+        opt.state.pop(c.master, None)
+        if states or replicated:
+            opt.state[c.master] = _place_states(opt, c, {**replicated, **states})
+    else:
+        c.shard.copy_(values)
+
+
+def _place_states(opt, c, states: dict) -> dict:
+    """Optimizer states where torch's optimizers keep them: scalar `step` on the host unless the
+    optimizer is fused or capturable, everything else beside the master."""
+    group = opt._inner_group_of(c.master)
+    out = {}
+    for k, v in states.items():
+        if k == "step" and not (group.get("fused") or group.get("capturable")):
+            out[k] = v.to(dtype=torch.float32)
+        else:
+            out[k] = v.to(device=c.master.device, dtype=v.dtype if k == "step" else c.master.dtype)
+    return out

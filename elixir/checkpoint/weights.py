@@ -1,0 +1,372 @@
+"""Weights in and out: `export` (safetensors file or Hugging Face folder) and `load_pretrained`.
+
+[Note: streaming weights]
+Neither direction ever holds the whole model. Export writes the safetensors header first (names
+and shapes are known from the chunks) and then each tensor as its chunk is gathered, one chunk at a
+time, so rank 0 holds one gathered chunk beside the file. `load_pretrained` reads, for each
+parameter, only the range that falls in this rank's shard of its chunk, straight into the chunk's
+shard (and master); its scratch is counted on the host tier of the model's memory counters, so
+`elixir.memory_stats` shows the peak it added.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from elixir.checkpoint.files import CheckpointError, Reader, StreamWriter
+from elixir.checkpoint.layout import global_slots, shard_pieces
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+"""Largest file of a Hugging Face folder export (transformers' `save_pretrained` cuts at 5 GB too)."""
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers that `state_dict` would save, by name."""
+    out = {}
+    for mod_name, mod in model.named_modules():
+        for name, b in mod.named_buffers(recurse=False):
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                out[f"{mod_name}.{name}" if mod_name else name] = b
+    return out
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def write_tensors(path: str, specs: list[tuple[str, tuple[int, ...]]], tensors, *, dtype: torch.dtype,
+                  folder: bool, config_json: str | None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write tensors `specs` ([(name, shape)], in the order `tensors` yields (name, tensor)) as one
+    safetensors file at `path`, or as a Hugging Face folder (config.json, `model.safetensors` or
+    `model-0000i-of-0000n.safetensors` shards and their index). Returns the files written."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+    meta = {"format": "pt"}
+    if not folder:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        writer = StreamWriter(path + ".tmp", [(n, dtype, s) for n, s in specs], meta)
+        _stream(writer, tensors, len(specs))
+        os.replace(path + ".tmp", path)
+        return [path]
+    # shards: consecutive tensors up to max_shard_bytes each (a larger tensor gets a shard of its own)
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for n, s in specs:
+        nbytes = _numel(s) * dtype.itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((n, s))
+        size += nbytes
+    os.makedirs(path, exist_ok=True)
+    names = [SINGLE] if len(groups) == 1 else [
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
+    ]
+    written = []
+    it = iter(tensors)
+    for fname, group in zip(names, groups):
+        writer = StreamWriter(os.path.join(path, fname), [(n, dtype, s) for n, s in group], meta)
+        _stream(writer, it, len(group))
+        written.append(os.path.join(path, fname))
+    if len(groups) > 1:
+        total = sum(_numel(s) * dtype.itemsize for _, s in specs)
+        index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, g in zip(names, groups) for n, _ in g}}
+        with open(os.path.join(path, INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+        written.append(os.path.join(path, INDEX))
+    if config_json is not None:
+        with open(os.path.join(path, "config.json"), "w") as f:
+            f.write(config_json)
+        written.append(os.path.join(path, "config.json"))
+    return written
+
+
+def _stream(writer: StreamWriter, tensors, count: int) -> None:
+    try:
+        for _ in range(count):
+            name, t = next(tensors)
+            writer.write(name, t)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    from elixir.plan import DTYPES, dtype_name
+
+    return DTYPES[dtype_name(dtype)]
+
+
+@torch.no_grad()
+def export(model: torch.nn.Module, path: str, *, dtype=torch.float32,
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write a wrapped model's weights with its own parameter names; every rank calls it, rank 0 writes.
+
+    `path` ending in `.safetensors`: one consolidated file. Otherwise a folder as Hugging Face's
+    `save_pretrained` writes it (`config.json` when the model has a config, one `model.safetensors`
+    or shards of at most `max_shard_bytes` with an index), which `from_pretrained` loads. Values are
+    the fp32 masters cast to `dtype`; tied parameters are written once, under their first name.
+    Chunks are gathered one at a time (see [Note: streaming weights]). Returns the files written."""
+    from elixir import comm
+    from elixir.runtime.wrap import runtime_of
+
+    dtype = _dtype(dtype)
+    rt = runtime_of(model)
+    if any(getattr(s.param, "_elixir_global", None) is not None for c in rt.chunks for s in c.slots):
+        return _export_via_checkpoint(model, path, dtype, max_shard_bytes)
+    rt.wait_pending()
+    buffers = persistent_buffers(model)
+    specs = [(s.name, tuple(s.shape)) for c in rt.chunks for s in c.slots]
+    specs += [(n, tuple(b.shape)) for n, b in buffers.items()]
+    rank = _rank()
+
+    def tensors():
+        for c in rt.chunks:
+            src = c.master if c.master is not None else c.shard
+            full = torch.empty(c.numel, dtype=torch.float32, device=rt.device)
+            comm.all_gather(full, src.to(device=rt.device, dtype=torch.float32), c.group,
+                            what=f"all-gather of chunk {c.index} for export")
+            for s in c.slots:
+                yield s.name, full[s.offset : s.offset + s.numel].view(s.shape)
+            del full
+        yield from buffers.items()
+
+    config = getattr(model, "config", None)
+    config_json = config.to_json_string() if config is not None and hasattr(config, "to_json_string") else None
+    folder = not path.endswith(".safetensors")
+    if rank == 0:
+        written = write_tensors(path, specs, tensors(), dtype=dtype, folder=folder, config_json=config_json,
+                                max_shard_bytes=max_shard_bytes)
+    else:
+        for _ in tensors():  # take part in every gather
+            pass
+        written = []
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return written
+
+
+def _export_via_checkpoint(model, path, dtype, max_shard_bytes):
+    """Models whose tensors are split over ranks by a parallel pattern: save a checkpoint beside the
+    output, and assemble each tensor from it (one tensor at a time) on rank 0."""
+    import shutil
+
+    from elixir.checkpoint.store import save
+    from elixir.runtime.wrap import _STATE_ATTR
+
+    tmp = os.path.abspath(path).rstrip("/") + ".export-ckpt"
+    save(model, getattr(model, _STATE_ATTR).optimizer, tmp)
+    written = []
+    if _rank() == 0:
+        written = export_checkpoint(tmp, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        shutil.rmtree(tmp)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return written
+
+
+def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """`elixir export`: the weights of a checkpoint folder written by `elixir.save`, without building
+    the model or starting any process group; one tensor in memory at a time. A checkpoint with a
+    `config.json` (a Hugging Face model) and an output path not ending in `.safetensors` gives a
+    Hugging Face folder."""
+    from elixir.checkpoint.store import COMMON, PieceIndex, read_manifest, resolve, verify_file
+
+    dtype = _dtype(dtype)
+    ckpt = resolve(ckpt)
+    manifest = read_manifest(ckpt)
+    for name in manifest["files"]:
+        verify_file(ckpt, name, manifest)
+    index = PieceIndex(manifest)
+    order: list[str] = []
+    seen = set()
+    for docs in manifest["ranks"]:
+        for doc in docs:
+            for name, *_ in doc["slots"]:
+                if name not in seen:
+                    seen.add(name)
+                    order.append(name)
+    shapes = manifest["model"]["shapes"]
+    common = torch.load(os.path.join(ckpt, COMMON), weights_only=True)
+    buffers = common.get("buffers") or {}
+    specs = [(n, tuple(shapes[n])) for n in order] + [(n, tuple(b.shape)) for n, b in buffers.items()]
+    world = manifest["world_size"]
+    readers: dict[str, Reader] = {}
+
+    def reader(fname):
+        if fname not in readers:
+            readers[fname] = Reader(os.path.join(ckpt, fname))
+        return readers[fname]
+
+    def tensors():
+        from elixir.checkpoint.store import _read_range
+
+        for n in order:
+            numel = _numel(shapes[n])
+            for p in index.pieces[n]:
+                reader(p[2])
+            yield n, _read_range(index, readers, n, 0, numel, "values").view(shapes[n])
+        yield from buffers.items()
+
+    del world
+    config_json = None
+    cpath = os.path.join(ckpt, "config.json")
+    if os.path.isfile(cpath):
+        with open(cpath) as f:
+            config_json = f.read()
+    folder = not path.endswith(".safetensors")
+    return write_tensors(path, specs, tensors(), dtype=dtype, folder=folder, config_json=config_json,
+                         max_shard_bytes=max_shard_bytes)
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a weights path: a file, or a folder with `model.safetensors` or a
+    sharded index."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such file or folder of weights")
+    if os.path.isfile(os.path.join(path, INDEX)):
+        with open(os.path.join(path, INDEX)) as f:
+            weight_map = json.load(f)["weight_map"]
+        return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+    if os.path.isfile(os.path.join(path, SINGLE)):
+        return [os.path.join(path, SINGLE)]
+    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not found:
+        raise CheckpointError(
+            f"{path}: no {SINGLE}, no {INDEX} and no .safetensors file (PyTorch .bin weights are not read; "
+            "convert them with transformers' save_pretrained(safe_serialization=True))"
+        )
+    return [os.path.join(path, f) for f in found]
+
+
+@torch.no_grad()
+def load_pretrained(model: torch.nn.Module, path: str, *, strict: bool = True) -> dict:
+    """Fill a wrapped model with weights from a safetensors file or a Hugging Face folder; every rank
+    calls it. The model may have been built on the meta device and wrapped there: it is never
+    materialized in full; each rank reads only the ranges of its own shards, tensor by tensor (see
+    [Note: streaming weights]). Persistent buffers in the files are loaded too.
+
+    Names are the model's own (`named_parameters`, tied parameters under any of their names).
+    `strict`: a parameter missing from the files is a CheckpointError (before anything is written);
+    tensors of the files that the model lacks are returned, never an error.
+    Returns {"missing": [...], "unexpected": [...]}."""
+    from elixir import comm
+    from elixir.runtime.wrap import _STATE_ATTR, runtime_of
+
+    rt = runtime_of(model)
+    state = getattr(model, _STATE_ATTR)
+    files = weight_files(path)
+    where: dict[str, Reader] = {}
+    for f in files:
+        r = Reader(f)
+        for name in r.tensors:
+            where.setdefault(name, r)
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    all_names = {n for names in aliases.values() for n in names}
+    buffers = {n: b for n, b in model.named_buffers()}
+
+    # check every parameter of this rank's chunks (and its shape) before writing anything
+    plan: list[tuple[object, object, int, int, Reader, str]] = []
+    missing = []
+    for c in rt.chunks:
+        by_name = {s.name: s for s in c.slots}
+        for gs, lo, hi in shard_pieces(c):
+            names = aliases.get(id(by_name[gs.name].param), [gs.name])
+            src = next((n for n in names if n in where), None)
+            if src is None:
+                missing.append(gs.name)
+                continue
+            r = where[src]
+            if tuple(r.shape(src)) != tuple(gs.global_shape):
+                raise CheckpointError(
+                    f"{r.path}: tensor {src!r} has shape {list(r.shape(src))}, the model's parameter has "
+                    f"{list(gs.global_shape)}; these weights are for another model configuration"
+                )
+            plan.append((c, gs, lo, hi, r, src))
+        for gs in global_slots(c):
+            names = aliases.get(id(by_name[gs.name].param), [gs.name])
+            if gs.name not in missing and not any(n in where for n in names):
+                missing.append(gs.name)
+    if missing and strict:
+        raise CheckpointError(
+            f"{path}: has no tensor for {len(missing)} parameter(s) of the model, e.g. {missing[:3]}; "
+            "pass strict=False to keep their current values"
+        )
+    unexpected = sorted(n for n in where if n not in all_names and n not in buffers)
+
+    tracker = rt.tracker
+    masters_written = set()
+    for c, gs, lo, hi, r, src in plan:
+        base = c.group.rank * c.shard_numel
+        start = gs.flat_start + lo - gs.chunk_offset
+        part = r.read(src, start, start + hi - lo)
+        tracker.count("host", part.nbytes)  # the scratch (see [Note: streaming weights])
+        if c.master is not None:
+            c.master[lo - base : hi - base].copy_(part)
+            masters_written.add(c.index)
+        if c.shard is not c.master:
+            c.shard[lo - base : hi - base].copy_(part)
+        tracker.count("host", -part.nbytes)
+        del part
+    for name, b in buffers.items():
+        if name in where:
+            b.copy_(where[name].read_tensor(name))
+    pending_buffers = getattr(state, "meta_buffers", set()) - set(where)
+    if pending_buffers:
+        _init_meta_buffers(model, pending_buffers)
+    for c in rt.chunks:
+        if c.resident and c.group.size > 1:
+            comm.all_gather(c.full, c.shard, c.group, what=f"all-gather of loaded chunk {c.index}")
+    rt.evict_all()
+    state.needs_weights = False
+    state.meta_buffers = set()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def _init_meta_buffers(model, names: set[str]) -> None:
+    """Buffers that were on the meta device and are not in the files (non-persistent ones, such as
+    rotary frequencies): Hugging Face models recompute them with their own `_init_weights`."""
+    init = getattr(model, "_init_weights", None)
+    owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in names}
+    if init is None:
+        raise CheckpointError(
+            f"buffers {sorted(names)[:3]} were built on the meta device and are not in the weights; build the "
+            "model's buffers on a real device (only parameters may be on meta) or save them with the weights"
+        )
+    for owner in owners:
+        module = model.get_submodule(owner)
+        if any(True for _ in module.parameters(recurse=False)):
+            raise CheckpointError(
+                f"module {owner!r} has buffers built on the meta device that the weights lack, beside parameters; "
+                "save the buffers with the weights"
+            )
+        init(module)

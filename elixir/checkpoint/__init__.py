@@ -5,5 +5,6 @@ See store.py ([Note: checkpoint layout], [Note: atomic save]) and weights.py.
 
 from elixir.checkpoint.files import CheckpointError
 from elixir.checkpoint.store import load, save
+from elixir.checkpoint.weights import export, export_checkpoint, load_pretrained
 
-__all__ = ["CheckpointError", "load", "save"]
+__all__ = ["CheckpointError", "export", "export_checkpoint", "load", "load_pretrained", "save"]

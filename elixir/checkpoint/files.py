@@ -103,7 +103,9 @@ class Reader:
                 raise CheckpointError(f"{path}: truncated ({size} bytes): not a safetensors file")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                raise CheckpointError(f"{path}: header of {n} bytes does not fit in the file's {size} bytes (truncated)")
+                raise CheckpointError(
+                    f"{path}: header of {n} bytes does not fit in the file's {size} bytes (truncated)"
+                )
             try:
                 header = json.loads(f.read(n))
             except ValueError as e:

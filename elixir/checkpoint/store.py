@@ -316,7 +316,8 @@ class PieceIndex:
                 for name, off, numel, flat in doc["slots"]:
                     lo, hi = max(off, s_lo), min(off + numel, s_hi)
                     if lo < hi:
-                        self.pieces.setdefault(name, []).append((flat + lo - off, flat + hi - off, fname, doc["key"], lo - s_lo))
+                        piece = (flat + lo - off, flat + hi - off, fname, doc["key"], lo - s_lo)
+                        self.pieces.setdefault(name, []).append(piece)
         for v in self.pieces.values():
             v.sort()
 
@@ -408,6 +409,13 @@ def load(model, optimizer, path: str, *, scheduler=None):
     for n, b in persistent_buffers(model).items():
         if n in common.get("buffers", {}):
             b.data.copy_(common["buffers"][n])
+    if state.needs_weights:  # built on the meta device: the checkpoint gave it its weights
+        from elixir.checkpoint.weights import _init_meta_buffers
+
+        pending = state.meta_buffers - set(common.get("buffers", {}))
+        if pending:
+            _init_meta_buffers(model, pending)
+        state.needs_weights, state.meta_buffers = False, set()
     if scheduler is not None and common["scheduler"] is not None:
         scheduler.load_state_dict(common["scheduler"])
     return common["extra"]

@@ -1,4 +1,4 @@
-"""The `elixir` command: one subcommand per job (`train` now; `plan`, `bench`, `export` to come).
+"""The `elixir` command: one subcommand per job (train, plan, bench, export).
 
 Each subcommand lives in its own module with two functions: `add_arguments(parser)` declares its
 flags and `run(args, parser) -> int` does the job, reporting bad flag values through
@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from elixir.cli import bench, plan, train
+from elixir.cli import bench, export, plan, train
 
 _SUBCOMMANDS = {
     "train": (train, "train a model (default: the small GPT on the embedded corpus)"),
     "plan": (plan, "profile a model on the meta device and search the fastest plan that fits a machine"),
     "bench": (bench, "Elixir side by side with PyTorch, FSDP2 and DeepSpeed ZeRO-3 on this machine"),
+    "export": (export, "write a checkpoint's weights as one safetensors file or a Hugging Face folder"),
 }
 
 

@@ -94,8 +94,9 @@ def test_gpt_matches_one_process_under_every_plan(world):
     run_ranks(_all_plans, world, "gpt", PLANS)
 
 
-def test_llama_matches_one_process():
-    run_ranks(_all_plans, 2, "llama", ("on_demand", "host"))
+@pytest.mark.parametrize("world", [2, 4])
+def test_llama_matches_one_process(world):
+    run_ranks(_all_plans, world, "llama", ("on_demand", "host"))
 
 
 def _memory(rank, world, results):

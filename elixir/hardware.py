@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,19 @@ def parse_bytes(value: str | int) -> int:
             f"(units: {', '.join(u if 'I' not in u else u.replace('I', 'i') for u in _UNITS)})"
         )
     return int(float(match.group(1)) * _UNITS[unit or "B"])
+
+
+def _machine_busy() -> str:
+    """Why the CPU is too busy to calibrate on, or "" when it is quiet: the 1-minute load average,
+    less this job's own ranks on this machine, above half of the cores this process may use."""
+    if not hasattr(os, "getloadavg"):
+        return ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    own = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    load = os.getloadavg()[0]
+    if load - own > 0.5 * cores:
+        return f"load average {load:.1f} with {own} rank(s) of this job on {cores} core(s)"
+    return ""
 
 
 def cache_dir() -> Path:
@@ -256,7 +270,17 @@ class Hardware:
         if usable:
             assert cached is not None
             return cached
+        busy = _machine_busy()
         hardware = _measure(quick)
+        if busy:
+            # rates measured while other work competes for the machine are low; using them for this run
+            # is the best there is, but a cache would hand them to every later run
+            warnings.warn(
+                f"Hardware.measure(): the machine is busy ({busy}); the measured rates are used but not cached. "
+                "Measure again on a quiet machine (Hardware.measure(refresh=True)) for figures later runs can trust",
+                stacklevel=2,
+            )
+            cache = False
         if cached is not None:  # keep the collective figures of other world sizes
             merged = {**cached.collective_bytes_per_s, **hardware.collective_bytes_per_s}
             hardware = dataclasses.replace(hardware, collective_bytes_per_s=dict(sorted(merged.items())))

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from elixir import hardware
 from elixir.hardware import Hardware, cache_dir, parse_bytes
 
 GiB = 2**30
@@ -112,6 +113,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_measure_quick_and_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hardware, "_machine_busy", lambda: "")  # the suite's own load must not decide
     hw = Hardware.measure(quick=True)
     assert hw.name.startswith("measured")
     assert hw.matmul_flops["float32"] > 0 and hw.matmul_flops.get("bfloat16", 1.0) > 0
@@ -132,3 +134,12 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
     files[0].write_text("{damaged")
     assert Hardware.measure(quick=True).name == hw.name  # a damaged cache is measured again and replaced
     assert Hardware.from_json(files[0].read_text()).name == hw.name
+
+
+def test_rates_measured_on_a_busy_machine_are_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hardware, "_machine_busy", lambda: "load average 7.0 with 1 rank(s) of this job on 2 core(s)")
+    with pytest.warns(UserWarning, match="busy.*not cached"):
+        hw = Hardware.measure(quick=True)
+    assert hw.matmul_flops["float32"] > 0
+    assert list(tmp_path.glob("hardware-*.json")) == []

@@ -1,8 +1,15 @@
-"""Device-specific code in one place: which device, host staging, synchronisation.
+"""Device-specific code in one place: which device, pinned host memory, the copy stream, synchronisation.
 
-On CUDA, host<->device copies can be asynchronous from pinned staging memory; on the CPU every copy
-is synchronous and there is nothing to pin (pinning on a CPU-only machine fails or wastes memory).
-Everything else in the runtime is device-agnostic and calls these few functions.
+[Note: copies beside compute]
+On CUDA the shards that live on the host are pinned, so host<->device copies are asynchronous, and a
+prefetch runs its host-to-device copy and its all-gather on a side stream (`copy_stream`): they
+overlap the kernels of the compute stream. The first use waits on the device, not on the host
+(`StreamPending.wait`): the compute stream waits for the copy stream's event and the collective.
+The host itself waits (`synchronize`) only where it reads or writes memory that an asynchronous copy
+may still touch: before the optimizer updates host states at the end of backward, and when the
+runtime finishes a step's pending work. On the CPU there is no stream and nothing is pinned
+(pinning on a CPU-only machine fails or wastes memory): every copy is synchronous, and this module
+returns None or does nothing, so the rest of the runtime runs the same code on both.
 """
 
 from __future__ import annotations
@@ -33,3 +40,37 @@ def copy_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def pinned_host(device: torch.device) -> bool:
+    """Whether host buffers that copies read or write are pinned (CUDA only)."""
+    return device.type == "cuda"
+
+
+_copy_streams: dict[torch.device, object] = {}
+
+
+def copy_stream(device: torch.device):
+    """The side stream of prefetch copies and gathers on `device`; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    if device not in _copy_streams:
+        _copy_streams[device] = torch.cuda.Stream(device)
+    return _copy_streams[device]
+
+
+class StreamPending:
+    """A prefetch issued on the copy stream: `wait()` makes the current stream wait for it."""
+
+    __slots__ = ("event", "collective", "device")
+
+    def __init__(self, stream, collective, device: torch.device) -> None:
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
+        self.collective = collective
+        self.device = device
+
+    def wait(self) -> None:
+        if self.collective is not None:
+            self.collective.wait()  # NCCL: the current stream waits for the collective's stream
+        torch.cuda.current_stream(self.device).wait_event(self.event)

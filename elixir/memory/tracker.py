@@ -20,9 +20,13 @@ class MemoryTracker:
         self.bytes = dict.fromkeys(TIERS, 0)
         self.bytes_peak = dict.fromkeys(TIERS, 0)
 
-    def empty(self, numel: int, dtype: torch.dtype, tier: str, *, zero: bool = False) -> torch.Tensor:
+    def empty(
+        self, numel: int, dtype: torch.dtype, tier: str, *, zero: bool = False, pin: bool = False
+    ) -> torch.Tensor:
+        """A counted buffer; `pin`: page-locked host memory, when the device is a GPU (see accel.py)."""
         make = torch.zeros if zero else torch.empty
-        t = make(numel, dtype=dtype, device=self.devices[tier])
+        pin = pin and tier == "host" and self.devices["device"].type == "cuda"
+        t = make(numel, dtype=dtype, device=self.devices[tier], pin_memory=pin)
         self.count(tier, t.numel() * t.element_size())
         return t
 

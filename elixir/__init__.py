@@ -4,6 +4,7 @@ Parameters, gradients and optimizer states live in chunks spread over device mem
 and ranks, as a plan says; `wrap` turns an ordinary model and optimizer into managed ones.
 """
 
+from elixir.checkpoint import CheckpointError, export, load, load_pretrained, save
 from elixir.comm import CollectiveError, init_distributed
 from elixir.optim import ElixirOptimizer
 from elixir.plan import ChunkPlan, Plan
@@ -15,16 +16,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheTooSmallError",
+    "CheckpointError",
     "ChunkPlan",
     "CollectiveError",
     "ElixirOptimizer",
+    "export",
     "Plan",
     "PlanDoesNotFitError",
     "full_state_dict",
     "init_distributed",
+    "load",
+    "load_pretrained",
     "memory_stats",
     "plan",
     "profile",
     "runtime_of",
+    "save",
     "wrap",
 ]

@@ -78,6 +78,8 @@ class ElixirOptimizer(torch.optim.Optimizer):
         self.inner_class = type(optimizer)
         self.scaler = LossScaler(enabled=chunks[0].dtype == torch.float16)
         self.skipped_steps = 0
+        self.steps = 0  # calls of step(), skipped ones included (checkpoints keep it)
+        self._built = True
         self._unscaled = False
         self._state_bytes = {"device": 0, "host": 0}
         groups = []
@@ -98,6 +100,46 @@ class ElixirOptimizer(torch.optim.Optimizer):
                 inner = self._make_inner(inner_groups, optimizer.defaults)
                 inner.state = self.state  # one state dict, keyed by master shards
                 self._inner.append((inner, mapping))
+
+    @classmethod
+    def pending(cls, optimizer: torch.optim.Optimizer) -> ElixirOptimizer:
+        """An optimizer for a model whose chunks are made at its first forward (see [Note: planning
+        on the first forward] in runtime/wrap.py): its param groups hold the hyper-parameters (lr
+        schedulers may be made on it now); `zero_grad` does nothing and `step` is an error until
+        `attach` makes it the real one."""
+        self = cls.__new__(cls)
+        self.param_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        self.defaults = dict(optimizer.defaults)
+        self.state = {}
+        self._built = False
+        return self
+
+    def attach(self, optimizer: torch.optim.Optimizer, chunks, runtime) -> None:
+        """Make a pending optimizer the real one, keeping its param-group dicts (schedulers hold them)
+        and whatever hyper-parameters were set on them meanwhile."""
+        groups = self.param_groups
+        for user_group, g in zip(optimizer.param_groups, groups):
+            user_group.update(g)
+        ElixirOptimizer.__init__(self, optimizer, chunks, runtime)
+        for old, new in zip(groups, self.param_groups):
+            old.clear()
+            old.update(new)
+        self.param_groups[:] = groups
+
+    def _require_built(self) -> None:
+        if not getattr(self, "_built", True):
+            raise ValueError(
+                "the model has not run a forward yet: with plan='auto' and no example_batch, elixir.wrap "
+                "makes the chunks (and this optimizer's state) at the first forward; run one first"
+            )
+
+    def _inner_group_of(self, master: torch.Tensor) -> dict:
+        """The inner optimizer's param group that updates `master`."""
+        for inner, _ in self._inner:
+            for g in inner.param_groups:
+                if any(p is master for p in g["params"]):
+                    return g
+        raise KeyError("not a master of this optimizer")
 
     def _make_inner(self, groups, defaults) -> torch.optim.Optimizer:
         cls = self.inner_class
@@ -146,6 +188,7 @@ class ElixirOptimizer(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradients of all chunks by their global norm; returns the norm before clipping,
         like `torch.nn.utils.clip_grad_norm_` (the same formula, over all ranks' shards)."""
+        self._require_built()
         self._unscale()
         norm_type = float(norm_type)
         grads = [c.master.grad for c in self.chunks if c.master.grad is not None]
@@ -165,11 +208,13 @@ class ElixirOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._require_built()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         overflow = self._unscale()
+        self.steps += 1
         self.scaler.update(overflow)
         self._unscaled = False
         self._overflow = False
@@ -216,6 +261,8 @@ class ElixirOptimizer(torch.optim.Optimizer):
         self._state_bytes = now
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if not getattr(self, "_built", True):
+            return  # no gradients before the first forward (see `pending`)
         for c in self.chunks:
             if c.master.grad is None:
                 continue

@@ -273,3 +273,12 @@ def test_export_folder_loads_in_transformers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=x).logits, model.eval()(input_ids=x).logits, rtol=0, atol=1e-6)
     assert back.config.vocab_size == VOCAB
+
+
+def test_verify_false_still_checks_sizes(saved):
+    f = saved / "rank-00000-of-00001.safetensors"
+    with open(f, "r+b") as h:
+        h.truncate(os.path.getsize(f) - 8)
+    model, opt, _ = setup("on_demand")
+    with pytest.raises(CheckpointError, match="truncated"):
+        elixir.load(model, opt, saved, verify=False)

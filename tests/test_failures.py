@@ -65,3 +65,75 @@ def test_peer_failure_is_a_named_error_within_the_timeout(fault):
     assert "of chunk" in message  # says what was being moved
     assert waited < TIMEOUT_S * 3 + 10
 
+
+
+def _save_rank(rank, world, port, path, results):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    elixir.init_distributed(timeout_s=TIMEOUT_S)
+    model = build("gpt")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = elixir.wrap(model, opt, plan=make_plan(model, "on_demand", opt))
+    x = batches(1, batch=2 * world)[0].chunk(world)[rank]
+    loss_of(model, x).backward()
+    opt.step()
+    elixir.save(model, opt, path)  # the good checkpoint
+    results.put((rank, "saved", "", 0.0))
+    loss_of(model, x).backward()
+    opt.step()
+    if rank == 1:
+        from elixir.checkpoint.files import StreamWriter
+
+        def die(self, name, tensor):
+            os._exit(3)  # the process is killed while it writes its shard file
+
+        StreamWriter.write = die
+    started = time.monotonic()
+    try:
+        elixir.save(model, opt, path)
+    except elixir.CollectiveError as e:
+        results.put((rank, "CollectiveError", str(e), time.monotonic() - started))
+        os._exit(0)
+    results.put((rank, "finished", "", time.monotonic() - started))
+
+
+def test_a_rank_dying_during_a_save_fails_the_others_and_keeps_the_last_checkpoint(tmp_path):
+    from elixir.checkpoint.files import file_digest
+
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    path = str(tmp_path / "ck")
+    procs = [ctx.Process(target=_save_rank, args=(r, 2, free_port_once(), path, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    procs[0].join(timeout=TIMEOUT_S * 6 + 60)
+    alive = procs[0].is_alive()
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    assert not alive, "rank 0 hung instead of failing"
+    got = []
+    while not results.empty():
+        got.append(results.get())
+    failures = [r for r in got if r[1] != "saved"]
+    assert [(r[0], r[1]) for r in failures] == [(0, "CollectiveError")], got
+    assert "elixir.save" in failures[0][2] and failures[0][3] < TIMEOUT_S * 3 + 10
+    # the checkpoint of the first save is complete and verifies
+    from elixir.checkpoint.store import read_manifest
+
+    manifest = read_manifest(path)
+    for name, info in manifest["files"].items():
+        assert file_digest(os.path.join(path, name)) == (info["bytes"], info["sha256"]), name
+    assert manifest["optimizer"]["steps"] == 1
+
+
+_PORT = {}
+
+
+def free_port_once():
+    # both ranks of one test must agree on the port
+    return _PORT.setdefault("port", free_port())

@@ -124,7 +124,8 @@ def test_wrapping_twice_is_refused():
         elixir.wrap(model, opt)
 
 
-def test_auto_plan_is_resident_and_trains():
+def test_auto_plan_made_before_any_forward_is_resident_and_trains():
+    # runtime_of needs the chunks before the first forward could plan: the default plan is used
     model = build("gpt")
     m = copy.deepcopy(model)
     m, opt = elixir.wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2))

@@ -52,17 +52,33 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
+def _named(what: str, fn, *args):
+    """Run a world collective; a peer that died or hangs (within the process group's timeout) is a
+    `CollectiveError` naming `what`, not a transport error."""
+    import time
+
+    from elixir.comm import _fail
+    from elixir.memory.chunk import ChunkGroup
+
+    started = time.monotonic()
+    try:
+        return fn(*args)
+    except Exception as e:
+        rank, world = _world()
+        raise _fail(what, ChunkGroup(dist.group.WORLD, rank, world), started, e) from e
+
+
+def _barrier(what: str) -> None:
     if _world()[1] > 1:
-        dist.barrier()
+        _named(what, dist.barrier)
 
 
-def _all_gather_object(obj) -> list:
+def _all_gather_object(obj, what: str = "all-gather of checkpoint metadata") -> list:
     rank, world = _world()
     if world == 1:
         return [obj]
     out = [None] * world
-    dist.all_gather_object(out, obj)
+    _named(what, dist.all_gather_object, out, obj)
     return out
 
 
@@ -71,11 +87,9 @@ def _rank_file(rank: int, world: int, ext: str) -> str:
 
 
 def _wrap_state(model, optimizer):
-    from elixir.runtime.wrap import _STATE_ATTR
+    from elixir.runtime.wrap import state_of
 
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        raise ValueError("this model is not wrapped; call elixir.wrap(model, optimizer) first")
+    state = state_of(model)
     if optimizer is not None and optimizer is not state.optimizer:
         raise ValueError(
             "optimizer is not the one elixir.wrap returned for this model; pass the ElixirOptimizer from wrap()"
@@ -108,7 +122,7 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)  # left by an interrupted save: never a checkpoint
         os.makedirs(tmp)
-    _barrier()
+    _barrier(f"barrier of elixir.save({path!r}) before writing")
 
     files: dict[str, dict] = {}
     chunk_docs = []
@@ -146,7 +160,10 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
     torch.save(_rng_state(), os.path.join(tmp, rng_name))
     files[rng_name] = dict(zip(("bytes", "sha256"), file_digest(os.path.join(tmp, rng_name))))
 
-    gathered = _all_gather_object({"files": files, "chunks": chunk_docs, "shapes": model_shapes(rt.chunks)})
+    gathered = _all_gather_object(
+        {"files": files, "chunks": chunk_docs, "shapes": model_shapes(rt.chunks)},
+        f"all-gather of the file list in elixir.save({path!r})",
+    )
     if rank == 0:
         from elixir.checkpoint.weights import persistent_buffers
 
@@ -176,10 +193,10 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
             "files": all_files,
         }
         _write_json(os.path.join(tmp, MANIFEST), manifest)
-    _barrier()
+    _barrier(f"barrier of elixir.save({path!r}) after every rank wrote its files")
     if rank == 0:
         _swap_in(tmp, path)
-    _barrier()
+    _barrier(f"barrier of elixir.save({path!r}) after the rename")
 
 
 def _swap_in(tmp: str, path: str) -> None:
@@ -284,7 +301,7 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def verify_file(path: str, name: str, manifest: dict) -> None:
+def verify_file(path: str, name: str, manifest: dict, *, checksum: bool = True) -> None:
     """CheckpointError naming the file when it is missing, of another size, or altered."""
     info = manifest["files"].get(name)
     fpath = os.path.join(path, name)
@@ -295,7 +312,7 @@ def verify_file(path: str, name: str, manifest: dict) -> None:
     size = os.path.getsize(fpath)
     if size != info["bytes"]:
         raise CheckpointError(f"{fpath}: {size} bytes, the manifest says {info['bytes']} (truncated or replaced)")
-    if file_digest(fpath)[1] != info["sha256"]:
+    if checksum and file_digest(fpath)[1] != info["sha256"]:
         raise CheckpointError(f"{fpath}: its sha256 differs from the manifest's: the file was altered or damaged")
 
 
@@ -344,22 +361,27 @@ def _needed_files(rt, index: PieceIndex) -> set[str]:
     return files
 
 
-def load(model, optimizer, path: str, *, scheduler=None):
+def load(model, optimizer, path: str, *, scheduler=None, verify: bool = True):
     """Restore a checkpoint written by `elixir.save` into a wrapped model and its optimizer; every
     rank calls it. The checkpoint may come from another world size or plan: parameters are matched
     by name and each rank reads only its own shards' ranges. Returns the `extra` that was saved.
 
     Everything is checked before anything is written into the model: the manifest, that the
     checkpoint is of this model (names and shapes), and the size and sha256 of every file this rank
-    reads; any rank's failure fails every rank (`CheckpointError` naming the file and the problem)."""
+    reads (`verify=False` checks sizes only: hashing reads every byte once more); any rank's failure
+    fails every rank (`CheckpointError` naming the file and the problem).
+
+    RNG states are restored per rank when the world size is the same; on another world size, ranks
+    that existed before get theirs back and the others keep their own."""
     state = _wrap_state(model, optimizer)
     rt, opt = state.runtime, state.optimizer
     rank, world = _world()
+    # every rank's tensors, gathered before anything can fail on one rank only
+    shapes_here = {k: list(v) for g in _all_gather_object(model_shapes(rt.chunks)) for k, v in g.items()}
     error = None
     try:
         path = resolve(path)
         manifest = read_manifest(path)
-        shapes_here = {k: list(v) for g in _gather_if_many(model_shapes(rt.chunks)) for k, v in g.items()}
         diff = describe_shape_difference(manifest["model"]["shapes"], shapes_here)
         if diff is not None:
             raise CheckpointError(f"{path} is a checkpoint of another model: {diff}")
@@ -371,7 +393,7 @@ def load(model, optimizer, path: str, *, scheduler=None):
         needed = sorted(_needed_files(rt, index))
         rng_name = _rank_file(rank, manifest["world_size"], "pt") if rank < manifest["world_size"] else None
         for name in needed + [COMMON] + ([rng_name] if rng_name else []):
-            verify_file(path, name, manifest)
+            verify_file(path, name, manifest, checksum=verify)
         readers = {name: Reader(os.path.join(path, name)) for name in needed}
     except CheckpointError as e:
         error = e
@@ -419,10 +441,6 @@ def load(model, optimizer, path: str, *, scheduler=None):
     if scheduler is not None and common["scheduler"] is not None:
         scheduler.load_state_dict(common["scheduler"])
     return common["extra"]
-
-
-def _gather_if_many(obj) -> list:
-    return _all_gather_object(obj)
 
 
 def _any_rank(flag: bool, rt) -> bool:

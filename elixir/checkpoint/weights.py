@@ -171,10 +171,10 @@ def _export_via_checkpoint(model, path, dtype, max_shard_bytes):
     import shutil
 
     from elixir.checkpoint.store import save
-    from elixir.runtime.wrap import _STATE_ATTR
+    from elixir.runtime.wrap import state_of
 
     tmp = os.path.abspath(path).rstrip("/") + ".export-ckpt"
-    save(model, getattr(model, _STATE_ATTR).optimizer, tmp)
+    save(model, state_of(model).optimizer, tmp)
     written = []
     if _rank() == 0:
         written = export_checkpoint(tmp, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
@@ -276,10 +276,55 @@ def load_pretrained(model: torch.nn.Module, path: str, *, strict: bool = True) -
     tensors of the files that the model lacks are returned, never an error.
     Returns {"missing": [...], "unexpected": [...]}."""
     from elixir import comm
-    from elixir.runtime.wrap import _STATE_ATTR, runtime_of
+    from elixir.checkpoint.store import _any_rank
+    from elixir.runtime.wrap import state_of
 
-    rt = runtime_of(model)
-    state = getattr(model, _STATE_ATTR)
+    state = state_of(model)
+    rt = state.runtime
+    buffers = {n: b for n, b in model.named_buffers()}
+    error = None
+    try:
+        plan, missing, unexpected, where = _check_weights(model, rt, path, strict, buffers)
+    except CheckpointError as e:
+        error = e
+    failed = _any_rank(error is not None, rt)  # every rank raises, or none: nobody waits in a collective
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"loading {path} failed on another rank (its error says why); nothing was changed")
+
+    tracker = rt.tracker
+    for c, gs, lo, hi, r, src in plan:
+        base = c.group.rank * c.shard_numel
+        start = gs.flat_start + lo - gs.chunk_offset
+        part = r.read(src, start, start + hi - lo)
+        tracker.count("host", part.nbytes)  # the scratch (see [Note: streaming weights])
+        if c.master is not None:
+            c.master[lo - base : hi - base].copy_(part)
+        if c.shard is not c.master:
+            c.shard[lo - base : hi - base].copy_(part)
+        tracker.count("host", -part.nbytes)
+        del part
+    for name, b in buffers.items():
+        if name in where:
+            b.copy_(where[name].read_tensor(name))
+    pending_buffers = getattr(state, "meta_buffers", set()) - set(where)
+    if pending_buffers:
+        _init_meta_buffers(model, pending_buffers)
+    for c in rt.chunks:
+        if c.resident and c.group.size > 1:
+            comm.all_gather(c.full, c.shard, c.group, what=f"all-gather of loaded chunk {c.index}")
+    rt.evict_all()
+    state.needs_weights = False
+    state.meta_buffers = set()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def _check_weights(model, rt, path: str, strict: bool, buffers: dict):
+    """What load_pretrained will read, for this rank's shards; CheckpointError for missing files,
+    missing parameters (when strict) and shapes that differ, before anything is written."""
     files = weight_files(path)
     where: dict[str, Reader] = {}
     for f in files:
@@ -290,7 +335,6 @@ def load_pretrained(model: torch.nn.Module, path: str, *, strict: bool = True) -
     for n, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
     all_names = {n for names in aliases.values() for n in names}
-    buffers = {n: b for n, b in model.named_buffers()}
 
     # check every parameter of this rank's chunks (and its shape) before writing anything
     plan: list[tuple[object, object, int, int, Reader, str]] = []
@@ -321,35 +365,7 @@ def load_pretrained(model: torch.nn.Module, path: str, *, strict: bool = True) -
         )
     unexpected = sorted(n for n in where if n not in all_names and n not in buffers)
 
-    tracker = rt.tracker
-    masters_written = set()
-    for c, gs, lo, hi, r, src in plan:
-        base = c.group.rank * c.shard_numel
-        start = gs.flat_start + lo - gs.chunk_offset
-        part = r.read(src, start, start + hi - lo)
-        tracker.count("host", part.nbytes)  # the scratch (see [Note: streaming weights])
-        if c.master is not None:
-            c.master[lo - base : hi - base].copy_(part)
-            masters_written.add(c.index)
-        if c.shard is not c.master:
-            c.shard[lo - base : hi - base].copy_(part)
-        tracker.count("host", -part.nbytes)
-        del part
-    for name, b in buffers.items():
-        if name in where:
-            b.copy_(where[name].read_tensor(name))
-    pending_buffers = getattr(state, "meta_buffers", set()) - set(where)
-    if pending_buffers:
-        _init_meta_buffers(model, pending_buffers)
-    for c in rt.chunks:
-        if c.resident and c.group.size > 1:
-            comm.all_gather(c.full, c.shard, c.group, what=f"all-gather of loaded chunk {c.index}")
-    rt.evict_all()
-    state.needs_weights = False
-    state.meta_buffers = set()
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    return {"missing": missing, "unexpected": unexpected}
+    return plan, missing, unexpected, where
 
 
 def _init_meta_buffers(model, names: set[str]) -> None:

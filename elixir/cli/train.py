@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
 import torch
@@ -73,7 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     presets = GPTConfig.preset_names()
     job = p.add_argument_group("job")
     job.add_argument(
-        "--model", default="small", choices=presets, help="GPT preset (default: small, ~3.3M parameters)"
+        "--model", default="small", metavar="NAME_OR_PATH",
+        help=f"a GPT preset ({', '.join(presets)}; default: small, ~3.3M parameters), or a Hugging Face "
+        "folder (config.json and safetensors weights) to fine-tune: built on the meta device and loaded "
+        "chunk by chunk with elixir.load_pretrained",
     )
     job.add_argument(
         "--steps", type=_int_at_least(1, "--steps"), metavar="N", default=400, help="optimizer steps (default: 400)"
@@ -103,7 +106,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     job.add_argument(
         "--checkpointing", action="store_true", help="activation checkpointing: blocks recompute in backward"
     )
-
     plan = p.add_argument_group("plan (the same choices for every chunk)")
     plan.add_argument(
         "--chunk-mib", type=_positive_float("--chunk-mib"), metavar="MIB", default=None,
@@ -151,6 +153,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--quiet", action="store_true", help="print nothing")
     out.add_argument("--json", metavar="PATH", help="write the final losses and throughput as JSON (rank 0)")
 
+    ckpt = p.add_argument_group("checkpoints")
+    ckpt.add_argument(
+        "--out", metavar="DIR", default=None,
+        help="save checkpoints to DIR/last (replaced atomically), every --save-every steps and at the end",
+    )
+    ckpt.add_argument(
+        "--save-every", type=_int_at_least(1, "--save-every"), metavar="N", default=None,
+        help="steps between checkpoints (needs --out; default: only at the end)",
+    )
+    ckpt.add_argument(
+        "--resume", metavar="DIR", default=None,
+        help="continue from a checkpoint (a folder written by --out, or DIR/last): same model and data "
+        "flags; any number of ranks and any plan; --steps is the total to reach",
+    )
+
     ranks = p.add_argument_group("several ranks (launch with torchrun --nproc-per-node N)")
     ranks.add_argument(
         "--timeout", type=_positive_float("--timeout"), metavar="SECONDS", default=600.0,
@@ -161,7 +178,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """ValueError naming the flag, the value and the fix, for combinations that no single flag's
     parser can reject; fills in the defaults that depend on the preset. Builds nothing."""
-    block_size = GPTConfig.preset(args.model).block_size
+    block_size = _block_size(args.model)
     if args.seq_len is None:
         args.seq_len = min(DEFAULT_SEQ_LEN, block_size)
     if args.seq_len > block_size:
@@ -174,8 +191,67 @@ def check_args(args: argparse.Namespace) -> None:
             "--param-home host: resident chunks stay gathered on the device, so their shards cannot live "
             "on host; add --on-demand"
         )
+    if args.save_every is not None and args.out is None:
+        raise ValueError(f"--save-every {args.save_every} needs --out DIR to say where checkpoints go")
+    if args.resume is not None:
+        from elixir.checkpoint.store import MANIFEST
+
+        if os.path.isdir(os.path.join(args.resume, "last")) and not os.path.isfile(
+            os.path.join(args.resume, MANIFEST)
+        ):
+            args.resume = os.path.join(args.resume, "last")
+        if not os.path.isfile(os.path.join(args.resume, MANIFEST)) and not os.path.isfile(
+            os.path.join(args.resume + ".old", MANIFEST)
+        ):
+            raise ValueError(
+                f"--resume {args.resume!r} is not a checkpoint (no {MANIFEST}); pass a folder that --out wrote"
+            )
     if args.data is not None and not os.path.exists(args.data):
         raise ValueError(f"--data {args.data!r} does not exist; pass a text file or a folder of text files")
+
+
+def _is_hf_folder(model: str) -> bool:
+    return os.path.isfile(os.path.join(model, "config.json"))
+
+
+def _block_size(model: str) -> int:
+    """The longest sequence `--model` takes; ValueError naming the choices for an unknown name."""
+    if model in GPTConfig.preset_names():
+        return GPTConfig.preset(model).block_size
+    if _is_hf_folder(model):
+        with open(os.path.join(model, "config.json")) as f:
+            config = json.load(f)
+        vocab = config.get("vocab_size", 0)
+        if vocab < 256:
+            raise ValueError(
+                f"--model {model!r}: vocab_size {vocab} is below 256, but the data are bytes (ids 0-255); "
+                "use a model whose vocabulary has at least 256 tokens"
+            )
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if key in config:
+                return int(config[key])
+        return 2**31 - 1
+    raise ValueError(
+        f"--model {model!r} is neither a preset ({', '.join(GPTConfig.preset_names())}) nor a folder with a "
+        "config.json; pass a preset name or a Hugging Face model folder"
+    )
+
+
+def _build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int]:
+    """The model (a reference GPT, or a Hugging Face model built on the meta device) and its size."""
+    if not _is_hf_folder(args.model):
+        model = GPT(GPTConfig.preset(args.model))
+        if args.checkpointing:
+            model.gradient_checkpointing_enable()
+        return model, model.num_params()
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.train(), sum(p.numel() for p in model.parameters())
 
 
 @dataclass
@@ -192,6 +268,9 @@ class Job:
     num_params: int
     rank: int
     world_size: int
+    start_step: int = 0  # optimizer steps already taken (a resumed run)
+    recent_losses: list = field(default_factory=list)  # the last steps' losses before the start (a resumed run)
+    recent: deque | None = None  # the last steps' losses while the loop runs (checkpoints keep them)
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -221,10 +300,7 @@ def build(args: argparse.Namespace) -> Job:
     )
 
     torch.manual_seed(args.seed)
-    model = GPT(GPTConfig.preset(args.model))
-    if args.checkpointing:
-        model.gradient_checkpointing_enable()
-    num_params = model.num_params()
+    model, num_params = _build_model(args)
     # Weight decay on matrices (and embeddings) only, as in GPT-2; biases and norms keep theirs.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -244,8 +320,28 @@ def build(args: argparse.Namespace) -> Job:
     )
     device = accel.default_device()
     model, optim = elixir.wrap(model, optim, plan=plan, device=device)
+    if _is_hf_folder(args.model) and args.resume is None:
+        elixir.load_pretrained(model, args.model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: lr_factor(step, args.steps))
-    return Job(model, optim, scheduler, plan, train_batches, val_data, device, num_params, rank, world_size)
+    start_step, recent_losses = 0, []
+    if args.resume is not None:
+        extra = elixir.load(model, optim, args.resume, scheduler=scheduler)
+        saved = (extra or {}).get("job", {})
+        for key in ("model", "batch_size", "seq_len", "seed", "grad_accum", "data"):
+            if key in saved and saved[key] != getattr(args, key):
+                raise ValueError(
+                    f"--resume {args.resume!r} was saved with --{key.replace('_', '-')} {saved[key]}, this run has "
+                    f"{getattr(args, key)}; resume with the same model and data flags"
+                )
+        start_step = optim.steps
+        if start_step >= args.steps:
+            raise ValueError(f"--resume {args.resume!r} is at step {start_step}; use --steps above it to train on")
+        train_batches.load_state_dict(extra["batches"])
+        recent_losses = list(extra.get("recent_losses", []))
+    return Job(
+        model, optim, scheduler, plan, train_batches, val_data, device, num_params, rank, world_size, start_step,
+        recent_losses,
+    )
 
 
 def _val_batches(val_data: bytes, args: argparse.Namespace, rank: int, world_size: int) -> TokenBatches:
@@ -301,13 +397,17 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
     )
     progress.line("memory: model data as elixir.memory_stats counts it, MiB now/peak")
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
-    recent = deque(maxlen=FINAL_LOSS_STEPS)  # per-step losses, for the final train loss
+    # per-step losses, for the final train loss (a resumed run starts with the saved ones)
+    recent = deque([t.to(job.device) for t in job.recent_losses], maxlen=FINAL_LOSS_STEPS)
+    job.recent = recent
     window_loss = torch.zeros((), device=job.device)  # sum of step losses since the last progress line
     val_loss = math.nan
     start = window_start = time.perf_counter()
     train_s = 0.0
     window_steps = 0
-    for step in range(1, args.steps + 1):
+    if job.start_step:
+        progress.line(f"resumed from {args.resume} at step {job.start_step}")
+    for step in range(job.start_step + 1, args.steps + 1):
         step_loss = torch.zeros((), device=job.device)
         for _ in range(args.grad_accum):
             loss = job.model(**_to(next(job.train_batches), job.device)).loss / args.grad_accum
@@ -337,6 +437,8 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
             )
             window_loss.zero_()
             window_steps, window_start = 0, time.perf_counter()
+        if args.out is not None and (last or (args.save_every and step % args.save_every == 0)):
+            save_checkpoint(job, args)
         if (args.eval_every and step % args.eval_every == 0) or last:
             t = time.perf_counter()
             val_loss = evaluate(job, args)
@@ -352,7 +454,7 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
     result = {
         "train_loss": train_loss,
         "val_loss": val_loss,
-        "tokens_per_s": args.steps * tokens_per_step / train_s,
+        "tokens_per_s": (args.steps - job.start_step) * tokens_per_step / train_s,
         "steps": args.steps,
         "elapsed_s": elapsed_s,
         "skipped_steps": job.optim.skipped_steps,
@@ -363,6 +465,16 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
         + (f", {job.optim.skipped_steps} steps skipped on fp16 overflow" if job.optim.skipped_steps else "")
     )
     return result
+
+
+def save_checkpoint(job: Job, args: argparse.Namespace) -> None:
+    """`--out DIR`: the run so far to DIR/last, with what a resumed run needs to continue exactly."""
+    job_flags = {k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "seed", "grad_accum", "data")}
+    extra = {
+        "job": job_flags, "batches": job.train_batches.state_dict(),
+        "recent_losses": [t.detach().cpu() for t in job.recent],
+    }
+    elixir.save(job.model, job.optim, os.path.join(args.out, "last"), extra=extra, scheduler=job.scheduler)
 
 
 def _clock(seconds: float) -> str:

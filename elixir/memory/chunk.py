@@ -82,6 +82,7 @@ class ParamSlot:
     offset: int
     shape: torch.Size
     placeholder: torch.Tensor | None = None
+    from_meta: bool = False  # built on the meta device: no values until elixir.load_pretrained
 
     @property
     def numel(self) -> int:

@@ -94,7 +94,10 @@ class Interceptor:
                 if c is not None and c not in chunks:
                     chunks.append(c)
             if chunks or module is model:
-                self.handles.append(module.register_forward_pre_hook(self._make_pre(chunks, module is model)))
+                pre = self._make_pre(chunks, module is model)
+                if module is model:
+                    self.root_pre = pre  # (see [Note: planning on the first forward] in wrap.py)
+                self.handles.append(module.register_forward_pre_hook(pre))
                 self.handles.append(
                     module.register_forward_hook(self._make_post(module is model), always_call=True)
                 )

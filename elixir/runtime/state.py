@@ -60,6 +60,11 @@ class Runtime:
         # reduce-scatters left in flight during backward, each holding a full-chunk fp32 buffer
         self.max_reductions_in_flight = 2
         self._first_backward_counts: dict[int, int] | None = None
+        # [Note: copies beside compute] (accel.py): None on the CPU
+        self.copy_stream = accel.copy_stream(device)
+        self.host_sync = accel.pinned_host(device) and any(
+            c.param_home == "host" or c.optim_home == "host" for c in chunks
+        )
 
     # --- fetching ----------------------------------------------------------------------------
 
@@ -137,11 +142,19 @@ class Runtime:
     def _gather(self, chunk: Chunk, block, *, prefetch: bool = False) -> None:
         block.chunk, chunk.block = chunk, block
         full = block.buffer[: chunk.numel]
-        accel.copy_(full[chunk.shard_slice], chunk.shard)
-        # a prefetch leaves its all-gather in flight; the first use waits for it (see acquire)
-        chunk.pending = comm.all_gather(
-            full, full[chunk.shard_slice], chunk.group, what=f"all-gather of chunk {chunk.index}", async_op=prefetch
-        )
+        what = f"all-gather of chunk {chunk.index}"
+        if prefetch and self.copy_stream is not None:
+            # on the side stream, after the compute stream's last reads of the block (its previous chunk)
+            stream = self.copy_stream
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                accel.copy_(full[chunk.shard_slice], chunk.shard)
+                gather = comm.all_gather(full, full[chunk.shard_slice], chunk.group, what=what, async_op=True)
+            chunk.pending = accel.StreamPending(stream, gather, self.device)
+        else:
+            accel.copy_(full[chunk.shard_slice], chunk.shard)
+            # a prefetch leaves its all-gather in flight; the first use waits for it (see acquire)
+            chunk.pending = comm.all_gather(full, full[chunk.shard_slice], chunk.group, what=what, async_op=prefetch)
         chunk.bind(full)
         self.gathers += 1
         self.blocks_used_peak = max(self.blocks_used_peak, self.cache.num_used)
@@ -164,6 +177,8 @@ class Runtime:
             if c.pending is not None:
                 c.pending.wait()
                 c.pending = None
+        if self.host_sync:  # asynchronous copies into or out of pinned host memory are done
+            accel.synchronize(self.device)
 
     def evict_all(self) -> None:
         """Drop every gathered on-demand chunk (their shards changed, or the step is over)."""
@@ -321,7 +336,7 @@ class Runtime:
                 done_with_reduced()
         else:
             if master.grad is None:
-                master.grad = self.tracker.empty(chunk.shard_numel, torch.float32, "host")
+                master.grad = self.tracker.empty(chunk.shard_numel, torch.float32, "host", pin=True)
                 accel.copy_(master.grad, reduced)
             else:
                 master.grad.add_(reduced.to(master.grad.device))
@@ -359,6 +374,8 @@ class Runtime:
             for c in self.chunks:
                 c.expected_grads = self._first_backward_counts.get(c.index) or None
             self._first_backward_counts = None
+        if self.host_sync:  # gradients copied into pinned host memory have arrived before the host reads them
+            accel.synchronize(self.device)
         self.schedule.end_backward()
         self.release_node_pins()
         self.release_recompute_pins()

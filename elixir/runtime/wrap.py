@@ -19,6 +19,7 @@ from elixir.runtime.hooks import Interceptor
 from elixir.runtime.state import Runtime
 
 _STATE_ATTR = "_elixir_runtime"
+_LAZY_ATTR = "_elixir_lazy"
 
 
 def _default_plan(model, optimizer, compute_dtype, world_size) -> Plan:
@@ -43,18 +44,22 @@ def wrap(
     process_group=None,
     example_batch=None,
     loss_fn=None,
+    hardware=None,
+    _into: ElixirOptimizer | None = None,
 ) -> tuple[torch.nn.Module, ElixirOptimizer]:
     """Manage `model`'s parameters in chunks placed by `plan`; return (model, optimizer).
 
-    `plan="auto"` with an `example_batch` profiles one step on the meta device, measures the
-    hardware (cached) and searches the fastest plan that fits (see elixir.plan); without a batch
-    it keeps every chunk resident on the device.
+    `plan="auto"` profiles one step on the meta device, measures the hardware (cached, or
+    `hardware=`) and searches the fastest plan that fits (see elixir.plan). It profiles
+    `example_batch` when given; otherwise the model's first forward call: the chunks are made then,
+    before that forward runs, and the optimizer returned here starts working then (see
+    [Note: planning on the first forward]). On several ranks rank 0's plan is used by all.
 
     Every check runs before anything is allocated: a plan for another model or world size, an
     optimizer that does not hold the model's parameters, a dtype the device lacks, a cache too
     small for a module's parameters are all `ValueError`s.
     """
-    if hasattr(model, _STATE_ATTR):
+    if hasattr(model, _STATE_ATTR) or hasattr(model, _LAZY_ATTR):
         raise ValueError("this model is already wrapped by elixir.wrap; wrap the original model once")
     device = torch.device(device) if device is not None else accel.default_device()
     if process_group is None and dist.is_available() and dist.is_initialized():
@@ -67,15 +72,10 @@ def wrap(
     if isinstance(plan, str):
         if plan != "auto":
             raise ValueError(f"plan={plan!r}: pass an elixir.Plan or 'auto'")
-        if example_batch is not None:
-            from elixir.search.api import plan as make_plan
-
-            plan = make_plan(
-                model, example_batch, world_size=group.size, compute_dtype=compute_dtype or torch.float32,
-                loss_fn=loss_fn,
-            )
-        else:
-            plan = _default_plan(model, optimizer, compute_dtype and _dtype(compute_dtype), group.size)
+        if example_batch is None:
+            return _wrap_on_first_forward(model, optimizer, compute_dtype, device, process_group, group, loss_fn,
+                                          hardware)
+        plan = _searched_plan(model, example_batch, compute_dtype, group, loss_fn, hardware)
     elif not isinstance(plan, Plan):
         raise ValueError(f"plan must be an elixir.Plan or 'auto', not {type(plan).__name__}")
     elif compute_dtype is not None and _dtype(compute_dtype) != plan.dtype:
@@ -91,11 +91,9 @@ def wrap(
     params = dict(named)
     group_of = optimizer_group_of(model, optimizer)
     chunk_specs = _split_by_group(plan, params, group_of)
-    if any(p.device.type == "meta" for p in params.values()):
-        raise ValueError(
-            "the model has parameters on the meta device; wrap a materialized model "
-            "(loading weights into a meta-built model is elixir.load_pretrained's job)"
-        )
+    # A model built on the meta device gets chunks without values; elixir.load_pretrained fills them
+    # (see checkpoint/weights.py), and forward is refused until it has.
+    on_meta = any(p.device.type == "meta" for p in params.values())
 
     # Check the cache against the modules before allocating anything.
     ondemand_names = {n for spec in chunk_specs if not spec[1].resident for n in spec[0]}
@@ -109,11 +107,14 @@ def wrap(
 
     tracker = MemoryTracker(device)
     dtype = plan.dtype
+    n_meta = {n: p.device.type == "meta" for n, p in params.items()}
+    if on_meta:
+        _off_meta(params.values(), device, dtype)
     chunks: list[Chunk] = []
     for idx, (names, cp, og) in enumerate(chunk_specs):
         numels = [params[n].numel() for n in names]
         offsets, used = pack_offsets(numels, dtype.itemsize)
-        slots = [ParamSlot(n, params[n], off, params[n].shape) for n, off in zip(names, offsets)]
+        slots = [ParamSlot(n, params[n], off, params[n].shape, from_meta=n_meta[n]) for n, off in zip(names, offsets)]
         trainable = og is not None
         chunk = Chunk(
             index=idx, slots=slots, numel=padded_numel(used, group.size), dtype=dtype, group=group,
@@ -136,15 +137,31 @@ def wrap(
         by_name = {s.name: c for c in chunks for s in c.slots}
         ondemand_uses = [by_name[n] for n in plan.use_order if n in by_name and not by_name[n].resident]
         runtime.schedule.set_order([c.index for c in ondemand_uses])
-    for b in model.buffers():
-        b.data = b.data.to(device)
+    meta_buffers = set()
+    for mod_name, mod in model.named_modules():
+        for name, b in list(mod._buffers.items()):
+            if b is None:
+                continue
+            if b.device.type == "meta":  # a meta tensor cannot take real `.data`: replace it
+                meta_buffers.add(f"{mod_name}.{name}" if mod_name else name)
+                mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+            else:
+                b.data = b.data.to(device)
     # Parameters that are not optimized keep their own dtype-less role: they are in chunks too.
     chunk_of = {id(s.param): c for c in chunks for s in c.slots}
     ondemand = {pid: c for pid, c in chunk_of.items() if not c.resident}
     _install_grad_hooks(runtime, chunks)
     interceptor = Interceptor(runtime, model, ondemand) if ondemand else None
-    elixir_optim = ElixirOptimizer(optimizer, chunks, runtime)
-    setattr(model, _STATE_ATTR, _WrapState(plan, runtime, interceptor, elixir_optim))
+    if _into is not None:
+        elixir_optim = _into
+        elixir_optim.attach(optimizer, chunks, runtime)
+    else:
+        elixir_optim = ElixirOptimizer(optimizer, chunks, runtime)
+    wrap_state = _WrapState(plan, runtime, interceptor, elixir_optim)
+    wrap_state.needs_weights, wrap_state.meta_buffers = on_meta, meta_buffers
+    setattr(model, _STATE_ATTR, wrap_state)
+    if on_meta:
+        model.register_forward_pre_hook(_refuse_forward_without_weights, with_kwargs=True)
     if ondemand:
         model._register_state_dict_hook(_full_values_in_state_dict)
         model._register_load_state_dict_pre_hook(_refuse_load_state_dict, with_module=True)
@@ -170,6 +187,121 @@ def _refuse_load_state_dict(model, state_dict, prefix, *args):
     )
 
 
+def _searched_plan(model, batch, compute_dtype, group: ChunkGroup, loss_fn, hardware) -> Plan:
+    """elixir.plan for this model and batch; on several ranks, rank 0's result for every rank (the
+    measured hardware, and so the search, may differ a little between ranks)."""
+    from elixir.hardware import Hardware
+    from elixir.search.api import plan as make_plan
+
+    def search() -> Plan:
+        return make_plan(
+            model, batch, world_size=group.size, compute_dtype=compute_dtype or torch.float32, loss_fn=loss_fn,
+            hardware=hardware,
+        )
+
+    if group.size == 1:
+        return search()
+    if hardware is None:
+        hardware = Hardware.measure()  # a collective calibration: every rank takes part
+    # rank 0 searches and tells the others the plan, or why there is none (nobody waits forever)
+    box: list = [None]
+    if group.rank == 0:
+        try:
+            box = [("plan", search().to_json())]
+        except ValueError as e:
+            box = [("error", type(e), str(e))]
+            failure = e
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group.process_group, 0), group=group.process_group)
+    if box[0][0] == "error":
+        if group.rank == 0:
+            raise failure
+        raise box[0][1](f"rank 0 found no plan: {box[0][2]}")
+    return Plan.from_json(box[0][1])
+
+
+# [Note: planning on the first forward]
+# `wrap(model, optim)` with plan="auto" and no example batch cannot profile yet: it checks what it
+# can, returns the model and a pending ElixirOptimizer (its param groups hold the hyper-parameters,
+# so lr schedulers can be made on it at once), and installs a forward pre-hook. The first forward
+# hands its batch to the planner, builds the chunks under the searched plan, runs the root pre-hook
+# that the call in flight has already passed, and goes on. Anything that needs the chunks before a
+# forward (runtime_of, save, load, load_pretrained, export: collective calls that every rank makes)
+# builds them under the default plan instead, every chunk resident.
+
+
+class _Pending:
+    def __init__(self, optimizer, kwargs: dict, batch_kwargs: dict, handle=None) -> None:
+        self.optimizer = optimizer
+        self.kwargs = kwargs  # for wrap()
+        self.batch_kwargs = batch_kwargs  # for the planner
+        self.handle = handle
+
+
+def _wrap_on_first_forward(model, optimizer, compute_dtype, device, process_group, group, loss_fn, hardware):
+    check_optimizer(optimizer, model)
+    if compute_dtype is not None:
+        accel.check_dtype(device, _dtype(compute_dtype))
+    pending = ElixirOptimizer.pending(optimizer)
+    state = _Pending(
+        optimizer,
+        dict(compute_dtype=compute_dtype, device=device, process_group=process_group, _into=pending),
+        dict(compute_dtype=compute_dtype, group=group, loss_fn=loss_fn, hardware=hardware),
+    )
+    state.handle = model.register_forward_pre_hook(_plan_on_first_forward, prepend=True, with_kwargs=True)
+    setattr(model, _LAZY_ATTR, state)
+    return model, pending
+
+
+def _finish_pending(model, batch) -> None:
+    """Build the chunks of a model wrapped with plan="auto" and no batch (see [Note: planning on
+    the first forward]): under the plan searched for `batch`, or the default plan when None."""
+    state: _Pending = model.__dict__.pop(_LAZY_ATTR)
+    state.handle.remove()
+    bk = state.batch_kwargs
+    if batch is not None:
+        plan = _searched_plan(model, batch, bk["compute_dtype"], bk["group"], bk["loss_fn"], bk["hardware"])
+    else:
+        dtype = bk["compute_dtype"] and _dtype(bk["compute_dtype"])
+        plan = _default_plan(model, state.optimizer, dtype, bk["group"].size)
+    wrap(model, state.optimizer, plan=plan, **state.kwargs)
+
+
+def _plan_on_first_forward(model, args, kwargs):
+    if kwargs and not args:
+        batch = dict(kwargs)
+    elif len(args) == 1 and not kwargs and torch.is_tensor(args[0]):
+        batch = args[0]
+    else:
+        raise ValueError(
+            "plan='auto' profiles the first forward call, which must be model(**batch) or model(tensor); "
+            "pass example_batch= to elixir.wrap, or a Plan"
+        )
+    _finish_pending(model, batch)
+    state = getattr(model, _STATE_ATTR)
+    if state.needs_weights:
+        _refuse_forward_without_weights(model, args, kwargs)
+    if state.interceptor is not None:
+        state.interceptor.root_pre(model, args)
+
+
+def state_of(model: torch.nn.Module):
+    """The wrap state of a wrapped model (its chunks built, see [Note: planning on the first forward])."""
+    if hasattr(model, _LAZY_ATTR):
+        _finish_pending(model, None)
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model is not wrapped; call elixir.wrap(model, optimizer) first")
+    return state
+
+
+def _refuse_forward_without_weights(model, args, kwargs):
+    if getattr(model, _STATE_ATTR).needs_weights:
+        raise ValueError(
+            "this model was built on the meta device and has no weights yet; "
+            "call elixir.load_pretrained(model, path) first"
+        )
+
+
 class _WrapState:
     def __init__(self, plan, runtime, interceptor, optimizer):
         self.plan = plan
@@ -179,14 +311,21 @@ class _WrapState:
 
 
 def runtime_of(model: torch.nn.Module) -> Runtime:
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        raise ValueError("this model is not wrapped; call elixir.wrap(model, optimizer) first")
-    return state.runtime
+    return state_of(model).runtime
+
+
+_STAT_KEYS = (
+    "device_bytes", "device_bytes_peak", "host_bytes", "host_bytes_peak", "gathers", "evictions", "num_chunks",
+    "cache_blocks", "cache_bytes", "cache_blocks_used", "cache_blocks_used_peak", "left_profiled_order",
+    "grad_buffer_bytes",
+)
 
 
 def memory_stats(model: torch.nn.Module) -> dict:
-    """Model data as Elixir counts it: bytes per tier now and at peak, chunk fetches so far."""
+    """Model data as Elixir counts it: bytes per tier now and at peak, chunk fetches so far. Before
+    the first forward of a model that plans on it, nothing is allocated yet: every counter is 0."""
+    if hasattr(model, _LAZY_ATTR):
+        return dict.fromkeys(_STAT_KEYS, 0) | {"left_profiled_order": False}
     return runtime_of(model).stats()
 
 
@@ -230,17 +369,18 @@ def _materialize(chunk: Chunk, tracker: MemoryTracker) -> None:
     values = torch.zeros(chunk.shard_numel, dtype=torch.float32)
     for s in chunk.slots:
         lo, hi = max(s.offset, rng.start), min(s.offset + s.numel, rng.stop)
-        if lo < hi:
+        if lo < hi and not s.from_meta:
             flat = s.param.detach().reshape(-1)[lo - s.offset : hi - s.offset]
             values[lo - rng.start : hi - rng.start].copy_(flat)
     if chunk.resident:
         full = tracker.empty(chunk.numel, dtype, "device", zero=True)
         for s in chunk.slots:
-            full[s.offset : s.offset + s.numel].copy_(s.param.detach().reshape(-1))
+            if not s.from_meta:
+                full[s.offset : s.offset + s.numel].copy_(s.param.detach().reshape(-1))
         chunk.shard = full[rng]
         chunk.bind(full)
     else:
-        chunk.shard = tracker.empty(chunk.shard_numel, dtype, chunk.param_home)
+        chunk.shard = tracker.empty(chunk.shard_numel, dtype, chunk.param_home, pin=True)  # copied in and out
         chunk.shard.copy_(values)
         device = tracker.devices["device"]
         for s in chunk.slots:
@@ -253,6 +393,15 @@ def _materialize(chunk: Chunk, tracker: MemoryTracker) -> None:
         else:
             chunk.master = tracker.empty(chunk.shard_numel, torch.float32, chunk.optim_home)
             chunk.master.copy_(values)
+
+
+def _off_meta(params, device: torch.device, dtype: torch.dtype) -> None:
+    """Give meta parameters a real (empty) tensor in place, keeping the same Parameter objects (the
+    optimizer and tied modules hold them); a meta tensor's `.data` cannot be set to a real one."""
+    for p in params:
+        if p.device.type == "meta":
+            empty = torch.nn.Parameter(empty_like_shape(p.shape, dtype, device), requires_grad=p.requires_grad)
+            torch.utils.swap_tensors(p, empty)
 
 
 def _install_grad_hooks(runtime: Runtime, chunks: list[Chunk]) -> None:

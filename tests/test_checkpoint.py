@@ -282,3 +282,12 @@ def test_verify_false_still_checks_sizes(saved):
     model, opt, _ = setup("on_demand")
     with pytest.raises(CheckpointError, match="truncated"):
         elixir.load(model, opt, saved, verify=False)
+
+
+def test_an_extra_that_could_not_be_loaded_is_refused_before_writing(tmp_path):
+    import numpy as np
+
+    model, opt, _ = setup()
+    with pytest.raises(ValueError, match="extra="):
+        elixir.save(model, opt, tmp_path / "ck", extra={"array": np.zeros(3)})
+    assert not os.path.exists(tmp_path / "ck") and not os.path.exists(tmp_path / "ck.tmp")

@@ -116,6 +116,7 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
             f"{path} exists and is not an Elixir checkpoint (no {MANIFEST}); refusing to replace it: "
             "choose a new path or remove it"
         )
+    _check_loadable(extra, scheduler)
     tmp = path + ".tmp"
     rt.wait_pending()  # nothing may write into a shard while it is saved
     if rank == 0:
@@ -197,6 +198,25 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
     if rank == 0:
         _swap_in(tmp, path)
     _barrier(f"barrier of elixir.save({path!r}) after the rename")
+
+
+def _check_loadable(extra, scheduler) -> None:
+    """ValueError now, before anything is written, for an `extra` (or scheduler state) that `load`
+    could not read back: it loads with torch.load(weights_only=True), which takes tensors, numbers,
+    strings, and lists, tuples and dicts of them, and nothing that runs code when unpickled."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"extra": extra, "scheduler": None if scheduler is None else scheduler.state_dict()}, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"extra= (or the scheduler's state) holds something a checkpoint cannot load safely ({first}); "
+            "keep to tensors, numbers, strings, and lists, tuples and dicts of them"
+        ) from None
 
 
 def _swap_in(tmp: str, path: str) -> None:

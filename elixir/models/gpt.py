@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from elixir.parallel.moe import Experts, MoE, Router
+
 # Each preset is a set of GPTConfig fields; `GPTConfig.preset(name)` fills in the rest with defaults.
 _PRESETS: dict[str, dict[str, int]] = {
     # ~36k parameters: unit tests.
@@ -51,6 +53,15 @@ class GPTConfig:
     """Whether the Linear and LayerNorm layers have biases (as GPT-2 does)."""
     tie_embeddings: bool = True
     """Whether the output layer reuses the token embedding `wte.weight` (no `lm_head` module)."""
+    n_experts: int = 0
+    """Experts of the Mixture-of-Experts feed-forward layer of every block; 0: the dense MLP. Expert
+    parallelism is applied from outside (`elixir.parallel.expert_parallel`); see elixir/parallel/moe.py."""
+    top_k: int = 2
+    """Experts each token is routed to (1 or 2 usually; at most n_experts). Used when n_experts > 0."""
+    expert_hidden: int = 0
+    """Hidden width F of each SwiGLU expert; 0: 4 * n_embd."""
+    moe_aux_weight: float = 0.01
+    """Weight of the load-balancing loss (summed over the blocks) added to the language-model loss."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -64,6 +75,20 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout={self.dropout!r}: must be in [0, 1)")
+        if not isinstance(self.n_experts, int) or self.n_experts < 0:
+            raise ValueError(f"GPTConfig.n_experts={self.n_experts!r}: must be 0 (dense) or a positive int")
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(
+                f"GPTConfig.top_k={self.top_k!r}: each token goes to top_k of the n_experts={self.n_experts} "
+                "experts; use 1 <= top_k <= n_experts"
+            )
+        if self.expert_hidden < 0:
+            raise ValueError(f"GPTConfig.expert_hidden={self.expert_hidden!r}: must be 0 (4 * n_embd) or positive")
+
+    @property
+    def expert_width(self) -> int:
+        """Hidden width of each expert."""
+        return self.expert_hidden or 4 * self.n_embd
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GPTConfig:
@@ -88,6 +113,8 @@ class GPTConfig:
         layer_norm = C + b * C
         attn = (C * 3 * C + b * 3 * C) + (C * C + b * C)  # c_attn, c_proj
         mlp = (C * 4 * C + b * 4 * C) + (4 * C * C + b * C)  # c_fc, c_proj
+        if self.n_experts:
+            mlp = self.n_experts * C + self.n_experts * 3 * self.expert_width * C  # router, experts
         block = 2 * layer_norm + attn + mlp
         embeddings = V * C + self.block_size * C  # wte, wpe
         lm_head = 0 if self.tie_embeddings else V * C
@@ -106,6 +133,9 @@ class GPTOutput:
     """Mean next-token cross entropy over labelled positions; None without labels."""
     logits: Tensor
     """(B, T, vocab_size) scores of the next token at every position."""
+    aux_loss: Tensor | None = None
+    """Mixture-of-Experts models: the load-balancing loss summed over blocks (already in `loss`, weighted
+    by `moe_aux_weight`); None for dense models."""
 
 
 class CausalSelfAttention(nn.Module):
@@ -148,7 +178,10 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        if config.n_experts:
+            self.mlp = MoE(config.n_embd, config.expert_width, config.n_experts, config.top_k)
+        else:
+            self.mlp = MLP(config)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln_1(x))  # (B, T, C)
@@ -187,6 +220,11 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, Experts):  # down_proj is a residual projection, as c_proj
+                nn.init.normal_(module.gate_up_proj, mean=0.0, std=0.02)
+                nn.init.normal_(module.down_proj, mean=0.0, std=residual_std)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
@@ -249,4 +287,9 @@ class GPT(nn.Module):
             loss = F.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100
             )
-        return GPTOutput(loss=loss, logits=logits)
+        aux_loss = None
+        if self.config.n_experts:
+            aux_loss = sum(block.mlp.pop_aux_loss() for block in self.h)  # load balancing, summed over blocks
+            if loss is not None:
+                loss = loss + self.config.moe_aux_weight * aux_loss
+        return GPTOutput(loss=loss, logits=logits, aux_loss=aux_loss)

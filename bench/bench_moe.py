@@ -13,8 +13,8 @@ cheap next to the matmuls.)
 
 Both train in fp32 with AdamW under the plan `elixir.plan` finds for them on this machine
 (`Hardware.measure()`, cached), on the same global batch of random byte tokens split by rows over the ranks.
-The planner's predicted step time for each (one rank's step, routing assumed balanced, all-to-all time not
-modelled) is printed next to the measurement.
+The planner's predicted step time for each (one rank's step; routing assumed balanced, the all-to-alls
+charged at the measured collective rate, imbalance not modelled) is printed next to the measurement.
 
 Timing: --warmup untimed steps each, then --reps repetitions; every repetition times --steps steps of each
 model in turn (the order alternates), with a barrier before and after and the maximum elapsed time over

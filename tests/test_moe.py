@@ -343,6 +343,12 @@ def _planned(rank, world, ep_size):
         assert plan.predicted["model_device_bytes"] == stats["device_bytes_peak"]
         assert plan.predicted["model_host_bytes"] == stats["host_bytes_peak"]
     assert any(c.optim_home == "host" for c in plan.chunks)
+    # the all-to-alls, routing balanced: per block dispatch and combine, and their two in backward, each
+    # sending the (ep-1)/ep of this rank's tokens * top_k rows that leave it
+    prof = elixir.profile(model, batch)
+    sent = x.numel() * 2 * model.config.n_embd * 4 * (ep_size - 1) // ep_size
+    assert prof.all_to_all == [(ep_size, sent)] * (4 * model.config.n_layer)
+    assert plan.predicted["all_to_all_s"] > 0
     # a plan made without expert parallelism does not fit the expert-parallel model
     dense_plan = elixir.Plan.uniform(moe_gpt(), world_size=world)
     with pytest.raises(ValueError, match="another expert-parallel layout"):

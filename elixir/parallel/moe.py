@@ -16,12 +16,42 @@ unbalanced, which the load-balancing loss keeps in check; the all-to-all sends v
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elixir import comm
 from elixir.memory.chunk import ChunkGroup
+
+_all_to_all_log: list[tuple[int, int]] | None = None
+
+
+@contextlib.contextmanager
+def recording_all_to_all() -> Iterator[list[tuple[int, int]]]:
+    """While tracing on the meta device: collect the all-to-alls expert-parallel layers would run, as
+    (ranks in the group, bytes this rank sends to the others), routing assumed balanced (elixir.profile)."""
+    global _all_to_all_log
+    outer, _all_to_all_log = _all_to_all_log, []
+    try:
+        yield _all_to_all_log
+    finally:
+        _all_to_all_log = outer
+
+
+def _record_all_to_all(hidden_states: Tensor, top_k: int, ranks: int) -> None:
+    if _all_to_all_log is None or ranks == 1:
+        return
+    # balanced: of the N*k rows sent out (dispatch) and back (combine), 1/P stay on this rank
+    sent = hidden_states.shape[0] * top_k * hidden_states.shape[1] * hidden_states.element_size()
+    sent = sent * (ranks - 1) // ranks
+    # forward: dispatch and combine; their backward runs two more, unless this is a recomputation in
+    # backward (activation checkpointing), whose backward was counted by the first forward
+    recomputing = torch._C._current_graph_task_id() != -1
+    transfers = 2 if recomputing or not hidden_states.requires_grad else 4
+    _all_to_all_log.extend([(ranks, sent)] * transfers)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -88,6 +118,7 @@ def routed_experts(
     P = 1 if ep_group is None else ep_group.size
     n_local = num_experts // P
     if hidden_states.device.type == "meta":
+        _record_all_to_all(hidden_states, k, P)
         out = _balanced_experts(hidden_states, k, gate_up, down, act_fn)  # (N*k, H)
         return (out.view(N, k, H) * top_k_weights.unsqueeze(-1).to(out.dtype)).sum(1)
     flat = top_k_index.reshape(-1)  # (N*k,): pair s is token s // k

@@ -126,7 +126,7 @@ def train_reference(model, data):
     return losses, {n: p.detach().clone() for n, p in ref.named_parameters()}, norms
 
 
-def train_expert_parallel(model, data, rank, world, ep_size, kind, clip=NO_CLIP):
+def train_expert_parallel(model, data, rank, world, ep_size, kind, clip=NO_CLIP, micro_batches=1):
     kind, _, checkpointing = kind.partition("+")
     m = expert_parallel(copy.deepcopy(model), ep_size)
     if checkpointing:  # blocks recompute in backward: their all-to-alls run again there, on every rank alike
@@ -135,12 +135,14 @@ def train_expert_parallel(model, data, rank, world, ep_size, kind, clip=NO_CLIP)
     m, opt = elixir.wrap(m, opt, plan=make_plan(m, kind, opt))
     losses, norms = [], []
     for x in data:
-        loss = loss_of(m, x.chunk(world)[rank])  # this rank's rows of the global batch
-        loss.backward()
+        total = torch.zeros(())
+        for part in x.chunk(world)[rank].chunk(micro_batches):  # this rank's rows of the global batch
+            loss = loss_of(m, part) / micro_batches
+            loss.backward()
+            total += loss.detach()
         norms.append(opt.clip_grad_norm_(clip).item())
         opt.step()
         opt.zero_grad()
-        total = loss.detach().clone()
         dist.all_reduce(total)
         losses.append(total.item() / world)
     return losses, elixir.full_state_dict(m), norms, m
@@ -186,13 +188,14 @@ def _clip(rank, world):
         ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5).item())
         opt.step()
         opt.zero_grad()
-    _, params, norms, _ = train_expert_parallel(model, data, rank, world, 2, "resident", clip=0.5)
+    # two micro-batches per step: expert gradients accumulate before the reduction like dense ones
+    _, params, norms, _ = train_expert_parallel(model, data, rank, world, 2, "resident", clip=0.5, micro_batches=2)
     # the norm counts every expert once: over all ranks, not over one chunk group
     assert_close_rel(norms, ref_norms, 1e-5)
     assert_params_close(params, {n: p.detach() for n, p in ref.named_parameters()}, 1e-5)
 
 
-def test_clip_grad_norm_counts_every_expert_once():
+def test_clip_grad_norm_and_accumulation_count_every_expert_once():
     run_ranks(_clip, 4)
 
 

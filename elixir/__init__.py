@@ -4,6 +4,7 @@ Parameters, gradients and optimizer states live in chunks spread over device mem
 and ranks, as a plan says; `wrap` turns an ordinary model and optimizer into managed ones.
 """
 
+from elixir import parallel
 from elixir.checkpoint import CheckpointError, export, load, load_pretrained, save
 from elixir.comm import CollectiveError, init_distributed
 from elixir.optim import ElixirOptimizer
@@ -28,6 +29,7 @@ __all__ = [
     "load",
     "load_pretrained",
     "memory_stats",
+    "parallel",
     "plan",
     "profile",
     "runtime_of",

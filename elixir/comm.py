@@ -103,13 +103,16 @@ def all_gather(full: torch.Tensor, shard: torch.Tensor, group: ChunkGroup, *, wh
 
 def reduce_scatter_mean(shard_out: torch.Tensor, full: torch.Tensor, group: ChunkGroup, *,
                         what: str = "reduce-scatter", async_op: bool = False) -> Pending | None:
-    """Average `full` over the group into this rank's `shard_out` (slice `group.rank`)."""
+    """Average `full` over the group into this rank's `shard_out` (slice `group.rank`): the sum divided
+    by `group.grad_divisor` (the group's size unless the group says otherwise)."""
     if group.size == 1:
         if shard_out.data_ptr() != full.data_ptr():
             shard_out.copy_(full)
+        if group.grad_divisor != 1:
+            shard_out.div_(group.grad_divisor)
         return None
     started = time.monotonic()
-    scale = lambda: shard_out.div_(group.size)  # noqa: E731 - gloo has no AVG/PREMUL_SUM
+    scale = lambda: shard_out.div_(group.grad_divisor)  # noqa: E731 - gloo has no AVG/PREMUL_SUM
     try:
         work = _reduce_scatter_flat(shard_out, full, group=group.process_group, async_op=async_op)
     except Exception as e:
@@ -136,3 +139,17 @@ def all_reduce_sum(t: torch.Tensor, group: ChunkGroup, what: str = "all-reduce")
 
 def all_reduce_max(t: torch.Tensor, group: ChunkGroup, what: str = "all-reduce (max)") -> torch.Tensor:
     return _all_reduce(t, group, dist.ReduceOp.MAX, what)
+
+
+def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
+               group: ChunkGroup, *, what: str = "all-to-all") -> None:
+    """Send rows `in_splits[r]` of `inp` (in order) to rank r; receive `out_splits[r]` rows from rank r
+    into `out`, concatenated in rank order. Rows may be of any shape; splits count rows."""
+    if group.size == 1:
+        out.copy_(inp)
+        return
+    started = time.monotonic()
+    try:
+        dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=group.process_group)
+    except Exception as e:
+        raise _fail(what, group, started, e) from e

@@ -6,7 +6,8 @@ the fused kernels where torch has them (fused AdamW on the CPU is ~10x faster th
 wrapper keeps the user's param groups, so `torch.optim.lr_scheduler` works on it unchanged.
 
 [Note: every rank decides alike]
-The fp16 overflow flag and the gradient norm are all-reduced over the chunks' group before anyone
+The fp16 overflow flag and the gradient norm are all-reduced over every rank of the run (the world of
+`wrap`, which every chunk group is part of; each shard is held by one rank of it) before anyone
 decides to skip a step or how much to clip; a rank-local decision would make ranks drift apart.
 """
 
@@ -74,7 +75,8 @@ class ElixirOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, chunks, runtime) -> None:
         self.runtime = runtime
         self.chunks = [c for c in chunks if c.master is not None]
-        self.group = chunks[0].group
+        # the whole run: chunks of several groups (expert parallel) each count once in the norm
+        self.group = runtime.world
         self.inner_class = type(optimizer)
         self.scaler = LossScaler(enabled=chunks[0].dtype == torch.float16)
         self.skipped_steps = 0

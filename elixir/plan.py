@@ -89,12 +89,22 @@ class Plan:
     """Parameter names in the order a profiled step uses them (empty: the runtime records the first step)."""
     predicted: dict = field(default_factory=dict, compare=False)
     """The cost model's prediction for this plan (step time, peak bytes per tier), when searched."""
+    group_sizes: dict[str, int] = field(default_factory=dict)
+    """Parameters sharded over fewer ranks than `world_size`, with that number (expert parallel: the ranks
+    that hold the same experts; see elixir/parallel); every other parameter is sharded over `world_size`."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "chunks", tuple(self.chunks))
         object.__setattr__(self, "compute_dtype", dtype_name(self.compute_dtype))
         object.__setattr__(self, "param_shapes", {k: tuple(v) for k, v in self.param_shapes.items()})
         object.__setattr__(self, "use_order", tuple(self.use_order))
+        object.__setattr__(self, "group_sizes", {k: int(v) for k, v in self.group_sizes.items()})
+        for name, ranks in self.group_sizes.items():
+            if ranks < 1 or self.world_size % ranks:
+                raise ValueError(
+                    f"group_sizes[{name!r}]={ranks} must divide world_size={self.world_size}: "
+                    "a chunk group is part of the run"
+                )
         if self.world_size < 1:
             raise ValueError(f"world_size={self.world_size} must be at least 1")
         if self.prefetch_depth < 0:
@@ -110,6 +120,11 @@ class Plan:
             )
         seen: set[str] = set()
         for c in self.chunks:
+            if len({self.group_sizes.get(n, self.world_size) for n in c.params}) > 1:
+                raise ValueError(
+                    f"chunk starting with {c.params[0]!r} mixes parameters sharded over different groups "
+                    "(group_sizes); chunks never mix groups: split it"
+                )
             for name in c.params:
                 if name in seen:
                     raise ValueError(f"parameter {name!r} is in two chunks; each parameter is in exactly one")
@@ -131,10 +146,14 @@ class Plan:
     def block_numel(self) -> int:
         return padded_numel(self.chunk_numel, self.world_size)
 
+    def chunk_ranks(self, chunk: ChunkPlan) -> int:
+        """How many ranks the chunk is sharded over (its group's size)."""
+        return self.group_sizes.get(chunk.params[0], self.world_size)
+
     def cache_layout(self) -> tuple[int, int]:
         """(blocks, elements per block) the cache really needs: no more blocks than on-demand chunks,
         blocks no larger than the largest of them (padded to the world size)."""
-        ondemand = [padded_numel(self.chunk_used_numel(c), self.world_size) for c in self.chunks if not c.resident]
+        ondemand = [padded_numel(self.chunk_used_numel(c), self.chunk_ranks(c)) for c in self.chunks if not c.resident]
         if not ondemand:
             return 0, 0
         return min(self.cache_blocks, len(ondemand)), max(ondemand) if self.param_shapes else self.block_numel
@@ -182,6 +201,11 @@ class Plan:
                 f"{biggest_name!r} of {biggest} elements; use chunk_mib >= {need:.4g}"
             )
         groups = optimizer_group_of(model, optimizer)
+        # nor parameters of different parallel patterns (elixir.parallel: expert-parallel ones pack apart)
+        from elixir.parallel import group_sizes, pack_keys
+
+        keys = pack_keys(model)
+        groups = {pid: (g, keys.get(pid, 0)) for pid, g in groups.items()}
         chunks = pack_chunks(named, groups, chunk_numel, itemsize)
         return cls(
             chunks=tuple(
@@ -194,6 +218,7 @@ class Plan:
             compute_dtype=name,
             world_size=world_size,
             param_shapes={n: tuple(p.shape) for n, p in named},
+            group_sizes=group_sizes(model, world_size),
         )
 
     # --- checks -----------------------------------------------------------------------------
@@ -204,6 +229,14 @@ class Plan:
             raise ValueError(
                 f"the plan was made for world_size={self.world_size} but this run has {world_size} ranks; "
                 "make the plan again for this world size"
+            )
+        from elixir.parallel import group_sizes
+
+        if group_sizes(model, world_size) != self.group_sizes:
+            raise ValueError(
+                "the plan was made for another expert-parallel layout: its group_sizes differ from the model's "
+                "(elixir.parallel.expert_parallel with another ep_size, or none); make the plan after "
+                "expert_parallel, for this model"
             )
         shapes = {n: tuple(p.shape) for n, p in named_parameters(model)}
         diffs = []

@@ -106,6 +106,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     job.add_argument(
         "--checkpointing", action="store_true", help="activation checkpointing: blocks recompute in backward"
     )
+    moe = p.add_argument_group("Mixture-of-Experts (GPT presets)")
+    moe.add_argument(
+        "--experts", type=_int_at_least(0, "--experts"), metavar="E", default=0,
+        help="experts of every block's feed-forward layer, dropless top-k routing (default: 0, dense)",
+    )
+    moe.add_argument(
+        "--top-k", type=_int_at_least(1, "--top-k"), metavar="K", default=2,
+        help="experts per token, at most --experts (default: 2)",
+    )
+    moe.add_argument(
+        "--ep-size", type=_int_at_least(1, "--ep-size"), metavar="N", default=1,
+        help="expert parallel: each group of N ranks splits the experts, tokens travel by all-to-all; "
+        "N divides --experts and the number of ranks (default: 1, every rank holds every expert)",
+    )
+
     plan = p.add_argument_group("plan (the same choices for every chunk)")
     plan.add_argument(
         "--chunk-mib", type=_positive_float("--chunk-mib"), metavar="MIB", default=None,
@@ -208,6 +223,24 @@ def check_args(args: argparse.Namespace) -> None:
             )
     if args.data is not None and not os.path.exists(args.data):
         raise ValueError(f"--data {args.data!r} does not exist; pass a text file or a folder of text files")
+    _check_moe_args(args)
+
+
+def _check_moe_args(args: argparse.Namespace) -> None:
+    if args.experts and _is_hf_folder(args.model):
+        raise ValueError(f"--experts {args.experts}: a Hugging Face --model brings its own experts; leave it out")
+    if args.ep_size > 1 and (not args.experts or _is_hf_folder(args.model)):
+        raise ValueError(f"--ep-size {args.ep_size} spreads experts over ranks: it needs a GPT preset with --experts E")
+    if args.experts and args.top_k > args.experts:
+        raise ValueError(f"--top-k {args.top_k} exceeds --experts {args.experts}; use --top-k {args.experts} or less")
+    if args.experts:
+        from elixir.parallel import check_expert_parallel
+
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            check_expert_parallel(args.experts, args.ep_size, world)
+        except ValueError as e:
+            raise ValueError(f"--ep-size {args.ep_size} with --experts {args.experts}: {e}") from None
 
 
 def _is_hf_folder(model: str) -> bool:
@@ -240,7 +273,8 @@ def _block_size(model: str) -> int:
 def _build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int]:
     """The model (a reference GPT, or a Hugging Face model built on the meta device) and its size."""
     if not _is_hf_folder(args.model):
-        model = GPT(GPTConfig.preset(args.model))
+        moe = dict(n_experts=args.experts, top_k=args.top_k) if args.experts else {}
+        model = GPT(GPTConfig.preset(args.model, **moe))
         if args.checkpointing:
             model.gradient_checkpointing_enable()
         return model, model.num_params()
@@ -301,6 +335,8 @@ def build(args: argparse.Namespace) -> Job:
 
     torch.manual_seed(args.seed)
     model, num_params = _build_model(args)
+    if args.ep_size > 1:  # every rank keeps its experts only, before the plan is made
+        elixir.parallel.expert_parallel(model, args.ep_size)
     # Weight decay on matrices (and embeddings) only, as in GPT-2; biases and norms keep theirs.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]

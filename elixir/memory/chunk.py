@@ -55,10 +55,17 @@ class ChunkGroup:
     process_group: object | None
     rank: int
     size: int
+    mean_over: int = 0
+    """Reduced gradients are the sum over the group divided by this many ranks; 0: the group's size (a
+    mean over the group). Expert-parallel chunks divide by the world size instead (see elixir/parallel)."""
 
     @classmethod
     def single(cls) -> ChunkGroup:
         return cls(None, 0, 1)
+
+    @property
+    def grad_divisor(self) -> int:
+        return self.mean_over or self.size
 
 
 class ChunkState(enum.Enum):

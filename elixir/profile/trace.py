@@ -129,6 +129,9 @@ class Profile:
     of operators recorded before (the gradient is complete after `ops[i - 1]`); more than one entry only when
     autograd accumulates it several times (e.g. reentrant checkpointing). What the runtime's gradient
     buffers follow: a chunk's buffer is taken at its first parameter's arrival, reduced at its last."""
+    all_to_all: list[tuple[int, int]] = field(default_factory=list)
+    """The all-to-alls of expert-parallel layers in the step, forward and backward: (ranks in the group,
+    bytes this rank sends to the others), routing assumed balanced (see elixir/parallel/moe.py)."""
 
     # ---- orders of use ----
 
@@ -225,6 +228,7 @@ class Profile:
             for name, phase, params, flops, act, grad, out in data["ops"]
         ]
         data["param_shapes"] = {name: tuple(shape) for name, shape in data["param_shapes"].items()}
+        data["all_to_all"] = [tuple(t) for t in data.get("all_to_all", ())]
         return cls(**data)
 
 
@@ -538,8 +542,10 @@ def profile(
     step = _TrainingStep(model, loss_fn, tracer)
     state = {f"model.{name}": t for name, t in {**meta_params, **meta_buffers}.items()}
     args, kwargs = ((), dict(batch)) if isinstance(batch, Mapping) else ((batch,), {})
+    from elixir.parallel.moe import recording_all_to_all
+
     try:
-        with torch.enable_grad(), _FusedAttentionOnMeta(), tracer:
+        with torch.enable_grad(), _FusedAttentionOnMeta(), tracer, recording_all_to_all() as all_to_all:
             torch.func.functional_call(step, state, args, kwargs)
     finally:
         for hook in hooks:
@@ -561,4 +567,5 @@ def profile(
         assumed_values=tracer.assumed_values,
         trace_seconds=time.perf_counter() - started,
         grad_arrivals=tracer.grad_arrivals,
+        all_to_all=[tuple(t) for t in all_to_all],
     )

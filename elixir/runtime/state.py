@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from elixir import accel, comm
-from elixir.memory import BlockCache, Chunk, ChunkState, EvictionSchedule, MemoryTracker
+from elixir.memory import BlockCache, Chunk, ChunkGroup, ChunkState, EvictionSchedule, MemoryTracker
 
 
 class CacheTooSmallError(RuntimeError):
@@ -36,8 +36,11 @@ class Runtime:
         device: torch.device,
         *,
         prefetch_depth: int,
+        world: ChunkGroup | None = None,
     ) -> None:
         self.chunks = chunks
+        # every rank of the run, over which the optimizer decides (chunks may shard over smaller groups)
+        self.world = world if world is not None else chunks[0].group
         self.cache = cache
         self.tracker = tracker
         self.device = device
@@ -297,6 +300,8 @@ class Runtime:
         if end < chunk.numel:
             buf[end:].zero_()
         if chunk.group.size == 1:
+            if chunk.group.grad_divisor != 1:  # an expert held by this rank alone: mean over the world
+                buf.div_(chunk.group.grad_divisor)
             self._add_to_master(chunk, buf, base)
             return
         reduced = self.tracker.empty(chunk.shard_numel, torch.float32, "device")

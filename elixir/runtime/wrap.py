@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from elixir import accel
+from elixir import accel, parallel
 from elixir.memory import BlockCache, Chunk, ChunkGroup, MemoryTracker, pack_offsets
 from elixir.memory.chunk import ParamSlot, empty_like_shape, padded_numel
 from elixir.optim import ElixirOptimizer, check_optimizer
@@ -90,7 +90,9 @@ def wrap(
     named = named_parameters(model)
     params = dict(named)
     group_of = optimizer_group_of(model, optimizer)
-    chunk_specs = _split_by_group(plan, params, group_of)
+    # [Note: parallel patterns] (elixir/parallel): the group each parameter is sharded and reduced over
+    chunk_group_of = parallel.chunk_groups(model, group)
+    chunk_specs = _split_by_group(plan, params, group_of, chunk_group_of)
     # A model built on the meta device gets chunks without values; elixir.load_pretrained fills them
     # (see checkpoint/weights.py), and forward is refused until it has.
     on_meta = any(p.device.type == "meta" for p in params.values())
@@ -116,8 +118,9 @@ def wrap(
         offsets, used = pack_offsets(numels, dtype.itemsize)
         slots = [ParamSlot(n, params[n], off, params[n].shape, from_meta=n_meta[n]) for n, off in zip(names, offsets)]
         trainable = og is not None
+        cgroup = chunk_group_of[id(params[names[0]])]
         chunk = Chunk(
-            index=idx, slots=slots, numel=padded_numel(used, group.size), dtype=dtype, group=group,
+            index=idx, slots=slots, numel=padded_numel(used, cgroup.size), dtype=dtype, group=cgroup,
             resident=cp.resident, param_home=cp.param_home, optim_home=cp.optim_home,
             trainable=trainable, optim_group=og,
         )
@@ -131,7 +134,7 @@ def wrap(
         cache = BlockCache(
             min(plan.cache_blocks, len(ondemand_chunks)), max(c.numel for c in ondemand_chunks), dtype, tracker
         )
-    runtime = Runtime(chunks, cache, tracker, device, prefetch_depth=plan.prefetch_depth)
+    runtime = Runtime(chunks, cache, tracker, device, prefetch_depth=plan.prefetch_depth, world=group)
     if plan.use_order and cache is not None:
         # the profiled order drives eviction and prefetch from the first step
         by_name = {s.name: c for c in chunks for s in c.slots}
@@ -335,19 +338,20 @@ def _dtype(d) -> torch.dtype:
     return DTYPES[dtype_name(d)]
 
 
-def _split_by_group(plan: Plan, params: dict, group_of: dict) -> list:
-    """Plan chunks split where they mix optimizer groups (chunks never mix them)."""
+def _split_by_group(plan: Plan, params: dict, group_of: dict, chunk_group_of: dict | None = None) -> list:
+    """Plan chunks split where they mix optimizer groups or chunk groups (chunks never mix them)."""
     out = []
     for cp in plan.chunks:
         run: list[str] = []
-        run_group = object()
+        run_group, run_key = object(), object()
         for n in cp.params:
             g = group_of.get(id(params[n]))
-            if run and g != run_group:
+            key = (g, chunk_group_of.get(id(params[n])) if chunk_group_of else None)
+            if run and key != run_key:
                 out.append((run, cp, run_group))
                 run = []
             run.append(n)
-            run_group = g
+            run_group, run_key = g, key
         out.append((run, cp, run_group))
     return out
 
@@ -438,4 +442,4 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         full = full.cpu()
         for s in c.slots:
             out[s.name] = full[s.offset : s.offset + s.numel].view(s.shape).clone()
-    return out
+    return parallel.gather_full_values(model, out)  # expert-parallel parameters: every expert

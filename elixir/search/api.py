@@ -33,6 +33,8 @@ def plan(
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     prof = profile(model, example_batch, loss_fn, compute_dtype=compute_dtype)
     hardware = hardware or Hardware.measure()
+    from elixir.parallel import group_sizes
+
     best, pred = search(prof, hardware, world_size=world_size, compute_dtype=compute_dtype,
-                        prefetch_depth=prefetch_depth)
+                        prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size))
     return dataclasses.replace(best, use_order=tuple(prof.use_sequence()), predicted=pred.as_dict())

@@ -61,6 +61,9 @@ class Prediction:
     model_host_bytes: int
     activation_bytes: int
     flops: int
+    all_to_all_s: float = 0.0
+    """Expert-parallel all-to-alls (`Profile.all_to_all`, balanced routing), at the collective rate of their
+    group, on the critical path: the tokens are needed at once, so they overlap nothing."""
 
     def tflops(self) -> float:
         return self.flops / self.step_s / 1e12 if self.step_s > 0 else 0.0
@@ -77,6 +80,8 @@ class _Chunk:
     resident: bool
     param_home: str
     optim_home: str
+    ranks: int
+    """Ranks it is sharded over: the world, or a smaller group (expert parallel, `Plan.group_sizes`)."""
 
 
 def layout(plan: Plan, profile: Profile) -> list[_Chunk]:
@@ -85,7 +90,8 @@ def layout(plan: Plan, profile: Profile) -> list[_Chunk]:
     for i, c in enumerate(plan.chunks):
         numels = [profile.param_numels[n] for n in c.params]
         used = pack_offsets(numels, itemsize)[1]
-        out.append(_Chunk(i, c.params, padded_numel(used, plan.world_size), c.resident, c.param_home, c.optim_home))
+        ranks = plan.chunk_ranks(c)
+        out.append(_Chunk(i, c.params, padded_numel(used, ranks), c.resident, c.param_home, c.optim_home, ranks))
     return out
 
 
@@ -131,7 +137,6 @@ def gradients(plan: Plan, chunks: list[_Chunk], arrivals: list[tuple[int, int]])
     its reduction is finished, with up to `_REDUCTIONS_IN_FLIGHT` left in flight; the shard stays as the
     gradient (optimizer on the device) or is copied to the host and freed when that reduction finishes.
     The pool never shrinks: its size is the most buffers held at once."""
-    n = plan.world_size
     need: dict[int, int] = {}
     for _, c in arrivals:
         need[c] = need.get(c, 0) + 1
@@ -149,25 +154,24 @@ def gradients(plan: Plan, chunks: list[_Chunk], arrivals: list[tuple[int, int]])
         seen[c] = 0
         completions.append((i, c))
         ch = chunks[c]
-        if n == 1:
+        if ch.ranks == 1:  # reduced in place (one rank, or an expert group of one)
             if ch.optim_home != "device":
                 held -= 1
             continue
-        shard_bytes += ch.numel // n * 4
+        shard_bytes += ch.numel // ch.ranks * 4
         shard_peak = max(shard_peak, shard_bytes)
         in_flight.append(c)
         if len(in_flight) > _REDUCTIONS_IN_FLIGHT:
             done = chunks[in_flight.pop(0)]
             held -= 1
             if done.optim_home != "device":
-                shard_bytes -= done.numel // n * 4
+                shard_bytes -= done.numel // done.ranks * 4
     return _Gradients(completions, pool, shard_peak)
 
 
 def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None) -> tuple[int, int]:
     """Model-data bytes (device, host) at the step's peak; see [Note: memory the plan holds]."""
     itemsize = plan.dtype.itemsize
-    n = plan.world_size
     device = host = 0
     fp32 = itemsize == 4
     if grads is None:  # every chunk's gradient arriving once, in reverse order of the chunks
@@ -176,7 +180,7 @@ def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None) ->
     device += blocks * block_numel * itemsize
     biggest = 0
     for c in chunks:
-        shard = c.numel // n
+        shard = c.numel // c.ranks
         if c.resident:
             device += c.numel * itemsize
         elif c.param_home == "device":
@@ -208,13 +212,16 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
     matmul = hardware.matmul_rate(plan.dtype)
     attention = hardware.attention_rate(plan.dtype)
     coll = hardware.collective_rate(n)
+
+    def coll_of(c: _Chunk) -> float:  # a chunk of a smaller group (expert parallel) runs at that group's rate
+        return coll if c.ranks == n else hardware.collective_rate(c.ranks)
     copy_rate = hardware.device_copy_bytes_per_s
 
     def fetch_cost(c: _Chunk) -> tuple[float, float]:
         """(seconds on the compute thread, seconds on the communication stream)."""
-        shard_bytes = c.numel // n * itemsize
+        shard_bytes = c.numel // c.ranks * itemsize
         move = shard_bytes / (hardware.h2d_bytes_per_s if c.param_home == "host" else copy_rate)
-        gather = (n - 1) / n * c.numel * itemsize / coll if n > 1 else 0.0
+        gather = (c.ranks - 1) / c.ranks * c.numel * itemsize / coll_of(c) if c.ranks > 1 else 0.0
         return (move, gather) if cpu else (0.0, move + gather)
 
     # the on-demand use sequence with positions, for Belady and prefetch
@@ -301,9 +308,9 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
             ch = chunks[c]
             # every gradient was copied into the chunk's fp32 buffer as it arrived (see [Note: gradient buffers])
             t_compute += ch.numel * 4 / copy_rate
-            red = (n - 1) / n * ch.numel * 4 / coll if n > 1 else 0.0
+            red = (ch.ranks - 1) / ch.ranks * ch.numel * 4 / coll_of(ch) if ch.ranks > 1 else 0.0
             if ch.optim_home == "host":
-                to_host = ch.numel // n * 4 / hardware.d2h_bytes_per_s
+                to_host = ch.numel // ch.ranks * 4 / hardware.d2h_bytes_per_s
                 if cpu:  # a synchronous copy on the compute thread
                     t_compute += to_host
                 else:
@@ -315,7 +322,7 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
 
     optim = 0.0
     for c in chunks:
-        shard = c.numel // n
+        shard = c.numel // c.ranks
         rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s
         optim += shard / rate
         if c.optim_home != c.param_home:  # the updated master is cast into the shard in the other tier
@@ -323,12 +330,13 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
             optim += shard * itemsize / bw
         elif itemsize != 4:
             optim += shard * itemsize / copy_rate
-        if c.resident and n > 1:
-            optim += (n - 1) / n * c.numel * itemsize / coll
+        if c.resident and c.ranks > 1:
+            optim += (c.ranks - 1) / c.ranks * c.numel * itemsize / coll_of(c)
     model_device, model_host = memory(plan, chunks, grads)
     activations = profile.peak_activation_bytes
+    all_to_all = sum(nbytes / hardware.collective_rate(ranks) for ranks, nbytes in profile.all_to_all)
     return Prediction(
-        step_s=end_backward + optim,
+        step_s=end_backward + optim + all_to_all,
         compute_s=t_compute - stall,
         stall_s=stall,
         comm_busy_s=comm_busy,
@@ -340,4 +348,5 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
         model_host_bytes=model_host,
         activation_bytes=activations,
         flops=profile.total_flops,
+        all_to_all_s=all_to_all,
     )

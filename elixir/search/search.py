@@ -61,15 +61,20 @@ def search(
     world_size: int = 1,
     compute_dtype="float32",
     prefetch_depth: int = 2,
+    group_sizes: dict[str, int] | None = None,
 ) -> tuple[Plan, Prediction]:
-    """The fastest plan that fits `hardware`'s device and host memory, and its prediction."""
+    """The fastest plan that fits `hardware`'s device and host memory, and its prediction.
+
+    `group_sizes`: parameters sharded over fewer ranks than the world (expert parallel), as
+    `Plan.group_sizes`; they are packed into chunks of their own."""
+    group_sizes = dict(group_sizes or {})
     dtype_key = dtype_name(compute_dtype)
     itemsize = DTYPES[dtype_key].itemsize
     device_budget = int(hardware.device_bytes * DEVICE_MARGIN)
     host_budget = int(hardware.host_bytes * HOST_MARGIN)
     order = profile.param_order()
     named = [(n, SimpleNamespace(numel=lambda v=profile.param_numels[n]: v)) for n in order]
-    group_of = {id(p): 0 for _, p in named}
+    group_of = {id(p): group_sizes.get(n, world_size) for n, p in named}  # chunks never mix groups
     largest = max(profile.param_numels.values())
     best: tuple[Plan, Prediction] | None = None
     smallest: tuple[Plan, Prediction] | None = None  # the least device memory seen, for the error
@@ -102,6 +107,7 @@ def search(
             compute_dtype=dtype_key,
             world_size=world_size,
             param_shapes=dict(profile.param_shapes),
+            group_sizes=group_sizes,
         )
 
         def level(k: int, lvl: int, blocks: int, names=names, base=base) -> Plan:

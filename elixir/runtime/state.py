@@ -65,6 +65,7 @@ class Runtime:
         self._first_backward_counts: dict[int, int] | None = None
         # [Note: copies beside compute] (accel.py): None on the CPU
         self.copy_stream = accel.copy_stream(device)
+        self._kept_host_grads: dict[int, torch.Tensor] = {}  # chunk index -> pinned gradient buffer (CUDA)
         self.host_sync = accel.pinned_host(device) and any(
             c.param_home == "host" or c.optim_home == "host" for c in chunks
         )
@@ -341,21 +342,34 @@ class Runtime:
                 done_with_reduced()
         else:
             if master.grad is None:
-                master.grad = self.tracker.empty(chunk.shard_numel, torch.float32, "host", pin=True)
+                master.grad = self._host_grad(chunk)
                 accel.copy_(master.grad, reduced)
             else:
                 master.grad.add_(reduced.to(master.grad.device))
             done_with_reduced()
 
+    def _host_grad(self, chunk: Chunk) -> torch.Tensor:
+        """The host buffer a chunk's gradient shard is copied into. On CUDA it is pinned (the copy is
+        asynchronous) and kept from step to step: pinning gigabytes costs seconds, every time. On the
+        CPU it is allocated per step and freed by zero_grad, as any gradient."""
+        if not accel.pinned_host(self.device):
+            return self.tracker.empty(chunk.shard_numel, torch.float32, "host")
+        buf = self._kept_host_grads.get(chunk.index)
+        if buf is None:
+            buf = self._kept_host_grads[chunk.index] = self.tracker.empty(
+                chunk.shard_numel, torch.float32, "host", pin=True
+            )
+        return buf
+
     def drop_master_grad(self, chunk: Chunk) -> None:
-        """Free the master's gradient (zero_grad(set_to_none=True))."""
+        """Free the master's gradient (zero_grad(set_to_none=True)); a kept host buffer stays."""
         g = chunk.master.grad
         if g is None:
             return
         if chunk.master_grad_base is not None:
             self.give_back_grad_buffer(chunk.master_grad_base)
             chunk.master_grad_base = None
-        else:
+        elif self._kept_host_grads.get(chunk.index) is not g:
             self.tracker.release(g, chunk.optim_home)
         chunk.master.grad = None
 

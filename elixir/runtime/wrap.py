@@ -395,7 +395,9 @@ def _materialize(chunk: Chunk, tracker: MemoryTracker) -> None:
         if alias:
             chunk.master = chunk.shard  # fp32 compute: the parameter shard is the master
         else:
-            chunk.master = tracker.empty(chunk.shard_numel, torch.float32, chunk.optim_home)
+            # pinned when it is copied to the device every step (see accel.py); a no-op on the CPU
+            to_device = chunk.optim_home == "host" and chunk.param_home == "device"
+            chunk.master = tracker.empty(chunk.shard_numel, torch.float32, chunk.optim_home, pin=to_device)
             chunk.master.copy_(values)
 
 

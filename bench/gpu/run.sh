@@ -2,6 +2,7 @@
 # The GPU benchmark of Elixir on one GPU, from the repository root; results in $OUT (default ./gpu-out).
 #
 #   stage 0  parity.py   Elixir's losses match PyTorch's for 5 steps (fp32 and bf16, two small models)
+#   stage 0b checkpoint.py  save and load resume bit for bit, chunks on demand from pinned host shards
 #   stage a  fits.py     OPT-1.3B dims in bf16: PyTorch eager vs Elixir's searched plan, TFLOPS ratio
 #   stage b  offload.py  OPT-2.7B dims (42 GB of model data) on a GPU capped at 20 GiB: Elixir with host
 #                        offload, then FSDP2 + CPUOffloadPolicy, each in its own process
@@ -56,9 +57,10 @@ stage() {  # stage NAME BOX_SECONDS SCRIPT [ARGS...]
 }
 
 stage parity 90 bench/gpu/parity.py
-stage fits 180 bench/gpu/fits.py
-stage offload-elixir 130 bench/gpu/offload.py --system elixir
-stage offload-fsdp2 130 bench/gpu/offload.py --system fsdp2-offload
+stage checkpoint 40 bench/gpu/checkpoint.py
+stage fits 150 bench/gpu/fits.py
+stage offload-elixir 120 bench/gpu/offload.py --system elixir
+stage offload-fsdp2 120 bench/gpu/offload.py --system fsdp2-offload
 # shellcheck disable=SC2086
 python bench/gpu/report.py --out "$OUT" $DRY | tee "$OUT/summary.md"
 echo "total $((SECONDS - started)) s; logs and JSON in $OUT"

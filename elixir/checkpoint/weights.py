@@ -335,6 +335,7 @@ def _check_weights(model, rt, path: str, strict: bool, buffers: dict):
     for n, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
     all_names = {n for names in aliases.values() for n in names}
+    consumed = _add_legacy_names(where, all_names, {n: tuple(p.shape) for n, p in _global_shapes(model, rt)})
 
     # check every parameter of this rank's chunks (and its shape) before writing anything
     plan: list[tuple[object, object, int, int, Reader, str]] = []
@@ -363,9 +364,103 @@ def _check_weights(model, rt, path: str, strict: bool, buffers: dict):
             f"{path}: has no tensor for {len(missing)} parameter(s) of the model, e.g. {missing[:3]}; "
             "pass strict=False to keep their current values"
         )
-    unexpected = sorted(n for n in where if n not in all_names and n not in buffers)
+    unexpected = sorted(n for n in where if n not in all_names and n not in buffers and n not in consumed)
 
     return plan, missing, unexpected, where
+
+
+def _global_shapes(model, rt):
+    """(name, tensor with the global shape) of every parameter: expert-parallel ones by their whole
+    [E, ...] shape (see checkpoint/layout.py)."""
+    out = []
+    for c in rt.chunks:
+        for gs in global_slots(c):
+            out.append((gs.name, torch.empty(gs.global_shape, device="meta")))
+    return out
+
+
+# [Note: legacy expert names]
+# transformers 5 keeps a MoE layer's experts as two 3-D tensors, `experts.gate_up_proj [E, 2F, H]`
+# (gate rows, then up rows) and `experts.down_proj [E, H, F]`, but writes and reads checkpoints in
+# the per-expert layout of the original releases, converting on the fly (its conversion_mapping):
+#   Mixtral:            block_sparse_moe.experts.{e}.w1 (gate), .w3 (up), .w2 (down), block_sparse_moe.gate
+#   Qwen2-MoE, OLMoE:   mlp.experts.{e}.gate_proj, .up_proj, .down_proj
+# `load_pretrained` reads those the same way, one expert at a time: the stacked tensor is never built.
+_LEGACY_EXPERTS = (
+    (".mlp.", ".block_sparse_moe.", ("w1", "w3", "w2")),
+    (".mlp.", ".mlp.", ("gate_proj", "up_proj", "down_proj")),
+)
+
+
+class _StackedExperts:
+    """A model tensor `experts.gate_up_proj` or `experts.down_proj` read from per-expert tensors."""
+
+    def __init__(self, name, shape, parts: list[list[tuple[Reader, str]]]) -> None:
+        self.path = parts[0][0][0].path
+        self.name, self._shape, self.parts = name, tuple(shape), parts  # parts[e]: pieces concatenated on dim 0
+
+    def shape(self, name):
+        return self._shape
+
+    def read(self, name, start=0, stop=None):
+        per = 1
+        for d in self._shape[1:]:
+            per *= d
+        stop = _numel(self._shape) if stop is None else stop
+        out = []
+        for e in range(start // per, -(-stop // per)):
+            block = torch.cat([r.read_tensor(n).reshape(-1) for r, n in self.parts[e]])  # one expert
+            lo, hi = max(start - e * per, 0), min(stop - e * per, per)
+            out.append(block[lo:hi])
+        return torch.cat(out) if out else torch.empty(0)
+
+    def read_tensor(self, name):
+        return self.read(name).view(self._shape)
+
+
+def _add_legacy_names(where: dict, names: set[str], shapes: dict[str, tuple]) -> set[str]:
+    """Make the model's names that the files hold under a legacy layout readable through `where`
+    (see [Note: legacy expert names]); returns the file names so consumed."""
+    consumed: set[str] = set()
+    for name in names:
+        if name in where or name not in shapes:
+            continue
+        for ours, theirs, (gate, up, down) in _LEGACY_EXPERTS:
+            if ours not in name:
+                continue
+            alt = name.replace(ours, theirs)
+            if alt in where:  # a renamed tensor (the router)
+                where[name] = _Renamed(where[alt], alt)
+                consumed.add(alt)
+                break
+            for suffix, keys in ((".experts.gate_up_proj", (gate, up)), (".experts.down_proj", (down,))):
+                if not alt.endswith(suffix):
+                    continue
+                base = alt[: -len(suffix)] + ".experts"
+                num = shapes[name][0]
+                wanted = [[f"{base}.{e}.{k}.weight" for k in keys] for e in range(num)]
+                if all(w in where for row in wanted for w in row):
+                    where[name] = _StackedExperts(name, shapes[name], [[(where[w], w) for w in row] for row in wanted])
+                    consumed.update(w for row in wanted for w in row)
+            if name in where:
+                break
+    return consumed
+
+
+class _Renamed:
+    """A tensor of a file under another name."""
+
+    def __init__(self, reader: Reader, name: str) -> None:
+        self.reader, self.name, self.path = reader, name, reader.path
+
+    def shape(self, _):
+        return self.reader.shape(self.name)
+
+    def read(self, _, start=0, stop=None):
+        return self.reader.read(self.name, start, stop)
+
+    def read_tensor(self, _):
+        return self.reader.read_tensor(self.name)
 
 
 def _init_meta_buffers(model, names: set[str]) -> None:

@@ -229,18 +229,32 @@ def check_args(args: argparse.Namespace) -> None:
 def _check_moe_args(args: argparse.Namespace) -> None:
     if args.experts and _is_hf_folder(args.model):
         raise ValueError(f"--experts {args.experts}: a Hugging Face --model brings its own experts; leave it out")
-    if args.ep_size > 1 and (not args.experts or _is_hf_folder(args.model)):
-        raise ValueError(f"--ep-size {args.ep_size} spreads experts over ranks: it needs a GPT preset with --experts E")
+    experts = args.experts or (_hf_experts(args.model) if _is_hf_folder(args.model) else 0)
+    if args.ep_size > 1 and not experts:
+        raise ValueError(
+            f"--ep-size {args.ep_size} spreads experts over ranks: it needs a GPT preset with --experts E, or a "
+            "Hugging Face Mixture-of-Experts model"
+        )
     if args.experts and args.top_k > args.experts:
         raise ValueError(f"--top-k {args.top_k} exceeds --experts {args.experts}; use --top-k {args.experts} or less")
-    if args.experts:
+    if experts:
         from elixir.parallel import check_expert_parallel
 
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         try:
-            check_expert_parallel(args.experts, args.ep_size, world)
+            check_expert_parallel(experts, args.ep_size, world)
         except ValueError as e:
-            raise ValueError(f"--ep-size {args.ep_size} with --experts {args.experts}: {e}") from None
+            raise ValueError(f"--ep-size {args.ep_size} with {experts} experts: {e}") from None
+
+
+def _hf_experts(model: str) -> int:
+    """Experts per MoE layer of a Hugging Face config.json (0 for a dense model)."""
+    with open(os.path.join(model, "config.json")) as f:
+        config = json.load(f)
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if config.get(key):
+            return int(config[key])
+    return 0
 
 
 def _is_hf_folder(model: str) -> bool:

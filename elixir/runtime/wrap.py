@@ -408,6 +408,7 @@ def _off_meta(params, device: torch.device, dtype: torch.dtype) -> None:
         if p.device.type == "meta":
             empty = torch.nn.Parameter(empty_like_shape(p.shape, dtype, device), requires_grad=p.requires_grad)
             torch.utils.swap_tensors(p, empty)
+            p.__dict__.update(empty.__dict__)  # swap_tensors swaps Python attributes too: keep p's
 
 
 def _install_grad_hooks(runtime: Runtime, chunks: list[Chunk]) -> None:

@@ -96,7 +96,7 @@ def test_gpt_matches_one_process_under_every_plan(world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_llama_matches_one_process(world):
-    run_ranks(_all_plans, world, "llama", ("on_demand", "host"))
+    run_ranks(_all_plans, world, "llama", ("resident", "on_demand", "host"))
 
 
 def _memory(rank, world, results):

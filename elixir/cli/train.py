@@ -292,7 +292,12 @@ def _build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int]:
         if args.checkpointing:
             model.gradient_checkpointing_enable()
         return model, model.num_params()
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            f"--model {args.model!r} is a Hugging Face folder, which needs transformers: pip install 'elixir-train[hf]'"
+        ) from None
 
     config = transformers.AutoConfig.from_pretrained(args.model)
     with torch.device("meta"):

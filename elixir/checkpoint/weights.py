@@ -190,7 +190,7 @@ def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
     the model or starting any process group; one tensor in memory at a time. A checkpoint with a
     `config.json` (a Hugging Face model) and an output path not ending in `.safetensors` gives a
     Hugging Face folder."""
-    from elixir.checkpoint.store import COMMON, PieceIndex, read_manifest, resolve, verify_file
+    from elixir.checkpoint.store import COMMON, PieceIndex, _read_range, read_manifest, resolve, verify_file
 
     dtype = _dtype(dtype)
     ckpt = resolve(ckpt)
@@ -210,25 +210,14 @@ def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
     common = torch.load(os.path.join(ckpt, COMMON), weights_only=True)
     buffers = common.get("buffers") or {}
     specs = [(n, tuple(shapes[n])) for n in order] + [(n, tuple(b.shape)) for n, b in buffers.items()]
-    world = manifest["world_size"]
-    readers: dict[str, Reader] = {}
-
-    def reader(fname):
-        if fname not in readers:
-            readers[fname] = Reader(os.path.join(ckpt, fname))
-        return readers[fname]
+    files = {p[2] for pieces in index.pieces.values() for p in pieces}
+    readers = {f: Reader(os.path.join(ckpt, f)) for f in files}  # headers only: data is read by ranges
 
     def tensors():
-        from elixir.checkpoint.store import _read_range
-
         for n in order:
-            numel = _numel(shapes[n])
-            for p in index.pieces[n]:
-                reader(p[2])
-            yield n, _read_range(index, readers, n, 0, numel, "values").view(shapes[n])
+            yield n, _read_range(index, readers, n, 0, _numel(shapes[n]), "values").view(shapes[n])
         yield from buffers.items()
 
-    del world
     config_json = None
     cpath = os.path.join(ckpt, "config.json")
     if os.path.isfile(cpath):

@@ -14,7 +14,8 @@ from helpers import batches, build, loss_of, make_plan
 TIMEOUT_S = 5.0
 
 
-def _rank(rank, world, port, fault, results):
+def _join_and_wrap(rank, world, port):
+    """Join a gloo group of `world` ranks with the short timeout, and wrap the tiny GPT on demand."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -23,7 +24,11 @@ def _rank(rank, world, port, fault, results):
     elixir.init_distributed(timeout_s=TIMEOUT_S)
     model = build("gpt")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model, opt = elixir.wrap(model, opt, plan=make_plan(model, "on_demand", opt))
+    return elixir.wrap(model, opt, plan=make_plan(model, "on_demand", opt))
+
+
+def _rank(rank, world, port, fault, results):
+    model, opt = _join_and_wrap(rank, world, port)
     if rank == 1:
         def fail(module, args):
             if fault == "dies":
@@ -68,15 +73,7 @@ def test_peer_failure_is_a_named_error_within_the_timeout(fault):
 
 
 def _save_rank(rank, world, port, path, results):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    elixir.init_distributed(timeout_s=TIMEOUT_S)
-    model = build("gpt")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model, opt = elixir.wrap(model, opt, plan=make_plan(model, "on_demand", opt))
+    model, opt = _join_and_wrap(rank, world, port)
     x = batches(1, batch=2 * world)[0].chunk(world)[rank]
     loss_of(model, x).backward()
     opt.step()

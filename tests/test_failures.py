@@ -49,12 +49,13 @@ def _rank(rank, world, port, fault, results):
     results.put((rank, "finished", "", time.monotonic() - started))
 
 
-@pytest.mark.parametrize("fault", ["dies", "hangs"])
-def test_peer_failure_is_a_named_error_within_the_timeout(fault):
+def _run_two_ranks(target, *args):
+    """Run `target(rank, 2, port, *args, results)` on two processes; fail if rank 0 hangs (rank 1 is
+    killed if it is still alive then). Returns the results queue."""
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, fault, results)) for r in (0, 1)]
+    procs = [ctx.Process(target=target, args=(r, 2, port, *args, results)) for r in (0, 1)]
     for p in procs:
         p.start()
     procs[0].join(timeout=TIMEOUT_S * 6 + 60)
@@ -64,6 +65,12 @@ def test_peer_failure_is_a_named_error_within_the_timeout(fault):
             p.kill()
         p.join()
     assert not alive, "rank 0 hung instead of failing"
+    return results
+
+
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_peer_failure_is_a_named_error_within_the_timeout(fault):
+    results = _run_two_ranks(_rank, fault)
     rank, kind, message, waited = results.get()
     assert (rank, kind) == (0, "CollectiveError"), (rank, kind, message)
     assert "a peer rank exited or did not answer within the timeout (5 s" in message
@@ -100,19 +107,8 @@ def _save_rank(rank, world, port, path, results):
 def test_a_rank_dying_during_a_save_fails_the_others_and_keeps_the_last_checkpoint(tmp_path):
     from elixir.checkpoint.files import file_digest
 
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
     path = str(tmp_path / "ck")
-    procs = [ctx.Process(target=_save_rank, args=(r, 2, free_port_once(), path, results)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    procs[0].join(timeout=TIMEOUT_S * 6 + 60)
-    alive = procs[0].is_alive()
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-        p.join()
-    assert not alive, "rank 0 hung instead of failing"
+    results = _run_two_ranks(_save_rank, path)
     got = []
     while not results.empty():
         got.append(results.get())
@@ -127,10 +123,3 @@ def test_a_rank_dying_during_a_save_fails_the_others_and_keeps_the_last_checkpoi
         assert file_digest(os.path.join(path, name)) == (info["bytes"], info["sha256"]), name
     assert manifest["optimizer"]["steps"] == 1
 
-
-_PORT = {}
-
-
-def free_port_once():
-    # both ranks of one test must agree on the port
-    return _PORT.setdefault("port", free_port())

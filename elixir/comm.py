@@ -81,19 +81,29 @@ def _fail(what: str, group: ChunkGroup, started: float, err: Exception) -> Colle
 class Pending:
     """An asynchronous collective in flight; `wait()` finishes it (and names a failure)."""
 
-    __slots__ = ("work", "what", "group", "started", "after")
+    __slots__ = ("work", "what", "group", "started", "after", "trailing", "done")
 
     def __init__(self, work, what: str, group: ChunkGroup, after=None) -> None:
         self.work, self.what, self.group, self.after = work, what, group, after
         self.started = time.monotonic()
+        # set by a shared-memory collective asked to `defer_done`: the peers may still be reading this
+        # rank's source until it completes (see [Note: shared memory between ranks])
+        self.trailing: Pending | None = None
+        self.done = False
 
     def wait(self) -> None:
+        """Finish the collective; waiting again does nothing."""
+        if self.done:
+            return
         try:
             self.work.wait()
         except Exception as e:
             raise _fail(self.what, self.group, self.started, e) from e
+        self.done = True
         if self.after is not None:
-            self.after()
+            # `after` may return the collective that trails this one (see `trailing`); it must not
+            # refer to this Pending: a cycle would keep the process group alive past its teardown
+            self.trailing = self.after()
 
 
 def _on_gloo(group: ChunkGroup) -> bool:
@@ -109,15 +119,67 @@ def _pair_splits(rank: int, n: int) -> list[int]:
     return [0, n] if rank == 0 else [n, 0]
 
 
+def _through_shared_memory(source: torch.Tensor, group: ChunkGroup, arena, what: str, async_op: bool,
+                           read, fallback, defer_done: bool = False) -> Pending | None:
+    """A collective by [Note: shared memory between ranks] (elixir/shm.py): `read(wheres)` reads the
+    peers' sources once every rank has written its own (wheres[r]: rank r's `arena.locate`);
+    `fallback()` runs a socket collective instead when some rank's source is not shared memory (every
+    rank sees the same wheres, so every rank takes the same way). With `defer_done` the wait returns
+    before the peers have read this rank's source: the caller must wait `pending.trailing` before it
+    writes the source again."""
+    pg, size = group.process_group, group.size
+    wheres = torch.empty(size * 4, dtype=torch.int64)
+    started = time.monotonic()
+    try:
+        work = _all_gather_flat(wheres, torch.tensor(arena.locate(source), dtype=torch.int64), group=pg, async_op=True)
+    except Exception as e:
+        raise _fail(what, group, started, e) from e
+
+    def finish():
+        try:
+            rows = wheres.view(size, 4).tolist()
+            if all(row[0] >= 0 for row in rows):
+                read(rows)
+            else:
+                fallback()
+            # every rank has read: each may write its source again once this completes
+            done = dist.all_reduce(torch.zeros(1, dtype=torch.int32), group=pg, async_op=defer_done)
+        except Exception as e:
+            raise _fail(what, group, started, e) from e
+        return Pending(done, f"{what} (the peers' reads)", group) if defer_done else None
+
+    pending = Pending(work, what, group, after=finish)
+    if async_op:
+        return pending
+    pending.wait()
+    return pending if defer_done else None
+
+
 def all_gather(full: torch.Tensor, shard: torch.Tensor, group: ChunkGroup, *, what: str = "all-gather",
-               async_op: bool = False) -> Pending | None:
-    """Gather every rank's `shard` into `full` (rank r's slice r). Async: returns a `Pending`."""
+               async_op: bool = False, arena=None, defer_done: bool = False) -> Pending | None:
+    """Gather every rank's `shard` into `full` (rank r's slice r). Async: returns a `Pending`.
+    `arena`: the model's `SharedArena`, used when it serves `group`; `defer_done`: see
+    `_through_shared_memory` (without an arena it changes nothing)."""
     if group.size == 1:
         if full.data_ptr() != shard.data_ptr():
             full[: shard.numel()].copy_(shard)
         return None
     started = time.monotonic()
     pg = group.process_group
+    if arena is not None and arena.serves(group):
+        n, r = shard.numel(), group.rank
+        if full[r * n : (r + 1) * n].data_ptr() != shard.data_ptr():
+            full[r * n : (r + 1) * n].copy_(shard)
+
+        def read(wheres):
+            for p, where in enumerate(wheres):
+                if p != r:
+                    full[p * n : (p + 1) * n].copy_(arena.peer(p, where, n, shard.dtype))
+
+        def fallback():
+            _all_gather_flat(full, shard, group=pg)
+
+        return _through_shared_memory(shard, group, arena, what, async_op, read, fallback, defer_done)
     try:
         if group.size == 2 and _on_gloo(group):  # see [Note: collectives on gloo]
             n, r = shard.numel(), group.rank
@@ -134,9 +196,11 @@ def all_gather(full: torch.Tensor, shard: torch.Tensor, group: ChunkGroup, *, wh
 
 
 def reduce_scatter_mean(shard_out: torch.Tensor, full: torch.Tensor, group: ChunkGroup, *,
-                        what: str = "reduce-scatter", async_op: bool = False) -> Pending | None:
+                        what: str = "reduce-scatter", async_op: bool = False, arena=None,
+                        defer_done: bool = False) -> Pending | None:
     """Average `full` over the group into this rank's `shard_out` (slice `group.rank`): the sum divided
-    by `group.grad_divisor` (the group's size unless the group says otherwise)."""
+    by `group.grad_divisor` (the group's size unless the group says otherwise). `arena`: as in
+    `all_gather`; the sum is then taken in rank order."""
     if group.size == 1:
         if shard_out.data_ptr() != full.data_ptr():
             shard_out.copy_(full)
@@ -145,6 +209,22 @@ def reduce_scatter_mean(shard_out: torch.Tensor, full: torch.Tensor, group: Chun
         return None
     started = time.monotonic()
     pg, r, n, size, divisor = group.process_group, group.rank, shard_out.numel(), group.size, group.grad_divisor
+    if arena is not None and arena.serves(group):
+        def read(wheres):
+            slices = [
+                full[r * n : (r + 1) * n] if p == r else arena.peer(p, where, size * n, full.dtype)[r * n : (r + 1) * n]
+                for p, where in enumerate(wheres)
+            ]
+            torch.add(slices[0], slices[1], out=shard_out)
+            for more in slices[2:]:
+                shard_out.add_(more)
+            shard_out.div_(divisor)
+
+        def fallback():
+            _reduce_scatter_flat(shard_out, full, group=pg)
+            shard_out.div_(divisor)
+
+        return _through_shared_memory(full, group, arena, what, async_op, read, fallback, defer_done)
     try:
         if not _on_gloo(group):
             work = _reduce_scatter_flat(shard_out, full, group=pg, async_op=async_op)

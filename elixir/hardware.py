@@ -581,15 +581,20 @@ def _collective_bytes_per_s(device: torch.device, numel: int, sync, min_total_s:
         return {}
     from elixir.comm import all_gather, reduce_scatter_mean
     from elixir.memory.chunk import ChunkGroup
+    from elixir.shm import SharedArena
 
-    world = dist.get_world_size()
-    group = ChunkGroup(dist.group.WORLD, dist.get_rank(), world)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    group = ChunkGroup(dist.group.WORLD, rank, world)
     numel -= numel % world
-    full = torch.zeros(numel, device=device)
-    shard = torch.zeros(numel // world, device=device)
+    # the buffers the runtime communicates from: in shared memory where ranks share a host (elixir/shm.py)
+    arena = SharedArena.create(group) if device.type == "cpu" else None
+    full = arena.empty(numel, torch.float32) if arena is not None else torch.zeros(numel, device=device)
+    n = numel // world
+    own = full[rank * n : (rank + 1) * n]
+    shard = torch.zeros(n, device=device)
     nbytes = full.numel() * full.element_size()
-    gather = _seconds(lambda: all_gather(full, shard, group), sync, min_total_s=min_total_s)
-    scatter = _seconds(lambda: reduce_scatter_mean(shard, full, group), sync, min_total_s=min_total_s)
+    gather = _seconds(lambda: all_gather(full, own, group, arena=arena), sync, min_total_s=min_total_s)
+    scatter = _seconds(lambda: reduce_scatter_mean(shard, full, group, arena=arena), sync, min_total_s=min_total_s)
     # Ranks time slightly different runs; the slowest decides a collective's time.
     slowest = torch.tensor([gather, scatter], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)

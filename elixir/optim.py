@@ -242,10 +242,15 @@ class ElixirOptimizer(torch.optim.Optimizer):
                 accel.copy_(c.shard, c.master)
             if c.resident:  # gathered again at once, all chunks' all-gathers in flight together
                 what = f"all-gather of updated chunk {c.index}"
-                gathers.append(comm.all_gather(c.full, c.shard, c.group, what=what, async_op=True))
+                gathers.append(comm.all_gather(
+                    c.full, c.shard, c.group, what=what, async_op=True, arena=rt.tracker.shared, defer_done=True
+                ))
         for g in gathers:
             if g is not None:
                 g.wait()
+        for g in gathers:  # the peers have read this rank's shards: they may change again
+            if g is not None and g.trailing is not None:
+                g.trailing.wait()
         # gathered copies of updated on-demand chunks are stale now
         if rt.cache is not None:
             for b in rt.cache.occupied():

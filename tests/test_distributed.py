@@ -136,3 +136,53 @@ def test_model_data_per_rank_falls_as_one_over_n():
     padding = 3 * 4 * 4 * len(build_model("gpt").state_dict())  # at most N-1 elements per chunk
     assert per_world[2] <= per_world[1] / 2 + padding
     assert per_world[4] <= per_world[1] / 4 + padding
+
+
+def _shared_vs_sockets(rank, world):
+    import os
+    import time
+
+    from elixir.runtime.wrap import runtime_of
+    from elixir.shm import SharedArena
+
+    model = build_model("gpt")
+    data = batches(3, batch=8)
+    runs = {}
+    slow_peer = SharedArena.peer
+
+    def slow(self, *args):  # rank 1 reads late: rank 0 must not write what rank 1 has yet to read
+        time.sleep(0.02)
+        return slow_peer(self, *args)
+
+    for shm in ("1", "slow", "0"):
+        os.environ["ELIXIR_SHM"] = "0" if shm == "0" else "1"
+        SharedArena.peer = slow if shm == "slow" and rank == 1 else slow_peer
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=LR, eps=EPS, fused=True)
+        m, opt = elixir.wrap(m, opt, plan=make_plan(m, "mixed", opt))
+        # the parity tests above run this way (shared memory, the default on one host)
+        assert (runtime_of(m).tracker.shared is not None) == (shm != "0")
+        losses = []
+        for x in data:
+            loss = loss_of(m, x.chunk(world)[rank])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs[shm] = (losses, elixir.full_state_dict(m))
+    os.environ.pop("ELIXIR_SHM")
+    SharedArena.peer = slow_peer
+    (l1, p1), (l0, p0), (ls, ps) = runs["1"], runs["0"], runs["slow"]
+    assert ls == l1
+    assert all(torch.equal(ps[n], p1[n]) for n in p1)
+    if world == 2:  # a sum of two is the same in either order: the same bits
+        assert l1 == l0
+        assert all(torch.equal(p1[n], p0[n]) for n in p0)
+    else:
+        assert_close_rel(l1, l0, 1e-6)
+        assert_params_close(p1, p0, 1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shared_memory_and_sockets_train_alike(world):
+    run_ranks(_shared_vs_sockets, world)

@@ -25,7 +25,7 @@ class BlockCache:
 
     def __init__(self, num_blocks: int, block_numel: int, dtype: torch.dtype, tracker: MemoryTracker):
         self.block_numel = block_numel
-        self.blocks = [Block(i, tracker.empty(block_numel, dtype, "device")) for i in range(num_blocks)]
+        self.blocks = [Block(i, tracker.empty(block_numel, dtype, "device", share=True)) for i in range(num_blocks)]
         self._free = list(reversed(self.blocks))
         # storage address -> block: how saved tensors are recognised as views of a chunk
         self.by_storage = {b.buffer.untyped_storage().data_ptr(): b for b in self.blocks}

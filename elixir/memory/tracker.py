@@ -19,11 +19,20 @@ class MemoryTracker:
         self.devices = {"device": torch.device(device), "host": torch.device(host or "cpu")}
         self.bytes = dict.fromkeys(TIERS, 0)
         self.bytes_peak = dict.fromkeys(TIERS, 0)
+        # a SharedArena (elixir/shm.py) when the ranks of the model's group share a host
+        self.shared = None
 
     def empty(
-        self, numel: int, dtype: torch.dtype, tier: str, *, zero: bool = False, pin: bool = False
+        self, numel: int, dtype: torch.dtype, tier: str, *, zero: bool = False, pin: bool = False,
+        share: bool = False,
     ) -> torch.Tensor:
-        """A counted buffer; `pin`: page-locked host memory, when the device is a GPU (see accel.py)."""
+        """A counted buffer; `pin`: page-locked host memory, when the device is a GPU (see accel.py);
+        `share`: a communication buffer the peers read, in shared memory when there is an arena
+        (a shared buffer starts zero-filled)."""
+        if share and self.shared is not None and tier == "device":
+            t = self.shared.empty(numel, dtype)
+            self.count(tier, t.numel() * t.element_size())
+            return t
         make = torch.zeros if zero else torch.empty
         pin = pin and tier == "host" and self.devices["device"].type == "cuda"
         t = make(numel, dtype=dtype, device=self.devices[tier], pin_memory=pin)

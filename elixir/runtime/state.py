@@ -58,6 +58,9 @@ class Runtime:
         self.in_backward = False
         self._reductions: list = []
         self._grad_pool: list[torch.Tensor] = []
+        # id(pooled buffer) -> the peers' reads of it, still in flight ([Note: shared memory between ranks])
+        self._peers_reading: dict[int, comm.Pending] = {}
+        self._block_read: dict[int, comm.Pending] = {}  # the same, for cache blocks (by index)
         self._grad_buffer_numel = max(c.numel for c in chunks)
         self.grad_buffers = 0  # pooled gradient buffers made so far (see [Note: gradient buffers])
         # reduce-scatters left in flight during backward, each holding a full-chunk fp32 buffer
@@ -80,8 +83,7 @@ class Runtime:
         if chunk.state is not ChunkState.GATHERED:
             self._gather(chunk, self._free_block(chunk))
         elif chunk.pending is not None:
-            chunk.pending.wait()
-            chunk.pending = None
+            self._wait_gather(chunk)
         if moved and self.prefetch_depth and self.schedule.on_order:
             chunk.pins += 1  # the chunk being used now is no prefetch victim
             self._prefetch()
@@ -143,7 +145,17 @@ class Runtime:
             self._recompute_pins.discard(chunk)
             chunk.pins -= 1
 
+    def _wait_gather(self, chunk: Chunk) -> None:
+        pending, chunk.pending = chunk.pending, None
+        pending.wait()
+        trailing = getattr(pending, "trailing", None)
+        if trailing is not None:  # the peers may still read this rank's slice of the block
+            self._block_read[chunk.block.index] = trailing
+
     def _gather(self, chunk: Chunk, block, *, prefetch: bool = False) -> None:
+        peers_reading = self._block_read.pop(block.index, None)
+        if peers_reading is not None:  # before this rank writes its slice of the block again
+            peers_reading.wait()
         block.chunk, chunk.block = chunk, block
         full = block.buffer[: chunk.numel]
         what = f"all-gather of chunk {chunk.index}"
@@ -153,20 +165,23 @@ class Runtime:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 accel.copy_(full[chunk.shard_slice], chunk.shard)
-                gather = comm.all_gather(full, full[chunk.shard_slice], chunk.group, what=what, async_op=True)
+                gather = comm.all_gather(full, full[chunk.shard_slice], chunk.group, what=what, async_op=True,
+                                         arena=self.tracker.shared)
             chunk.pending = accel.StreamPending(stream, gather, self.device)
         else:
             accel.copy_(full[chunk.shard_slice], chunk.shard)
             # a prefetch leaves its all-gather in flight; the first use waits for it (see acquire)
-            chunk.pending = comm.all_gather(full, full[chunk.shard_slice], chunk.group, what=what, async_op=prefetch)
+            chunk.pending = comm.all_gather(
+                full, full[chunk.shard_slice], chunk.group, what=what, async_op=prefetch, arena=self.tracker.shared,
+                defer_done=True,
+            )
         chunk.bind(full)
         self.gathers += 1
         self.blocks_used_peak = max(self.blocks_used_peak, self.cache.num_used)
 
     def evict(self, chunk: Chunk) -> None:
         if chunk.pending is not None:
-            chunk.pending.wait()  # the block is still being written
-            chunk.pending = None
+            self._wait_gather(chunk)  # the block is still being written
         block = chunk.block
         block.chunk = None
         chunk.unbind()
@@ -179,8 +194,11 @@ class Runtime:
         self.finish_reductions()
         for c in self.chunks:
             if c.pending is not None:
-                c.pending.wait()
-                c.pending = None
+                self._wait_gather(c)
+        for peers_reading in (*self._peers_reading.values(), *self._block_read.values()):
+            peers_reading.wait()
+        self._peers_reading.clear()
+        self._block_read.clear()
         if self.host_sync:  # asynchronous copies into or out of pinned host memory are done
             accel.synchronize(self.device)
 
@@ -251,12 +269,19 @@ class Runtime:
 
     def _take_grad_buffer(self) -> torch.Tensor:
         if self._grad_pool:
-            return self._grad_pool.pop()
+            buf = self._grad_pool.pop()
+            peers_reading = self._peers_reading.pop(id(buf), None)
+            if peers_reading is not None:  # it was a reduction's source: the peers have read it
+                peers_reading.wait()
+            return buf
         self.grad_buffers += 1
-        return self.tracker.empty(self._grad_buffer_numel, torch.float32, "device")
+        return self.tracker.empty(self._grad_buffer_numel, torch.float32, "device", share=True)
 
-    def give_back_grad_buffer(self, buf: torch.Tensor) -> None:
+    def give_back_grad_buffer(self, buf: torch.Tensor, peers_reading=None) -> None:
+        """Return `buf` to the pool; `peers_reading`: a collective to wait before it is written again."""
         self._grad_pool.append(buf)
+        if peers_reading is not None:
+            self._peers_reading[id(buf)] = peers_reading
 
     def add_grad(self, chunk: Chunk, slot: int, grad: torch.Tensor) -> None:
         """Put a parameter's gradient into its chunk's fp32 gradient buffer; reduce when complete."""
@@ -307,7 +332,8 @@ class Runtime:
             return
         reduced = self.tracker.empty(chunk.shard_numel, torch.float32, "device")
         pending = comm.reduce_scatter_mean(
-            reduced, buf, chunk.group, what=f"reduce-scatter of chunk {chunk.index}'s gradients", async_op=True
+            reduced, buf, chunk.group, what=f"reduce-scatter of chunk {chunk.index}'s gradients", async_op=True,
+            arena=self.tracker.shared, defer_done=True,
         )
         self._reductions.append((chunk, base, reduced, pending))
         if len(self._reductions) > self.max_reductions_in_flight:
@@ -319,7 +345,7 @@ class Runtime:
 
     def _finish_reduction(self, chunk: Chunk, base, reduced, pending) -> None:
         pending.wait()
-        self.give_back_grad_buffer(base)
+        self.give_back_grad_buffer(base, pending.trailing)
         self._add_to_master(chunk, reduced, None)
 
     def _add_to_master(self, chunk: Chunk, reduced: torch.Tensor, base: torch.Tensor | None) -> None:

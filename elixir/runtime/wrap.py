@@ -17,6 +17,7 @@ from elixir.optim import ElixirOptimizer, check_optimizer
 from elixir.plan import Plan, named_parameters, optimizer_group_of
 from elixir.runtime.hooks import Interceptor
 from elixir.runtime.state import Runtime
+from elixir.shm import SharedArena
 
 _STATE_ATTR = "_elixir_runtime"
 _LAZY_ATTR = "_elixir_lazy"
@@ -108,6 +109,8 @@ def wrap(
         )
 
     tracker = MemoryTracker(device)
+    if device.type == "cpu" and group.size > 1:
+        tracker.shared = SharedArena.create(group)  # [Note: shared memory between ranks] (elixir/shm.py)
     dtype = plan.dtype
     n_meta = {n: p.device.type == "meta" for n, p in params.items()}
     if on_meta:
@@ -377,7 +380,7 @@ def _materialize(chunk: Chunk, tracker: MemoryTracker) -> None:
             flat = s.param.detach().reshape(-1)[lo - s.offset : hi - s.offset]
             values[lo - rng.start : hi - rng.start].copy_(flat)
     if chunk.resident:
-        full = tracker.empty(chunk.numel, dtype, "device", zero=True)
+        full = tracker.empty(chunk.numel, dtype, "device", zero=True, share=True)
         for s in chunk.slots:
             if not s.from_meta:
                 full[s.offset : s.offset + s.numel].copy_(s.param.detach().reshape(-1))

@@ -14,6 +14,9 @@ Two settings:
   offload      elixir-offload    Elixir resident, optim_home="host" (fp32 master + AdamW states + update on host)
                fsdp2-offload     as fsdp2 with CPUOffloadPolicy(pin_memory=False) on every fully_shard
                deepspeed-offload ZeRO-3 with "offload_optimizer": {"device": "cpu"} (DeepSpeedCPUAdam)
+  floor        local             plain PyTorch, every rank steps alone on its own rows: no communication, so
+                                 not one model; what the compute alone costs with both ranks on the machine.
+                                 Printed as each system's throughput over the floor's.
 
 On a CPU-only machine "device" and "host" are the same memory, so the offload setting measures the
 bookkeeping and copies each system adds for offloading, not a bandwidth trade.
@@ -89,6 +92,8 @@ SYSTEMS = {
     "elixir-offload": (OFFLOAD, "elixir", "Elixir resident, optim_home=host"),
     "fsdp2-offload": (OFFLOAD, "fsdp2", "FSDP2 + CPUOffloadPolicy(pin_memory=False)"),
     "deepspeed-offload": (OFFLOAD, "deepspeed", "DeepSpeed ZeRO-3 + offload_optimizer cpu (DeepSpeedCPUAdam)"),
+    # not a training system: what the same compute costs with no communication at all
+    "local": (NO_OFFLOAD, "floor", "floor: plain PyTorch, each rank steps alone on its rows (no communication)"),
 }
 # LR, BETAS, EPS, WEIGHT_DECAY, adamw, plain_step, TORCH_LINEAR and the FSDP2 and DeepSpeed builders are
 # elixir.benchmark's, shared with `elixir bench`: DeepSpeed ZeRO-3 replaces torch.nn.functional.linear
@@ -314,6 +319,10 @@ def main(argv=None) -> int:
                 s = build_elixir(name, base, args)
             elif family == "fsdp2":
                 s = build_fsdp2(name, base, args)
+            elif family == "floor":
+                m = copy.deepcopy(base).train()
+                opt = adamw(m.parameters())
+                s = System(name, m, opt, plain_step(m, opt), "each rank trains its own copy: not one model")
             else:
                 s = build_deepspeed(name, base, args, local_batch)
             for _ in range(args.warmup):
@@ -359,11 +368,13 @@ def main(argv=None) -> int:
         t = torch.stack([v.float() for v in s.losses]).double()
         dist.all_reduce(t)
         losses[s.name] = (t / world).tolist()
-    ref_name = systems[0].name
+    trained = [s for s in systems if s.family != "floor"]  # the floor trains no one model: its losses differ
+    ref_name = (trained or systems)[0].name
     ref = losses[ref_name]
     k = min(args.check_steps, len(ref))
-    rel = {n: max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(v[:k], ref[:k])) for n, v in losses.items()}
-    rel_all = {n: max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(v, ref)) for n, v in losses.items()}
+    rel = {s.name: max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses[s.name][:k], ref[:k]))
+           for s in trained}
+    rel_all = {s.name: max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses[s.name], ref)) for s in trained}
 
     # --- ratios per setting ----------------------------------------------------------------------
     by_name = {s.name: s for s in systems}
@@ -387,7 +398,7 @@ def main(argv=None) -> int:
             "tokens_per_s": s.tokens_per_s, "seconds": s.seconds,
             "median_tokens_per_s": statistics.median(s.tokens_per_s),
             "median_ms_per_step": statistics.median(s.seconds) / args.steps * 1e3,
-            "max_rel_loss_diff_first_steps": rel[s.name], "max_rel_loss_diff_all_steps": rel_all[s.name],
+            "max_rel_loss_diff_first_steps": rel.get(s.name), "max_rel_loss_diff_all_steps": rel_all.get(s.name),
         }
         if s.family == "elixir":
             st = elixir.memory_stats(s.model)
@@ -405,9 +416,10 @@ def main(argv=None) -> int:
                 other = fam + ("-offload" if r["setting"] == OFFLOAD else "")
                 q = ratios.get(f"{r['system']}/{other}")
                 cells.append("-" if q is None else f"{q['median']:.2f}x ({q['min']:.2f}-{q['max']:.2f})")
+            diff = r["max_rel_loss_diff_first_steps"]
             print(f"| {r['setting']} | {r['system']}: {r['description']} | {r['median_tokens_per_s']:,.0f} | "
                   f"{r['median_ms_per_step']:.0f} | {cells[0]} | {cells[1]} | "
-                  f"{r['max_rel_loss_diff_first_steps']:.1e} |")
+                  f"{'-' if diff is None else f'{diff:.1e}'} |")
         for n, why in skipped.items():
             print(f"| {SYSTEMS[n][0]} | {n}: {SYSTEMS[n][2]} | CANNOT RUN: {why} | | | | |")
         print()
@@ -422,6 +434,11 @@ def main(argv=None) -> int:
         if bad:
             print(f"WARNING: losses differ beyond {args.rtol:g} relative over the first {k} steps: "
                   + ", ".join(f"{n} {v:.1e}" for n, v in bad.items()))
+        floor = next((s for s in systems if s.family == "floor"), None)
+        if floor is not None:  # how close each system comes to the compute alone, per repetition
+            print("throughput / the no-communication floor (median over reps): " + ", ".join(
+                f"{s.name} {statistics.median(a / b for a, b in zip(s.tokens_per_s, floor.tokens_per_s)):.3f}"
+                for s in trained))
         print(f"first loss {ref[0]:.6f}, loss after {len(ref)} steps {ref[-1]:.6f} ({ref_name}); "
               f"wall time {bench_s:.0f} s")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections import OrderedDict
 
 import torch
 
@@ -26,6 +27,10 @@ ELEMENTWISE = (
     torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adadelta,
 )
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+_HOOK_REGISTRIES = (
+    "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
+)
 
 
 def check_optimizer(optimizer, model: torch.nn.Module) -> None:
@@ -114,15 +119,22 @@ class ElixirOptimizer(torch.optim.Optimizer):
         self.defaults = dict(optimizer.defaults)
         self.state = {}
         self._built = False
+        # the hook registries torch.optim.Optimizer's methods read (its step wrapper reads them before our
+        # step, once any optimizer of this class has been built): empty, and kept by `attach`
+        for name in _HOOK_REGISTRIES:
+            setattr(self, name, OrderedDict())
         return self
 
     def attach(self, optimizer: torch.optim.Optimizer, chunks, runtime) -> None:
         """Make a pending optimizer the real one, keeping its param-group dicts (schedulers hold them)
         and whatever hyper-parameters were set on them meanwhile."""
         groups = self.param_groups
+        hooks = {name: getattr(self, name) for name in _HOOK_REGISTRIES}
         for user_group, g in zip(optimizer.param_groups, groups):
             user_group.update(g)
         ElixirOptimizer.__init__(self, optimizer, chunks, runtime)
+        for name, registry in hooks.items():  # hooks registered while pending stay registered
+            setattr(self, name, registry)
         for old, new in zip(groups, self.param_groups):
             old.clear()
             old.update(new)

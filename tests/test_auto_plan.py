@@ -42,6 +42,10 @@ def test_the_first_forward_plans_and_training_matches_pytorch():
     model = build("gpt")
     data = batches(STEPS)
     want, want_params = reference(model, data)
+    # an optimizer built before (torch then wraps the class's step in its hooks, which must find the
+    # pending optimizer's hook registries and reach its clear error)
+    other = copy.deepcopy(model)
+    elixir.wrap(other, torch.optim.AdamW(other.parameters()), plan=elixir.Plan.uniform(other))
     m = copy.deepcopy(model)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
     m, opt = elixir.wrap(m, opt, hardware=small_device(model, data[0]))
@@ -51,6 +55,8 @@ def test_the_first_forward_plans_and_training_matches_pytorch():
     opt.zero_grad()  # harmless before the first forward
     with pytest.raises(ValueError, match="forward"):
         opt.step()
+    steps_seen = []
+    opt.register_step_post_hook(lambda o, args, kwargs: steps_seen.append(1))  # registered while pending
     losses = []
     for x in data:
         loss = loss_of(m, x)
@@ -63,6 +69,7 @@ def test_the_first_forward_plans_and_training_matches_pytorch():
     assert plan.predicted and plan.use_order, "the plan was not searched from a profile"
     assert not all(c.resident and c.optim_home == "device" for c in plan.chunks), "nothing was offloaded"
     assert elixir.memory_stats(m).keys() == stats.keys()
+    assert len(steps_seen) == STEPS, "a hook registered before the first forward was dropped"
     assert_close_rel(losses, want, 1e-5)
     assert_params_close(elixir.full_state_dict(m), want_params, 1e-5)
 

@@ -30,7 +30,9 @@ import torch
 
 __all__ = ["Hardware", "cache_dir", "parse_bytes"]
 
-_FORMAT_VERSION = 2  # 2: attention_flops; AdamW on buffers beyond the last-level cache; Linear-layer GEMMs
+# 2: attention_flops; AdamW on buffers beyond the last-level cache; Linear-layer GEMMs
+# 3: CPU collectives as the runtime runs them (all-to-alls, shared memory between ranks of one host)
+_FORMAT_VERSION = 3
 GiB = 2**30
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,12 @@ _STATE_BYTES = 8
 # every operator: a fixed launch / dispatch cost (eager PyTorch; on the 2-core CPU of BENCHMARKS.md a tiny
 # GPT's forward and backward take ~4.5 us per aten operator)
 _OP_OVERHEAD_S = {"cpu": 4e-6, "gpu": 6e-6}
+# every chunk collective of several CPU ranks (gloo): its signals' thread hand-offs and the ranks' skew, on the
+# compute thread. On the 2-core CPU of BENCHMARKS.md a 10.8M GPT on 2 ranks ran at 0.888 of the
+# no-communication floor with 32 chunks and at 0.974 with 6 (bench/bench_dist.py --chunk-mib 2.25 vs 8): ~77 ms
+# per step for 52 more collectives, ~1.5 ms each. On GPUs NCCL's launches are asynchronous and cost
+# microseconds: not modelled.
+_COLLECTIVE_OVERHEAD_S = {"cpu": 1.5e-3, "gpu": 0.0}
 # reduce-scatters left in flight by the runtime (see Runtime.max_reductions_in_flight)
 _REDUCTIONS_IN_FLIGHT = 2
 
@@ -209,6 +215,7 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
     itemsize = plan.dtype.itemsize
     cpu = hardware.device_type == "cpu"
     overhead = _OP_OVERHEAD_S["cpu" if cpu else "gpu"]
+    per_collective = _COLLECTIVE_OVERHEAD_S["cpu" if cpu else "gpu"]
     matmul = hardware.matmul_rate(plan.dtype)
     attention = hardware.attention_rate(plan.dtype)
     coll = hardware.collective_rate(n)
@@ -222,7 +229,9 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
         shard_bytes = c.numel // c.ranks * itemsize
         move = shard_bytes / (hardware.h2d_bytes_per_s if c.param_home == "host" else copy_rate)
         gather = (c.ranks - 1) / c.ranks * c.numel * itemsize / coll_of(c) if c.ranks > 1 else 0.0
-        return (move, gather) if cpu else (0.0, move + gather)
+        if cpu:
+            return move + (per_collective if c.ranks > 1 else 0.0), gather
+        return 0.0, move + gather
 
     # the on-demand use sequence with positions, for Belady and prefetch
     seq: list[int] = []
@@ -307,7 +316,7 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
         for c in completed_after.get(i, ()):  # the chunk's gradients are complete: reduce it
             ch = chunks[c]
             # every gradient was copied into the chunk's fp32 buffer as it arrived (see [Note: gradient buffers])
-            t_compute += ch.numel * 4 / copy_rate
+            t_compute += ch.numel * 4 / copy_rate + (per_collective if ch.ranks > 1 else 0.0)
             red = (ch.ranks - 1) / ch.ranks * ch.numel * 4 / coll_of(ch) if ch.ranks > 1 else 0.0
             if ch.optim_home == "host":
                 to_host = ch.numel // ch.ranks * 4 / hardware.d2h_bytes_per_s
@@ -331,7 +340,7 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
         elif itemsize != 4:
             optim += shard * itemsize / copy_rate
         if c.resident and c.ranks > 1:
-            optim += (c.ranks - 1) / c.ranks * c.numel * itemsize / coll_of(c)
+            optim += (c.ranks - 1) / c.ranks * c.numel * itemsize / coll_of(c) + per_collective
     model_device, model_host = memory(plan, chunks, grads)
     activations = profile.peak_activation_bytes
     all_to_all = sum(nbytes / hardware.collective_rate(ranks) for ranks, nbytes in profile.all_to_all)

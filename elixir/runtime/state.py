@@ -367,6 +367,14 @@ class Runtime:
                 master.grad.add_(reduced)
                 done_with_reduced()
         else:
+            if master.grad is None and base is None and reduced.device == master.device:
+                # a CPU-only machine: host and device are the same memory, so the reduced shard becomes
+                # the host gradient as it is (counted under the host from now on), with no copy
+                master.grad = reduced
+                nbytes = reduced.numel() * reduced.element_size()
+                self.tracker.count("device", -nbytes)
+                self.tracker.count("host", nbytes)
+                return
             if master.grad is None:
                 master.grad = self._host_grad(chunk)
                 accel.copy_(master.grad, reduced)

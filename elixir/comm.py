@@ -230,7 +230,7 @@ def reduce_scatter_mean(shard_out: torch.Tensor, full: torch.Tensor, group: Chun
             work = _reduce_scatter_flat(shard_out, full, group=pg, async_op=async_op)
 
             def finish():
-                shard_out.div_(divisor)  # gloo has no AVG/PREMUL_SUM; averaging stays out of the kernel
+                shard_out.div_(divisor)  # a sum, then a division: one way for every backend (gloo has no AVG)
         elif size == 2:  # see [Note: collectives on gloo]
             splits = _pair_splits(r, n)
             work = dist.all_to_all_single(

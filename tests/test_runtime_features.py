@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import elixir
+from elixir.models import GPT, GPTConfig
 from helpers import (
+    VOCAB,
     assert_close_rel,
     assert_params_close,
     batches,
@@ -177,7 +179,13 @@ def test_gradient_accumulation_equals_one_large_batch(kind):
 
 @pytest.mark.parametrize("kind", ["resident", "mixed"])
 def test_clip_grad_norm_matches_torch(kind):
-    model = build("gpt")
+    # Bias-free: the key third of attention's bias has an exactly-zero true gradient (adding q.b_k to every
+    # score of a row leaves the softmax unchanged), so its computed gradient is rounding noise (~1e-11) that
+    # AdamW normalises into steps of ~lr * 1e-3. Elixir's norm sums chunk shards, torch's sums per-tensor
+    # norms: the clip coefficients differ in their last bit, the noise after one step differs wholly, and
+    # that bias would move by an amount set by the CPU's kernels (2.8e-4 relative on AVX2), not by Elixir.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=VOCAB, bias=False)).train()
     ref = copy.deepcopy(model)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
     wrapped, opt = _wrap(model, kind)

@@ -286,7 +286,7 @@ class ElixirOptimizer(torch.optim.Optimizer):
             if c.master.grad is None:
                 continue
             if set_to_none:
-                self.runtime.drop_master_grad(c)
+                self.runtime.grads.drop_master_grad(c)
             else:
                 c.master.grad.zero_()
         self._unscaled = False

@@ -428,7 +428,7 @@ def _grad_hook(runtime: Runtime, chunk: Chunk, slot: int):
         runtime.enter_backward()
         g, p.grad = p.grad, None
         if chunk.trainable:
-            runtime.add_grad(chunk, slot, g)
+            runtime.grads.add(chunk, slot, g)
 
     return hook
 

@@ -1,0 +1,211 @@
+"""Gradients of a wrapped model: per-chunk fp32 buffers, their reduction over the chunk's group, and the
+master gradients at each chunk's optimizer home.
+
+A parameter's gradient is put into its chunk's buffer as autograd accumulates it (`add`); when every
+gradient of the chunk has arrived the buffer is reduce-scattered into this rank's shard and added into
+the master's gradient where the optimizer state lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from elixir import accel, comm
+from elixir.memory import Chunk, MemoryTracker
+
+
+class GradReducer:
+    """The gradient buffers of one wrapped model and their reductions."""
+
+    def __init__(
+        self, chunks: list[Chunk], tracker: MemoryTracker, device: torch.device, *,
+        on_reduce: Callable[[Chunk], None] = lambda chunk: None,
+    ) -> None:
+        self.chunks = chunks
+        self.tracker = tracker
+        self.device = device
+        self.on_reduce = on_reduce  # a chunk's gradients are complete (its recompute pin may go)
+        self._reductions: list = []
+        self._grad_pool: list[torch.Tensor] = []
+        # id(pooled buffer) -> the peers' reads of it, still in flight ([Note: shared memory between ranks])
+        self._peers_reading: dict[int, comm.Pending] = {}
+        self._grad_buffer_numel = max(c.numel for c in chunks)
+        self.grad_buffers = 0  # pooled gradient buffers made so far (see [Note: gradient buffers])
+        # reduce-scatters left in flight during backward, each holding a full-chunk fp32 buffer
+        self.max_reductions_in_flight = 2
+        self.first_backward_counts: dict[int, int] | None = None
+        self._kept_host_grads: dict[int, torch.Tensor] = {}  # chunk index -> pinned gradient buffer (CUDA)
+
+    @property
+    def grad_buffer_bytes(self) -> int:
+        return self.grad_buffers * self._grad_buffer_numel * 4
+
+    # [Note: gradient buffers]
+    # A chunk's gradient is gathered in an fp32 buffer of the whole chunk, taken from a pool of
+    # buffers of the largest chunk's size: allocated once and reused, since a fresh zero-filled
+    # buffer per chunk per step costs an allocation (page faults on the CPU) and a fill. The first
+    # gradient of a parameter is copied in and later ones added, so the buffer is never zeroed
+    # whole: only the ranges no gradient reached (padding, alignment gaps, unused parameters) are
+    # zeroed before the reduction. Pooled buffers stay allocated, and counted, until the model goes.
+
+    def _take_grad_buffer(self) -> torch.Tensor:
+        if self._grad_pool:
+            buf = self._grad_pool.pop()
+            peers_reading = self._peers_reading.pop(id(buf), None)
+            if peers_reading is not None:  # it was a reduction's source: the peers have read it
+                peers_reading.wait()
+            return buf
+        self.grad_buffers += 1
+        return self.tracker.empty(self._grad_buffer_numel, torch.float32, "device", share=True)
+
+    def give_back_grad_buffer(self, buf: torch.Tensor, peers_reading=None) -> None:
+        """Return `buf` to the pool; `peers_reading`: a collective to wait before it is written again."""
+        self._grad_pool.append(buf)
+        if peers_reading is not None:
+            self._peers_reading[id(buf)] = peers_reading
+
+    def add(self, chunk: Chunk, slot: int, grad: torch.Tensor) -> None:
+        """Put a parameter's gradient into its chunk's fp32 gradient buffer; reduce when complete."""
+        if chunk.grad_buffer is None:
+            chunk.grad_buffer = self._take_grad_buffer()
+            chunk.grad_written = [False] * len(chunk.slots)
+            chunk.slots_written = 0
+        offset = chunk.slots[slot].offset
+        dst = chunk.grad_buffer[offset : offset + grad.numel()].view_as(grad)
+        if chunk.grad_written[slot]:
+            dst.add_(grad)
+        else:
+            dst.copy_(grad)
+            chunk.grad_written[slot] = True
+            chunk.slots_written += 1
+        chunk.grads_seen += 1
+        if self.first_backward_counts is not None:
+            self.first_backward_counts[chunk.index] = self.first_backward_counts.get(chunk.index, 0) + 1
+        # complete: every trainable parameter has its gradient, as many times as a backward gives it
+        # (more than once only when autograd runs its accumulation twice, e.g. reentrant checkpointing)
+        if chunk.slots_written == chunk.trainable_slots and (
+            chunk.expected_grads is None or chunk.grads_seen >= chunk.expected_grads
+        ):
+            self.reduce_grad(chunk)
+
+    def reduce_grad(self, chunk: Chunk) -> None:
+        """Reduce the chunk's gradient buffer over its group into the fp32 gradient shard of the
+        master, at the optimizer's home. Later gradients of the same backward start a new buffer,
+        so reducing early is never wrong, only slower. On several ranks the reduce-scatter is left
+        in flight while backward goes on; `finish_reductions` completes it."""
+        base = chunk.grad_buffer
+        chunk.grad_buffer, chunk.grads_seen = None, 0
+        self.on_reduce(chunk)
+        buf = base[: chunk.numel]
+        end = 0
+        for s, written in zip(chunk.slots, chunk.grad_written):
+            if s.offset > end:
+                buf[end : s.offset].zero_()
+            if not written:
+                buf[s.offset : s.offset + s.numel].zero_()
+            end = s.offset + s.numel
+        if end < chunk.numel:
+            buf[end:].zero_()
+        if chunk.group.size == 1:
+            if chunk.group.grad_divisor != 1:  # an expert held by this rank alone: mean over the world
+                buf.div_(chunk.group.grad_divisor)
+            self._add_to_master(chunk, buf, base)
+            return
+        reduced = self.tracker.empty(chunk.shard_numel, torch.float32, "device")
+        pending = comm.reduce_scatter_mean(
+            reduced, buf, chunk.group, what=f"reduce-scatter of chunk {chunk.index}'s gradients", async_op=True,
+            arena=self.tracker.shared, defer_done=True,
+        )
+        self._reductions.append((chunk, base, reduced, pending))
+        if len(self._reductions) > self.max_reductions_in_flight:
+            self._finish_reduction(*self._reductions.pop(0))
+
+    def finish_reductions(self) -> None:
+        while self._reductions:
+            self._finish_reduction(*self._reductions.pop(0))
+
+    def _finish_reduction(self, chunk: Chunk, base, reduced, pending) -> None:
+        pending.wait()
+        self.give_back_grad_buffer(base, pending.trailing)
+        self._add_to_master(chunk, reduced, None)
+
+    def _add_to_master(self, chunk: Chunk, reduced: torch.Tensor, base: torch.Tensor | None) -> None:
+        """Add a reduced gradient shard into the master's gradient. `base` is the pooled buffer that
+        `reduced` is a view of (one rank), or None when `reduced` was allocated for it."""
+        master = chunk.master
+
+        def done_with_reduced():
+            if base is not None:
+                self.give_back_grad_buffer(base)
+            else:
+                self.tracker.release(reduced, "device")
+
+        if chunk.optim_home == "device":
+            if master.grad is None:
+                master.grad = reduced  # adopt it: no copy
+                chunk.master_grad_base = base
+            else:
+                master.grad.add_(reduced)
+                done_with_reduced()
+        else:
+            if master.grad is None and base is None and reduced.device == master.device:
+                # a CPU-only machine: host and device are the same memory, so the reduced shard becomes
+                # the host gradient as it is (counted under the host from now on), with no copy
+                master.grad = reduced
+                nbytes = reduced.numel() * reduced.element_size()
+                self.tracker.count("device", -nbytes)
+                self.tracker.count("host", nbytes)
+                return
+            if master.grad is None:
+                master.grad = self._host_grad(chunk)
+                accel.copy_(master.grad, reduced)
+            else:
+                master.grad.add_(reduced.to(master.grad.device))
+            done_with_reduced()
+
+    def _host_grad(self, chunk: Chunk) -> torch.Tensor:
+        """The host buffer a chunk's gradient shard is copied into. On CUDA it is pinned (the copy is
+        asynchronous) and kept from step to step: pinning gigabytes costs seconds, every time. On the
+        CPU it is allocated per step and freed by zero_grad, as any gradient."""
+        if not accel.pinned_host(self.device):
+            return self.tracker.empty(chunk.shard_numel, torch.float32, "host")
+        buf = self._kept_host_grads.get(chunk.index)
+        if buf is None:
+            buf = self._kept_host_grads[chunk.index] = self.tracker.empty(
+                chunk.shard_numel, torch.float32, "host", pin=True
+            )
+        return buf
+
+    def drop_master_grad(self, chunk: Chunk) -> None:
+        """Free the master's gradient (zero_grad(set_to_none=True)); a kept host buffer stays."""
+        g = chunk.master.grad
+        if g is None:
+            return
+        if chunk.master_grad_base is not None:
+            self.give_back_grad_buffer(chunk.master_grad_base)
+            chunk.master_grad_base = None
+        elif self._kept_host_grads.get(chunk.index) is not g:
+            self.tracker.release(g, chunk.optim_home)
+        chunk.master.grad = None
+
+    def reduce_leftovers(self) -> None:
+        """At the end of a backward: reduce chunks some of whose gradients never came, finish every
+        reduction, and learn the gradient counts in the first backward."""
+        for c in self.chunks:
+            if c.grad_buffer is not None:
+                self.reduce_grad(c)
+        self.finish_reductions()
+
+    def learn_counts(self) -> None:
+        if self.first_backward_counts is not None:
+            for c in self.chunks:
+                c.expected_grads = self.first_backward_counts.get(c.index) or None
+            self.first_backward_counts = None
+
+    def wait_peers(self) -> None:
+        """The peers have read every pooled buffer this rank lent them."""
+        for peers_reading in self._peers_reading.values():
+            peers_reading.wait()
+        self._peers_reading.clear()

@@ -92,6 +92,16 @@ class Plan:
     group_sizes: dict[str, int] = field(default_factory=dict)
     """Parameters sharded over fewer ranks than `world_size`, with that number (expert parallel: the ranks
     that hold the same experts; see elixir/parallel); every other parameter is sharded over `world_size`."""
+    overlap: bool = True
+    """Run each chunk's optimizer update during backward, as soon as its gradient is complete, instead of
+    after backward (speculative: see [Note: the step inside backward] in elixir/optim/overlap.py)."""
+    grad_accum: int = 1
+    """Micro-batches (backward passes) per optimizer step the plan is made for. With more than one, the
+    fp32 gradients of host-optimizer chunks are held from one micro-batch to the next."""
+    micro_batch_size: int = 0
+    """Sequences per micro-batch on each rank the plan was searched for (0: not chosen by the planner)."""
+    checkpoint_every: int = 0
+    """Activation checkpointing of every k-th transformer block the plan was searched for (0: none)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "chunks", tuple(self.chunks))
@@ -107,6 +117,13 @@ class Plan:
                 )
         if self.world_size < 1:
             raise ValueError(f"world_size={self.world_size} must be at least 1")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap={self.overlap!r} must be True or False")
+        for name in ("grad_accum", "micro_batch_size", "checkpoint_every"):
+            value = getattr(self, name)
+            least = 1 if name == "grad_accum" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name}={value!r} must be an int of at least {least}")
         if self.prefetch_depth < 0:
             raise ValueError(f"prefetch_depth={self.prefetch_depth} must be 0 or more")
         if self.cache_blocks < 0:
@@ -180,9 +197,12 @@ class Plan:
         prefetch_depth: int = 2,
         world_size: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        overlap: bool = True,
+        grad_accum: int = 1,
     ) -> Plan:
         """The same choices for every chunk. Chunks never mix optimizer groups or frozen parameters;
-        pass `optimizer` to chunk by its groups (wrap() splits chunks that mix them anyway)."""
+        pass `optimizer` to chunk by its groups (wrap() splits chunks that mix them anyway).
+        `overlap` and `grad_accum`: see the fields of the same names."""
         name = dtype_name(compute_dtype)
         _check_home("param_home", param_home)
         _check_home("optim_home", optim_home)
@@ -219,6 +239,8 @@ class Plan:
             world_size=world_size,
             param_shapes={n: tuple(p.shape) for n, p in named},
             group_sizes=group_sizes(model, world_size),
+            overlap=overlap,
+            grad_accum=grad_accum,
         )
 
     # --- checks -----------------------------------------------------------------------------
@@ -281,8 +303,20 @@ class Plan:
             lines.append(f"{n:>6}  {numel:>12,}  {res:<10} {ph:<11} {oh:<9}")
         lines.append(
             f"chunk {self.chunk_numel:,} elements, {self.cache_blocks} cache blocks, prefetch "
-            f"{self.prefetch_depth}, {self.compute_dtype}, {self.world_size} rank(s)"
+            f"{self.prefetch_depth}, {self.compute_dtype}, {self.world_size} rank(s), optimizer "
+            + ("inside backward" if self.overlap else "after backward")
         )
+        batch = []
+        if self.micro_batch_size:
+            batch.append(f"micro-batch {self.micro_batch_size}")
+        if self.grad_accum > 1 or batch:
+            batch.append(f"{self.grad_accum} micro-batch(es) per step")
+        if self.checkpoint_every:
+            batch.append(f"activation checkpointing every {self.checkpoint_every} block(s)")
+        elif batch:
+            batch.append("no activation checkpointing")
+        if batch:
+            lines.append(", ".join(batch))
         return "\n".join(lines)
 
 

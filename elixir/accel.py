@@ -10,6 +10,15 @@ may still touch: before the optimizer updates host states at the end of backward
 runtime finishes a step's pending work. On the CPU there is no stream and nothing is pinned
 (pinning on a CPU-only machine fails or wastes memory): every copy is synchronous, and this module
 returns None or does nothing, so the rest of the runtime runs the same code on both.
+
+[Note: casts beside the copy]
+A parameter shard that is derived from its fp32 master (it is not stored: see [Note: host bytes per
+parameter] in runtime/wrap.py), and an updated master written into a device shard, cross between host
+and device *and* change dtype. Asked to do both in one `copy_`, torch casts on the host into a fresh,
+unpinned tensor and copies from there: an allocation and a synchronous copy every time. `copy_cast_`
+instead moves the source bytes into a preallocated device staging buffer and casts there (host ->
+device), or casts into the staging buffer and moves the result (device -> host). On the CPU the cast
+is the copy.
 """
 
 from __future__ import annotations
@@ -35,6 +44,31 @@ def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
 def copy_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """Copy between tiers; asynchronous on CUDA when the host side is pinned."""
     return dst.copy_(src, non_blocking=dst.is_cuda or src.is_cuda)
+
+
+def copy_cast_(dst: torch.Tensor, src: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy `src` into `dst`, between tiers and dtypes alike (see [Note: casts beside the copy]).
+
+    `staging`: device memory of at least `src`'s and `dst`'s bytes, used only by copies issued on one
+    stream (stream order makes its reuse safe); needed where a copy crosses between the host and a GPU
+    and changes dtype."""
+    if dst.dtype == src.dtype or dst.device == src.device:
+        return copy_(dst, src)
+    assert staging is not None, "a cast across host and device needs a staging buffer"
+    if dst.is_cuda:  # host -> device: the bytes cross as they are, the cast runs on the device
+        stage = _staged(staging, src.dtype, src.numel())
+        stage.copy_(src, non_blocking=True)
+        return dst.copy_(stage)
+    stage = _staged(staging, dst.dtype, dst.numel())  # device -> host: cast on the device, then cross
+    stage.copy_(src)
+    return dst.copy_(stage, non_blocking=True)
+
+
+def _staged(staging: torch.Tensor, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    nbytes = numel * dtype.itemsize
+    flat = staging.view(-1).view(torch.uint8)
+    assert flat.numel() >= nbytes, "staging buffer too small"
+    return flat[:nbytes].view(dtype)
 
 
 def synchronize(device: torch.device) -> None:

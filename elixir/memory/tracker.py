@@ -21,6 +21,8 @@ class MemoryTracker:
         self.bytes_peak = dict.fromkeys(TIERS, 0)
         # a SharedArena (elixir/shm.py) when the ranks of the model's group share a host
         self.shared = None
+        self.allocations = 0  # buffers allocated so far: constant over a training step in steady state
+        self.pinned_allocations = 0  # of which page-locked host memory (CUDA only)
 
     def empty(
         self, numel: int, dtype: torch.dtype, tier: str, *, zero: bool = False, pin: bool = False,
@@ -29,12 +31,14 @@ class MemoryTracker:
         """A counted buffer; `pin`: page-locked host memory, when the device is a GPU (see accel.py);
         `share`: a communication buffer the peers read, in shared memory when there is an arena
         (a shared buffer starts zero-filled)."""
+        self.allocations += 1
         if share and self.shared is not None and tier == "device":
             t = self.shared.empty(numel, dtype)
             self.count(tier, t.numel() * t.element_size())
             return t
         make = torch.zeros if zero else torch.empty
         pin = pin and tier == "host" and self.devices["device"].type == "cuda"
+        self.pinned_allocations += pin
         t = make(numel, dtype=dtype, device=self.devices[tier], pin_memory=pin)
         self.count(tier, t.numel() * t.element_size())
         return t

@@ -10,7 +10,7 @@ from elixir.comm import CollectiveError, init_distributed
 from elixir.optim import ElixirOptimizer
 from elixir.plan import ChunkPlan, Plan
 from elixir.profile import profile
-from elixir.runtime import CacheTooSmallError, full_state_dict, memory_stats, runtime_of, wrap
+from elixir.runtime import CacheTooSmallError, full_state_dict, memory_stats, runtime_of, step_stats, wrap
 from elixir.search import PlanDoesNotFitError, plan
 
 __version__ = "0.1.0"
@@ -34,5 +34,6 @@ __all__ = [
     "profile",
     "runtime_of",
     "save",
+    "step_stats",
     "wrap",
 ]

@@ -189,6 +189,7 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
                 "class": opt.inner_class.__name__, "steps": opt.steps, "skipped_steps": opt.skipped_steps,
                 "loss_scale": opt.scaler.scale, "good_steps": opt.scaler.good_steps,
                 "param_groups": [_jsonable_hyper(g) for g in opt.param_groups],
+                "speculation": opt.speculation_state(),
             },
             "ranks": [g["chunks"] for g in gathered],
             "files": all_files,
@@ -438,6 +439,7 @@ def load(model, optimizer, path: str, *, scheduler=None, verify: bool = True):
     opt.skipped_steps = opt_doc["skipped_steps"]
     opt.scaler.scale = opt_doc["loss_scale"]
     opt.scaler.good_steps = opt_doc["good_steps"]
+    opt.load_speculation_state(opt_doc.get("speculation") or {})
     for g, saved in zip(opt.param_groups, opt_doc["param_groups"]):
         for k, v in saved.items():
             if k in g and not isinstance(g[k], torch.Tensor):
@@ -509,7 +511,7 @@ def _fill_chunk(c, opt, index: PieceIndex, readers: dict) -> None:
             states[k][lo - base : hi - base].copy_(part)
     if c.master is not None:
         c.master.copy_(values)
-        if c.shard is not c.master:
+        if c.shard is not None and c.shard is not c.master:
             c.shard.copy_(values)
         opt.state.pop(c.master, None)
         if states or replicated:

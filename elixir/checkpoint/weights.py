@@ -290,7 +290,7 @@ def load_pretrained(model: torch.nn.Module, path: str, *, strict: bool = True) -
         tracker.count("host", part.nbytes)  # the scratch (see [Note: streaming weights])
         if c.master is not None:
             c.master[lo - base : hi - base].copy_(part)
-        if c.shard is not c.master:
+        if c.shard is not None and c.shard is not c.master:
             c.shard[lo - base : hi - base].copy_(part)
         tracker.count("host", -part.nbytes)
         del part

@@ -1,9 +1,12 @@
 """The sharded optimizer: the user's optimizer class, run over chunk shards where they live.
 
 Each trainable chunk has an fp32 master shard (and gradient shard) at its `optim_home`. The update
-runs there with the user's optimizer class and hyper-parameters, one inner optimizer per home, with
-the fused kernels where torch has them (fused AdamW on the CPU is ~10x faster than its default). The
-wrapper keeps the user's param groups, so `torch.optim.lr_scheduler` works on it unchanged.
+runs there with the user's optimizer class and hyper-parameters, one inner optimizer (a *stepper*) per
+chunk, with the fused kernels where torch has them (fused AdamW on the CPU is ~10x faster than its
+default). Per chunk, so that a chunk can be updated as soon as its gradient is final, during backward
+(overlap.py); the update is elementwise, so stepping chunk by chunk gives the same bits as one call over
+all of them. The wrapper keeps the user's param groups, so `torch.optim.lr_scheduler` works on it
+unchanged.
 
 [Note: every rank decides alike]
 The fp16 overflow flag and the gradient norm are all-reduced over every rank of the run (the world of
@@ -19,7 +22,8 @@ from collections import OrderedDict
 
 import torch
 
-from elixir import accel, comm
+from elixir import comm
+from elixir.optim.overlap import Speculation, chunk_norm
 
 # Optimizers whose update is elementwise: they give the same result on flat shards as on tensors.
 ELEMENTWISE = (
@@ -77,7 +81,8 @@ class LossScaler:
 class ElixirOptimizer(torch.optim.Optimizer):
     """A `torch.optim.Optimizer` over the chunks' fp32 master shards."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, chunks, runtime) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, chunks, runtime, *, overlap: bool = False,
+                 grad_accum: int = 1) -> None:
         self.runtime = runtime
         self.chunks = [c for c in chunks if c.master is not None]
         # the whole run: chunks of several groups (expert parallel) each count once in the norm
@@ -94,19 +99,16 @@ class ElixirOptimizer(torch.optim.Optimizer):
             hp = {k: v for k, v in g.items() if k != "params"}
             groups.append({**hp, "params": [c.master for c in self.chunks if c.optim_group == gi]})
         super().__init__(groups, dict(optimizer.defaults))
-        # one inner optimizer per home; (inner group index -> user group index)
-        self._inner: list[tuple[torch.optim.Optimizer, list[int]]] = []
-        for home in ("device", "host"):
-            inner_groups, mapping = [], []
-            for gi, g in enumerate(self.param_groups):
-                masters = [c.master for c in self.chunks if c.optim_group == gi and c.optim_home == home]
-                if masters:
-                    inner_groups.append({**_hyper(g), "params": masters})
-                    mapping.append(gi)
-            if inner_groups:
-                inner = self._make_inner(inner_groups, optimizer.defaults)
-                inner.state = self.state  # one state dict, keyed by master shards
-                self._inner.append((inner, mapping))
+        # one stepper per chunk: the user's class over that chunk's master alone
+        self._steppers: dict[int, torch.optim.Optimizer] = {}
+        for c in self.chunks:
+            stepper = self._make_inner([{**_hyper(self.param_groups[c.optim_group]), "params": [c.master]}],
+                                       optimizer.defaults)
+            stepper.state = self.state  # one state dict, keyed by master shards
+            self._steppers[c.index] = stepper
+        self.speculation: Speculation | None = None
+        if overlap and self.chunks and Speculation.supported(self.inner_class, self.param_groups):
+            self.speculation = self._make_speculation(grad_accum)
 
     @classmethod
     def pending(cls, optimizer: torch.optim.Optimizer) -> ElixirOptimizer:
@@ -125,14 +127,14 @@ class ElixirOptimizer(torch.optim.Optimizer):
             setattr(self, name, OrderedDict())
         return self
 
-    def attach(self, optimizer: torch.optim.Optimizer, chunks, runtime) -> None:
+    def attach(self, optimizer: torch.optim.Optimizer, chunks, runtime, **kwargs) -> None:
         """Make a pending optimizer the real one, keeping its param-group dicts (schedulers hold them)
         and whatever hyper-parameters were set on them meanwhile."""
         groups = self.param_groups
         hooks = {name: getattr(self, name) for name in _HOOK_REGISTRIES}
         for user_group, g in zip(optimizer.param_groups, groups):
             user_group.update(g)
-        ElixirOptimizer.__init__(self, optimizer, chunks, runtime)
+        ElixirOptimizer.__init__(self, optimizer, chunks, runtime, **kwargs)
         for name, registry in hooks.items():  # hooks registered while pending stay registered
             setattr(self, name, registry)
         for old, new in zip(groups, self.param_groups):
@@ -147,12 +149,29 @@ class ElixirOptimizer(torch.optim.Optimizer):
                 "makes the chunks (and this optimizer's state) at the first forward; run one first"
             )
 
+    def _make_speculation(self, grad_accum: int) -> Speculation:
+        """The update inside backward, with a rollback log per host chunk (compute dtype) when gradients
+        are not held between micro-batches anyway (see the Note in overlap.py). Allocated now, once:
+        nothing is allocated per step."""
+        logs: dict[int, torch.Tensor] = {}
+        if grad_accum == 1:
+            for c in self.chunks:
+                if c.optim_home == "host" and c.master is not c.shard:
+                    logs[c.index] = self.runtime.tracker.empty(c.shard_numel, c.dtype, "host")
+        return Speculation(self, grad_accum=grad_accum, logs=logs)
+
+    def stepper_of(self, chunk) -> torch.optim.Optimizer:
+        return self._steppers[chunk.index]
+
+    def hyper_of(self, chunk) -> dict:
+        """The hyper-parameters the chunk's update uses now (its user group's, as schedulers set them)."""
+        return _hyper(self.param_groups[chunk.optim_group])
+
     def _inner_group_of(self, master: torch.Tensor) -> dict:
         """The inner optimizer's param group that updates `master`."""
-        for inner, _ in self._inner:
-            for g in inner.param_groups:
-                if any(p is master for p in g["params"]):
-                    return g
+        for c in self.chunks:
+            if c.master is master:
+                return self._steppers[c.index].param_groups[0]
         raise KeyError("not a master of this optimizer")
 
     def _make_inner(self, groups, defaults) -> torch.optim.Optimizer:
@@ -179,13 +198,27 @@ class ElixirOptimizer(torch.optim.Optimizer):
     def loss_scale(self) -> float:
         return self.scaler.scale
 
+    def _speculated(self) -> dict:
+        """This step's updates that ran during backward (waited for), by chunk index."""
+        spec = self.speculation
+        if spec is None or not spec.pending:
+            return {}
+        return {r.chunk.index: r for r in spec.wait()}
+
     def _unscale(self) -> bool:
-        """Divide gradients by the loss scale once; True when any rank found an inf or NaN."""
+        """Divide gradients by the loss scale once; True when any rank found an inf or NaN. Chunks
+        updated during backward were unscaled and checked by their update."""
         if not self.scaler.enabled or self._unscaled:
             return getattr(self, "_overflow", False)
+        recs = self._speculated()
         inv = 1.0 / self.scaler.scale
         found = torch.zeros((), dtype=torch.float32)
         for c in self.chunks:
+            rec = recs.get(c.index)
+            if rec is not None:
+                finite = rec.finite if torch.is_tensor(rec.finite) else torch.tensor(rec.finite)
+                found = torch.maximum(found, (~finite).float().cpu())
+                continue
             g = c.master.grad
             if g is not None:
                 g.mul_(inv)
@@ -201,23 +234,40 @@ class ElixirOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradients of all chunks by their global norm; returns the norm before clipping,
-        like `torch.nn.utils.clip_grad_norm_` (the same formula, over all ranks' shards)."""
+        like `torch.nn.utils.clip_grad_norm_` (the same formula, over all ranks' shards). Updates that
+        ran during backward are redone with the clipped gradient when the clip acts."""
         self._require_built()
-        self._unscale()
+        overflow = self._unscale()
         norm_type = float(norm_type)
-        grads = [c.master.grad for c in self.chunks if c.master.grad is not None]
+        spec = self.speculation
+        recs = self._speculated()
+        if spec is not None:
+            spec.norm_type = norm_type  # what the next backward's updates compute their norms in
+        norms, grads = [], []
+        for c in self.chunks:
+            rec = recs.get(c.index)
+            if rec is not None:
+                same = rec.norm is not None and rec.norm_type == norm_type and not spec.clipped
+                norms.append(rec.norm if same else chunk_norm(spec.gradient_of(rec), norm_type))
+            elif c.master.grad is not None:
+                norms.append(chunk_norm(c.master.grad, norm_type))
+                grads.append(c.master.grad)
         dev = self._comm_device()
         if norm_type == math.inf:
-            local = max((g.abs().max().to(dev) for g in grads), default=torch.zeros((), device=dev))
+            local = max((n.to(dev) for n in norms), default=torch.zeros((), device=dev))
             total = comm.all_reduce_max(local.clone(), self.group)
         else:
             local = torch.zeros((), dtype=torch.float32, device=dev)
-            for g in grads:
-                local += torch.linalg.vector_norm(g, norm_type).to(dev) ** norm_type
+            for n in norms:
+                local += n.to(dev) ** norm_type
             total = comm.all_reduce_sum(local, self.group) ** (1.0 / norm_type)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             g.mul_(coef.to(g.device))
+        if spec is not None:
+            if recs and not overflow and not spec.holds(coef.item()):
+                spec.redo_clipped(coef.item())
+            spec.clip_coef, spec.clipped = coef.item(), True
         return total
 
     @torch.no_grad()
@@ -227,31 +277,45 @@ class ElixirOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        spec = self.speculation
         overflow = self._unscale()
+        recs = self._speculated()
         self.steps += 1
         self.scaler.update(overflow)
         self._unscaled = False
         self._overflow = False
         if overflow:
             self.skipped_steps += 1
+            if recs:
+                spec.rollback("overflow")
+            if spec is not None:
+                spec.end_step()
             self.zero_grad()
             return loss
-        for inner, mapping in self._inner:
-            for ig, gi in enumerate(mapping):
-                inner.param_groups[ig].update(_hyper(self.param_groups[gi]))
-            inner.step()
+        if recs and not spec.clipped and not spec.holds(1.0):
+            spec.redo_clipped(1.0)  # a clip was speculated from the last step, but this one has none
+        for c in self.chunks:  # what did not run during backward runs now
+            if c.index in recs or c.master.grad is None:
+                continue
+            stepper = self._steppers[c.index]
+            stepper.param_groups[0].update(self.hyper_of(c))
+            stepper.step()
+        if spec is not None:
+            spec.confirm()
+            spec.end_step()
         self._write_back()
         self.runtime.wait_pending()
         self._count_state_bytes()
         return loss
 
     def _write_back(self) -> None:
-        """Cast the updated masters into the parameter shards, wherever those live."""
+        """Cast the updated masters into the parameter shards, wherever those live (a shard derived
+        from its master is not stored: the next fetch casts it)."""
         rt = self.runtime
         gathers = []
         for c in self.chunks:
-            if c.master is not c.shard:
-                accel.copy_(c.shard, c.master)
+            if c.shard is not None and c.master is not c.shard:
+                rt.copy_between(c.shard, c.master)
             if c.resident:  # gathered again at once, all chunks' all-gathers in flight together
                 what = f"all-gather of updated chunk {c.index}"
                 gathers.append(comm.all_gather(
@@ -282,6 +346,11 @@ class ElixirOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not getattr(self, "_built", True):
             return  # no gradients before the first forward (see `pending`)
+        spec = self.speculation
+        if spec is not None:
+            if spec.pending:  # updates of a backward whose step never came
+                spec.rollback("zero_grad")
+            spec.forget_backwards()
         for c in self.chunks:
             if c.master.grad is None:
                 continue
@@ -290,6 +359,30 @@ class ElixirOptimizer(torch.optim.Optimizer):
             else:
                 c.master.grad.zero_()
         self._unscaled = False
+
+    def speculation_state(self) -> dict:
+        """What the update inside backward has learned (a checkpoint keeps it, so that a resumed run
+        speculates as the uninterrupted one would): see [Note: the step inside backward]."""
+        spec = self.speculation
+        if spec is None:
+            return {}
+        return {"clip_coef": spec.clip_coef, "norm_type": spec.norm_type, "backwards": spec.expected_backwards}
+
+    def load_speculation_state(self, state: dict) -> None:
+        spec = self.speculation
+        if spec is None or not state:
+            return
+        spec.clip_coef = float(state["clip_coef"])
+        spec.norm_type = float(state["norm_type"])
+        spec.expected_backwards = int(state["backwards"])
+
+    def step_stats(self) -> dict:
+        """Steps, skipped steps, and what the update inside backward did (see elixir.step_stats)."""
+        out = {"steps": self.steps, "skipped_steps": self.skipped_steps, "overlap": self.speculation is not None,
+               "speculated_steps": 0, "rollbacks": 0, "rollback_reasons": {}, "late_gradients": 0}
+        if self.speculation is not None:
+            out.update(self.speculation.stats())
+        return out
 
 
 def _hyper(group: dict) -> dict:

@@ -8,6 +8,7 @@ the master's gradient where the optimizer state lives.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable
 
 import torch
@@ -37,6 +38,10 @@ class GradReducer:
         self.max_reductions_in_flight = 2
         self.first_backward_counts: dict[int, int] | None = None
         self._kept_host_grads: dict[int, torch.Tensor] = {}  # chunk index -> pinned gradient buffer (CUDA)
+        self._copying: dict[int, object] = {}  # id(pooled buffer) -> CUDA event: its copy to the host is done
+        self._staging: queue.Queue = queue.Queue()
+        self.staging_buffers = 0
+        self.speculation = None  # the optimizer's update inside backward (elixir/optim/overlap.py), if any
 
     @property
     def grad_buffer_bytes(self) -> int:
@@ -56,15 +61,21 @@ class GradReducer:
             peers_reading = self._peers_reading.pop(id(buf), None)
             if peers_reading is not None:  # it was a reduction's source: the peers have read it
                 peers_reading.wait()
+            copied = self._copying.pop(id(buf), None)
+            if copied is not None:  # its gradient was still being copied to the host (CUDA)
+                torch.cuda.current_stream(self.device).wait_event(copied)
             return buf
         self.grad_buffers += 1
         return self.tracker.empty(self._grad_buffer_numel, torch.float32, "device", share=True)
 
-    def give_back_grad_buffer(self, buf: torch.Tensor, peers_reading=None) -> None:
-        """Return `buf` to the pool; `peers_reading`: a collective to wait before it is written again."""
+    def give_back_grad_buffer(self, buf: torch.Tensor, peers_reading=None, *, copied=None) -> None:
+        """Return `buf` to the pool; `peers_reading`: a collective to wait before it is written again;
+        `copied`: a CUDA event after which a copy out of it is done."""
         self._grad_pool.append(buf)
         if peers_reading is not None:
             self._peers_reading[id(buf)] = peers_reading
+        if copied is not None:
+            self._copying[id(buf)] = copied
 
     def add(self, chunk: Chunk, slot: int, grad: torch.Tensor) -> None:
         """Put a parameter's gradient into its chunk's fp32 gradient buffer; reduce when complete."""
@@ -132,38 +143,96 @@ class GradReducer:
         self._add_to_master(chunk, reduced, None)
 
     def _add_to_master(self, chunk: Chunk, reduced: torch.Tensor, base: torch.Tensor | None) -> None:
-        """Add a reduced gradient shard into the master's gradient. `base` is the pooled buffer that
-        `reduced` is a view of (one rank), or None when `reduced` was allocated for it."""
+        """Hand a reduced gradient shard on: to the chunk's update when it runs during this backward (see
+        [Note: the step inside backward] in elixir/optim/overlap.py), else into the master's gradient.
+        `base` is the pooled buffer that `reduced` is a view of (one rank), or None when `reduced` was
+        allocated for it."""
+        spec = self.speculation
+        if spec is not None and spec.active:
+            if spec.late(chunk):
+                pass  # its update was undone and its gradient held: accumulate, and step() updates it
+            elif spec.speculates_on(chunk):
+                self._speculate(spec, chunk, reduced, base)
+                return
+        self._into_master_grad(chunk, reduced, base)
+
+    def _speculate(self, spec, chunk: Chunk, reduced: torch.Tensor, base: torch.Tensor | None) -> None:
+        if chunk.master.grad is None and chunk.index in spec.logs:
+            # a host chunk's gradient passes through a staging buffer that its update gives back
+            staging = self.take_staging()
+            ready = stage_gradient(reduced, staging, spec.d2h_stream)
+            self._done_with(reduced, base, ready)
+            spec.submit(chunk, staging[: chunk.shard_numel], staging=staging, ready=ready)
+            return
+        self._into_master_grad(chunk, reduced, base)  # it stays as the master's .grad
+        spec.submit(chunk, chunk.master.grad)
+
+    def _done_with(self, reduced: torch.Tensor, base: torch.Tensor | None, copied=None) -> None:
+        """`reduced` is no longer needed (`copied`: a CUDA event after which its copy is done)."""
+        if base is not None:
+            self.give_back_grad_buffer(base, copied=copied)
+        else:
+            if copied is not None:
+                reduced.record_stream(torch.cuda.current_stream(reduced.device))
+            self.tracker.release(reduced, "device")
+
+    def _into_master_grad(self, chunk: Chunk, reduced: torch.Tensor, base: torch.Tensor | None) -> None:
+        """Add a reduced gradient shard into the master's gradient."""
         master = chunk.master
-
-        def done_with_reduced():
-            if base is not None:
-                self.give_back_grad_buffer(base)
-            else:
-                self.tracker.release(reduced, "device")
-
         if chunk.optim_home == "device":
             if master.grad is None:
                 master.grad = reduced  # adopt it: no copy
                 chunk.master_grad_base = base
             else:
                 master.grad.add_(reduced)
-                done_with_reduced()
-        else:
-            if master.grad is None and base is None and reduced.device == master.device:
-                # a CPU-only machine: host and device are the same memory, so the reduced shard becomes
-                # the host gradient as it is (counted under the host from now on), with no copy
-                master.grad = reduced
-                nbytes = reduced.numel() * reduced.element_size()
-                self.tracker.count("device", -nbytes)
-                self.tracker.count("host", nbytes)
-                return
-            if master.grad is None:
-                master.grad = self._host_grad(chunk)
-                accel.copy_(master.grad, reduced)
-            else:
-                master.grad.add_(reduced.to(master.grad.device))
-            done_with_reduced()
+                self._done_with(reduced, base)
+            return
+        if master.grad is None and base is None and reduced.device == master.device:
+            # a CPU-only machine: host and device are the same memory, so the reduced shard becomes
+            # the host gradient as it is (counted under the host from now on), with no copy
+            master.grad = reduced
+            nbytes = reduced.numel() * reduced.element_size()
+            self.tracker.count("device", -nbytes)
+            self.tracker.count("host", nbytes)
+            return
+        if master.grad is None:
+            master.grad = self._host_grad(chunk)
+            accel.copy_(master.grad, reduced)
+        elif reduced.device == master.grad.device or not self.staging_buffers:
+            master.grad.add_(reduced.to(master.grad.device))
+        else:  # across to the host through a staging buffer, then added there
+            staging = self.take_staging()
+            ready = stage_gradient(reduced, staging, None)
+            accel.synchronize(self.device)
+            master.grad.add_(staging[: chunk.shard_numel])
+            self.give_staging(staging)
+            del ready
+        self._done_with(reduced, base)
+
+    # --- staging ----------------------------------------------------------------------------------
+
+    def make_staging(self, count: int, numel: int) -> None:
+        """`count` host buffers of `numel` fp32 elements (pinned on CUDA), allocated once, that host
+        chunks' gradients cross to the host through (see [Note: the step inside backward])."""
+        for _ in range(count):
+            self._staging.put(self.tracker.empty(numel, torch.float32, "host", pin=True))
+        self.staging_buffers += count
+
+    def take_staging(self) -> torch.Tensor:
+        """A free staging buffer; waits for an update to give one back when all are in use."""
+        while True:
+            try:
+                return self._staging.get(timeout=0.5)
+            except queue.Empty:
+                if self.speculation is not None:
+                    self.speculation.raise_failures()  # a failed update never gives its buffer back
+
+    def give_staging(self, buf: torch.Tensor) -> None:
+        self._staging.put(buf)  # thread-safe: updates on the worker give buffers back
+
+    def hold_host_grad(self, chunk: Chunk) -> torch.Tensor:
+        """A host buffer to hold a chunk's fp32 gradient in (see `_host_grad`)."""
+        return self._host_grad(chunk)
 
     def _host_grad(self, chunk: Chunk) -> torch.Tensor:
         """The host buffer a chunk's gradient shard is copied into. On CUDA it is pinned (the copy is
@@ -209,3 +278,18 @@ class GradReducer:
         for peers_reading in self._peers_reading.values():
             peers_reading.wait()
         self._peers_reading.clear()
+
+
+def stage_gradient(reduced: torch.Tensor, staging: torch.Tensor, stream) -> object:
+    """Copy a reduced gradient shard into a staging buffer: on the CPU at once; on CUDA on `stream`
+    after the compute stream's work, returning the event the update waits for."""
+    dst = staging[: reduced.numel()]
+    if stream is None:
+        accel.copy_(dst, reduced)
+        return None
+    stream.wait_stream(torch.cuda.current_stream(reduced.device))
+    with torch.cuda.stream(stream):
+        dst.copy_(reduced, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return event

@@ -66,6 +66,13 @@ class Runtime:
         self.host_sync = accel.pinned_host(device) and any(
             c.param_home == "host" or c.optim_home == "host" for c in chunks
         )
+        # [Note: casts beside the copy] (accel.py): a device staging buffer per stream that casts across
+        # tiers run on, allocated once; none on the CPU, where the cast is the copy
+        self._cast_staging: dict[object, torch.Tensor] = {}
+        crossing = [c.shard_numel for c in chunks if _casts_across(c)]
+        if device.type == "cuda" and crossing:
+            for stream in (None, self.copy_stream):
+                self._cast_staging[stream] = tracker.empty(max(crossing), torch.float32, "device")
 
     # --- fetching ----------------------------------------------------------------------------
 
@@ -147,6 +154,8 @@ class Runtime:
             self._block_read[chunk.block.index] = trailing
 
     def _gather(self, chunk: Chunk, block, *, prefetch: bool = False) -> None:
+        if self.grads.speculation is not None:
+            self.grads.speculation.before_fetch(chunk)
         peers_reading = self._block_read.pop(block.index, None)
         if peers_reading is not None:  # before this rank writes its slice of the block again
             peers_reading.wait()
@@ -158,12 +167,12 @@ class Runtime:
             stream = self.copy_stream
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                accel.copy_(full[chunk.shard_slice], chunk.shard)
+                self._shard_into(full[chunk.shard_slice], chunk, stream)
                 gather = comm.all_gather(full, full[chunk.shard_slice], chunk.group, what=what, async_op=True,
                                          arena=self.tracker.shared)
             chunk.pending = accel.StreamPending(stream, gather, self.device)
         else:
-            accel.copy_(full[chunk.shard_slice], chunk.shard)
+            self._shard_into(full[chunk.shard_slice], chunk)
             # a prefetch leaves its all-gather in flight; the first use waits for it (see acquire)
             chunk.pending = comm.all_gather(
                 full, full[chunk.shard_slice], chunk.group, what=what, async_op=prefetch, arena=self.tracker.shared,
@@ -172,6 +181,16 @@ class Runtime:
         chunk.bind(full)
         self.gathers += 1
         self.blocks_used_peak = max(self.blocks_used_peak, self.cache.num_used)
+
+    def _shard_into(self, dst: torch.Tensor, chunk: Chunk, stream=None) -> None:
+        """This rank's shard of `chunk` into `dst`: from the stored shard, or cast from the master when the
+        shard is derived from it (see [Note: host bytes per parameter] in wrap.py)."""
+        src = chunk.shard if chunk.shard is not None else chunk.master
+        accel.copy_cast_(dst, src, self._cast_staging.get(stream))
+
+    def copy_between(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy (and cast) between tiers on the current stream, e.g. an updated master into its shard."""
+        accel.copy_cast_(dst, src, self._cast_staging.get(None))
 
     def evict(self, chunk: Chunk) -> None:
         if chunk.pending is not None:
@@ -256,6 +275,8 @@ class Runtime:
         if self.in_backward:
             return
         self.in_backward = True
+        if self.grads.speculation is not None:
+            self.grads.speculation.begin_backward()
         self.schedule.saw_backward()
         if self.schedule.recording and self.grads.first_backward_counts is None:
             self.grads.first_backward_counts = {}
@@ -264,6 +285,8 @@ class Runtime:
     def end_backward(self) -> None:
         """After the whole backward: reduce what is left, learn the gradient counts, drop pins."""
         self.grads.reduce_leftovers()
+        if self.grads.speculation is not None:
+            self.grads.speculation.end_backward()
         if self.schedule.recording:
             self.grads.learn_counts()
         if self.host_sync:  # gradients copied into pinned host memory have arrived before the host reads them
@@ -295,3 +318,12 @@ class Runtime:
             "grad_buffer_bytes": self.grads.grad_buffer_bytes,
         }
 
+
+def _casts_across(chunk: Chunk) -> bool:
+    """Whether the chunk's parameter values cross between host and device with a cast: a shard derived
+    from a host master, or a master written back into a shard in the other tier."""
+    if chunk.master is None or chunk.master.dtype == chunk.dtype:
+        return False
+    if chunk.shard is None:  # derived from its master, fetched into a device block
+        return chunk.optim_home == "host"
+    return chunk.param_home != chunk.optim_home

@@ -7,6 +7,8 @@ updates the chunks' fp32 masters with the user's own optimizer class and hyper-p
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -14,6 +16,7 @@ from elixir import accel, parallel
 from elixir.memory import BlockCache, Chunk, ChunkGroup, MemoryTracker, pack_offsets
 from elixir.memory.chunk import ParamSlot, empty_like_shape, padded_numel
 from elixir.optim import ElixirOptimizer, check_optimizer
+from elixir.optim.overlap import STAGING_BUFFERS, Speculation
 from elixir.plan import Plan, named_parameters, optimizer_group_of
 from elixir.runtime.hooks import Interceptor
 from elixir.runtime.state import Runtime
@@ -158,11 +161,24 @@ def wrap(
     ondemand = {pid: c for pid, c in chunk_of.items() if not c.resident}
     _install_grad_hooks(runtime, chunks)
     interceptor = Interceptor(runtime, model, ondemand) if ondemand else None
+    overlap = plan.overlap and _overlap_supported(optimizer)
+    optim_kwargs = dict(overlap=overlap, grad_accum=plan.grad_accum)
     if _into is not None:
         elixir_optim = _into
-        elixir_optim.attach(optimizer, chunks, runtime)
+        elixir_optim.attach(optimizer, chunks, runtime, **optim_kwargs)
     else:
-        elixir_optim = ElixirOptimizer(optimizer, chunks, runtime)
+        elixir_optim = ElixirOptimizer(optimizer, chunks, runtime, **optim_kwargs)
+    runtime.grads.speculation = elixir_optim.speculation
+    if elixir_optim.speculation is not None:
+        model.register_forward_pre_hook(_before_forward(elixir_optim.speculation), prepend=True)
+    # staging buffers for host chunks' gradients: what their updates during backward read (chunks with a
+    # rollback log), and on CUDA what later micro-batches' gradients cross to the host through
+    spec = elixir_optim.speculation
+    staged = [c.shard_numel for c in chunks if spec is not None and c.index in spec.logs]
+    if device.type == "cuda" and plan.grad_accum > 1:
+        staged = [c.shard_numel for c in chunks if c.trainable and c.optim_home == "host"]
+    if staged:
+        runtime.grads.make_staging(STAGING_BUFFERS, max(staged))
     wrap_state = _WrapState(plan, runtime, interceptor, elixir_optim)
     wrap_state.needs_weights, wrap_state.meta_buffers = on_meta, meta_buffers
     setattr(model, _STATE_ATTR, wrap_state)
@@ -172,6 +188,26 @@ def wrap(
         model._register_state_dict_hook(_full_values_in_state_dict)
         model._register_load_state_dict_pre_hook(_refuse_load_state_dict, with_module=True)
     return model, elixir_optim
+
+
+def _before_forward(speculation):
+    def hook(module, args):
+        if torch._C._current_graph_task_id() == -1:  # not a recomputation inside backward
+            speculation.before_forward()
+
+    return hook
+
+
+def _overlap_supported(optimizer) -> bool:
+    """Whether `optimizer`'s updates can run inside backward (they must be undoable: see
+    elixir/optim/undo.py); a plan asking for it with another optimizer runs the update after backward."""
+    if Speculation.supported(type(optimizer), optimizer.param_groups):
+        return True
+    warnings.warn(
+        f"{type(optimizer).__name__} updates cannot be undone, so they run after backward (the plan's overlap "
+        "is not used); Adam, AdamW and SGD (without amsgrad) run inside backward", stacklevel=3,
+    )
+    return False
 
 
 def _full_values_in_state_dict(model, state_dict, prefix, local_metadata):
@@ -335,6 +371,16 @@ def memory_stats(model: torch.nn.Module) -> dict:
     return runtime_of(model).stats()
 
 
+def step_stats(model: torch.nn.Module) -> dict:
+    """What the optimizer did so far: steps (skipped ones included), steps skipped on fp16 overflow, whether
+    updates run inside backward, how many steps did, and the rollbacks of those (with their reasons: clip,
+    overflow, accumulation, zero_grad) and late gradients; see elixir/optim/overlap.py."""
+    if hasattr(model, _LAZY_ATTR):
+        return {"steps": 0, "skipped_steps": 0, "overlap": False, "speculated_steps": 0, "rollbacks": 0,
+                "rollback_reasons": {}, "late_gradients": 0}
+    return state_of(model).optimizer.step_stats()
+
+
 def _dtype(d) -> torch.dtype:
     from elixir.plan import DTYPES, dtype_name
 
@@ -379,6 +425,13 @@ def _materialize(chunk: Chunk, tracker: MemoryTracker) -> None:
         if lo < hi and not s.from_meta:
             flat = s.param.detach().reshape(-1)[lo - s.offset : hi - s.offset]
             values[lo - rng.start : hi - rng.start].copy_(flat)
+    # [Note: host bytes per parameter]
+    # An on-demand chunk whose fp32 master lives where its parameter shard would live stores no shard in
+    # the compute dtype: every fetch casts it from the master (fp32 compute: the shard *is* the master).
+    # A host-optimizer chunk so holds its master and the optimizer states, and nothing else between
+    # steps; gradients cross through staging buffers (see [Note: the step inside backward] in
+    # elixir/optim/overlap.py for what stays during backward).
+    derived = not chunk.resident and chunk.trainable and chunk.param_home == chunk.optim_home
     if chunk.resident:
         full = tracker.empty(chunk.numel, dtype, "device", zero=True, share=True)
         for s in chunk.slots:
@@ -387,19 +440,22 @@ def _materialize(chunk: Chunk, tracker: MemoryTracker) -> None:
         chunk.shard = full[rng]
         chunk.bind(full)
     else:
-        chunk.shard = tracker.empty(chunk.shard_numel, dtype, chunk.param_home, pin=True)  # copied in and out
-        chunk.shard.copy_(values)
+        if not derived:
+            chunk.shard = tracker.empty(chunk.shard_numel, dtype, chunk.param_home, pin=True)  # copied in and out
+            chunk.shard.copy_(values)
         device = tracker.devices["device"]
         for s in chunk.slots:
             s.placeholder = empty_like_shape(s.shape, dtype, device)
             s.param.data = s.placeholder
     if chunk.trainable:
-        alias = dtype == torch.float32 and (chunk.param_home == chunk.optim_home)
-        if alias:
-            chunk.master = chunk.shard  # fp32 compute: the parameter shard is the master
+        if dtype == torch.float32 and chunk.param_home == chunk.optim_home:
+            if chunk.shard is None:  # fp32 compute: the parameter shard is the master
+                chunk.shard = tracker.empty(chunk.shard_numel, dtype, chunk.param_home, pin=True)
+                chunk.shard.copy_(values)
+            chunk.master = chunk.shard
         else:
             # pinned when it is copied to the device every step (see accel.py); a no-op on the CPU
-            to_device = chunk.optim_home == "host" and chunk.param_home == "device"
+            to_device = chunk.optim_home == "host" and (chunk.param_home == "device" or derived)
             chunk.master = tracker.empty(chunk.shard_numel, torch.float32, chunk.optim_home, pin=to_device)
             chunk.master.copy_(values)
 

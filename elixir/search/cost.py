@@ -14,23 +14,30 @@ run on the compute thread itself: they do not overlap.
 
 [Note: memory the plan holds]
 What the runtime's byte counters hold at the step's peak (the optimizer step, gradients still held).
-device: resident chunks whole; on-demand chunks' shards that live on the device; the cache blocks
-(`Plan.cache_layout`); fp32 master (unless the fp32 parameter shard is its own master) and two AdamW
-states of chunks whose optimizer lives on the device; the pool of fp32 gradient buffers, each as large as
-the largest chunk, as many as backward holds at once (`gradients`: on one rank a chunk whose optimizer is
-on the device keeps its buffer as its gradient until zero_grad); on several ranks the reduced gradient
-shards; the profiled activations. host: parameter shards, masters, states and fp32 gradient shards of
-what lives there.
+device: resident chunks whole; on-demand chunks' shards that live on the device (a shard whose master
+lives in the same tier is not stored: it is cast from the master at each fetch, see [Note: host bytes
+per parameter] in runtime/wrap.py); the cache blocks (`Plan.cache_layout`); fp32 master (unless the fp32
+parameter shard is its own master) and two AdamW states of chunks whose optimizer lives on the device;
+the pool of fp32 gradient buffers, each as large as the largest chunk, as many as backward holds at once
+(`gradients`: on one rank a chunk whose optimizer is on the device keeps its buffer as its gradient
+until zero_grad); on several ranks the reduced gradient shards; on a GPU, two staging buffers for casts
+across tiers; the profiled activations. host: stored parameter shards, masters and states of what
+lives there, and per host-optimizer chunk either its fp32 gradient (held until after backward) or, when
+its update runs inside backward, its rollback log in the compute dtype (see [Note: the step inside
+backward] in elixir/optim/overlap.py), plus the staging buffers its gradient passes through (on a GPU
+also those of gradients accumulated over several micro-batches).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
 from elixir.hardware import Hardware
 from elixir.memory.chunk import pack_offsets, padded_numel
+from elixir.optim.overlap import STAGING_BUFFERS
 from elixir.plan import Plan
 from elixir.profile import Profile
 
@@ -67,6 +74,9 @@ class Prediction:
     model_host_bytes: int
     activation_bytes: int
     flops: int
+    optim_in_backward_s: float = 0.0
+    """Updates that ran inside backward (hidden behind it as far as the worker keeps up); `optim_s` is the
+    part after backward."""
     all_to_all_s: float = 0.0
     """Expert-parallel all-to-alls (`Profile.all_to_all`, balanced routing), at the collective rate of their
     group, on the critical path: the tokens are needed at once, so they overlap nothing."""
@@ -88,6 +98,18 @@ class _Chunk:
     optim_home: str
     ranks: int
     """Ranks it is sharded over: the world, or a smaller group (expert parallel, `Plan.group_sizes`)."""
+    aliased: bool = False
+    """fp32 compute with shard and optimizer in one tier: the parameter shard is the master."""
+    derived: bool = False
+    """On demand with shard and optimizer in one tier, 16-bit compute: no shard stored, cast from the master."""
+    speculated: bool = False
+    """Its update runs inside backward (the plan's overlap; not for an aliased chunk)."""
+    logged: bool = False
+    """Speculated host-optimizer chunk whose gradient is not held: it keeps a rollback log instead."""
+
+    @property
+    def shard(self) -> int:
+        return self.numel // self.ranks
 
 
 def layout(plan: Plan, profile: Profile) -> list[_Chunk]:
@@ -97,7 +119,14 @@ def layout(plan: Plan, profile: Profile) -> list[_Chunk]:
         numels = [profile.param_numels[n] for n in c.params]
         used = pack_offsets(numels, itemsize)[1]
         ranks = plan.chunk_ranks(c)
-        out.append(_Chunk(i, c.params, padded_numel(used, ranks), c.resident, c.param_home, c.optim_home, ranks))
+        same_home = c.param_home == c.optim_home
+        aliased = itemsize == 4 and same_home
+        speculated = plan.overlap and not aliased
+        out.append(_Chunk(
+            i, c.params, padded_numel(used, ranks), c.resident, c.param_home, c.optim_home, ranks,
+            aliased=aliased, derived=not c.resident and same_home and not aliased, speculated=speculated,
+            logged=speculated and c.optim_home == "host" and plan.grad_accum == 1,
+        ))
     return out
 
 
@@ -175,37 +204,60 @@ def gradients(plan: Plan, chunks: list[_Chunk], arrivals: list[tuple[int, int]])
     return _Gradients(completions, pool, shard_peak)
 
 
-def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None) -> tuple[int, int]:
-    """Model-data bytes (device, host) at the step's peak; see [Note: memory the plan holds]."""
+def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None, *, gpu: bool = False) -> tuple[int, int]:
+    """Model-data bytes (device, host) at the step's peak; see [Note: memory the plan holds]. `gpu`: the
+    device is a GPU (staging for host gradients of later micro-batches, device staging for casts)."""
     itemsize = plan.dtype.itemsize
     device = host = 0
-    fp32 = itemsize == 4
     if grads is None:  # every chunk's gradient arriving once, in reverse order of the chunks
         grads = gradients(plan, chunks, [(len(chunks) - c.index, c.index) for c in reversed(chunks)])
     blocks, block_numel = plan.cache_layout()
     device += blocks * block_numel * itemsize
     biggest = 0
     for c in chunks:
-        shard = c.numel // c.ranks
+        shard = c.shard
         if c.resident:
             device += c.numel * itemsize
-        elif c.param_home == "device":
-            device += shard * itemsize
-        else:
-            host += shard * itemsize
-        aliased = fp32 and c.param_home == c.optim_home
-        master = 0 if aliased else 4
+        elif not c.derived:
+            if c.param_home == "device":
+                device += shard * itemsize
+            else:
+                host += shard * itemsize
+        master = 0 if c.aliased else 4
         if c.optim_home == "device":
             device += shard * (master + _STATE_BYTES)  # its gradient is a pooled buffer or a reduced shard
         else:
-            host += shard * (master + _STATE_BYTES + 4)
+            host += shard * (master + _STATE_BYTES + (itemsize if c.logged else 4))
         biggest = max(biggest, c.numel)
     device += grads.pool_buffers * biggest * 4 + grads.shard_bytes_peak
+    staged = [c.shard for c in chunks if c.logged or (gpu and plan.grad_accum > 1 and c.optim_home == "host")]
+    if staged:
+        host += STAGING_BUFFERS * max(staged) * 4
+    crossing = [c.shard for c in chunks if itemsize != 4 and (c.param_home != c.optim_home or
+                                                               (c.derived and c.optim_home == "host"))]
+    if gpu and crossing:
+        device += 2 * max(crossing) * 4
     return device, host
 
 
 def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
-    """Predict one step of `profile` under `plan` on `hardware` (one rank of `plan.world_size`)."""
+    """Predict one step of `profile` under `plan` on `hardware` (one rank of `plan.world_size`): `profile`
+    is one micro-batch, and a step is `plan.grad_accum` of them, the optimizer after (or inside) the last."""
+    last = _micro_batch(profile, plan, hardware, optimizer=True)
+    if plan.grad_accum == 1:
+        return last
+    earlier = _micro_batch(profile, dataclasses.replace(plan, overlap=False), hardware, optimizer=False)
+    more = plan.grad_accum - 1
+    return dataclasses.replace(
+        last, step_s=last.step_s + more * earlier.step_s, compute_s=last.compute_s + more * earlier.compute_s,
+        stall_s=last.stall_s + more * earlier.stall_s, comm_busy_s=last.comm_busy_s + more * earlier.comm_busy_s,
+        fetches=last.fetches + more * earlier.fetches, flops=plan.grad_accum * last.flops,
+        all_to_all_s=plan.grad_accum * last.all_to_all_s,
+    )
+
+
+def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer: bool) -> Prediction:
+    """One micro-batch's forward and backward, with (`optimizer`) or without the optimizer step."""
     chunks = layout(plan, profile)
     chunk_of = {name: c.index for c in chunks for name in c.names}
     for other, first in profile.tied_names.items():
@@ -226,7 +278,7 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
 
     def fetch_cost(c: _Chunk) -> tuple[float, float]:
         """(seconds on the compute thread, seconds on the communication stream)."""
-        shard_bytes = c.numel // c.ranks * itemsize
+        shard_bytes = c.shard * (4 if c.derived else itemsize)  # a derived shard is read from its fp32 master
         move = shard_bytes / (hardware.h2d_bytes_per_s if c.param_home == "host" else copy_rate)
         gather = (c.ranks - 1) / c.ranks * c.numel * itemsize / coll_of(c) if c.ranks > 1 else 0.0
         if cpu:
@@ -260,7 +312,16 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
     for k, c in grads.completions:
         completed_after.setdefault(max(k - 1, 0), []).append(c)
 
+    def update_s(c: _Chunk) -> float:
+        rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s
+        return c.shard / rate
+
     t_compute = t_comm = comm_busy = stall = 0.0
+    # [Note: the step inside backward] (elixir/optim/overlap.py): speculated chunks are updated on a
+    # worker (host chunks; on the CPU every chunk) or a side stream (device chunks on a GPU) as soon as
+    # their gradient is reduced; a host chunk's gradient waits for one of the staging buffers first
+    t_worker = t_side = 0.0
+    staged_done: list[float] = []  # when each staged host update finished (its buffer came back)
     ready: dict[int, float] = {}
     cached: set[int] = set()
     fetches = 0
@@ -318,30 +379,38 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
             # every gradient was copied into the chunk's fp32 buffer as it arrived (see [Note: gradient buffers])
             t_compute += ch.numel * 4 / copy_rate + (per_collective if ch.ranks > 1 else 0.0)
             red = (ch.ranks - 1) / ch.ranks * ch.numel * 4 / coll_of(ch) if ch.ranks > 1 else 0.0
-            if ch.optim_home == "host":
-                to_host = ch.numel // ch.ranks * 4 / hardware.d2h_bytes_per_s
-                if cpu:  # a synchronous copy on the compute thread
-                    t_compute += to_host
-                else:
-                    red += to_host
+            to_host = ch.shard * 4 / hardware.d2h_bytes_per_s if ch.optim_home == "host" else 0.0
+            if ch.logged and len(staged_done) >= STAGING_BUFFERS:  # wait for a staging buffer to come back
+                t_compute = max(t_compute, staged_done[-STAGING_BUFFERS])
+            if cpu:  # a synchronous copy on the compute thread
+                t_compute += to_host
+            else:
+                red += to_host
             start_r = max(t_comm, t_compute)
             t_comm = start_r + red
             comm_busy += red
-    end_backward = max(t_compute, t_comm)
+            if ch.speculated and optimizer:
+                if cpu or ch.optim_home == "host":
+                    t_worker = max(t_worker, t_comm, t_compute) + update_s(ch)
+                    if ch.logged:
+                        staged_done.append(t_worker)
+                else:
+                    t_side = max(t_side, t_comm) + update_s(ch)
+    end_backward = max(t_compute, t_comm, t_worker, t_side)
 
-    optim = 0.0
-    for c in chunks:
-        shard = c.numel // c.ranks
-        rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s
-        optim += shard / rate
+    optim = 0.0  # after backward, on the main thread
+    for c in chunks if optimizer else ():
+        shard = c.shard
+        if not c.speculated:
+            optim += update_s(c)
         if c.optim_home != c.param_home:  # the updated master is cast into the shard in the other tier
             bw = hardware.h2d_bytes_per_s if c.optim_home == "host" else hardware.d2h_bytes_per_s
             optim += shard * itemsize / bw
-        elif itemsize != 4:
+        elif itemsize != 4 and not c.derived:
             optim += shard * itemsize / copy_rate
         if c.resident and c.ranks > 1:
             optim += (c.ranks - 1) / c.ranks * c.numel * itemsize / coll_of(c) + per_collective
-    model_device, model_host = memory(plan, chunks, grads)
+    model_device, model_host = memory(plan, chunks, grads, gpu=not cpu)
     activations = profile.peak_activation_bytes
     all_to_all = sum(nbytes / hardware.collective_rate(ranks) for ranks, nbytes in profile.all_to_all)
     return Prediction(
@@ -350,6 +419,7 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
         stall_s=stall,
         comm_busy_s=comm_busy,
         optim_s=optim,
+        optim_in_backward_s=sum(update_s(c) for c in chunks if c.speculated) if optimizer else 0.0,
         fetches=fetches,
         device_bytes_peak=model_device + activations,
         host_bytes_peak=model_host,

@@ -1,0 +1,351 @@
+"""The optimizer step inside backward: each chunk is updated as soon as its gradient is final.
+
+[Note: the step inside backward]
+A chunk's reduced gradient shard is final long before backward ends: its update can run then, host
+chunks on a worker thread, device chunks on a side stream (on the CPU the worker runs both), so the
+optimizer hides behind the rest of backward instead of following it. Three things are not known then,
+so the update is a speculation, checked after backward by `ElixirOptimizer`:
+- the gradient-norm clip, whose coefficient needs every chunk's norm: speculated to be the coefficient
+  of the previous step's `clip_grad_norm_` call (1, no clip, before any call and after a step without
+  one), in that call's norm type. The runtime learns both from the calls; nothing is declared up front.
+  `clip_grad_norm_` after backward computes the true coefficient; where it differs, every speculated
+  update is undone (undo.py) and redone with the gradient times the true coefficient. So a step that
+  clips always rolls back, and a run that does not clip never does. Guessing the last coefficient
+  rather than 1 keeps the gradient an update used on the scale of the states it is undone from: an undo
+  subtracts the gradient's share from the states, which cancels catastrophically when that share
+  dwarfs them (a clip by 1e-3 speculated as 1 lost half the digits of the second moment);
+- fp16 overflow: a chunk whose own gradient is not finite is not updated, and no later chunk is; if any
+  rank overflowed, `step` undoes the updates and skips the step, as without overlap;
+- that this backward is the last before `step`: speculated when the step has seen one backward fewer
+  than the plan's `grad_accum` (later: than the previous step's count). Another backward before `step`
+  undoes the updates and accumulates as usual; so does `zero_grad` without a `step`.
+Whenever the speculation holds the result is bit for bit the step after backward: the same operators on
+the same values, chunk by chunk (unscale, finite check, norm, update), and the write-back of the
+updated masters into the parameters waits for `step` on the main thread, as it does without overlap.
+After a rollback the result equals it to a few units in the last place of fp32 (undo.py).
+
+What an undo needs is the gradient the update used. A chunk whose gradient stays anyway (optimizer on
+the device, or gradients held between micro-batches) keeps it as its master's `.grad`. A host chunk's
+gradient only passes through a bounded pool of staging buffers (pinned on CUDA) that the update
+consumes; what stays is its *rollback log*: the gradient as reduced, before unscaling, in the compute
+dtype (2 bytes per element in bf16 and fp16). On one rank with one micro-batch that is the gradient
+exactly (it was computed in that dtype); across ranks the reduced mean is rounded to it, which an undo
+then carries (see BENCHMARKS.md). So a host chunk holds its fp32 master, two fp32 AdamW states and the
+log: 14 bytes per parameter in bf16 (16 in fp32), against 16 without overlap (master, states and an
+fp32 gradient held until after backward). 12 is not reachable while a global-norm clip may act: either
+the gradient or the pre-update state must survive until the norm is known, and undoing without either
+has nothing to recompute from.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from elixir.memory import Chunk
+from elixir.optim.undo import undo_update, undoable
+
+STAGING_BUFFERS = 2
+"""Host buffers a host chunk's gradient passes through on its way to the update: the D2H copy of one
+can fill while the worker updates from the other. The cost model reads this constant too."""
+
+
+@dataclass(eq=False)
+class Speculated:
+    """One chunk's update during the backward now being checked."""
+
+    chunk: Chunk
+    grad: torch.Tensor
+    """What the update reads: a staging buffer, or the master's `.grad`."""
+    log: torch.Tensor | None
+    """Where the gradient stays for an undo when `grad` is a staging buffer (see the Note)."""
+    staging: torch.Tensor | None
+    inv_scale: float
+    future: Future | None = None
+    ready: object = None  # a CUDA event: the gradient's copy into staging is done
+    finite: bool | torch.Tensor = True
+    norm: torch.Tensor | None = None
+    norm_type: float = 2.0
+    updated: bool = False
+    fresh: bool = False  # the update made the optimizer state (it had none)
+    coef: float | None = None  # the clip coefficient the update's gradient was multiplied by (None: 1)
+
+
+class Speculation:
+    """Runs, checks and undoes the updates of one ElixirOptimizer during backward."""
+
+    def __init__(self, optimizer, *, grad_accum: int, logs: dict[int, torch.Tensor]):
+        self.opt = optimizer
+        self.device = optimizer.runtime.device
+        self.expected_backwards = grad_accum
+        self.backwards = 0  # backward passes since the last step
+        self.active = False  # this backward's chunks are updated as they complete
+        self.records: dict[int, Speculated] = {}  # chunk index -> record, this step
+        self.logs = logs  # host chunk index -> rollback log (compute dtype)
+        self.grads = optimizer.runtime.grads  # owns the staging buffers
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elixir-optimizer")
+        self._stop_updates = False  # a chunk overflowed: later ones are not updated (worker-side)
+        self._retracted: set[int] = set()  # chunks of this backward that got a gradient after their update
+        self.norm_type = 2.0  # learned from the last clip_grad_norm_ call
+        self.clip_coef = 1.0  # the coefficient the last step's clip applied (1: it did not act, or no clip)
+        self.clipped = False  # clip_grad_norm_ ran in this step
+        self.cuda = self.device.type == "cuda"
+        self.update_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.d2h_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # statistics (elixir.step_stats)
+        self.speculated_steps = 0
+        self.rollbacks = 0
+        self.rollback_reasons: dict[str, int] = {}
+        self.late_gradients = 0
+
+    @staticmethod
+    def supported(optimizer_class: type, groups: list[dict]) -> bool:
+        return all(undoable(optimizer_class, g) for g in groups)
+
+    # --- backward -----------------------------------------------------------------------------
+
+    def begin_backward(self) -> None:
+        """A backward starts: updates of a speculated earlier one in this step go back (more backward
+        passes than expected: accumulate instead), then decide whether this one speculates."""
+        if self.records:
+            self.rollback("accumulation", hold=True)
+        self.backwards += 1
+        self.active = self.backwards == self.expected_backwards
+        self._stop_updates = False
+        self._retracted.clear()
+        if self.active:
+            self.speculated_steps += 1
+
+    def speculates_on(self, chunk: Chunk) -> bool:
+        """Whether `chunk` is updated now. Not a chunk whose master *is* its parameter shard (fp32 compute,
+        shard and optimizer in one tier): its parameters would change before `step`, under any later use."""
+        return (self.active and chunk.master is not None and chunk.master is not chunk.shard
+                and chunk.index not in self._retracted)
+
+    def before_fetch(self, chunk: Chunk) -> None:
+        """`chunk` is about to be read into the cache. A shard derived from its master (see wrap.py) would
+        be read from an update `step` has not confirmed: undo that update first."""
+        if chunk.index in self.records and chunk.shard is None:
+            self.late(chunk)
+
+    def before_forward(self) -> None:
+        """A forward starts while this step's updates are unconfirmed: a further micro-batch (or any use of
+        the model before `step`) sees the parameters as they were."""
+        if self.records:
+            self.rollback("accumulation", hold=True)
+
+    def late(self, chunk: Chunk) -> bool:
+        """A gradient for a chunk already updated in this backward (it reached its reduction before all of
+        its gradients, as reentrant checkpointing can in the first step), or a fetch of it: undo its update
+        and hold its gradient, which `step` applies after backward."""
+        rec = self.records.get(chunk.index)
+        if rec is None:
+            return False
+        self._drain()
+        self._undo(rec)
+        self._hold(rec)
+        del self.records[chunk.index]
+        self._retracted.add(chunk.index)
+        self.late_gradients += 1
+        return True
+
+    def raise_failures(self) -> None:
+        """Raise the error of an update that failed on the worker, if any."""
+        for rec in list(self.records.values()):
+            if rec.future is not None and rec.future.done() and rec.future.exception() is not None:
+                rec.future.result()
+
+    def submit(self, chunk: Chunk, grad: torch.Tensor, *, staging: torch.Tensor | None = None, ready=None) -> None:
+        """Update `chunk` from `grad` (its final gradient for this step, before unscaling)."""
+        opt = self.opt
+        stepper = opt.stepper_of(chunk)
+        stepper.param_groups[0].update(opt.hyper_of(chunk))  # the values step() would use now
+        rec = Speculated(chunk, grad, self.logs.get(chunk.index) if staging is not None else None, staging,
+                         1.0 / opt.scaler.scale if opt.scaler.enabled else 1.0, ready=ready,
+                         coef=None if self.clip_coef == 1.0 else self.clip_coef)
+        self.records[chunk.index] = rec
+        if self.cuda and chunk.optim_home == "device":
+            # on the side stream, after the compute stream's work that made the gradient
+            self.update_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.update_stream):
+                self._update(rec, stepper)
+        else:
+            rec.future = self._worker.submit(self._update, rec, stepper)
+
+    def _update(self, rec: Speculated, stepper) -> None:
+        """The update of one chunk, in the order the step after backward runs it (see the Note)."""
+        if rec.ready is not None:
+            rec.ready.synchronize()  # the gradient's copy into pinned staging has landed
+        g = rec.grad
+        if rec.log is not None:
+            rec.log.copy_(g)
+        if self.opt.scaler.enabled:
+            g.mul_(rec.inv_scale)
+            finite = torch.isfinite(g).all()
+            if not self.cuda or rec.chunk.optim_home != "device":
+                rec.finite = bool(finite)
+                if not rec.finite:
+                    self._stop_updates = True
+            else:
+                rec.finite = finite
+                stepper.found_inf = (~finite).float()  # the fused kernel skips the update on the device
+        if self._stop_updates:
+            self._release(rec)
+            return
+        rec.norm, rec.norm_type = chunk_norm(g, self.norm_type), self.norm_type
+        if rec.coef is not None:
+            g.mul_(rec.coef)  # the clip speculated
+        master = rec.chunk.master
+        rec.fresh = not self.opt.state.get(master)
+        master.grad = g
+        stepper.step()
+        stepper.found_inf = None
+        if rec.staging is not None:
+            master.grad = None
+        rec.updated = True
+        self._release(rec)
+
+    def _release(self, rec: Speculated) -> None:
+        if rec.staging is not None:
+            self.grads.give_staging(rec.staging)
+            rec.staging = None
+            rec.grad = None
+
+    def end_backward(self) -> None:
+        self.active = False
+
+    # --- after backward -------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        """Updates of this step ran during backward and are not yet confirmed by `step`."""
+        return bool(self.records)
+
+    def _drain(self) -> None:
+        """Wait for every update of this step; raise the first one that failed."""
+        for rec in self.records.values():
+            if rec.future is not None:
+                rec.future.result()
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.update_stream)
+
+    def wait(self) -> list[Speculated]:
+        self._drain()
+        return [self.records[c.index] for c in self.opt.chunks if c.index in self.records]
+
+    def gradient_of(self, rec: Speculated, coef: float | None = None) -> torch.Tensor:
+        """The unscaled fp32 gradient times `coef` (default: the coefficient the chunk's last update used).
+        A chunk whose master keeps its `.grad` has it there, scaled in place (as the clip after backward
+        does): that tensor is returned, scaled to `coef` first; otherwise it is rebuilt from the log."""
+        coef = rec.coef if coef is None else coef
+        if rec.log is None:
+            g = rec.chunk.master.grad
+            if coef != rec.coef:
+                g.mul_((coef or 1.0) / (rec.coef or 1.0))
+                rec.coef = coef
+            return g
+        g = rec.log.to(device=rec.chunk.master.device, dtype=torch.float32, copy=True)
+        if rec.inv_scale != 1.0:
+            g.mul_(rec.inv_scale)
+        if coef is not None:
+            g.mul_(coef)
+        return g
+
+    def holds(self, coef: float) -> bool:
+        """Whether the clip coefficient the updates speculated is `coef`."""
+        return all((r.coef or 1.0) == coef for r in self.records.values() if r.updated)
+
+    def redo_clipped(self, coef: float) -> None:
+        """The clip coefficient is not what the updates speculated: undo every update and run it again
+        with the gradient times `coef` (as the clip after backward scales it)."""
+        self.rollbacks += 1
+        self.rollback_reasons["clip"] = self.rollback_reasons.get("clip", 0) + 1
+        for rec in self.wait():
+            if not rec.updated:
+                continue
+            self._undo(rec, self.gradient_of(rec))
+            g = self.gradient_of(rec, None if coef == 1.0 else coef)
+            master = rec.chunk.master
+            master.grad = g
+            rec.coef = None if coef == 1.0 else coef
+            rec.fresh = not self.opt.state.get(master)
+            self.opt.stepper_of(rec.chunk).step()
+            rec.updated = True
+            if rec.log is not None:
+                master.grad = None
+
+    def rollback(self, reason: str, *, hold: bool = False) -> None:
+        """Undo every update of this step. `hold`: keep the gradients as the masters' `.grad` (scaled, as
+        backward leaves them) so that the next backward accumulates into them."""
+        recs = self.wait()
+        if any(r.updated for r in recs):
+            self.rollbacks += 1
+            self.rollback_reasons[reason] = self.rollback_reasons.get(reason, 0) + 1
+        for rec in recs:
+            if rec.updated:
+                self._undo(rec)
+            if hold:
+                self._hold(rec)
+        self.records.clear()
+
+    def _undo(self, rec: Speculated, g: torch.Tensor | None = None) -> None:
+        if not rec.updated:
+            return
+        master = rec.chunk.master
+        g = self.gradient_of(rec) if g is None else g
+        stepper = self.opt.stepper_of(rec.chunk)
+        undo_update(self.opt.inner_class, master, self.opt.state[master], g, stepper.param_groups[0],
+                    fresh=rec.fresh)
+        if rec.fresh:
+            self.opt.state.pop(master, None)
+        rec.updated = False
+
+    def _hold(self, rec: Speculated) -> None:
+        """Put the chunk's gradient back as its master's `.grad`, scaled as backward leaves it."""
+        master = rec.chunk.master
+        if rec.log is not None:
+            g = self.opt.runtime.grads.hold_host_grad(rec.chunk)
+            g.copy_(rec.log)
+            master.grad = g
+        elif master.grad is not None:
+            if rec.coef is not None:
+                master.grad.div_(rec.coef)
+            if rec.inv_scale != 1.0:
+                master.grad.mul_(1.0 / rec.inv_scale)  # exact: the scale is a power of two
+
+    def confirm(self) -> None:
+        """`step` accepted this step's updates."""
+        self.records.clear()
+
+    def end_step(self) -> None:
+        """`step` ran: learn how many backward passes a step has, and the clip coefficient."""
+        if self.backwards:
+            self.expected_backwards = self.backwards
+        self.backwards = 0
+        if not self.clipped:
+            self.clip_coef = 1.0
+        self.clipped = False
+
+    def forget_backwards(self) -> None:
+        self.backwards = 0
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+    def stats(self) -> dict:
+        return {
+            "speculated_steps": self.speculated_steps,
+            "rollbacks": self.rollbacks,
+            "rollback_reasons": dict(self.rollback_reasons),
+            "late_gradients": self.late_gradients,
+        }
+
+
+def chunk_norm(g: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """One chunk's contribution to the gradient norm, as the clip after backward computes it."""
+    if norm_type == math.inf:
+        return g.abs().max()
+    return torch.linalg.vector_norm(g, norm_type)

@@ -77,6 +77,8 @@ class Prediction:
     optim_in_backward_s: float = 0.0
     """Updates that ran inside backward (hidden behind it as far as the worker keeps up); `optim_s` is the
     part after backward."""
+    optim_wait_s: float = 0.0
+    """Time backward waited for the optimizer worker to give a staging buffer back (it could not keep up)."""
     all_to_all_s: float = 0.0
     """Expert-parallel all-to-alls (`Profile.all_to_all`, balanced routing), at the collective rate of their
     group, on the critical path: the tokens are needed at once, so they overlap nothing."""
@@ -320,7 +322,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     # [Note: the step inside backward] (elixir/optim/overlap.py): speculated chunks are updated on a
     # worker (host chunks; on the CPU every chunk) or a side stream (device chunks on a GPU) as soon as
     # their gradient is reduced; a host chunk's gradient waits for one of the staging buffers first
-    t_worker = t_side = 0.0
+    t_worker = t_side = optim_wait = 0.0
     staged_done: list[float] = []  # when each staged host update finished (its buffer came back)
     ready: dict[int, float] = {}
     cached: set[int] = set()
@@ -381,6 +383,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             red = (ch.ranks - 1) / ch.ranks * ch.numel * 4 / coll_of(ch) if ch.ranks > 1 else 0.0
             to_host = ch.shard * 4 / hardware.d2h_bytes_per_s if ch.optim_home == "host" else 0.0
             if ch.logged and len(staged_done) >= STAGING_BUFFERS:  # wait for a staging buffer to come back
+                optim_wait += max(0.0, staged_done[-STAGING_BUFFERS] - t_compute)
                 t_compute = max(t_compute, staged_done[-STAGING_BUFFERS])
             if cpu:  # a synchronous copy on the compute thread
                 t_compute += to_host
@@ -415,11 +418,12 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     all_to_all = sum(nbytes / hardware.collective_rate(ranks) for ranks, nbytes in profile.all_to_all)
     return Prediction(
         step_s=end_backward + optim + all_to_all,
-        compute_s=t_compute - stall,
+        compute_s=t_compute - stall - optim_wait,
         stall_s=stall,
         comm_busy_s=comm_busy,
         optim_s=optim,
         optim_in_backward_s=sum(update_s(c) for c in chunks if c.speculated) if optimizer else 0.0,
+        optim_wait_s=optim_wait,
         fetches=fetches,
         device_bytes_peak=model_device + activations,
         host_bytes_peak=model_host,

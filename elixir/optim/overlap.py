@@ -292,6 +292,8 @@ class Speculation:
         self.records.clear()
 
     def _undo(self, rec: Speculated, g: torch.Tensor | None = None) -> None:
+        if torch.is_tensor(rec.finite) and not bool(rec.finite):
+            rec.updated = False  # the fused kernel skipped it on the device (found_inf)
         if not rec.updated:
             return
         master = rec.chunk.master

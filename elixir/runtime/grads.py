@@ -161,19 +161,19 @@ class GradReducer:
             # a host chunk's gradient passes through a staging buffer that its update gives back
             staging = self.take_staging()
             ready = stage_gradient(reduced, staging, spec.d2h_stream)
-            self._done_with(reduced, base, ready)
+            self._done_with(reduced, base, ready, spec.d2h_stream)
             spec.submit(chunk, staging[: chunk.shard_numel], staging=staging, ready=ready)
             return
         self._into_master_grad(chunk, reduced, base)  # it stays as the master's .grad
         spec.submit(chunk, chunk.master.grad)
 
-    def _done_with(self, reduced: torch.Tensor, base: torch.Tensor | None, copied=None) -> None:
-        """`reduced` is no longer needed (`copied`: a CUDA event after which its copy is done)."""
+    def _done_with(self, reduced: torch.Tensor, base: torch.Tensor | None, copied=None, stream=None) -> None:
+        """`reduced` is no longer needed (`copied`: a CUDA event after which its copy on `stream` is done)."""
         if base is not None:
             self.give_back_grad_buffer(base, copied=copied)
         else:
-            if copied is not None:
-                reduced.record_stream(torch.cuda.current_stream(reduced.device))
+            if stream is not None:  # the allocator reuses its memory only after that stream's copy
+                reduced.record_stream(stream)
             self.tracker.release(reduced, "device")
 
     def _into_master_grad(self, chunk: Chunk, reduced: torch.Tensor, base: torch.Tensor | None) -> None:
@@ -202,11 +202,10 @@ class GradReducer:
             master.grad.add_(reduced.to(master.grad.device))
         else:  # across to the host through a staging buffer, then added there
             staging = self.take_staging()
-            ready = stage_gradient(reduced, staging, None)
+            stage_gradient(reduced, staging, None)
             accel.synchronize(self.device)
             master.grad.add_(staging[: chunk.shard_numel])
             self.give_staging(staging)
-            del ready
         self._done_with(reduced, base)
 
     # --- staging ----------------------------------------------------------------------------------

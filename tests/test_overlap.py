@@ -21,6 +21,10 @@ ROLLBACK_REL = 2e-6
 # other way. Multi-step comparisons therefore run in fp32 with test_distributed's conditioning (lr 1e-3,
 # eps 1e-6), where 5 steps measured 1e-6.
 MULTI_STEP_REL = 1e-5
+# On several ranks a host chunk's rollback log rounds the reduced (mean) gradient to bf16, and a redo starts
+# from it: the update then differs by up to 2^-9 of the part the clip coefficient changed. Measured at 1.2e-5
+# relative on the parameters after one clipped step on 2 ranks (tiny clip: the whole update changed).
+LOG_ROUNDED_REL = 5e-5
 
 
 def conditioned(m):
@@ -385,3 +389,57 @@ def test_late_gradients_in_the_first_step_are_undone_and_applied_after_backward(
     for n, p in runs[1][1].items():
         err = ((runs[0][1][n] - p).abs().max() / p.abs().max()).item()
         assert err <= MULTI_STEP_REL, (n, err)
+
+
+def _ranks_overlap(rank, world, family, clip):
+    """Plans of every kind on `world` ranks, overlap on against off on the same ranks: bit for bit when the
+    clip does not act; where it does, within the rollback tolerance after one step, and over three steps
+    in fp32 (in bf16, later steps round the other way as any last-bit difference does)."""
+    from elixir.parallel import expert_parallel
+
+    cases = (("mixed", torch.float32), ("host", torch.bfloat16), ("on_demand", torch.bfloat16))
+    for kind, dtype in cases:
+        steps = 1 if clip is not None and dtype != torch.float32 else 3
+        runs = []
+        for overlap in (True, False):
+            torch.manual_seed(0)
+            if family == "moe":
+                cfg = GPTConfig.preset("tiny", vocab_size=VOCAB, bias=False, n_experts=4, top_k=2, expert_hidden=32)
+                model = GPT(cfg).train()
+                expert_parallel(model, 2)
+            else:
+                model = bias_free_gpt()
+            opt = conditioned(model)
+            plan = dataclasses.replace(make_plan(model, kind, opt, dtype=dtype), overlap=overlap)
+            model, opt = elixir.wrap(model, opt, plan=plan)
+            for x in batches(steps, batch=8):
+                opt.backward(loss_of(model, x.chunk(world)[rank]))
+                if clip is not None:
+                    opt.clip_grad_norm_(clip)
+                opt.step()
+                opt.zero_grad()
+            runs.append((elixir.full_state_dict(model), elixir.step_stats(model)))
+        (on, stats), (off, _) = runs
+        assert stats["speculated_steps"] == steps, stats
+        for n in off:
+            if clip is None:
+                assert torch.equal(on[n], off[n]), (kind, n)
+            else:
+                err = ((on[n] - off[n]).abs().max() / off[n].abs().max()).item()
+                assert err <= (MULTI_STEP_REL if dtype == torch.float32 else LOG_ROUNDED_REL), (kind, n, err)
+        if clip is not None:
+            assert stats["rollback_reasons"] == {"clip": steps}, stats
+
+
+def _ranks_cases(rank, world, cases):
+    # one spawn runs every case: starting ranks costs more than the cases themselves
+    for family, clip in cases:
+        _ranks_overlap(rank, world, family, clip)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_on_several_ranks_dense_and_expert_parallel(world):
+    from dist import run_ranks
+
+    cases = [("gpt", None), ("moe", None)] + ([("moe", 1e-3)] if world == 2 else [])
+    run_ranks(_ranks_cases, world, cases)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from elixir import accel, parallel
 from elixir.memory import BlockCache, Chunk, ChunkGroup, MemoryTracker, pack_offsets
 from elixir.memory.chunk import ParamSlot, empty_like_shape, padded_numel
+from elixir.models.checkpointing import apply_checkpointing
 from elixir.optim import ElixirOptimizer, check_optimizer
 from elixir.optim.overlap import STAGING_BUFFERS, Speculation
 from elixir.plan import Plan, named_parameters, optimizer_group_of
@@ -88,6 +89,8 @@ def wrap(
             "make the plan with the dtype you want, or leave compute_dtype out"
         )
     plan.check_model(model, group.size)
+    if plan.checkpoint_every:
+        apply_checkpointing(model, plan.checkpoint_every)
     check_optimizer(optimizer, model)
     accel.check_dtype(device, plan.dtype)
 

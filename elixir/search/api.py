@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from elixir.hardware import Hardware
 from elixir.plan import Plan
-from elixir.profile import profile
-from elixir.search.search import search
+from elixir.profile import Profile, profile
+from elixir.search.cost import Prediction
+from elixir.search.search import CHECKPOINT_OPTIONS, search
 
 
 def plan(
@@ -21,9 +26,16 @@ def plan(
     compute_dtype: torch.dtype | str = torch.float32,
     prefetch_depth: int = 2,
     loss_fn=None,
+    tokens_per_step: int | None = None,
 ) -> Plan:
     """Profile one training step of `model` on `example_batch` (one rank's batch) on the meta
     device, and return the fastest plan that fits `hardware` (measured and cached when not given).
+
+    `tokens_per_step`: the global batch, in tokens per optimizer step over all ranks. Given, the planner
+    also chooses the micro-batch (`Plan.micro_batch_size` sequences per rank), the accumulation steps
+    (`Plan.grad_accum`) and activation checkpointing (`Plan.checkpoint_every`, which `elixir.wrap` applies);
+    the example batch then only gives the sequence length (its inputs are `(batch, seq_len)` tensors).
+    Without it, the example batch is the micro-batch, one per step, without checkpointing.
 
     Raises `PlanDoesNotFitError` (a ValueError) with the bytes needed and available per tier and the
     smallest change that would fit, before anything is allocated."""
@@ -31,10 +43,83 @@ def plan(
         import torch.distributed as dist
 
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    prof = profile(model, example_batch, loss_fn, compute_dtype=compute_dtype)
     hardware = hardware or Hardware.measure()
+    if tokens_per_step is not None:
+        return plan_batch(model, example_batch, hardware=hardware, world_size=world_size,
+                          compute_dtype=compute_dtype, prefetch_depth=prefetch_depth, loss_fn=loss_fn,
+                          tokens_per_step=tokens_per_step).plan
+    prof = profile(model, example_batch, loss_fn, compute_dtype=compute_dtype)
     from elixir.parallel import group_sizes
 
     best, pred = search(prof, hardware, world_size=world_size, compute_dtype=compute_dtype,
                         prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size))
     return dataclasses.replace(best, use_order=tuple(prof.use_sequence()), predicted=pred.as_dict())
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What a batch search found: the plan, its prediction for a whole step, and the profile of one
+    micro-batch under the chosen checkpointing (scaled to the chosen micro-batch)."""
+
+    plan: Plan
+    prediction: Prediction
+    profile: Profile
+    profiles_traced: int
+    """How many checkpointing options were traced before the search stopped."""
+
+
+def plan_batch(
+    model: torch.nn.Module,
+    example_batch,
+    *,
+    hardware: Hardware,
+    tokens_per_step: int,
+    world_size: int = 1,
+    compute_dtype: torch.dtype | str = torch.float32,
+    prefetch_depth: int = 2,
+    loss_fn=None,
+) -> BatchPlan:
+    """`elixir.plan(..., tokens_per_step=...)` with what the search saw: see `plan`.
+
+    Traces one sequence of the example batch per checkpointing option (`CHECKPOINT_OPTIONS`), each only when
+    the search gets to it, and restores the model's own checkpointing afterwards."""
+    from elixir.models.checkpointing import checkpointing, transformer_blocks
+    from elixir.parallel import group_sizes
+
+    one, seq_len = _one_sequence(example_batch)
+    traced: dict[int, Profile] = {}
+
+    def trace(every: int) -> Profile:
+        if every not in traced:
+            with checkpointing(model, every):
+                traced[every] = profile(model, one, loss_fn, compute_dtype=compute_dtype)
+        return traced[every]
+
+    # a model without blocks to checkpoint has only the option without checkpointing
+    options = [k for k in CHECKPOINT_OPTIONS if k] if transformer_blocks(model) else []
+    best, pred = search(trace(0), hardware, world_size=world_size, compute_dtype=compute_dtype,
+                        prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size),
+                        tokens_per_step=tokens_per_step, seq_len=seq_len, profiled_sequences=1,
+                        checkpoint_profiles={k: functools.partial(trace, k) for k in options})
+    chosen = trace(best.checkpoint_every)
+    best = dataclasses.replace(best, use_order=tuple(chosen.use_sequence()), predicted=pred.as_dict())
+    return BatchPlan(best, pred, chosen.scaled(best.micro_batch_size), profiles_traced=len(traced))
+
+
+def _one_sequence(example_batch) -> tuple[Any, int]:
+    """The example batch cut to its first sequence, and its sequence length (dimension 1 of its inputs)."""
+    tensors = ([example_batch] if isinstance(example_batch, torch.Tensor) else
+               [v for v in example_batch.values() if isinstance(v, torch.Tensor)]
+               if isinstance(example_batch, Mapping) else [])
+    shaped = [t for t in tensors if t.dim() >= 2]
+    if not shaped:
+        raise ValueError(
+            "with tokens_per_step the example batch gives the sequence length: pass (batch, seq_len) tensors, "
+            "as a tensor or a dict of them"
+        )
+    batch, seq_len = shaped[0].shape[:2]
+    if isinstance(example_batch, torch.Tensor):
+        return example_batch[:1], seq_len
+    one = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch else v
+           for k, v in example_batch.items()}
+    return one, seq_len

@@ -3,9 +3,10 @@
 `elixir plan --model opt-30b --gpus 1 --gpu A100-40GB --host-memory 512GiB` profiles OPT-30B (by its
 published dimensions, built on the meta device: nothing is allocated) at the given batch, searches
 the fastest plan that fits one GPU's memory and its share of the host memory, and prints what lives
-where, the predicted step time, TFLOPS per GPU and the peak bytes per tier. `--json` writes the plan
-(loadable with elixir.Plan.from_json) with its prediction; `--plot` draws memory over the step and
-where each chunk lives.
+where, the predicted step time, TFLOPS per GPU and the peak bytes per tier. With `--tokens-per-step`
+(the global batch) it also chooses the micro-batch, the accumulation steps and activation
+checkpointing. `--json` writes the plan (loadable with elixir.Plan.from_json) with its prediction;
+`--plot` draws memory over the step and where each chunk lives.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import time
 import torch
 
 from elixir.hardware import Hardware, parse_bytes
+from elixir.models.checkpointing import apply_checkpointing
 from elixir.models.families import build_family, family_names
+from elixir.profile import profile
 from elixir.search import PlanDoesNotFitError, search
+from elixir.search.api import plan_batch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GiB = 2**30
@@ -50,10 +54,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory", type=_size, default=None, help="device memory per GPU, e.g. 40GiB")
     p.add_argument("--host-memory", type=_size, default=None,
                    help="host memory of the machine, shared by its GPUs, e.g. 512GiB")
-    p.add_argument("--batch-size", type=_positive, default=1, help="sequences per GPU per step")
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help="sequences per GPU per step, one micro-batch (default 1); not with --tokens-per-step")
+    p.add_argument("--tokens-per-step", type=_positive, default=None, metavar="N",
+                   help="global batch in tokens per optimizer step over all GPUs: the planner chooses the "
+                   "micro-batch, accumulation steps and activation checkpointing (sequences of --seq-len)")
     p.add_argument("--seq-len", type=_positive, default=1024, help="tokens per sequence")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every layer")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing of every layer (with --batch-size; --tokens-per-step chooses)")
     p.add_argument("--prefetch-depth", type=int, default=2, help="chunks fetched ahead of use")
     p.add_argument("--json", metavar="PATH", help="write the plan and its prediction as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw memory over the step and where each chunk lives")
@@ -64,6 +73,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--gpu {args.gpu!r} is not a preset; use one of {', '.join(Hardware.preset_names())}")
     if args.prefetch_depth < 0:
         parser.error(f"--prefetch-depth {args.prefetch_depth} must be 0 or more")
+    if args.tokens_per_step is not None:
+        if args.batch_size is not None or args.checkpointing:
+            parser.error("--tokens-per-step chooses the micro-batch and checkpointing itself: leave out "
+                         "--batch-size and --checkpointing, or leave out --tokens-per-step to fix them")
+        per_step = args.seq_len * args.gpus
+        if args.tokens_per_step % per_step:
+            lower = max(per_step, args.tokens_per_step // per_step * per_step)
+            parser.error(f"--tokens-per-step {args.tokens_per_step} is not a whole number of --seq-len "
+                         f"{args.seq_len} sequences on each of {args.gpus} GPU(s); use a multiple of {per_step}, "
+                         f"e.g. {lower}")
     try:
         model = build_family(args.model)
     except ValueError as e:
@@ -73,47 +92,69 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         hw = hw.with_memory(device_bytes=args.gpu_memory)
     if args.host_memory:
         hw = hw.with_memory(host_bytes=args.host_memory // args.gpus)
-    if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    from elixir.profile import profile
-
-    ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.long)
+    dtype = DTYPES[args.dtype]
     started = time.perf_counter()
-    prof = profile(model, {"input_ids": ids, "labels": ids}, compute_dtype=DTYPES[args.dtype])
-    profiled_s = time.perf_counter() - started
     try:
-        plan, pred = search(prof, hw, world_size=args.gpus, compute_dtype=DTYPES[args.dtype],
-                            prefetch_depth=args.prefetch_depth)
+        if args.tokens_per_step is not None:
+            ids = torch.zeros((1, args.seq_len), dtype=torch.long)
+            found = plan_batch(model, {"input_ids": ids, "labels": ids}, hardware=hw, world_size=args.gpus,
+                               compute_dtype=dtype, prefetch_depth=args.prefetch_depth,
+                               tokens_per_step=args.tokens_per_step)
+            plan, pred, prof = found.plan, found.prediction, found.profile
+            timing = f"(planned in {time.perf_counter() - started:.1f} s, {found.profiles_traced} profile(s) traced)"
+        else:
+            if args.checkpointing:
+                apply_checkpointing(model, 1)
+            batch_size = args.batch_size or 1
+            ids = torch.zeros((batch_size, args.seq_len), dtype=torch.long)
+            prof = profile(model, {"input_ids": ids, "labels": ids}, compute_dtype=dtype)
+            profiled_s = time.perf_counter() - started
+            plan, pred = search(prof, hw, world_size=args.gpus, compute_dtype=dtype,
+                                prefetch_depth=args.prefetch_depth)
+            plan = dataclasses.replace(plan, use_order=tuple(prof.use_sequence()), predicted=pred.as_dict())
+            timing = f"(profiled in {profiled_s:.1f} s, searched in {time.perf_counter() - started - profiled_s:.1f} s)"
     except PlanDoesNotFitError as e:
         print(f"elixir plan: {e}")
         return 1
-    searched_s = time.perf_counter() - started - profiled_s
-    plan = dataclasses.replace(plan, use_order=tuple(prof.use_sequence()), predicted=pred.as_dict())
     params = sum(prof.param_numels.values())
-    tokens = args.batch_size * args.seq_len
-    factor = 8 if args.checkpointing else 6
-    tflops = factor * params * tokens / pred.step_s / 1e12
+    micro = plan.micro_batch_size or args.batch_size or 1
+    every = plan.checkpoint_every or (1 if args.checkpointing else 0)
+    tokens = micro * plan.grad_accum * args.seq_len  # per GPU and step
+    tflops = pred.flops / pred.step_s / 1e12
+    # the rule of thumb counts 6 FLOPs per parameter and token, 8 when every block is recomputed; it has no
+    # figure for every k-th block, and ignores attention: the profiled FLOPs are what is reported first
+    factor = {0: 6, 1: 8}.get(every)
+    rule = f"; {factor * params * tokens / pred.step_s / 1e12:.1f} by {factor} x params x tokens" if factor else ""
+    checkpointing = ("no activation checkpointing" if not every else "activation checkpointing of every block"
+                     if every == 1 else f"activation checkpointing of every {every} blocks")
     print(f"{args.model}: {params / 1e9:.2f} B parameters; {args.gpus} x {hw.name} "
           f"({hw.device_bytes / GiB:.0f} GiB device, {hw.host_bytes / GiB:.0f} GiB host per rank); "
-          f"batch {args.batch_size} x {args.seq_len} per GPU, {DTYPES[args.dtype]}"
-          f"{', activation checkpointing' if args.checkpointing else ''}")
+          f"{dtype}, sequences of {args.seq_len} tokens")
+    if args.tokens_per_step is not None:
+        print(f"batch               {args.tokens_per_step:,} tokens per step = {args.gpus} GPU(s) x "
+              f"{plan.grad_accum} micro-batch(es) x {micro} sequence(s) x {args.seq_len} tokens (chosen: "
+              f"micro-batch {micro}, {plan.grad_accum} accumulation step(s), {checkpointing})")
+    else:
+        print(f"batch               {micro} x {args.seq_len} per GPU, one micro-batch per step, {checkpointing}")
     print(plan.summary())
     print(f"predicted step      {pred.step_s:.3f} s (compute {pred.compute_s:.3f} s, waiting for chunks "
-          f"{pred.stall_s:.3f} s, optimizer {pred.optim_s:.3f} s)")
-    print(f"throughput per GPU  {tokens / pred.step_s:,.0f} tokens/s, {tflops:.1f} TFLOPS "
-          f"({factor} x params x tokens / step)")
+          f"{pred.stall_s:.3f} s, optimizer {pred.optim_s:.3f} s after backward, "
+          f"{pred.optim_in_backward_s:.3f} s inside it)")
+    print(f"throughput per GPU  {tokens / pred.step_s:,.0f} tokens/s, {tflops:.1f} TFLOPS by the profiled FLOPs "
+          f"(recomputation included){rule}")
     print(f"peak device         {pred.device_bytes_peak / GiB:.2f} GiB "
           f"(model data {pred.model_device_bytes / GiB:.2f}, activations {pred.activation_bytes / GiB:.2f}) "
           f"of {hw.device_bytes / GiB:.2f} GiB")
     print(f"peak host           {pred.host_bytes_peak / GiB:.2f} GiB per rank of {hw.host_bytes / GiB:.2f} GiB")
-    print(f"(profiled in {profiled_s:.1f} s, searched in {searched_s:.1f} s)")
+    print(timing)
     if args.json:
         with open(args.json, "w") as f:
             f.write(plan.to_json())
     if args.plot:
         _plot(args.plot, prof, plan, pred, hw)
-    summary = {"step_s": pred.step_s, "tflops_per_gpu": tflops, "tokens_per_s_per_gpu": tokens / pred.step_s}
+    summary = {"step_s": pred.step_s, "tflops_per_gpu": tflops, "tokens_per_s_per_gpu": tokens / pred.step_s,
+               "micro_batch_size": micro, "grad_accum": plan.grad_accum, "checkpoint_every": every}
     args._result = {**summary, "plan": json.loads(plan.to_json())}
     return 0
 

@@ -34,7 +34,8 @@ def plan(
     `tokens_per_step`: the global batch, in tokens per optimizer step over all ranks. Given, the planner
     also chooses the micro-batch (`Plan.micro_batch_size` sequences per rank), the accumulation steps
     (`Plan.grad_accum`) and activation checkpointing (`Plan.checkpoint_every`, which `elixir.wrap` applies);
-    the example batch then only gives the sequence length (its inputs are `(batch, seq_len)` tensors).
+    the example batch then only gives the sequence length (its inputs are `(batch, seq_len)` tensors). The
+    training loop feeds `grad_accum` micro-batches of `micro_batch_size` sequences per optimizer step.
     Without it, the example batch is the micro-batch, one per step, without checkpointing.
 
     Raises `PlanDoesNotFitError` (a ValueError) with the bytes needed and available per tier and the

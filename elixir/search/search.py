@@ -114,7 +114,7 @@ def search(
                 "or leave them out to plan the profiled micro-batch as it is"
             )
         space = _Space(profile, hardware, world_size, compute_dtype, prefetch_depth, group_sizes)
-        best, smallest = space.place(profile)
+        best, smallest, _ = space.place(profile)
         if best is None:
             raise _infeasible(smallest, space.device_budget, space.host_budget, world_size)
         return best
@@ -203,16 +203,19 @@ class _Space:
         chunk_numel, names, _ = next(self._layouts(profile))
         return simulate(profile, self._base(profile, chunk_numel, names), self.hardware).compute_s
 
-    def place(self, profile: Profile, **batch) -> tuple[tuple[Plan, Prediction] | None, tuple[Plan, Prediction]]:
-        """The fastest placement of `profile` that fits (None if none does) and the one with the least device
-        memory seen. `batch`: the plan's micro_batch_size, grad_accum and checkpoint_every."""
+    def place(self, profile: Profile, **batch):
+        """(fastest, smallest, leanest): the fastest placement of `profile` that fits (None if none does), the
+        one with the least device memory seen, and among those that fit the device the one with the least
+        host memory (None if none does). `batch`: the plan's micro_batch_size, grad_accum and
+        checkpoint_every."""
         best: tuple[Plan, Prediction] | None = None
         smallest: tuple[Plan, Prediction] | None = None  # the least device memory seen, for the error
+        leanest: tuple[Plan, Prediction] | None = None  # the least host memory beside a device that fits
         fits = self.fits
         device_budget = self.device_budget
 
         def consider(plan: Plan) -> Prediction:
-            nonlocal best, smallest
+            nonlocal best, smallest, leanest
             pred = self.memory_only(profile, plan)  # no replay of the step for a plan that does not fit
             if fits(pred):
                 pred = simulate(profile, plan, self.hardware)
@@ -221,6 +224,10 @@ class _Space:
                 smallest[1].host_bytes_peak,
             ):
                 smallest = (plan, pred)
+            if pred.device_bytes_peak <= device_budget and (leanest is None or (
+                    pred.host_bytes_peak, pred.device_bytes_peak) < (
+                    leanest[1].host_bytes_peak, leanest[1].device_bytes_peak)):
+                leanest = (plan, pred)
             if fits(pred):
                 if best is None or pred.step_s < best[1].step_s:
                     best = (plan, pred)
@@ -277,7 +284,7 @@ class _Space:
                         else:
                             hi = mid - 1
                     consider(level(lo, 4, blocks))
-        return best, smallest
+        return best, smallest, leanest
 
 
 # [Note: searching the batch]
@@ -363,11 +370,12 @@ def _search_batch(
         best_k: _Tried | None = None
         for b in reversed([b for b in divisors if b * per_sequence <= room]):
             micro = prof.scaled(b / profiled_sequences)
-            found, smallest = space.place(micro, micro_batch_size=b, grad_accum=sequences // b, checkpoint_every=k)
+            found, smallest, leanest = space.place(micro, micro_batch_size=b, grad_accum=sequences // b,
+                                                   checkpoint_every=k)
             if found is None:
                 # a smaller micro-batch leaves more of the device to model data, optimizer states included,
                 # which takes them off the host too (L4): try it
-                failed.append(_Tried(k, b, *smallest))
+                failed.append(_Tried(k, b, *(leanest or smallest)))
                 continue
             point = _Tried(k, b, *found)
             if best_k is not None and point.pred.step_s >= best_k.pred.step_s:
@@ -381,8 +389,8 @@ def _search_batch(
     if best is None:
         if not failed:  # no micro-batch's activations fit: the numbers of one sequence with the least of them
             k = options[-1]
-            _, smallest = space.place(prof.scaled(1 / profiled_sequences), micro_batch_size=1,
-                                      grad_accum=sequences, checkpoint_every=k)
+            _, smallest, _ = space.place(prof.scaled(1 / profiled_sequences), micro_batch_size=1,
+                                         grad_accum=sequences, checkpoint_every=k)
             failed.append(_Tried(k, 1, *smallest))
         raise _batch_infeasible(failed, space, world_size, seq_len, checkpointing_tried=len(options) > 1)
     return best.plan, best.pred
@@ -394,14 +402,16 @@ def _all_on_device(plan: Plan) -> bool:
 
 
 def _infeasible(
-    smallest, device_budget: int, host_budget: int, world_size: int, *, step: str = "", activation_fix: str = ""
+    smallest, device_budget: int, host_budget: int, world_size: int, *, step: str = "", activation_fix: str = "",
+    placed: str = "with every chunk gathered on demand and everything possible on the host",
 ) -> PlanDoesNotFitError:
-    """The error for no plan: the numbers of the plan that needs the least device memory, and the smallest
-    changes that would fit. `step` says which step (a batch search: its micro-batch and checkpointing);
-    `activation_fix` replaces the advice when activations are what overflows the device."""
+    """The error for no plan: the numbers of `smallest` (the plan that needs the least device memory, or as
+    `placed` says), and the smallest changes that would fit. `step` says which step (a batch search: its
+    micro-batch and checkpointing); `activation_fix` replaces the advice when activations are what overflows
+    the device."""
     plan, pred = smallest
     lines = [
-        f"no plan fits{step}: with every chunk gathered on demand and everything possible on the host, a step needs "
+        f"no plan fits{step}: {placed}, a step needs "
         f"{_gib(pred.device_bytes_peak)} of device memory (of {_gib(device_budget)} usable) and "
         f"{_gib(pred.host_bytes_peak)} of host memory per rank (of {_gib(host_budget)} usable)."
     ]
@@ -427,10 +437,14 @@ def _infeasible(
 def _batch_infeasible(
     failed: list[_Tried], space: _Space, world_size: int, seq_len: int, *, checkpointing_tried: bool
 ) -> PlanDoesNotFitError:
-    # the host's numbers where the device fits (host memory is what to add), else the least device memory
+    # where the device fits, the least host memory any placement needed (host memory is what to add: the
+    # device already holds all the optimizer states it can), else the least device memory
     on_device = [t for t in failed if t.pred.device_bytes_peak <= space.device_budget]
-    point = (min(on_device, key=lambda t: t.pred.host_bytes_peak) if on_device else
-             min(failed, key=lambda t: (t.pred.device_bytes_peak, t.pred.host_bytes_peak)))
+    point = (min(on_device, key=lambda t: (t.pred.host_bytes_peak, t.pred.device_bytes_peak, t.micro_batch_size))
+             if on_device else min(failed, key=lambda t: (t.pred.device_bytes_peak, t.pred.host_bytes_peak)))
+    placed = ("with every chunk gathered on demand and as many optimizer states on the device as fit beside it"
+              if any(c.optim_home == "device" for c in point.plan.chunks) else
+              "with every chunk gathered on demand and everything possible on the host")
     k, b = point.checkpoint_every, point.micro_batch_size
     how = {0: "no activation checkpointing", 1: "activation checkpointing of every block"}.get(
         k, f"activation checkpointing of every {k} blocks")
@@ -442,4 +456,4 @@ def _batch_infeasible(
     else:
         fix = "activation checkpointing (pass checkpoint_profiles: elixir.plan traces them)"
     return _infeasible((point.plan, point.pred), space.device_budget, space.host_budget, world_size,
-                       step=step, activation_fix=fix)
+                       step=step, activation_fix=fix, placed=placed)

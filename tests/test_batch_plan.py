@@ -356,3 +356,23 @@ def test_opt_30b_plans_on_one_a100_40gb_with_and_without_a_batch_search(capsys, 
     text = capsys.readouterr().out
     assert "65,536 tokens per step" in text and "accumulation step(s)" in text
     assert checkpointed_blocks(model) == []
+
+
+def test_compute_floor_is_below_every_searched_step(gpt_profiles):
+    """The floors that prune the batch search: the compute alone of a step, no plan of it faster."""
+    from elixir.search.search import _Space
+
+    hw = gpu_with(80 * 2**30)
+    for every, prof in gpt_profiles.items():
+        micro = prof.scaled(4)
+        space = _Space(micro, hw, 1, "float32", 2, None)
+        floor = space.compute_floor_s(micro, 3)
+        base = next(space._layouts(micro))
+        resident = space._base(micro, base[0], base[1], grad_accum=3)
+        assert floor == pytest.approx(simulate(micro, resident, hw).compute_s)
+        found, _, _ = space.place(micro, micro_batch_size=4, grad_accum=3, checkpoint_every=every)
+        assert found[1].step_s >= floor
+        tight = gpu_with(int(found[1].device_bytes_peak * 0.8 / 0.9))
+        found, _, _ = _Space(micro, tight, 1, "float32", 2, None).place(micro, micro_batch_size=4, grad_accum=3,
+                                                                         checkpoint_every=every)
+        assert found[1].step_s >= floor

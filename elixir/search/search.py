@@ -196,12 +196,14 @@ class _Space:
             model_host_bytes=host, activation_bytes=activations, flops=profile.total_flops,
         )
 
-    def compute_floor_s(self, profile: Profile) -> float:
-        """Compute time of `profile` as one micro-batch with every chunk resident: no fetch to wait for and
-        the fewest operator launches, so no plan of this step, or of one with more operators (recomputation)
-        or more micro-batches, computes in less."""
+    def compute_floor_s(self, profile: Profile, grad_accum: int = 1) -> float:
+        """Compute time of a step of `grad_accum` micro-batches of `profile` with every chunk resident: the
+        operators, their launches and the gradients' copies into their buffers, no fetch to wait for. No plan
+        of this step computes in less (up to the chunks' padding), nor one with more operators
+        (recomputation) or more, smaller micro-batches of the same sequences (the same FLOPs, more launches)."""
         chunk_numel, names, _ = next(self._layouts(profile))
-        return simulate(profile, self._base(profile, chunk_numel, names), self.hardware).compute_s
+        # every micro-batch computes the same: one replay serves (what `simulate` adds up for grad_accum)
+        return grad_accum * simulate(profile, self._base(profile, chunk_numel, names), self.hardware).compute_s
 
     def place(self, profile: Profile, **batch):
         """(fastest, smallest, leanest): the fastest placement of `profile` that fits (None if none does), the
@@ -305,7 +307,9 @@ class _Space:
 # - An option with more recomputation is not traced when the best plan found already takes no longer than
 #   the compute alone of the rank's sequences under the last option traced (`_Space.compute_floor_s`):
 #   more recomputation only adds to that. Nor when the best plan is one micro-batch with everything
-#   resident and the optimizer on the device: nothing is left to gain.
+#   resident and the optimizer on the device: nothing is left to gain. Within an option, a micro-batch is
+#   not searched when the compute alone of its step (more micro-batches: more launches) takes no less than
+#   the best step found: a replay of the step instead of a placement search.
 CHECKPOINT_OPTIONS = (0, 2, 1)
 
 
@@ -370,6 +374,9 @@ def _search_batch(
         best_k: _Tried | None = None
         for b in reversed([b for b in divisors if b * per_sequence <= room]):
             micro = prof.scaled(b / profiled_sequences)
+            leader = min((t.pred.step_s for t in (best, best_k) if t is not None), default=None)
+            if leader is not None and leader <= space.compute_floor_s(micro, sequences // b):
+                break  # its compute alone takes as long as the best step, and a smaller b's longer still
             found, smallest, leanest = space.place(micro, micro_batch_size=b, grad_accum=sequences // b,
                                                    checkpoint_every=k)
             if found is None:

@@ -224,6 +224,12 @@ def test_the_search_trades_accumulation_and_checkpointing_for_device_memory(gpt_
         # the prediction is that of the plan: a step of grad_accum micro-batches of the scaled profile
         micro = (gpt_profiles[plan.checkpoint_every]).scaled(plan.micro_batch_size)
         assert simulate(micro, plan, gpu_with(device)).step_s == pytest.approx(pred.step_s)
+        if plan.checkpoint_every and not all(c.resident for c in plan.chunks):  # room for a recomputed block
+            from elixir.search.search import _checkpointed_regions
+
+            chunk_of = {n: i for i, c in enumerate(plan.chunks) for n in c.params}
+            regions = _checkpointed_regions(list(chunk_of), plan.checkpoint_every)
+            assert plan.cache_blocks >= max(len({chunk_of[n] for n in r}) for r in regions)
         chosen.append((plan.grad_accum, plan.checkpoint_every, pred.step_s))
     accum = [c[0] for c in chosen]
     assert accum == sorted(accum) and accum[0] == 1 and accum[-1] > 1  # more accumulation as the device shrinks
@@ -251,7 +257,7 @@ def test_batch_search_errors(gpt_profiles):
     from elixir.search.search import _Space
 
     def short_of(every: int) -> Hardware:
-        least = _Space(gpt_profiles[every], hw, 1, "float32", 2, None).least_model_device_bytes(
+        least = _Space(hw, 1, "float32", 2, None).least_model_device_bytes(
             gpt_profiles[every], every)
         return gpu_with(int((least + gpt_profiles[every].peak_activation_bytes // 2) / 0.9))
 
@@ -276,7 +282,7 @@ def test_memory_without_replay_is_what_simulate_predicts(gpt_profiles):
         plan = dataclasses.replace(base, chunks=chunks, grad_accum=accum)
         for hw in (gpu_with(80 * 2**30), Hardware.preset("CPU")):
             want = simulate(prof, plan, hw)
-            got = _Space(prof, hw, 1, "bf16", 2, None).memory_only(prof, plan)
+            got = _Space(hw, 1, "bf16", 2, None).memory_only(prof, plan)
             assert (got.device_bytes_peak, got.host_bytes_peak) == (want.device_bytes_peak, want.host_bytes_peak)
 
 
@@ -365,7 +371,7 @@ def test_compute_floor_is_below_every_searched_step(gpt_profiles):
     hw = gpu_with(80 * 2**30)
     for every, prof in gpt_profiles.items():
         micro = prof.scaled(4)
-        space = _Space(micro, hw, 1, "float32", 2, None)
+        space = _Space(hw, 1, "float32", 2, None)
         floor = space.compute_floor_s(micro, 3)
         base = next(space._layouts(micro))
         resident = space._base(micro, base[0], base[1], grad_accum=3)
@@ -373,6 +379,33 @@ def test_compute_floor_is_below_every_searched_step(gpt_profiles):
         found, _, _ = space.place(micro, micro_batch_size=4, grad_accum=3, checkpoint_every=every)
         assert found[1].step_s >= floor
         tight = gpu_with(int(found[1].device_bytes_peak * 0.8 / 0.9))
-        found, _, _ = _Space(micro, tight, 1, "float32", 2, None).place(micro, micro_batch_size=4, grad_accum=3,
+        found, _, _ = _Space(tight, 1, "float32", 2, None).place(micro, micro_batch_size=4, grad_accum=3,
                                                                          checkpoint_every=every)
         assert found[1].step_s >= floor
+
+
+@pytest.mark.parametrize("make", [four_block_gpt, four_layer_llama], ids=["gpt", "llama"])
+@pytest.mark.parametrize("every", [1, 2])
+def test_checkpointed_plans_get_a_cache_for_a_whole_recomputed_block(make, every):
+    """The runtime keeps a recomputed block's chunks gathered until its backward has run: the search gives a
+    checkpointed plan at least that many cache blocks, and that many are enough (one fewer is not)."""
+    from elixir.search.search import _checkpointed_regions
+
+    model = make()
+    numel = max(p.numel() for p in model.parameters())
+    plan = elixir.Plan.uniform(model, chunk_mib=3 * numel * 4 / 2**20, cache_blocks=1, resident=False)
+    chunk_of = {n: i for i, c in enumerate(plan.chunks) for n in c.params}
+    regions = _checkpointed_regions([n for n, _ in model.named_parameters()], every)
+    assert len(regions) == len(range(0, 4, every))
+    need = max(len({chunk_of[n] for n in r}) for r in regions)
+    assert need < len(plan.chunks)
+    for blocks in (need - 1, need):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        m, opt = elixir.wrap(m, opt, plan=dataclasses.replace(plan, cache_blocks=blocks, checkpoint_every=every))
+        if blocks < need:
+            with pytest.raises(elixir.CacheTooSmallError, match="activation checkpointing"):
+                loss_of(m, ids(2)).backward()
+        else:
+            loss_of(m, ids(2)).backward()
+            opt.step()

@@ -63,7 +63,7 @@ def _checkpointed_regions(order: list[str], checkpoint_every: int) -> list[list[
 
     The runtime keeps a recomputed block's chunks gathered until its backward has run (see [Note: pins] in
     elixir/runtime/state.py), so the cache must hold all of them at once: on the tiny GPT and Llama of
-    tests/test_batch_plan.py the fewest blocks that train are exactly the most chunks of one such block."""
+    tests/test_batch_plan.py the fewest blocks that train are the most chunks of one such block."""
     if not checkpoint_every:
         return []
     blocks: dict[str, list[str]] = {}
@@ -113,7 +113,7 @@ def search(
                 "seq_len and checkpoint_profiles only apply to a batch search; pass tokens_per_step too, "
                 "or leave them out to plan the profiled micro-batch as it is"
             )
-        space = _Space(profile, hardware, world_size, compute_dtype, prefetch_depth, group_sizes)
+        space = _Space(hardware, world_size, compute_dtype, prefetch_depth, group_sizes)
         best, smallest, _ = space.place(profile)
         if best is None:
             raise _infeasible(smallest, space.device_budget, space.host_budget, world_size)
@@ -128,7 +128,7 @@ def search(
 class _Space:
     """The placements of one model on one machine: what `search` walks for one profiled micro-batch."""
 
-    def __init__(self, profile: Profile, hardware: Hardware, world_size: int, compute_dtype, prefetch_depth: int,
+    def __init__(self, hardware: Hardware, world_size: int, compute_dtype, prefetch_depth: int,
                  group_sizes: dict[str, int] | None) -> None:
         self.hardware = hardware
         self.world_size = world_size
@@ -356,7 +356,7 @@ def _search_batch(
             f"of {world_size} rank(s); use a multiple of {per_step}, e.g. {lower} or {lower + per_step}"
         )
     sequences = tokens_per_step // per_step  # per rank and step
-    space = _Space(profile, hardware, world_size, compute_dtype, prefetch_depth, group_sizes)
+    space = _Space(hardware, world_size, compute_dtype, prefetch_depth, group_sizes)
     divisors = _divisors(sequences)
     options = [0, *sorted(checkpoint_profiles, reverse=True)]  # more recomputation later: every block last
     best: _Tried | None = None

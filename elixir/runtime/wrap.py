@@ -8,6 +8,7 @@ updates the chunks' fp32 masters with the user's own optimizer class and hyper-p
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -483,9 +484,17 @@ def _install_grad_hooks(runtime: Runtime, chunks: list[Chunk]) -> None:
 
 
 def _grad_hook(runtime: Runtime, chunk: Chunk, slot: int):
+    # Weak references: torch keeps a parameter's post-accumulate-grad hooks from C++, where the garbage
+    # collector cannot see them, so a hook holding the runtime (which holds the parameter) would keep the
+    # model's chunks, masters and states alive after the model is gone.
+    runtime_ref, chunk_ref = weakref.ref(runtime), weakref.ref(chunk)
+
     def hook(p: torch.Tensor) -> None:
-        runtime.enter_backward()
+        runtime, chunk = runtime_ref(), chunk_ref()
         g, p.grad = p.grad, None
+        if runtime is None or chunk is None:
+            return
+        runtime.enter_backward()
         if chunk.trainable:
             runtime.grads.add(chunk, slot, g)
 

@@ -359,3 +359,22 @@ def test_cache_is_no_larger_than_the_on_demand_chunks_need():
     assert stats["cache_blocks"] == len(rt.chunks)
     assert stats["cache_bytes"] == len(rt.chunks) * max(c.numel for c in rt.chunks) * 4
     assert plan.cache_layout() == (len(plan.chunks), max(c.numel for c in rt.chunks))
+
+
+def test_a_deleted_wrapped_model_frees_its_runtime_and_optimizer():
+    import gc
+    import weakref
+
+    def wrapped():
+        model = build("gpt")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        model, opt = elixir.wrap(model, opt, plan=make_plan(model, "mixed", opt, dtype=torch.bfloat16))
+        for x in batches(2):
+            opt.backward(loss_of(model, x))
+            opt.step()
+            opt.zero_grad()
+        return weakref.ref(elixir.runtime_of(model)), weakref.ref(opt)
+
+    runtime, optimizer = wrapped()
+    gc.collect()
+    assert runtime() is None and optimizer() is None

@@ -16,7 +16,8 @@ import torch
 
 from elixir.memory.chunk import pack_offsets, padded_numel
 
-HOMES = ("device", "host")
+HOMES = ("device", "host", "disk")
+"""Memory tiers: where a chunk's parameter shard, or its master and optimizer states, live."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -38,7 +39,12 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 def _check_home(what: str, home: str) -> None:
     if home not in HOMES:
-        raise ValueError(f"{what}={home!r} is not a memory tier; use 'device' or 'host'")
+        raise ValueError(f"{what}={home!r} is not a memory tier; use 'device', 'host' or 'disk'")
+    if what == "param_home" and home == "disk":
+        raise ValueError(
+            "param_home='disk': parameter shards live on the device or the host (a fetch reads them twice a "
+            "step); masters and optimizer states go to disk with optim_home='disk'"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +58,8 @@ class ChunkPlan:
     param_home: str = "device"
     """Where this rank's parameter shard lives between uses: 'device' or 'host'."""
     optim_home: str = "device"
-    """Where the fp32 master, gradient shard and optimizer states live and update: 'device' or 'host'."""
+    """Where the fp32 master, gradient shard and optimizer states live and update: 'device', 'host', or
+    'disk' (a scratch file, streamed through host buffers when the chunk updates; see elixir/memory/disk.py)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(self.params))
@@ -102,6 +109,9 @@ class Plan:
     """Sequences per micro-batch on each rank the plan was searched for (0: not chosen by the planner)."""
     checkpoint_every: int = 0
     """Activation checkpointing of every k-th transformer block the plan was searched for (0: none)."""
+    disk_path: str = ""
+    """Scratch folder of chunks with optim_home='disk' (each rank's file goes there); `elixir.wrap(disk=...)`
+    overrides it, since a folder belongs to a machine rather than to a plan."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "chunks", tuple(self.chunks))
@@ -199,10 +209,11 @@ class Plan:
         optimizer: torch.optim.Optimizer | None = None,
         overlap: bool = True,
         grad_accum: int = 1,
+        disk_path: str = "",
     ) -> Plan:
         """The same choices for every chunk. Chunks never mix optimizer groups or frozen parameters;
         pass `optimizer` to chunk by its groups (wrap() splits chunks that mix them anyway).
-        `overlap` and `grad_accum`: see the fields of the same names."""
+        `overlap`, `grad_accum`, `disk_path`: see the fields of the same names."""
         name = dtype_name(compute_dtype)
         _check_home("param_home", param_home)
         _check_home("optim_home", optim_home)
@@ -241,6 +252,7 @@ class Plan:
             group_sizes=group_sizes(model, world_size),
             overlap=overlap,
             grad_accum=grad_accum,
+            disk_path=disk_path,
         )
 
     # --- checks -----------------------------------------------------------------------------

@@ -149,8 +149,14 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
         })
     writer = StreamWriter(os.path.join(tmp, name), specs, {"format": "pt", "elixir": FORMAT})
     try:
-        for (tname, _, _), src in zip(specs, sources):
-            writer.write(tname, src)
+        i = 0
+        for c in rt.chunks:  # a disk chunk's master and states are in memory while they are written
+            key = f"c{c.index}."
+            with opt.loaded(c):
+                while i < len(specs) and specs[i][0].startswith(key):
+                    writer.write(specs[i][0], sources[i])
+                    i += 1
+        assert i == len(specs)
     except BaseException:
         writer.abort()
         raise
@@ -426,7 +432,8 @@ def load(model, optimizer, path: str, *, scheduler=None, verify: bool = True):
 
     opt_doc = manifest["optimizer"]
     for c in rt.chunks:
-        _fill_chunk(c, opt, index, readers)
+        with opt.loaded(c, write_back=True):
+            _fill_chunk(c, opt, index, readers)
     rt.wait_pending()
     from elixir import comm
 

@@ -127,7 +127,7 @@ def export(model: torch.nn.Module, path: str, *, dtype=torch.float32,
     the fp32 masters cast to `dtype`; tied parameters are written once, under their first name.
     Chunks are gathered one at a time (see [Note: streaming weights]). Returns the files written."""
     from elixir import comm
-    from elixir.runtime.wrap import runtime_of
+    from elixir.runtime.wrap import runtime_of, state_of
 
     dtype = _dtype(dtype)
     rt = runtime_of(model)
@@ -139,12 +139,15 @@ def export(model: torch.nn.Module, path: str, *, dtype=torch.float32,
     specs += [(n, tuple(b.shape)) for n, b in buffers.items()]
     rank = _rank()
 
+    opt = state_of(model).optimizer
+
     def tensors():
         for c in rt.chunks:
-            src = c.master if c.master is not None else c.shard
             full = torch.empty(c.numel, dtype=torch.float32, device=rt.device)
-            comm.all_gather(full, src.to(device=rt.device, dtype=torch.float32), c.group,
-                            what=f"all-gather of chunk {c.index} for export")
+            with opt.loaded(c):  # a disk chunk's master is in memory while it is gathered
+                src = c.master if c.master is not None else c.shard
+                comm.all_gather(full, src.to(device=rt.device, dtype=torch.float32), c.group,
+                                what=f"all-gather of chunk {c.index} for export")
             for s in c.slots:
                 yield s.name, full[s.offset : s.offset + s.numel].view(s.shape)
             del full
@@ -283,17 +286,23 @@ def load_pretrained(model: torch.nn.Module, path: str, *, strict: bool = True) -
         raise CheckpointError(f"loading {path} failed on another rank (its error says why); nothing was changed")
 
     tracker = rt.tracker
-    for c, gs, lo, hi, r, src in plan:
-        base = c.group.rank * c.shard_numel
-        start = gs.flat_start + lo - gs.chunk_offset
-        part = r.read(src, start, start + hi - lo)
-        tracker.count("host", part.nbytes)  # the scratch (see [Note: streaming weights])
-        if c.master is not None:
-            c.master[lo - base : hi - base].copy_(part)
-        if c.shard is not None and c.shard is not c.master:
-            c.shard[lo - base : hi - base].copy_(part)
-        tracker.count("host", -part.nbytes)
-        del part
+    by_chunk: dict[int, list] = {}
+    for entry in plan:
+        by_chunk.setdefault(entry[0].index, []).append(entry)
+    for entries in by_chunk.values():
+        c = entries[0][0]
+        with state.optimizer.loaded(c, write_back=True):  # a disk chunk's master is in memory meanwhile
+            for _, gs, lo, hi, r, src in entries:
+                base = c.group.rank * c.shard_numel
+                start = gs.flat_start + lo - gs.chunk_offset
+                part = r.read(src, start, start + hi - lo)
+                tracker.count("host", part.nbytes)  # the scratch (see [Note: streaming weights])
+                if c.master is not None:
+                    c.master[lo - base : hi - base].copy_(part)
+                if c.shard is not None and c.shard is not c.master:
+                    c.shard[lo - base : hi - base].copy_(part)
+                tracker.count("host", -part.nbytes)
+                del part
     for name, b in buffers.items():
         if name in where:
             b.copy_(where[name].read_tensor(name))

@@ -2,14 +2,15 @@
 
 Every buffer of model data that Elixir allocates is counted here when it is allocated and when it is
 released, so that `elixir.memory_stats` reports what the library holds, not what the allocator holds.
-On a CPU-only machine device and host are the same RAM, but the counters stay separate.
+On a CPU-only machine device and host are the same RAM, but the counters stay separate. The disk tier
+counts the scratch file (elixir/memory/disk.py); its buffers in host memory count as host.
 """
 
 from __future__ import annotations
 
 import torch
 
-TIERS = ("device", "host")
+TIERS = ("device", "host", "disk")
 
 
 class MemoryTracker:

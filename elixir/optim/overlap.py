@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,7 @@ class Speculated:
     updated: bool = False
     fresh: bool = False  # the update made the optimizer state (it had none)
     coef: float | None = None  # the clip coefficient the update's gradient was multiplied by (None: 1)
+    region: Future | None = None  # a disk chunk: the read of its region (see elixir/optim/ondisk.py)
 
 
 class Speculation:
@@ -95,6 +97,11 @@ class Speculation:
         self.cuda = self.device.type == "cuda"
         self.update_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.d2h_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.disk_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # disk chunks in the order their gradients completed in the last step: what to read ahead
+        self._disk_order: list[Chunk] = sorted((c for c in optimizer.chunks if c.optim_home == "disk"),
+                                               key=lambda c: -c.index)
+        self._disk_seen: list[Chunk] = []
         # statistics (elixir.step_stats)
         self.speculated_steps = 0
         self.rollbacks = 0
@@ -118,6 +125,9 @@ class Speculation:
         self._retracted.clear()
         if self.active:
             self.speculated_steps += 1
+            self._disk_seen = []
+            if self.opt.disk is not None:
+                self.opt.disk.read_ahead(self._disk_order)
 
     def speculates_on(self, chunk: Chunk) -> bool:
         """Whether `chunk` is updated now. Not a chunk whose master *is* its parameter shard (fp32 compute,
@@ -126,10 +136,10 @@ class Speculation:
                 and chunk.index not in self._retracted)
 
     def before_fetch(self, chunk: Chunk) -> None:
-        """`chunk` is about to be read into the cache. A shard derived from its master (see wrap.py) would
-        be read from an update `step` has not confirmed: undo that update first."""
-        if chunk.index in self.records and chunk.shard is None:
-            self.late(chunk)
+        """`chunk` is about to be read into the cache. A shard derived from its master (see wrap.py), or
+        written by a disk chunk's update, would be read from an update `step` has not confirmed: undo it."""
+        if chunk.index in self.records and (chunk.shard is None or chunk.optim_home == "disk"):
+            self.late(chunk)  # a derived shard, or one its disk update already wrote
 
     def before_forward(self) -> None:
         """A forward starts while this step's updates are unconfirmed: a further micro-batch (or any use of
@@ -145,8 +155,9 @@ class Speculation:
         if rec is None:
             return False
         self._drain()
-        self._undo(rec)
-        self._hold(rec)
+        with self._region(rec):
+            self._undo(rec)
+            self._hold(rec)
         del self.records[chunk.index]
         self._retracted.add(chunk.index)
         self.late_gradients += 1
@@ -167,6 +178,11 @@ class Speculation:
                          1.0 / opt.scaler.scale if opt.scaler.enabled else 1.0, ready=ready,
                          coef=None if self.clip_coef == 1.0 else self.clip_coef)
         self.records[chunk.index] = rec
+        if chunk.optim_home == "disk":
+            rec.region = opt.disk.claim(chunk)
+            self._disk_seen.append(chunk)
+            done = {c.index for c in self._disk_seen}
+            opt.disk.read_ahead([c for c in self._disk_order if c.index not in done])
         if self.cuda and chunk.optim_home == "device":
             # on the side stream, after the compute stream's work that made the gradient
             self.update_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -176,7 +192,23 @@ class Speculation:
             rec.future = self._worker.submit(self._update, rec, stepper)
 
     def _update(self, rec: Speculated, stepper) -> None:
-        """The update of one chunk, in the order the step after backward runs it (see the Note)."""
+        """The update of one chunk, in the order the step after backward runs it (see the Note); a disk
+        chunk's region is in memory around it, and its parameter shard is written from it at once (the
+        master is gone from memory by `step`)."""
+        if rec.region is None:
+            return self._update_in_memory(rec, stepper)
+        disk = self.opt.disk
+        buf = rec.region.result()
+        disk.attach(rec.chunk, buf, rec.log)
+        after = None
+        try:
+            self._update_in_memory(rec, stepper)
+            if rec.updated:
+                after = self.opt.write_shard(rec.chunk, stream=self.disk_stream, staging="worker")
+        finally:
+            disk.release(rec.chunk, buf, rec.log, after=after)
+
+    def _update_in_memory(self, rec: Speculated, stepper) -> None:
         if rec.ready is not None:
             rec.ready.synchronize()  # the gradient's copy into pinned staging has landed
         g = rec.grad
@@ -236,10 +268,11 @@ class Speculation:
         self._drain()
         return [self.records[c.index] for c in self.opt.chunks if c.index in self.records]
 
-    def gradient_of(self, rec: Speculated, coef: float | None = None) -> torch.Tensor:
+    def gradient_of(self, rec: Speculated, coef: float | None = None, *, loaded: bool = False) -> torch.Tensor:
         """The unscaled fp32 gradient times `coef` (default: the coefficient the chunk's last update used).
         A chunk whose master keeps its `.grad` has it there, scaled in place (as the clip after backward
-        does): that tensor is returned, scaled to `coef` first; otherwise it is rebuilt from the log."""
+        does): that tensor is returned, scaled to `coef` first; otherwise it is rebuilt from the log (read
+        from disk for a disk chunk, unless its region is `loaded` already)."""
         coef = rec.coef if coef is None else coef
         if rec.log is None:
             g = rec.chunk.master.grad
@@ -247,6 +280,9 @@ class Speculation:
                 g.mul_((coef or 1.0) / (rec.coef or 1.0))
                 rec.coef = coef
             return g
+        if rec.chunk.optim_home == "disk" and not loaded:
+            with self.opt.disk.loaded(rec.chunk, log=rec.log):
+                return self.gradient_of(rec, coef, loaded=True)
         g = rec.log.to(device=rec.chunk.master.device, dtype=torch.float32, copy=True)
         if rec.inv_scale != 1.0:
             g.mul_(rec.inv_scale)
@@ -266,16 +302,19 @@ class Speculation:
         for rec in self.wait():
             if not rec.updated:
                 continue
-            self._undo(rec, self.gradient_of(rec))
-            g = self.gradient_of(rec, None if coef == 1.0 else coef)
-            master = rec.chunk.master
-            master.grad = g
-            rec.coef = None if coef == 1.0 else coef
-            rec.fresh = not self.opt.state.get(master)
-            self.opt.stepper_of(rec.chunk).step()
-            rec.updated = True
-            if rec.log is not None:
-                master.grad = None
+            with self._region(rec):
+                self._undo(rec, self.gradient_of(rec, loaded=True))
+                g = self.gradient_of(rec, None if coef == 1.0 else coef, loaded=True)
+                master = rec.chunk.master
+                master.grad = g
+                rec.coef = None if coef == 1.0 else coef
+                rec.fresh = not self.opt.state.get(master)
+                self.opt.stepper_of(rec.chunk).step()
+                rec.updated = True
+                if rec.log is not None:
+                    master.grad = None
+                if rec.chunk.optim_home == "disk":
+                    self.opt.write_shard(rec.chunk)
 
     def rollback(self, reason: str, *, hold: bool = False) -> None:
         """Undo every update of this step. `hold`: keep the gradients as the masters' `.grad` (scaled, as
@@ -285,11 +324,13 @@ class Speculation:
             self.rollbacks += 1
             self.rollback_reasons[reason] = self.rollback_reasons.get(reason, 0) + 1
         for rec in recs:
-            if rec.updated:
-                self._undo(rec)
-            if hold:
-                self._hold(rec)
+            with self._region(rec):
+                if rec.updated:
+                    self._undo(rec)
+                if hold:
+                    self._hold(rec)
         self.records.clear()
+        self._learn_disk_order()
 
     def _undo(self, rec: Speculated, g: torch.Tensor | None = None) -> None:
         if torch.is_tensor(rec.finite) and not bool(rec.finite):
@@ -304,6 +345,8 @@ class Speculation:
         if rec.fresh:
             self.opt.state.pop(master, None)
         rec.updated = False
+        if rec.chunk.optim_home == "disk":  # its update had written the parameter shard already
+            self.opt.write_shard(rec.chunk)
 
     def _hold(self, rec: Speculated) -> None:
         """Put the chunk's gradient back as its master's `.grad`, scaled as backward leaves it."""
@@ -321,6 +364,21 @@ class Speculation:
     def confirm(self) -> None:
         """`step` accepted this step's updates."""
         self.records.clear()
+        self._learn_disk_order()
+
+    def _learn_disk_order(self) -> None:
+        if self._disk_seen:
+            seen = {c.index for c in self._disk_seen}
+            self._disk_order = self._disk_seen + [c for c in self._disk_order if c.index not in seen]
+            self._disk_seen = []
+        if self.opt.disk is not None:
+            self.opt.disk.drop_reads()
+
+    def _region(self, rec: Speculated):
+        """A disk chunk's master, states and log in memory (and written back) around a rollback."""
+        if rec.chunk.optim_home != "disk":
+            return nullcontext()
+        return self.opt.disk.loaded(rec.chunk, write_back=True, log=rec.log)
 
     def end_step(self) -> None:
         """`step` ran: learn how many backward passes a step has, and the clip coefficient."""

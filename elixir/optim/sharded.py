@@ -19,10 +19,12 @@ from __future__ import annotations
 import inspect
 import math
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import torch
 
 from elixir import comm
+from elixir.optim.ondisk import DiskChunks
 from elixir.optim.overlap import Speculation, chunk_norm
 
 # Optimizers whose update is elementwise: they give the same result on flat shards as on tensors.
@@ -84,6 +86,8 @@ class ElixirOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, chunks, runtime, *, overlap: bool = False,
                  grad_accum: int = 1) -> None:
         self.runtime = runtime
+        # chunks whose master and states live on disk (elixir/optim/ondisk.py); the runtime owns the file
+        self.disk = DiskChunks(self, runtime.disk) if runtime.disk is not None else None
         self.chunks = [c for c in chunks if c.master is not None]
         # the whole run: chunks of several groups (expert parallel) each count once in the norm
         self.group = runtime.world
@@ -158,7 +162,29 @@ class ElixirOptimizer(torch.optim.Optimizer):
             for c in self.chunks:
                 if c.optim_home == "host" and c.master is not c.shard:
                     logs[c.index] = self.runtime.tracker.empty(c.shard_numel, c.dtype, "host")
+                elif c.optim_home == "disk":  # in the chunk's disk region
+                    logs[c.index] = self.runtime.disk.parked(c.shard_numel, c.dtype)
         return Speculation(self, grad_accum=grad_accum, logs=logs)
+
+    def loaded(self, chunk, *, write_back: bool = False):
+        """A context in which `chunk`'s master and optimizer states are in memory: a disk chunk's region is
+        read for it (and written back after it when `write_back`); every other chunk's already is."""
+        if chunk.optim_home != "disk" or chunk.master is None:
+            return nullcontext()
+        return self.disk.loaded(chunk, write_back=write_back)
+
+    def write_shard(self, chunk, *, stream=None, staging=None):
+        """Cast a disk chunk's updated master (in memory now) into its parameter shard; on CUDA on `stream`,
+        returning the event after which the master's buffer may be reused."""
+        if stream is None:
+            self.runtime.copy_between(chunk.shard, chunk.master, staging=staging)
+            return None
+        stream.wait_stream(torch.cuda.current_stream(self.runtime.device))
+        with torch.cuda.stream(stream):
+            self.runtime.copy_between(chunk.shard, chunk.master, staging=staging)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
 
     def stepper_of(self, chunk) -> torch.optim.Optimizer:
         return self._steppers[chunk.index]
@@ -294,12 +320,16 @@ class ElixirOptimizer(torch.optim.Optimizer):
             return loss
         if recs and not spec.clipped and not spec.holds(1.0):
             spec.redo_clipped(1.0)  # a clip was speculated from the last step, but this one has none
-        for c in self.chunks:  # what did not run during backward runs now
-            if c.index in recs or c.master.grad is None:
-                continue
-            stepper = self._steppers[c.index]
-            stepper.param_groups[0].update(self.hyper_of(c))
-            stepper.step()
+        later = [c for c in self.chunks if c.index not in recs and c.master.grad is not None]
+        on_disk = [c for c in later if c.optim_home == "disk"]
+        for c in later:  # what did not run during backward runs now
+            if c.optim_home == "disk":
+                self.disk.read_ahead(on_disk[on_disk.index(c):])
+                with self.disk.loaded(c, write_back=True, wait=False):
+                    self._step_chunk(c)
+                    self.write_shard(c)
+            else:
+                self._step_chunk(c)
         if spec is not None:
             spec.confirm()
             spec.end_step()
@@ -308,14 +338,19 @@ class ElixirOptimizer(torch.optim.Optimizer):
         self._count_state_bytes()
         return loss
 
+    def _step_chunk(self, c) -> None:
+        stepper = self._steppers[c.index]
+        stepper.param_groups[0].update(self.hyper_of(c))
+        stepper.step()
+
     def _write_back(self) -> None:
         """Cast the updated masters into the parameter shards, wherever those live (a shard derived
         from its master is not stored: the next fetch casts it)."""
         rt = self.runtime
         gathers = []
         for c in self.chunks:
-            if c.shard is not None and c.master is not c.shard:
-                rt.copy_between(c.shard, c.master)
+            if c.shard is not None and c.master is not c.shard and c.optim_home != "disk":
+                rt.copy_between(c.shard, c.master)  # (a disk chunk's update wrote its shard)
             if c.resident:  # gathered again at once, all chunks' all-gathers in flight together
                 what = f"all-gather of updated chunk {c.index}"
                 gathers.append(comm.all_gather(
@@ -336,6 +371,8 @@ class ElixirOptimizer(torch.optim.Optimizer):
     def _count_state_bytes(self) -> None:
         now = {"device": 0, "host": 0}
         for c in self.chunks:
+            if c.optim_home == "disk":
+                continue  # in its region of the scratch file, counted there
             for v in self.state.get(c.master, {}).values():
                 if torch.is_tensor(v) and v.numel() > 1:
                     now[c.optim_home] += v.numel() * v.element_size()

@@ -255,7 +255,7 @@ class GradReducer:
             self.give_back_grad_buffer(chunk.master_grad_base)
             chunk.master_grad_base = None
         elif self._kept_host_grads.get(chunk.index) is not g:
-            self.tracker.release(g, chunk.optim_home)
+            self.tracker.release(g, "device" if chunk.optim_home == "device" else "host")
         chunk.master.grad = None
 
     def reduce_leftovers(self) -> None:

@@ -38,6 +38,7 @@ class Runtime:
         *,
         prefetch_depth: int,
         world: ChunkGroup | None = None,
+        disk=None,
     ) -> None:
         self.chunks = chunks
         # every rank of the run, over which the optimizer decides (chunks may shard over smaller groups)
@@ -64,7 +65,7 @@ class Runtime:
         # [Note: copies beside compute] (accel.py): None on the CPU
         self.copy_stream = accel.copy_stream(device)
         self.host_sync = accel.pinned_host(device) and any(
-            c.param_home == "host" or c.optim_home == "host" for c in chunks
+            c.param_home == "host" or c.optim_home in ("host", "disk") for c in chunks
         )
         # [Note: casts beside the copy] (accel.py): a device staging buffer per stream that casts across
         # tiers run on, allocated once; none on the CPU, where the cast is the copy
@@ -73,6 +74,9 @@ class Runtime:
         if device.type == "cuda" and crossing:
             for stream in (None, self.copy_stream):
                 self._cast_staging[stream] = tracker.empty(max(crossing), torch.float32, "device")
+            if disk is not None:  # disk chunks write their shards from the optimizer's worker thread
+                self._cast_staging["worker"] = tracker.empty(max(crossing), torch.float32, "device")
+        self.disk = disk  # the scratch file of chunks with optim_home="disk" (elixir/memory/disk.py)
 
     # --- fetching ----------------------------------------------------------------------------
 
@@ -188,9 +192,10 @@ class Runtime:
         src = chunk.shard if chunk.shard is not None else chunk.master
         accel.copy_cast_(dst, src, self._cast_staging.get(stream))
 
-    def copy_between(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy (and cast) between tiers on the current stream, e.g. an updated master into its shard."""
-        accel.copy_cast_(dst, src, self._cast_staging.get(None))
+    def copy_between(self, dst: torch.Tensor, src: torch.Tensor, *, staging=None) -> None:
+        """Copy (and cast) between tiers on the current stream, e.g. an updated master into its shard.
+        `staging`: whose device staging buffer to use ("worker": the optimizer's worker thread)."""
+        accel.copy_cast_(dst, src, self._cast_staging.get(staging))
 
     def evict(self, chunk: Chunk) -> None:
         if chunk.pending is not None:
@@ -316,6 +321,9 @@ class Runtime:
             "cache_blocks_used_peak": self.blocks_used_peak,
             "left_profiled_order": self.schedule.left_order,
             "grad_buffer_bytes": self.grads.grad_buffer_bytes,
+            "disk_bytes": t.bytes["disk"],
+            **(self.disk.stats() if self.disk is not None else
+               {"disk_reads": 0, "disk_writes": 0, "disk_bytes_read": 0, "disk_bytes_written": 0}),
         }
 
 

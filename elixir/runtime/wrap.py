@@ -16,8 +16,10 @@ import torch.distributed as dist
 from elixir import accel, parallel
 from elixir.memory import BlockCache, Chunk, ChunkGroup, MemoryTracker, pack_offsets
 from elixir.memory.chunk import ParamSlot, empty_like_shape, padded_numel
+from elixir.memory.disk import DiskStore, check_scratch_folder, region_bytes
 from elixir.models.checkpointing import apply_checkpointing
 from elixir.optim import ElixirOptimizer, check_optimizer
+from elixir.optim.ondisk import disk_state_tensors
 from elixir.optim.overlap import STAGING_BUFFERS, Speculation
 from elixir.plan import Plan, named_parameters, optimizer_group_of
 from elixir.runtime.hooks import Interceptor
@@ -51,6 +53,7 @@ def wrap(
     example_batch=None,
     loss_fn=None,
     hardware=None,
+    disk: str | None = None,
     _into: ElixirOptimizer | None = None,
 ) -> tuple[torch.nn.Module, ElixirOptimizer]:
     """Manage `model`'s parameters in chunks placed by `plan`; return (model, optimizer).
@@ -61,9 +64,13 @@ def wrap(
     before that forward runs, and the optimizer returned here starts working then (see
     [Note: planning on the first forward]). On several ranks rank 0's plan is used by all.
 
+    `disk`: the scratch folder of chunks whose plan puts their optimizer on disk (default: the plan's
+    `disk_path`); each rank keeps one preallocated file there while the model lives.
+
     Every check runs before anything is allocated: a plan for another model or world size, an
     optimizer that does not hold the model's parameters, a dtype the device lacks, a cache too
-    small for a module's parameters are all `ValueError`s.
+    small for a module's parameters, a scratch folder missing, read-only or too small for the disk
+    chunks are all `ValueError`s.
     """
     if hasattr(model, _STATE_ATTR) or hasattr(model, _LAZY_ATTR):
         raise ValueError("this model is already wrapped by elixir.wrap; wrap the original model once")
@@ -80,7 +87,7 @@ def wrap(
             raise ValueError(f"plan={plan!r}: pass an elixir.Plan or 'auto'")
         if example_batch is None:
             return _wrap_on_first_forward(model, optimizer, compute_dtype, device, process_group, group, loss_fn,
-                                          hardware)
+                                          hardware, disk)
         plan = _searched_plan(model, example_batch, compute_dtype, group, loss_fn, hardware)
     elif not isinstance(plan, Plan):
         raise ValueError(f"plan must be an elixir.Plan or 'auto', not {type(plan).__name__}")
@@ -115,13 +122,8 @@ def wrap(
             f"on-demand chunks, which must be gathered together; use cache_blocks >= {need}"
         )
 
-    tracker = MemoryTracker(device)
-    if device.type == "cpu" and group.size > 1:
-        tracker.shared = SharedArena.create(group)  # [Note: shared memory between ranks] (elixir/shm.py)
     dtype = plan.dtype
     n_meta = {n: p.device.type == "meta" for n, p in params.items()}
-    if on_meta:
-        _off_meta(params.values(), device, dtype)
     chunks: list[Chunk] = []
     for idx, (names, cp, og) in enumerate(chunk_specs):
         numels = [params[n].numel() for n in names]
@@ -129,13 +131,33 @@ def wrap(
         slots = [ParamSlot(n, params[n], off, params[n].shape, from_meta=n_meta[n]) for n, off in zip(names, offsets)]
         trainable = og is not None
         cgroup = chunk_group_of[id(params[names[0]])]
-        chunk = Chunk(
+        chunks.append(Chunk(
             index=idx, slots=slots, numel=padded_numel(used, cgroup.size), dtype=dtype, group=cgroup,
             resident=cp.resident, param_home=cp.param_home, optim_home=cp.optim_home,
             trainable=trainable, optim_group=og,
-        )
-        _materialize(chunk, tracker)
-        chunks.append(chunk)
+        ))
+    overlap = plan.overlap and _overlap_supported(optimizer)
+    disk_chunks = [c for c in chunks if c.trainable and c.optim_home == "disk"]
+    if disk_chunks:  # [Note: the disk tier] (elixir/memory/disk.py): checked before anything is allocated
+        folder = disk if disk is not None else plan.disk_path
+        state_tensors = disk_state_tensors(type(optimizer), optimizer.param_groups)
+        log_dtype = dtype if overlap and plan.grad_accum == 1 else None
+        need = sum(region_bytes(c.shard_numel, state_tensors, log_dtype.itemsize if log_dtype else 0)
+                   for c in disk_chunks)
+        check_scratch_folder(folder, need)
+
+    tracker = MemoryTracker(device)
+    if device.type == "cpu" and group.size > 1:
+        tracker.shared = SharedArena.create(group)  # [Note: shared memory between ranks] (elixir/shm.py)
+    store = None
+    if disk_chunks:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        store = DiskStore(folder, disk_chunks, tracker, rank=rank, world=world, state_tensors=state_tensors,
+                          log_dtype=log_dtype, pin=device.type == "cuda")
+    if on_meta:
+        _off_meta(params.values(), device, dtype)
+    for chunk in chunks:
+        _materialize(chunk, tracker, store)
 
     cache = None
     if ondemand_names:
@@ -144,7 +166,7 @@ def wrap(
         cache = BlockCache(
             min(plan.cache_blocks, len(ondemand_chunks)), max(c.numel for c in ondemand_chunks), dtype, tracker
         )
-    runtime = Runtime(chunks, cache, tracker, device, prefetch_depth=plan.prefetch_depth, world=group)
+    runtime = Runtime(chunks, cache, tracker, device, prefetch_depth=plan.prefetch_depth, world=group, disk=store)
     if plan.use_order and cache is not None:
         # the profiled order drives eviction and prefetch from the first step
         by_name = {s.name: c for c in chunks for s in c.slots}
@@ -165,7 +187,6 @@ def wrap(
     ondemand = {pid: c for pid, c in chunk_of.items() if not c.resident}
     _install_grad_hooks(runtime, chunks)
     interceptor = Interceptor(runtime, model, ondemand) if ondemand else None
-    overlap = plan.overlap and _overlap_supported(optimizer)
     optim_kwargs = dict(overlap=overlap, grad_accum=plan.grad_accum)
     if _into is not None:
         elixir_optim = _into
@@ -283,14 +304,15 @@ class _Pending:
         self.handle = handle
 
 
-def _wrap_on_first_forward(model, optimizer, compute_dtype, device, process_group, group, loss_fn, hardware):
+def _wrap_on_first_forward(model, optimizer, compute_dtype, device, process_group, group, loss_fn, hardware,
+                           disk=None):
     check_optimizer(optimizer, model)
     if compute_dtype is not None:
         accel.check_dtype(device, _dtype(compute_dtype))
     pending = ElixirOptimizer.pending(optimizer)
     state = _Pending(
         optimizer,
-        dict(compute_dtype=compute_dtype, device=device, process_group=process_group, _into=pending),
+        dict(compute_dtype=compute_dtype, device=device, process_group=process_group, disk=disk, _into=pending),
         dict(compute_dtype=compute_dtype, group=group, loss_fn=loss_fn, hardware=hardware),
     )
     state.handle = model.register_forward_pre_hook(_plan_on_first_forward, prepend=True, with_kwargs=True)
@@ -418,9 +440,10 @@ def _max_chunks_per_module(model, chunk_of: dict[int, int]) -> tuple[int, str]:
     return best, where
 
 
-def _materialize(chunk: Chunk, tracker: MemoryTracker) -> None:
+def _materialize(chunk: Chunk, tracker: MemoryTracker, disk: DiskStore | None = None) -> None:
     """Allocate the chunk's buffers and move the parameters' values in; the original parameter
-    memory is released as each `.data` is replaced."""
+    memory is released as each `.data` is replaced. A disk chunk's master goes to its region of the
+    scratch file at once."""
     dtype, rng = chunk.dtype, chunk.shard_slice
     # fp32 values of this rank's slice, from the original parameters (masters keep full precision)
     values = torch.zeros(chunk.shard_numel, dtype=torch.float32)
@@ -451,7 +474,13 @@ def _materialize(chunk: Chunk, tracker: MemoryTracker) -> None:
         for s in chunk.slots:
             s.placeholder = empty_like_shape(s.shape, dtype, device)
             s.param.data = s.placeholder
-    if chunk.trainable:
+    if chunk.trainable and chunk.optim_home == "disk":
+        buf = disk.take_buffer()
+        master, _, _ = disk.sections(chunk, buf)
+        master.copy_(values)
+        disk.write(chunk, buf).result()
+        chunk.master = disk.parked(chunk.shard_numel, torch.float32)
+    elif chunk.trainable:
         if dtype == torch.float32 and chunk.param_home == chunk.optim_home:
             if chunk.shard is None:  # fp32 compute: the parameter shard is the master
                 chunk.shard = tracker.empty(chunk.shard_numel, dtype, chunk.param_home, pin=True)
@@ -507,12 +536,14 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     gathered one chunk at a time. On several ranks every rank must call it."""
     from elixir import comm
 
-    rt = runtime_of(model)
+    state = state_of(model)
+    rt = state.runtime
     out: dict[str, torch.Tensor] = {}
     for c in rt.chunks:
-        src = c.master if c.master is not None else c.shard
         full = torch.empty(c.numel, dtype=torch.float32, device=rt.device)
-        comm.all_gather(full, src.to(device=rt.device, dtype=torch.float32), c.group)
+        with state.optimizer.loaded(c):
+            src = c.master if c.master is not None else c.shard
+            comm.all_gather(full, src.to(device=rt.device, dtype=torch.float32), c.group)
         full = full.cpu()
         for s in c.slots:
             out[s.name] = full[s.offset : s.offset + s.numel].view(s.shape).clone()

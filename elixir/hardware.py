@@ -130,6 +130,13 @@ class Hardware:
     device_type: str = "cuda"
     """"cuda", or "cpu" for a CPU-only machine, where device and host are the same RAM and copies between
     them are synchronous (they occupy the compute thread instead of overlapping with it)."""
+    disk_bytes: int = 0
+    """Scratch-disk space for one rank (the disk tier: masters and optimizer states with optim_home="disk");
+    0: no disk tier."""
+    disk_read_bytes_per_s: float = 0.0
+    """Sequential read bandwidth of the scratch disk for one rank (large O_DIRECT transfers)."""
+    disk_write_bytes_per_s: float = 0.0
+    """Sequential write bandwidth of the scratch disk for one rank."""
     attention_flops: dict[str, float] = field(default_factory=dict)
     """FLOP/s of fused attention (forward and backward of `scaled_dot_product_attention`, causal, FLOPs by
     torch.utils.flop_counter's formulas), by dtype name. Absent: the matmul rate. Fused attention also computes
@@ -169,6 +176,14 @@ class Hardware:
                     f"Hardware.attention_flops[{dtype!r}]={rate!r}: keys are 'float32', 'bfloat16', 'float16', "
                     "values positive finite FLOP/s"
                 )
+        if not isinstance(self.disk_bytes, int) or isinstance(self.disk_bytes, bool) or self.disk_bytes < 0:
+            raise ValueError(f"Hardware.disk_bytes={self.disk_bytes!r} must be 0 (no disk tier) or a number of bytes")
+        for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s"):
+            value = getattr(self, what)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"Hardware.{what}={value!r} must be a finite rate, 0 when there is no disk")
+            if self.disk_bytes and not value:
+                raise ValueError(f"Hardware.disk_bytes={self.disk_bytes} needs {what} too (e.g. 5e9 for an NVMe)")
         for world, rate in self.collective_bytes_per_s.items():
             if not (isinstance(world, int) and world >= 2 and rate > 0 and math.isfinite(rate)):
                 raise ValueError(
@@ -221,6 +236,18 @@ class Hardware:
             changes["host_bytes"] = parse_bytes(host_bytes)
         return dataclasses.replace(self, **changes)
 
+    def with_disk(self, *, disk_bytes: int | str | None = None, read_bytes_per_s: float | None = None,
+                  write_bytes_per_s: float | None = None) -> Hardware:
+        """A copy with another scratch disk (bytes or a human size; bandwidths in bytes/s)."""
+        changes: dict = {}
+        if disk_bytes is not None:
+            changes["disk_bytes"] = parse_bytes(disk_bytes) if isinstance(disk_bytes, str) else int(disk_bytes)
+        if read_bytes_per_s is not None:
+            changes["disk_read_bytes_per_s"] = float(read_bytes_per_s)
+        if write_bytes_per_s is not None:
+            changes["disk_write_bytes_per_s"] = float(write_bytes_per_s)
+        return dataclasses.replace(self, **changes)
+
     # ---- presets ----
 
     @staticmethod
@@ -254,8 +281,11 @@ class Hardware:
     # ---- measurement ----
 
     @classmethod
-    def measure(cls, cache: bool = True, *, quick: bool = False, refresh: bool = False) -> Hardware:
+    def measure(cls, cache: bool = True, *, quick: bool = False, refresh: bool = False,
+                disk: str | None = None) -> Hardware:
         """Calibrate the rates on this machine (a few seconds; `quick` takes about one, less precisely).
+        `disk`: a scratch folder for the disk tier; its free space and sequential read and write
+        bandwidth are measured too (see `measure_disk`), and shared by the ranks on this machine.
 
         With `cache`, the result is read from, or written to, cache_dir()/hardware-<host>-<device>.json, with
         `-<n>ranks` before `.json` when n ranks of the job share the machine (`refresh` measures again and
@@ -271,7 +301,7 @@ class Hardware:
             usable = _all_ranks_agree(usable)
         if usable:
             assert cached is not None
-            return cached
+            return cached if disk is None else _with_measured_disk(cached, disk, cache, quick, refresh)
         busy = _machine_busy()
         hardware = _measure(quick)
         if busy:
@@ -291,7 +321,38 @@ class Hardware:
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             tmp.write_text(hardware.to_json())
             tmp.replace(path)  # atomic: ranks on one machine write at once, and nobody reads half a file
-        return hardware
+        return hardware if disk is None else _with_measured_disk(hardware, disk, cache, quick, refresh)
+
+
+def measure_disk(folder: str, *, cache: bool = True, quick: bool = False, refresh: bool = False) -> tuple[float, float]:
+    """(read, write) bytes/s of large sequential O_DIRECT transfers in `folder` (the whole machine's: ranks
+    share it), as the disk tier does them. Cached per filesystem in cache_dir() like the other rates."""
+    st = os.stat(folder)
+    host = re.sub(r"[^A-Za-z0-9.-]+", "-", socket.gethostname()) or "host"
+    path = cache_dir() / f"disk-{host}-{st.st_dev}{'-quick' if quick else ''}.json"
+    if cache and not refresh:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format_version") == _FORMAT_VERSION:
+                return float(data["read_bytes_per_s"]), float(data["write_bytes_per_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # absent or damaged: measure again
+    read, write = _disk_bytes_per_s(folder, (64 if quick else 256) * 2**20)
+    if cache and not _machine_busy():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"format_version": _FORMAT_VERSION, "folder": os.path.abspath(folder),
+                                   "read_bytes_per_s": read, "write_bytes_per_s": write}))
+        tmp.replace(path)
+    return read, write
+
+
+def _with_measured_disk(hardware: Hardware, folder: str, cache: bool, quick: bool, refresh: bool) -> Hardware:
+    read, write = measure_disk(folder, cache=cache, quick=quick, refresh=refresh)
+    st = os.statvfs(folder)
+    ranks = _local_ranks()
+    return hardware.with_disk(disk_bytes=st.f_bavail * st.f_frsize // ranks, read_bytes_per_s=read / ranks,
+                              write_bytes_per_s=write / ranks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,6 +372,13 @@ _PCIE5_ACHIEVED = 50e9  # PCIe 5.0 x16: 63 GB/s per direction; ~50 GB/s pinned (
 # CPU-Adam around 1e9 parameters/s on such servers, which agrees.
 _HOST_ADAM_DDR4 = 2 * 204.8e9 * 0.6 / 8 / _ADAM_BYTES_PER_ELEM  # ~0.96e9
 _HOST_ADAM_DDR5 = 2 * 307.2e9 * 0.6 / 8 / _ADAM_BYTES_PER_ELEM  # ~1.4e9
+# Scratch NVMe per rank, as (bytes, read B/s, write B/s) at ~90% of the drives' sequential datasheet figures.
+# DGX A100: 4 x 3.84 TB U.2 Gen4 drives (Samsung PM1733 datasheet: 7,000 MB/s read, 3,800 MB/s write) for 8
+# GPUs. DGX H100/H200: 8 x 3.84 TB U.2 Gen4 drives, one per GPU. A workstation: one 2 TB PCIe 4.0 M.2 drive
+# (Samsung 990 PRO datasheet: 7,450 MB/s read, 6,900 MB/s write) for its 4 GPUs.
+_NVME_DGX_A100 = (4 * 3840 * 10**9 // 8, 0.9 * 4 * 7.0e9 / 8, 0.9 * 4 * 3.8e9 / 8)
+_NVME_DGX_H100 = (3840 * 10**9, 0.9 * 7.0e9, 0.9 * 3.8e9)
+_NVME_WORKSTATION = (2000 * 10**9 // 4, 0.9 * 7.45e9 / 4, 0.9 * 6.9e9 / 4)
 
 
 def _gpu(
@@ -324,9 +392,13 @@ def _gpu(
     pcie: float,
     collective: dict[int, float],
     host_adam: float,
+    disk: tuple[int, float, float] = (0, 0.0, 0.0),
 ) -> Callable[[], Hardware]:
     return lambda: Hardware(
         name=name,
+        disk_bytes=disk[0],
+        disk_read_bytes_per_s=disk[1],
+        disk_write_bytes_per_s=disk[2],
         device_bytes=device_bytes,
         host_bytes=host_bytes,
         matmul_flops={
@@ -360,6 +432,7 @@ _PRESETS: dict[str, Callable[[], Hardware]] = {
         pcie=_PCIE4_ACHIEVED,
         collective={2: 230e9, 4: 230e9, 8: 230e9, 16: 20e9},
         host_adam=_HOST_ADAM_DDR4,
+        disk=_NVME_DGX_A100,
     ),
     # Same datasheet, A100 80GB SXM4: HBM2e 2,039 GB/s; nvidia-smi memory.total 81920 MiB. DGX A100 (640 GB)
     # has 2 TB of RAM for 8 GPUs.
@@ -373,6 +446,7 @@ _PRESETS: dict[str, Callable[[], Hardware]] = {
         pcie=_PCIE4_ACHIEVED,
         collective={2: 230e9, 4: 230e9, 8: 230e9, 16: 20e9},
         host_adam=_HOST_ADAM_DDR4,
+        disk=_NVME_DGX_A100,
     ),
     # NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16/FP16 dense 989 TFLOPS (1,979 with sparsity), FP32
     # 67 TFLOPS, HBM3 3.35 TB/s, NVLink 4 900 GB/s (450 per direction), PCIe 5.0. nvidia-smi memory.total
@@ -388,6 +462,7 @@ _PRESETS: dict[str, Callable[[], Hardware]] = {
         pcie=_PCIE5_ACHIEVED,
         collective={2: 360e9, 4: 360e9, 8: 360e9, 16: 40e9},
         host_adam=_HOST_ADAM_DDR5,
+        disk=_NVME_DGX_H100,
     ),
     # NVIDIA H200 Tensor Core GPU product brief (SXM): the H100's compute (BF16 dense 989 TFLOPS, FP32
     # 67 TFLOPS) with 141 GB HBM3e at 4.8 TB/s, NVLink 4 900 GB/s, PCIe 5.0. nvidia-smi memory.total
@@ -402,6 +477,7 @@ _PRESETS: dict[str, Callable[[], Hardware]] = {
         pcie=_PCIE5_ACHIEVED,
         collective={2: 360e9, 4: 360e9, 8: 360e9, 16: 40e9},
         host_adam=_HOST_ADAM_DDR5,
+        disk=_NVME_DGX_H100,
     ),
     # NVIDIA Ada GPU architecture whitepaper, appendix A (GeForce RTX 4090): FP16/BF16 tensor with FP32
     # accumulate 165.2 TFLOPS dense (330 only with FP16 accumulate, which PyTorch does not use), FP32
@@ -419,6 +495,7 @@ _PRESETS: dict[str, Callable[[], Hardware]] = {
         pcie=_PCIE4_ACHIEVED,
         collective={2: 10e9, 4: 7e9, 8: 5e9},
         host_adam=8 * 38.4e9 * 0.6 / 4 / _ADAM_BYTES_PER_ELEM,
+        disk=_NVME_WORKSTATION,
     ),
     # A CPU-only server socket: 32 Zen 4 cores at ~3 GHz, AVX-512 on 2 x 256-bit pipes: 32 FP32 FLOP/cycle/core,
     # 3.1 TFLOPS peak, ~60% in oneDNN SGEMM; AVX512-BF16 doubles that for bfloat16; no fast float16 GEMM
@@ -602,6 +679,42 @@ def _collective_bytes_per_s(device: torch.device, numel: int, sync, min_total_s:
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     bus = (world - 1) / world * nbytes
     return {world: bus / float(slowest.max())}
+
+
+def _disk_bytes_per_s(folder: str, nbytes: int) -> tuple[float, float]:
+    """Write then read `nbytes` in 8 MiB blocks of a temporary file with O_DIRECT (buffered where the
+    filesystem refuses it, then the page cache flatters the read); best of two passes each."""
+    import mmap
+    import tempfile
+
+    block = 8 * 2**20
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(block))
+    fd_tmp, name = tempfile.mkstemp(prefix="elixir-disk-measure-", dir=folder)
+    os.close(fd_tmp)
+    try:
+        try:
+            fd = os.open(name, os.O_RDWR | getattr(os, "O_DIRECT", 0))
+        except OSError:
+            fd = os.open(name, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+            times = {"write": [], "read": []}
+            for _ in range(2):
+                started = time.perf_counter()
+                for off in range(0, nbytes, block):
+                    os.pwrite(fd, buf, off)
+                os.fdatasync(fd)
+                times["write"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                for off in range(0, nbytes, block):
+                    os.preadv(fd, [buf], off)
+                times["read"].append(time.perf_counter() - started)
+        finally:
+            os.close(fd)
+    finally:
+        os.unlink(name)
+    return nbytes / min(times["read"]), nbytes / min(times["write"])
 
 
 def _memory_bytes(device: torch.device) -> tuple[int, int]:

@@ -297,3 +297,47 @@ def test_a_failing_disk_is_a_named_error(tmp_path, monkeypatch):
     with pytest.raises(DiskError, match=r"reading from .*elixir-scratch.*Input/output error"):
         opt.backward(loss_of(m, batches(1)[0]))
         opt.step()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_planner_predicts_disk_host_and_device_bytes_exactly(tmp_path, overlap):
+    from elixir.hardware import Hardware
+    from elixir.search.cost import simulate
+
+    model = bias_free_gpt()
+    plan = make_plan(model, "mixed", torch.optim.AdamW(model.parameters()), dtype=torch.bfloat16)
+    plan = dataclasses.replace(_to_disk(plan), overlap=overlap)
+    _, _, m, _ = _train(model, plan, disk=str(tmp_path), steps=2)
+    stats = elixir.memory_stats(m)
+    x = batches(1)[0]
+    prof = elixir.profile(bias_free_gpt(), {"input_ids": x, "labels": x}, compute_dtype=torch.bfloat16)
+    hw = Hardware.preset("CPU").with_disk(disk_bytes="1TiB", read_bytes_per_s=2e9, write_bytes_per_s=1e9)
+    pred = simulate(prof, plan, hw)
+    assert pred.model_disk_bytes == stats["disk_bytes"]
+    assert pred.model_host_bytes == stats["host_bytes_peak"]
+    assert pred.model_device_bytes == stats["device_bytes_peak"]
+    assert pred.disk_busy_s > 0
+
+
+def test_elixir_plan_puts_optimizer_states_on_disk_when_the_host_is_short(capsys):
+    from elixir.cli import main
+
+    flags = ["plan", "--model", "opt-30b", "--gpu", "A100-40GB", "--host-memory", "128GiB"]
+    assert main([*flags, "--disk-memory", "0"]) == 1
+    text = capsys.readouterr().out
+    assert "no plan fits" in text and "a scratch disk for the optimizer states" in text
+    assert main([*flags, "--disk-memory", "4TB", "--disk-bandwidth", "6GB/s"]) == 0
+    text = capsys.readouterr().out
+    assert "disk" in text.split("chunk ")[0] and "scratch disk" in text and "busy" in text
+
+
+def test_elixir_train_with_the_optimizer_on_disk(tmp_path):
+    from elixir.cli import main
+
+    folder = tmp_path / "scratch"
+    flags = ["train", "--model", "tiny", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-every",
+             "0", "--eval-batches", "1", "--on-demand", "--param-home", "host", "--quiet"]
+    with pytest.raises(SystemExit):
+        main([*flags, "--optim-home", "disk"])  # no --disk
+    assert main([*flags, "--optim-home", "disk", "--disk", str(folder)]) == 0
+    assert os.listdir(folder) == []  # the scratch file went with the run

@@ -36,6 +36,14 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _rate(text: str) -> float:
+    """Bytes per second: "6GB/s", "6GB", "5.5e9"."""
+    try:
+        return float(parse_bytes(text.removesuffix("/s")))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}; a bandwidth is a size per second, e.g. 6GB/s") from None
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -64,6 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing of every layer (with --batch-size; --tokens-per-step chooses)")
     p.add_argument("--prefetch-depth", type=int, default=2, help="chunks fetched ahead of use")
+    p.add_argument("--disk-memory", type=_size, default=None, metavar="SIZE",
+                   help="scratch disk of the machine for optimizer states (the disk tier), shared by its GPUs, "
+                   "e.g. 4TB; 0 for none (default: the preset's, or none for a measured machine)")
+    p.add_argument("--disk-bandwidth", type=_rate, default=None, metavar="RATE",
+                   help="sequential read bandwidth of that disk, shared by the GPUs, e.g. 6GB/s; writes are "
+                   "taken at --disk-write-bandwidth or 70%% of it (default: the preset's)")
+    p.add_argument("--disk-write-bandwidth", type=_rate, default=None, metavar="RATE",
+                   help="sequential write bandwidth of the disk, shared by the GPUs (default: see --disk-bandwidth)")
     p.add_argument("--json", metavar="PATH", help="write the plan and its prediction as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw memory over the step and where each chunk lives")
 
@@ -92,6 +108,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         hw = hw.with_memory(device_bytes=args.gpu_memory)
     if args.host_memory:
         hw = hw.with_memory(host_bytes=args.host_memory // args.gpus)
+    if args.disk_memory is not None or args.disk_bandwidth is not None or args.disk_write_bandwidth is not None:
+        read = args.disk_bandwidth / args.gpus if args.disk_bandwidth else hw.disk_read_bytes_per_s
+        write = args.disk_write_bandwidth / args.gpus if args.disk_write_bandwidth else (
+            0.7 * read if args.disk_bandwidth else hw.disk_write_bytes_per_s)
+        disk = args.disk_memory // args.gpus if args.disk_memory is not None else hw.disk_bytes
+        if disk and not read:
+            parser.error(f"--disk-memory {args.disk_memory}: give the disk's bandwidth too (--disk-bandwidth "
+                         "6GB/s); this hardware has none")
+        hw = hw.with_disk(disk_bytes=disk, read_bytes_per_s=read if disk else 0.0,
+                          write_bytes_per_s=write if disk else 0.0)
     model.train()
     dtype = DTYPES[args.dtype]
     started = time.perf_counter()
@@ -147,6 +173,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
           f"(model data {pred.model_device_bytes / GiB:.2f}, activations {pred.activation_bytes / GiB:.2f}) "
           f"of {hw.device_bytes / GiB:.2f} GiB")
     print(f"peak host           {pred.host_bytes_peak / GiB:.2f} GiB per rank of {hw.host_bytes / GiB:.2f} GiB")
+    if pred.model_disk_bytes:
+        print(f"scratch disk        {pred.model_disk_bytes / GiB:.2f} GiB per rank of {hw.disk_bytes / GiB:.2f} GiB, "
+              f"busy {pred.disk_busy_s:.3f} s of the step at {hw.disk_read_bytes_per_s / 1e9:.2f} GB/s read, "
+              f"{hw.disk_write_bytes_per_s / 1e9:.2f} GB/s write per rank")
     print(timing)
     if args.json:
         with open(args.json, "w") as f:

@@ -144,8 +144,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where each rank's parameter shard lives between uses; host needs --on-demand (default: device)",
     )
     plan.add_argument(
-        "--optim-home", default="device", choices=HOMES,
-        help="where fp32 masters and optimizer states live and update (default: device)",
+        "--optim-home", default="device", choices=(*HOMES, "disk"),
+        help="where fp32 masters and optimizer states live and update; disk needs --disk (default: device)",
+    )
+    plan.add_argument(
+        "--disk", metavar="DIR", default=None,
+        help="scratch folder for masters and optimizer states on disk (--optim-home disk): one preallocated file "
+        "per rank, deleted at the end of the run",
     )
     plan.add_argument(
         "--prefetch-depth", type=_int_at_least(0, "--prefetch-depth"), metavar="N", default=2,
@@ -206,6 +211,10 @@ def check_args(args: argparse.Namespace) -> None:
             "--param-home host: resident chunks stay gathered on the device, so their shards cannot live "
             "on host; add --on-demand"
         )
+    if args.optim_home == "disk" and args.disk is None:
+        raise ValueError("--optim-home disk keeps masters and optimizer states in a scratch file: add --disk DIR")
+    if args.disk is not None and args.optim_home != "disk":
+        raise ValueError(f"--disk {args.disk!r} is for --optim-home disk; add it, or leave --disk out")
     if args.save_every is not None and args.out is None:
         raise ValueError(f"--save-every {args.save_every} needs --out DIR to say where checkpoints go")
     if args.resume is not None:
@@ -374,7 +383,7 @@ def build(args: argparse.Namespace) -> Job:
         prefetch_depth=args.prefetch_depth, optimizer=optim,
     )
     device = accel.default_device()
-    model, optim = elixir.wrap(model, optim, plan=plan, device=device)
+    model, optim = elixir.wrap(model, optim, plan=plan, device=device, disk=args.disk)
     if _is_hf_folder(args.model) and args.resume is None:
         elixir.load_pretrained(model, args.model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: lr_factor(step, args.steps))
@@ -631,6 +640,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as e:
         parser.error(str(e))
     result = loop(job, args)
+    elixir.runtime_of(job.model).close()  # the disk tier's scratch file, if any, goes now
     if args.json and job.rank == 0:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -303,6 +303,12 @@ class Runtime:
         self.release_soft_pins()
         self.in_backward = False
 
+    def close(self) -> None:
+        """Give back what outlives the process's memory: the disk tier's scratch file (it is also deleted
+        when the model is garbage-collected, or at exit). The model is unusable afterwards."""
+        if self.disk is not None:
+            self.disk.close()
+
     # --- statistics --------------------------------------------------------------------------
 
     def stats(self) -> dict:

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 
 from elixir.hardware import Hardware
 from elixir.memory.chunk import pack_offsets, padded_numel
+from elixir.memory.disk import ALIGN, DISK_BUFFERS, region_bytes
+from elixir.optim.ondisk import READ_AHEAD
 from elixir.optim.overlap import STAGING_BUFFERS
 from elixir.plan import Plan
 from elixir.profile import Profile
@@ -77,6 +79,10 @@ class Prediction:
     optim_in_backward_s: float = 0.0
     """Updates that ran inside backward (hidden behind it as far as the worker keeps up); `optim_s` is the
     part after backward."""
+    model_disk_bytes: int = 0
+    """Model data on the scratch disk: the regions of chunks with optim_home="disk"."""
+    disk_busy_s: float = 0.0
+    """Time the scratch disk spends reading and writing those regions in a step."""
     optim_wait_s: float = 0.0
     """Time backward waited for the optimizer worker to give a staging buffer back (it could not keep up)."""
     all_to_all_s: float = 0.0
@@ -107,7 +113,8 @@ class _Chunk:
     speculated: bool = False
     """Its update runs inside backward (the plan's overlap; not for an aliased chunk)."""
     logged: bool = False
-    """Speculated host-optimizer chunk whose gradient is not held: it keeps a rollback log instead."""
+    """Speculated host- or disk-optimizer chunk whose gradient is not held: it keeps a rollback log instead
+    (a host chunk in host memory, a disk chunk in its disk region)."""
 
     @property
     def shard(self) -> int:
@@ -127,7 +134,7 @@ def layout(plan: Plan, profile: Profile) -> list[_Chunk]:
         out.append(_Chunk(
             i, c.params, padded_numel(used, ranks), c.resident, c.param_home, c.optim_home, ranks,
             aliased=aliased, derived=not c.resident and same_home and not aliased, speculated=speculated,
-            logged=speculated and c.optim_home == "host" and plan.grad_accum == 1,
+            logged=speculated and c.optim_home in ("host", "disk") and plan.grad_accum == 1,
         ))
     return out
 
@@ -206,11 +213,18 @@ def gradients(plan: Plan, chunks: list[_Chunk], arrivals: list[tuple[int, int]])
     return _Gradients(completions, pool, shard_peak)
 
 
-def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None, *, gpu: bool = False) -> tuple[int, int]:
-    """Model-data bytes (device, host) at the step's peak; see [Note: memory the plan holds]. `gpu`: the
-    device is a GPU (staging for host gradients of later micro-batches, device staging for casts)."""
+def disk_region(plan: Plan, c: _Chunk) -> int:
+    """Bytes of a disk chunk's region of the scratch file (elixir/memory/disk.py): master, AdamW's two states,
+    and its rollback log when it has one."""
+    return region_bytes(c.shard, _STATE_BYTES // 4, plan.dtype.itemsize if c.logged else 0)
+
+
+def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None, *,
+           gpu: bool = False) -> tuple[int, int, int]:
+    """Model-data bytes (device, host, disk) at the step's peak; see [Note: memory the plan holds]. `gpu`:
+    the device is a GPU (staging for host gradients of later micro-batches, device staging for casts)."""
     itemsize = plan.dtype.itemsize
-    device = host = 0
+    device = host = disk = 0
     if grads is None:  # every chunk's gradient arriving once, in reverse order of the chunks
         grads = gradients(plan, chunks, [(len(chunks) - c.index, c.index) for c in reversed(chunks)])
     blocks, block_numel = plan.cache_layout()
@@ -228,18 +242,76 @@ def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None, *,
         master = 0 if c.aliased else 4
         if c.optim_home == "device":
             device += shard * (master + _STATE_BYTES)  # its gradient is a pooled buffer or a reduced shard
-        else:
+        elif c.optim_home == "host":
             host += shard * (master + _STATE_BYTES + (itemsize if c.logged else 4))
+        else:  # disk: the region on disk; on the host, a held gradient unless a log replaces it
+            disk += disk_region(plan, c)
+            host += 0 if c.logged else shard * 4
         biggest = max(biggest, c.numel)
     device += grads.pool_buffers * biggest * 4 + grads.shard_bytes_peak
-    staged = [c.shard for c in chunks if c.logged or (gpu and plan.grad_accum > 1 and c.optim_home == "host")]
+    staged = [c.shard for c in chunks if c.logged or (gpu and plan.grad_accum > 1 and c.optim_home != "device")]
     if staged:
         host += STAGING_BUFFERS * max(staged) * 4
+    on_disk = [disk_region(plan, c) for c in chunks if c.optim_home == "disk"]
+    if on_disk:
+        host += DISK_BUFFERS * (max(on_disk) + ALIGN)
     crossing = [c.shard for c in chunks if itemsize != 4 and (c.param_home != c.optim_home or
                                                                (c.derived and c.optim_home == "host"))]
     if gpu and crossing:
         device += 2 * max(crossing) * 4
-    return device, host
+        if on_disk:  # disk chunks write their shards from the optimizer's worker thread
+            device += max(crossing) * 4
+    return device, host, disk
+
+
+class _DiskTimeline:
+    """The scratch disk's reads and writes of disk chunks' regions, in the order of their updates (see
+    elixir/optim/ondisk.py): the first READ_AHEAD regions are read from `start`, each update waits for its
+    region, and after it the disk writes that region, then reads the next one ahead."""
+
+    def __init__(self, plan: Plan, chunks: list[_Chunk], hardware: Hardware, order: list[int]) -> None:
+        self.plan, self.hardware = plan, hardware
+        self.order = [c for c in order if chunks[c].optim_home == "disk"]
+        self.chunks = chunks
+        self.read_done: dict[int, float] = {}
+        self.t_disk = 0.0
+        self.busy = 0.0
+        self.started = False
+        self.next = 0  # index in `order` of the next region to read
+
+    def _read_next(self) -> None:
+        if self.next < len(self.order):
+            c = self.chunks[self.order[self.next]]
+            took = disk_region(self.plan, c) / self.hardware.disk_read_bytes_per_s
+            self.t_disk += took
+            self.busy += took
+            self.read_done[c.index] = self.t_disk
+            self.next += 1
+
+    def start(self, at: float) -> None:
+        if self.started or not self.order:
+            return
+        self.started = True
+        self.t_disk = max(self.t_disk, at)
+        for _ in range(READ_AHEAD):
+            self._read_next()
+
+    def update(self, c: _Chunk, ready: float, seconds: float) -> float:
+        """When `c`'s update, ready to run at `ready`, ends; its write and the next read follow on the disk."""
+        self.start(ready)
+        while c.index not in self.read_done and self.next < len(self.order):
+            self._read_next()  # not read ahead yet: read up to it
+        if c.index not in self.read_done:
+            took = disk_region(self.plan, c) / self.hardware.disk_read_bytes_per_s
+            self.t_disk = max(self.t_disk, ready) + took
+            self.busy += took
+            self.read_done[c.index] = self.t_disk
+        done = max(ready, self.read_done.pop(c.index)) + seconds
+        took = disk_region(self.plan, c) / self.hardware.disk_write_bytes_per_s
+        self.t_disk = max(self.t_disk, done) + took
+        self.busy += took
+        self._read_next()
+        return done
 
 
 def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
@@ -316,7 +388,10 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
 
     def update_s(c: _Chunk) -> float:
         rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s
-        return c.shard / rate
+        seconds = c.shard / rate
+        if c.optim_home == "disk" and c.param_home == "device" and not cpu:  # it writes its shard on the device
+            seconds += c.shard * itemsize / hardware.h2d_bytes_per_s
+        return seconds
 
     t_compute = t_comm = comm_busy = stall = 0.0
     # [Note: the step inside backward] (elixir/optim/overlap.py): speculated chunks are updated on a
@@ -324,6 +399,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     # their gradient is reduced; a host chunk's gradient waits for one of the staging buffers first
     t_worker = t_side = optim_wait = 0.0
     staged_done: list[float] = []  # when each staged host update finished (its buffer came back)
+    disk = _DiskTimeline(plan, chunks, hardware, [c for _, c in grads.completions])
     ready: dict[int, float] = {}
     cached: set[int] = set()
     fetches = 0
@@ -371,6 +447,8 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
                     break
         start = max([t_compute] + [ready.get(c, 0.0) for c in need])
         stall += start - t_compute
+        if op.phase == "backward" and optimizer and plan.overlap:
+            disk.start(start)  # the update inside backward reads disk regions ahead from here
         if op.flops:
             op_s = op.flops / (attention if "attention" in op.name else matmul)
         else:  # memory-bound: writes its outputs, reads about as much
@@ -381,7 +459,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             # every gradient was copied into the chunk's fp32 buffer as it arrived (see [Note: gradient buffers])
             t_compute += ch.numel * 4 / copy_rate + (per_collective if ch.ranks > 1 else 0.0)
             red = (ch.ranks - 1) / ch.ranks * ch.numel * 4 / coll_of(ch) if ch.ranks > 1 else 0.0
-            to_host = ch.shard * 4 / hardware.d2h_bytes_per_s if ch.optim_home == "host" else 0.0
+            to_host = ch.shard * 4 / hardware.d2h_bytes_per_s if ch.optim_home != "device" else 0.0
             if ch.logged and len(staged_done) >= STAGING_BUFFERS:  # wait for a staging buffer to come back
                 optim_wait += max(0.0, staged_done[-STAGING_BUFFERS] - t_compute)
                 t_compute = max(t_compute, staged_done[-STAGING_BUFFERS])
@@ -393,17 +471,29 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             t_comm = start_r + red
             comm_busy += red
             if ch.speculated and optimizer:
-                if cpu or ch.optim_home == "host":
+                if ch.optim_home == "disk":
+                    t_worker = disk.update(ch, max(t_worker, t_comm, t_compute), update_s(ch))
+                elif cpu or ch.optim_home == "host":
                     t_worker = max(t_worker, t_comm, t_compute) + update_s(ch)
-                    if ch.logged:
-                        staged_done.append(t_worker)
                 else:
                     t_side = max(t_side, t_comm) + update_s(ch)
+                if ch.logged:
+                    staged_done.append(t_worker)
     end_backward = max(t_compute, t_comm, t_worker, t_side)
 
     optim = 0.0  # after backward, on the main thread
+    later_on_disk = [c for c in chunks if optimizer and c.optim_home == "disk" and not c.speculated]
+    if later_on_disk:  # read ahead and written behind as the main thread updates them one by one
+        after = _DiskTimeline(plan, chunks, hardware, [c.index for c in later_on_disk])
+        after.start(end_backward)
+        done = end_backward
+        for c in later_on_disk:
+            done = after.update(c, done, update_s(c))
+        optim += max(done, after.t_disk) - end_backward
     for c in chunks if optimizer else ():
         shard = c.shard
+        if c.optim_home == "disk":
+            continue  # updated above or inside backward, where it also wrote its shard
         if not c.speculated:
             optim += update_s(c)
         if c.optim_home != c.param_home:  # the updated master is cast into the shard in the other tier
@@ -413,7 +503,9 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             optim += shard * itemsize / copy_rate
         if c.resident and c.ranks > 1:
             optim += (c.ranks - 1) / c.ranks * c.numel * itemsize / coll_of(c) + per_collective
-    model_device, model_host = memory(plan, chunks, grads, gpu=not cpu)
+    model_device, model_host, model_disk = memory(plan, chunks, grads, gpu=not cpu)
+    end_of_disk = disk.t_disk if optimizer else 0.0  # writes behind the last updates
+    optim = max(optim, end_of_disk - end_backward)
     activations = profile.peak_activation_bytes
     all_to_all = sum(nbytes / hardware.collective_rate(ranks) for ranks, nbytes in profile.all_to_all)
     return Prediction(
@@ -427,6 +519,8 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         fetches=fetches,
         device_bytes_peak=model_device + activations,
         host_bytes_peak=model_host,
+        model_disk_bytes=model_disk,
+        disk_busy_s=disk.busy + (after.busy if later_on_disk else 0.0) if optimizer else 0.0,
         model_device_bytes=model_device,
         model_host_bytes=model_host,
         activation_bytes=activations,

@@ -8,6 +8,9 @@ needed (memory falls monotonically with the count, time grows):
   L2 every optimizer on the host, k chunks gathered on demand (their shards on the device);
   L3 every chunk on demand, the shards of k chunks on the host;
   L4 when even L3 overflows the host: all shards on the host, the optimizer of k chunks back on the device;
+  L5 when that overflows the host too and the machine has a scratch disk: all shards on the host, the
+     optimizer (fp32 master and states) of k chunks on disk (see [Note: the disk tier] in
+     elixir/memory/disk.py);
 with a few cache sizes for levels that use the cache. Every candidate is simulated; the fastest
 that fits wins. Nothing is allocated: a candidate is a Plan and a replay of the profile.
 
@@ -32,6 +35,7 @@ from elixir.search.cost import Prediction, simulate
 # and everything that is not model data or activations take the rest
 DEVICE_MARGIN = 0.9
 HOST_MARGIN = 0.85
+DISK_MARGIN = 0.95  # of the scratch folder's free space: filesystem metadata, and other files growing meanwhile
 _MIB = 2**20
 
 
@@ -116,7 +120,8 @@ def search(
         space = _Space(hardware, world_size, compute_dtype, prefetch_depth, group_sizes)
         best, smallest, _ = space.place(profile)
         if best is None:
-            raise _infeasible(smallest, space.device_budget, space.host_budget, world_size)
+            raise _infeasible(smallest, space.device_budget, space.host_budget, world_size, space=space,
+                              profile=profile)
         return best
     return _search_batch(
         profile, hardware, world_size=world_size, compute_dtype=compute_dtype, prefetch_depth=prefetch_depth,
@@ -138,9 +143,11 @@ class _Space:
         self.itemsize = DTYPES[self.dtype_key].itemsize
         self.device_budget = int(hardware.device_bytes * DEVICE_MARGIN)
         self.host_budget = int(hardware.host_bytes * HOST_MARGIN)
+        self.disk_budget = int(hardware.disk_bytes * DISK_MARGIN)
 
     def fits(self, pred: Prediction) -> bool:
-        return pred.device_bytes_peak <= self.device_budget and pred.host_bytes_peak <= self.host_budget
+        return (pred.device_bytes_peak <= self.device_budget and pred.host_bytes_peak <= self.host_budget
+                and pred.model_disk_bytes <= self.disk_budget)
 
     def _layouts(self, profile: Profile, checkpoint_every: int = 0):
         """(chunk size, parameter names per chunk, fewest cache blocks) for every chunk size tried."""
@@ -187,13 +194,13 @@ class _Space:
         chunks = cost.layout(plan, profile)
         chunk_of = {n: c.index for c in chunks for n in c.names}
         grads = cost.gradients(plan, chunks, cost.grad_arrivals(profile, chunks, chunk_of))
-        device, host = cost.memory(plan, chunks, grads, gpu=self.hardware.device_type != "cpu")
+        device, host, disk = cost.memory(plan, chunks, grads, gpu=self.hardware.device_type != "cpu")
         activations = profile.peak_activation_bytes
         inf = float("inf")
         return Prediction(
             step_s=inf, compute_s=inf, stall_s=inf, comm_busy_s=inf, optim_s=inf, fetches=0,
             device_bytes_peak=device + activations, host_bytes_peak=host, model_device_bytes=device,
-            model_host_bytes=host, activation_bytes=activations, flops=profile.total_flops,
+            model_host_bytes=host, activation_bytes=activations, flops=profile.total_flops, model_disk_bytes=disk,
         )
 
     def compute_floor_s(self, profile: Profile, grad_accum: int = 1) -> float:
@@ -248,8 +255,10 @@ class _Space:
                         choice = dict(resident=not moved, param_home="device", optim_home="host")
                     elif lvl == 3:
                         choice = dict(resident=False, param_home="host" if moved else "device", optim_home="host")
-                    else:  # every shard on the host, the optimizer of k chunks back on the device
+                    elif lvl == 4:  # every shard on the host, the optimizer of k chunks back on the device
                         choice = dict(resident=False, param_home="host", optim_home="device" if moved else "host")
+                    else:  # every shard on the host, the optimizer of k chunks on disk
+                        choice = dict(resident=False, param_home="host", optim_home="disk" if moved else "host")
                     chunks.append(ChunkPlan(params=c, **choice))
                 uses_cache = any(not c.resident for c in chunks)
                 return dataclasses.replace(base, chunks=tuple(chunks), cache_blocks=blocks if uses_cache else 0)
@@ -286,6 +295,20 @@ class _Space:
                         else:
                             hi = mid - 1
                     consider(level(lo, 4, blocks))
+                if self.disk_budget and (best is None or best[0].chunk_numel != chunk_numel):
+                    # L5: the host still overflows: the optimizer of the fewest chunks that makes it fit on disk
+                    for blocks in sorted({min_blocks, min_blocks + 2}):
+                        blocks = min(blocks, len(names))
+                        lo, hi = 1, len(names)
+                        if not fits(consider(level(hi, 5, blocks))):
+                            continue
+                        while lo < hi:
+                            mid = (lo + hi) // 2
+                            if fits(consider(level(mid, 5, blocks))):
+                                hi = mid
+                            else:
+                                lo = mid + 1
+                        consider(level(lo, 5, blocks))
         return best, smallest, leanest
 
 
@@ -321,6 +344,7 @@ class _Tried:
     micro_batch_size: int
     plan: Plan
     pred: Prediction
+    profile: Profile | None = None
 
 
 def _divisors(n: int) -> list[int]:
@@ -382,7 +406,7 @@ def _search_batch(
             if found is None:
                 # a smaller micro-batch leaves more of the device to model data, optimizer states included,
                 # which takes them off the host too (L4): try it
-                failed.append(_Tried(k, b, *(leanest or smallest)))
+                failed.append(_Tried(k, b, *(leanest or smallest), profile=micro))
                 continue
             point = _Tried(k, b, *found)
             if best_k is not None and point.pred.step_s >= best_k.pred.step_s:
@@ -411,12 +435,25 @@ def _all_on_device(plan: Plan) -> bool:
 def _infeasible(
     smallest, device_budget: int, host_budget: int, world_size: int, *, step: str = "", activation_fix: str = "",
     placed: str = "with every chunk gathered on demand and everything possible on the host",
+    space: _Space | None = None, profile: Profile | None = None,
 ) -> PlanDoesNotFitError:
     """The error for no plan: the numbers of `smallest` (the plan that needs the least device memory, or as
     `placed` says), and the smallest changes that would fit. `step` says which step (a batch search: its
     micro-batch and checkpointing); `activation_fix` replaces the advice when activations are what overflows
-    the device."""
+    the device. With `space` and `profile`, a scratch disk is named when moving the optimizer there would
+    make the host fit."""
     plan, pred = smallest
+    disk = None
+    if space is not None and profile is not None and pred.host_bytes_peak > host_budget:
+        on_disk = dataclasses.replace(plan, chunks=tuple(
+            dataclasses.replace(c, resident=False, param_home="host", optim_home="disk") for c in plan.chunks),
+            cache_blocks=max(plan.cache_blocks, 1))
+        moved = space.memory_only(profile, on_disk)
+        if moved.host_bytes_peak <= host_budget:
+            have = f" (this machine has {_gib(space.disk_budget)} usable)" if space.disk_budget else ""
+            disk = (f"a scratch disk for the optimizer states (optim_home='disk'; elixir plan --disk-memory, "
+                    f"elixir train --disk): {_gib(moved.model_disk_bytes / DISK_MARGIN)} per rank{have}, "
+                    f"which brings the host to {_gib(moved.host_bytes_peak)}")
     lines = [
         f"no plan fits{step}: {placed}, a step needs "
         f"{_gib(pred.device_bytes_peak)} of device memory (of {_gib(device_budget)} usable) and "
@@ -427,6 +464,8 @@ def _infeasible(
         ranks = -(-pred.host_bytes_peak * world_size // host_budget)
         fixes.append(f"more host memory: at least {_gib(pred.host_bytes_peak / HOST_MARGIN)} per rank")
         fixes.append(f"more GPUs: about {ranks} ranks shard the model data so that it fits")
+        if disk is not None:
+            fixes.append(disk)
     if pred.device_bytes_peak > device_budget:
         over = pred.device_bytes_peak - device_budget
         if pred.activation_bytes >= over:
@@ -463,4 +502,4 @@ def _batch_infeasible(
     else:
         fix = "activation checkpointing (pass checkpoint_profiles: elixir.plan traces them)"
     return _infeasible((point.plan, point.pred), space.device_budget, space.host_budget, world_size,
-                       step=step, activation_fix=fix, placed=placed)
+                       step=step, activation_fix=fix, placed=placed, space=space, profile=point.profile)

@@ -267,14 +267,26 @@ def _ranks_disk(rank, world, folder):
         results.append(elixir.full_state_dict(m))
         if to_disk:
             assert os.path.exists(os.path.join(folder, scratch_name(rank, world)))
+            elixir.save(m, opt, os.path.join(folder, "ckpt"))
+            if rank == 0:
+                torch.save(results[-1], os.path.join(folder, "want.pt"))
     for n in results[0]:
         assert torch.equal(results[0][n], results[1][n]), n
 
 
-def test_two_ranks_on_disk_match_host(tmp_path):
+def test_two_ranks_on_disk_match_host_and_reshard_to_one(tmp_path):
     from dist import run_ranks
 
     run_ranks(_ranks_disk, 2, str(tmp_path))
+    # the 2-rank checkpoint of disk chunks, loaded by one process with its own disk folder
+    m = bias_free_gpt()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-6, fused=True)
+    plan = _to_disk(make_plan(m, "mixed", opt, dtype=torch.bfloat16))
+    m, opt = elixir.wrap(m, opt, plan=dataclasses.replace(plan, world_size=1), disk=str(tmp_path / "one"))
+    elixir.load(m, opt, tmp_path / "ckpt")
+    got, want = elixir.full_state_dict(m), torch.load(tmp_path / "want.pt")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert opt.steps == 3
 
 
 def test_a_failing_disk_is_a_named_error(tmp_path, monkeypatch):

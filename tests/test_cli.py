@@ -95,7 +95,8 @@ def test_progress_bar_redraws_in_place_on_a_terminal():
         (["--steps", "0"], "--steps"),
         (["--steps", "ten"], "'ten'"),
         (["--param-home", "gpu"], "'gpu'"),
-        (["--optim-home", "disk"], "'disk'"),
+        (["--optim-home", "nvme"], "'nvme'"),
+        (["--optim-home", "disk"], "--disk DIR"),  # the disk tier needs its scratch folder
         (["--lr", "-1"], "--lr"),
         (["--model", "huge"], "'huge'"),
         (["--seq-len", "100"], "--seq-len 100"),  # tiny's block size is 64

@@ -526,17 +526,17 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
         "speculated_steps": stats["speculated_steps"],
         "rollbacks": stats["rollbacks"],
     }
-    progress.line(
-        f"done: train loss {train_loss:.4f} (mean of the last {len(recent)} steps), val loss {val_loss:.4f}, "
-        f"{result['tokens_per_s']:,.0f} tokens/s, {_clock(elapsed_s)} elapsed"
-        + (f", {job.optim.skipped_steps} steps skipped on fp16 overflow" if job.optim.skipped_steps else "")
-    )
-    if stats["overlap"]:
+    if stats["speculated_steps"]:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(stats["rollback_reasons"].items()))
         progress.line(
             f"optimizer inside backward in {stats['speculated_steps']} of {args.steps - job.start_step} steps, "
             f"{stats['rollbacks']} rolled back" + (f" ({reasons})" if reasons else "")
         )
+    progress.line(
+        f"done: train loss {train_loss:.4f} (mean of the last {len(recent)} steps), val loss {val_loss:.4f}, "
+        f"{result['tokens_per_s']:,.0f} tokens/s, {_clock(elapsed_s)} elapsed"
+        + (f", {job.optim.skipped_steps} steps skipped on fp16 overflow" if job.optim.skipped_steps else "")
+    )
     return result
 
 

@@ -91,6 +91,7 @@ class Speculation:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elixir-optimizer")
         self._stop_updates = False  # a chunk overflowed: later ones are not updated (worker-side)
         self._retracted: set[int] = set()  # chunks of this backward that got a gradient after their update
+        self._counted = False  # this backward counted in speculated_steps
         self.norm_type = 2.0  # learned from the last clip_grad_norm_ call
         self.clip_coef = 1.0  # the coefficient the last step's clip applied (1: it did not act, or no clip)
         self.clipped = False  # clip_grad_norm_ ran in this step
@@ -123,8 +124,8 @@ class Speculation:
         self.active = self.backwards == self.expected_backwards
         self._stop_updates = False
         self._retracted.clear()
+        self._counted = False
         if self.active:
-            self.speculated_steps += 1
             self._disk_seen = []
             if self.opt.disk is not None:
                 self.opt.disk.read_ahead(self._disk_order)
@@ -178,6 +179,9 @@ class Speculation:
                          1.0 / opt.scaler.scale if opt.scaler.enabled else 1.0, ready=ready,
                          coef=None if self.clip_coef == 1.0 else self.clip_coef)
         self.records[chunk.index] = rec
+        if not self._counted:  # a step with at least one update inside backward
+            self.speculated_steps += 1
+            self._counted = True
         if chunk.optim_home == "disk":
             rec.region = opt.disk.claim(chunk)
             self._disk_seen.append(chunk)

@@ -115,26 +115,37 @@ class _Chunk:
     logged: bool = False
     """Speculated host- or disk-optimizer chunk whose gradient is not held: it keeps a rollback log instead
     (a host chunk in host memory, a disk chunk in its disk region)."""
+    trainable: bool = True
+    """Some of its parameters receive gradients; a frozen chunk has only its parameter shard."""
 
     @property
     def shard(self) -> int:
         return self.numel // self.ranks
 
 
+def trainable_names(profile: Profile) -> set[str] | None:
+    """Parameters that receive gradients in the profiled step (the others are frozen: no master, optimizer
+    state or gradient anywhere); None for a profile made by hand, which says nothing (all trainable)."""
+    return set(profile.grad_arrivals) if profile.grad_arrivals else None
+
+
 def layout(plan: Plan, profile: Profile) -> list[_Chunk]:
     itemsize = plan.dtype.itemsize
+    trained = trainable_names(profile)
     out = []
     for i, c in enumerate(plan.chunks):
         numels = [profile.param_numels[n] for n in c.params]
         used = pack_offsets(numels, itemsize)[1]
         ranks = plan.chunk_ranks(c)
+        trainable = trained is None or any(n in trained for n in c.params)
         same_home = c.param_home == c.optim_home
-        aliased = itemsize == 4 and same_home
-        speculated = plan.overlap and not aliased
+        aliased = trainable and itemsize == 4 and same_home
+        speculated = trainable and plan.overlap and not aliased
         out.append(_Chunk(
             i, c.params, padded_numel(used, ranks), c.resident, c.param_home, c.optim_home, ranks,
-            aliased=aliased, derived=not c.resident and same_home and not aliased, speculated=speculated,
-            logged=speculated and c.optim_home in ("host", "disk") and plan.grad_accum == 1,
+            aliased=aliased, derived=trainable and not c.resident and same_home and not aliased,
+            speculated=speculated, logged=speculated and c.optim_home in ("host", "disk") and plan.grad_accum == 1,
+            trainable=trainable,
         ))
     return out
 
@@ -239,6 +250,9 @@ def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None, *,
                 device += shard * itemsize
             else:
                 host += shard * itemsize
+        biggest = max(biggest, c.numel)  # the pooled gradient buffers are as large as the largest chunk
+        if not c.trainable:  # frozen: its (stored) parameter shard only
+            continue
         master = 0 if c.aliased else 4
         if c.optim_home == "device":
             device += shard * (master + _STATE_BYTES)  # its gradient is a pooled buffer or a reduced shard
@@ -247,16 +261,16 @@ def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None, *,
         else:  # disk: the region on disk; on the host, a held gradient unless a log replaces it
             disk += disk_region(plan, c)
             host += 0 if c.logged else shard * 4
-        biggest = max(biggest, c.numel)
     device += grads.pool_buffers * biggest * 4 + grads.shard_bytes_peak
-    staged = [c.shard for c in chunks if c.logged or (gpu and plan.grad_accum > 1 and c.optim_home != "device")]
+    staged = [c.shard for c in chunks
+              if c.logged or (gpu and plan.grad_accum > 1 and c.trainable and c.optim_home != "device")]
     if staged:
         host += STAGING_BUFFERS * max(staged) * 4
-    on_disk = [disk_region(plan, c) for c in chunks if c.optim_home == "disk"]
+    on_disk = [disk_region(plan, c) for c in chunks if c.trainable and c.optim_home == "disk"]
     if on_disk:
         host += DISK_BUFFERS * (max(on_disk) + ALIGN)
-    crossing = [c.shard for c in chunks if itemsize != 4 and (c.param_home != c.optim_home or
-                                                               (c.derived and c.optim_home == "host"))]
+    crossing = [c.shard for c in chunks if c.trainable and itemsize != 4 and (
+        c.param_home != c.optim_home or (c.derived and c.optim_home == "host"))]
     if gpu and crossing:
         device += 2 * max(crossing) * 4
         if on_disk:  # disk chunks write their shards from the optimizer's worker thread
@@ -482,7 +496,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     end_backward = max(t_compute, t_comm, t_worker, t_side)
 
     optim = 0.0  # after backward, on the main thread
-    later_on_disk = [c for c in chunks if optimizer and c.optim_home == "disk" and not c.speculated]
+    later_on_disk = [c for c in chunks if optimizer and c.trainable and c.optim_home == "disk" and not c.speculated]
     if later_on_disk:  # read ahead and written behind as the main thread updates them one by one
         after = _DiskTimeline(plan, chunks, hardware, [c.index for c in later_on_disk])
         after.start(end_backward)
@@ -492,6 +506,8 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         optim += max(done, after.t_disk) - end_backward
     for c in chunks if optimizer else ():
         shard = c.shard
+        if not c.trainable:
+            continue  # nothing updated, nothing written back or gathered again
         if c.optim_home == "disk":
             continue  # updated above or inside backward, where it also wrote its shard
         if not c.speculated:

@@ -153,7 +153,10 @@ class _Space:
         """(chunk size, parameter names per chunk, fewest cache blocks) for every chunk size tried."""
         order = profile.param_order()
         named = [(n, SimpleNamespace(numel=lambda v=profile.param_numels[n]: v)) for n in order]
-        group_of = {id(p): self.group_sizes.get(n, self.world_size) for n, p in named}  # chunks never mix groups
+        # chunks never mix groups, nor frozen parameters with trained ones (as wrap's chunks do not)
+        trained = cost.trainable_names(profile)
+        group_of = {id(p): (self.group_sizes.get(n, self.world_size), trained is None or n in trained)
+                    for n, p in named}
         largest = max(profile.param_numels.values())
         regions = _checkpointed_regions(order, checkpoint_every)
         for chunk_numel in _chunk_sizes(largest, self.itemsize):

@@ -158,9 +158,6 @@ def test_plan_api_searches_and_the_plan_trains():
 def test_frozen_parameters_cost_no_optimizer_memory_and_match_the_runtime():
     """A LoRA-like split: the planner packs frozen parameters apart and charges them their shard only, as
     the runtime holds them (no master, states or gradient)."""
-    import torch
-
-    import elixir
     from elixir.models import GPT, GPTConfig
 
     torch.manual_seed(0)

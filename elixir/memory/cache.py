@@ -25,10 +25,22 @@ class BlockCache:
 
     def __init__(self, num_blocks: int, block_numel: int, dtype: torch.dtype, tracker: MemoryTracker):
         self.block_numel = block_numel
+        self.dtype = dtype
+        self.tracker = tracker
         self.blocks = [Block(i, tracker.empty(block_numel, dtype, "device", share=True)) for i in range(num_blocks)]
         self._free = list(reversed(self.blocks))
         # storage address -> block: how saved tensors are recognised as views of a chunk
         self.by_storage = {b.buffer.untyped_storage().data_ptr(): b for b in self.blocks}
+        self.planned_blocks = num_blocks  # the plan's; `grow` adds overflow blocks beyond them
+
+    def grow(self) -> Block:
+        """One more block, free, kept from now on (counted like the others): the overflow that lets a step
+        finish when every block holds a chunk in use (see [Note: pins] in elixir/runtime/state.py)."""
+        block = Block(len(self.blocks), self.tracker.empty(self.block_numel, self.dtype, "device", share=True))
+        self.blocks.append(block)
+        self.by_storage[block.buffer.untyped_storage().data_ptr()] = block
+        self._free.append(block)
+        return block
 
     @property
     def num_blocks(self) -> int:

@@ -15,6 +15,8 @@ A chunk that something is using right now is pinned and is never evicted:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from elixir import accel, comm
@@ -56,6 +58,7 @@ class Runtime:
         self._node_pins: list[Chunk] = []
         self._node = None
         self._recompute_pins: set[Chunk] = set()
+        self._overflow_reported = False  # the cache grew for a recomputed region (see _free_block)
         self._recompute_node = None
         self.in_backward = False
         # cache block index -> the peers' reads of this rank's slice of it, still in flight
@@ -242,15 +245,26 @@ class Runtime:
             self.release_soft_pins()
             candidates = [b.chunk for b in self.cache.blocks if b.chunk.pins == 0]
         if not candidates:
-            why = ""
             if self._recompute_pins:
-                why = (
-                    " (activation checkpointing: a recomputed region keeps its chunks "
-                    f"{sorted(c.index for c in self._recompute_pins)} gathered until its backward has run)"
-                )
+                # activation checkpointing: a recomputed region keeps its chunks gathered until its backward
+                # has run, and this region has more than the cache holds. Stopping in the middle of a
+                # backward would lose the step; the cache grows by one block instead, for good (memory_stats
+                # counts it), and says once what to plan for.
+                self.cache.grow()
+                if not self._overflow_reported:
+                    self._overflow_reported = True
+                    warnings.warn(
+                        f"activation checkpointing: a recomputed region keeps chunks "
+                        f"{sorted(c.index for c in self._recompute_pins)} gathered until its backward has run, "
+                        f"more than the plan's {self.cache.planned_blocks} cache blocks hold; the cache grows "
+                        f"by a block each time this happens (now {self.cache.num_blocks}); plan with "
+                        "cache_blocks >= elixir.memory_stats(model)['cache_blocks'] after a step to keep it "
+                        "at that size", stacklevel=2,
+                    )
+                return self.cache.take()
             raise CacheTooSmallError(
                 f"all {self.cache.num_blocks} cache blocks hold chunks in use "
-                f"({[b.chunk.index for b in self.cache.blocks]}) while chunk {chunk.index} is needed{why}; "
+                f"({[b.chunk.index for b in self.cache.blocks]}) while chunk {chunk.index} is needed; "
                 f"raise cache_blocks to at least {self.cache.num_blocks + 1}"
             )
         self.evict(self._victim(candidates))

@@ -53,8 +53,20 @@ def plan(
     from elixir.parallel import group_sizes
 
     best, pred = search(prof, hardware, world_size=world_size, compute_dtype=compute_dtype,
-                        prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size))
+                        prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size),
+                        checkpointed=checkpointed_regions(model))
     return dataclasses.replace(best, use_order=tuple(prof.use_sequence()), predicted=pred.as_dict())
+
+
+def checkpointed_regions(model: torch.nn.Module) -> list[list[str]]:
+    """The parameter names (first names, as profiles give them) of each block of `model` that recomputes its
+    forward in backward now: the runtime keeps such a block's chunks gathered until its backward has run
+    (see [Note: pins] in elixir/runtime/state.py), so a plan's cache must hold them together."""
+    from elixir.models.checkpointing import checkpointed_blocks, transformer_blocks
+
+    blocks = transformer_blocks(model)
+    first = {id(p): n for n, p in model.named_parameters()}
+    return [[first[id(p)] for p in blocks[i].parameters()] for i in checkpointed_blocks(model)]
 
 
 @dataclass(frozen=True)

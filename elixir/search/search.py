@@ -99,8 +99,12 @@ def search(
     seq_len: int | None = None,
     profiled_sequences: int = 1,
     checkpoint_profiles: Mapping[int, Profile | Callable[[], Profile]] | None = None,
+    checkpointed: list[list[str]] | None = None,
 ) -> tuple[Plan, Prediction]:
     """The fastest plan that fits `hardware`'s device and host memory, and its prediction.
+
+    `checkpointed`: the parameter names of each block the model itself recomputes in backward (activation
+    checkpointing applied before planning): the cache must hold each such block's chunks at once.
 
     `group_sizes`: parameters sharded over fewer ranks than the world (expert parallel), as
     `Plan.group_sizes`; they are packed into chunks of their own.
@@ -117,7 +121,7 @@ def search(
                 "seq_len and checkpoint_profiles only apply to a batch search; pass tokens_per_step too, "
                 "or leave them out to plan the profiled micro-batch as it is"
             )
-        space = _Space(hardware, world_size, compute_dtype, prefetch_depth, group_sizes)
+        space = _Space(hardware, world_size, compute_dtype, prefetch_depth, group_sizes, checkpointed)
         best, smallest, _ = space.place(profile)
         if best is None:
             raise _infeasible(smallest, space.device_budget, space.host_budget, world_size, space=space,
@@ -134,8 +138,9 @@ class _Space:
     """The placements of one model on one machine: what `search` walks for one profiled micro-batch."""
 
     def __init__(self, hardware: Hardware, world_size: int, compute_dtype, prefetch_depth: int,
-                 group_sizes: dict[str, int] | None) -> None:
+                 group_sizes: dict[str, int] | None, checkpointed: list[list[str]] | None = None) -> None:
         self.hardware = hardware
+        self.checkpointed = [list(r) for r in checkpointed or ()]  # blocks the model recomputes itself
         self.world_size = world_size
         self.prefetch_depth = prefetch_depth
         self.group_sizes = dict(group_sizes or {})
@@ -158,7 +163,8 @@ class _Space:
         group_of = {id(p): (self.group_sizes.get(n, self.world_size), trained is None or n in trained)
                     for n, p in named}
         largest = max(profile.param_numels.values())
-        regions = _checkpointed_regions(order, checkpoint_every)
+        regions = _checkpointed_regions(order, checkpoint_every) + [
+            [n for n in r if n in profile.param_numels] for r in self.checkpointed]
         for chunk_numel in _chunk_sizes(largest, self.itemsize):
             names = [tuple(c) for c in pack_chunks(named, group_of, chunk_numel, self.itemsize)]
             chunk_of = {n: i for i, c in enumerate(names) for n in c}

@@ -388,7 +388,8 @@ def test_compute_floor_is_below_every_searched_step(gpt_profiles):
 @pytest.mark.parametrize("every", [1, 2])
 def test_checkpointed_plans_get_a_cache_for_a_whole_recomputed_block(make, every):
     """The runtime keeps a recomputed block's chunks gathered until its backward has run: the search gives a
-    checkpointed plan at least that many cache blocks, and that many are enough (one fewer is not)."""
+    checkpointed plan at least that many cache blocks, and that many are enough (with one fewer the cache
+    grows to that many during the first backward, with a warning, so that the step finishes)."""
     from elixir.search.search import _checkpointed_regions
 
     model = make()
@@ -404,8 +405,9 @@ def test_checkpointed_plans_get_a_cache_for_a_whole_recomputed_block(make, every
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         m, opt = elixir.wrap(m, opt, plan=dataclasses.replace(plan, cache_blocks=blocks, checkpoint_every=every))
         if blocks < need:
-            with pytest.raises(elixir.CacheTooSmallError, match="activation checkpointing"):
+            with pytest.warns(UserWarning, match="activation checkpointing: a recomputed region"):
                 loss_of(m, ids(2)).backward()
+            assert elixir.memory_stats(m)["cache_blocks"] == need
         else:
             loss_of(m, ids(2)).backward()
             opt.step()

@@ -28,10 +28,23 @@ from elixir.optim.ondisk import DiskChunks
 from elixir.optim.overlap import Speculation, chunk_norm
 
 # Optimizers whose update is elementwise: they give the same result on flat shards as on tensors.
+# [Note: elementwise optimizers] says which others are accepted too.
 ELEMENTWISE = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.Adamax,
     torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adadelta,
 )
+# Why well-known optimizers that are not elementwise cannot run on chunk shards, and what to use instead.
+_NOT_ELEMENTWISE = {
+    "Adafactor": "it factors the second moment over each matrix's rows and columns, which a flat shard does not "
+                 "have; use torch.optim.AdamW (host offload, optim_home='host', saves the memory Adafactor saves)",
+    "Muon": "it orthogonalizes each matrix's whole update, which needs the matrix; use torch.optim.AdamW",
+    "LBFGS": "it keeps a history of whole flattened gradients and line-searches along it; use torch.optim.AdamW "
+             "or torch.optim.SGD",
+    "SparseAdam": "it updates sparse gradients, and chunk gradients are dense; use torch.optim.Adam",
+    "Lamb": "it scales each tensor's update by that tensor's norms; use torch.optim.AdamW",
+    "LARS": "it scales each tensor's update by that tensor's norms; use torch.optim.SGD",
+    "Shampoo": "it preconditions each matrix by statistics of its rows and columns; use torch.optim.AdamW",
+}
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 _HOOK_REGISTRIES = (
     "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
@@ -39,15 +52,78 @@ _HOOK_REGISTRIES = (
 )
 
 
+# [Note: elementwise optimizers]
+# A chunk shard is a flat slice that cuts tensors anywhere, and each chunk is updated on its own (overlap.py),
+# so Elixir runs only updates in which every element's new value depends on that element's parameter,
+# gradient and states, and on scalars (the step count, the hyper-parameters). An optimizer class is accepted:
+# - when it is one of ELEMENTWISE;
+# - when it subclasses one of them and its update is that class's: it defines neither `step` nor
+#   `_init_group` (the states it makes) of its own. An `__init__` with other defaults, extra methods or hooks
+#   are fine. The methods are compared under torch's decorators (`inspect.unwrap`): torch re-wraps an
+#   inherited `step` on the subclass the first time one is built, which is not a definition of its own;
+# - when the class says so with a class attribute `elixir_elementwise = True`: a subclass whose own `step`
+#   stays elementwise, or any other torch.optim.Optimizer whose update is (Lion, sign SGD, ...). Its author
+#   vouches for it, since what a `step` computes cannot be read off the code. `elixir_elementwise = False`
+#   refuses even a class that would be accepted.
+# Only Adam, AdamW and SGD themselves are undone after a wrong guess of the update inside backward
+# (undo.py); every other accepted class, subclasses included, updates after backward.
+
+
+def elementwise_base(optimizer_class: type) -> type | None:
+    """The class of ELEMENTWISE whose update `optimizer_class` runs unchanged, or None (see [Note: elementwise
+    optimizers]); `optimizer_class` itself when it is one."""
+    base = next((c for c in optimizer_class.__mro__ if c in ELEMENTWISE), None)
+    if base is None or base is optimizer_class:
+        return base
+    for name in ("step", "_init_group"):
+        own = getattr(optimizer_class, name, None)
+        theirs = getattr(base, name, None)
+        if own is not None and theirs is not None and inspect.unwrap(own) is not inspect.unwrap(theirs):
+            return None
+    return base
+
+
+def _check_elementwise(cls: type) -> None:
+    """ValueError, with the alternative, for an optimizer class Elixir cannot run on chunk shards."""
+    declared = getattr(cls, "elixir_elementwise", None)
+    if declared is True:
+        return
+    name = cls.__name__
+    if declared is None and elementwise_base(cls) is not None:
+        return
+    names = ", ".join(c.__name__ for c in ELEMENTWISE)
+    base = next((c for c in cls.__mro__ if c in ELEMENTWISE), None)
+    if declared is False:
+        why = (
+            f"{name} sets elixir_elementwise = False: its update is not elementwise, and Elixir updates flat shards "
+            f"of chunks; use one of {names} (torch.optim.AdamW(fused=True) is the fast path)"
+        )
+    elif base is not None:
+        why = (
+            f"{name} subclasses torch.optim.{base.__name__} but defines its own step() or _init_group(), so its "
+            "update may not stay elementwise (each element's new value from that element's parameter, gradient "
+            "and states alone); if it does, set `elixir_elementwise = True` on the class, otherwise use "
+            f"torch.optim.{base.__name__} itself"
+        )
+    else:
+        known = next((v for k, v in _NOT_ELEMENTWISE.items() if name == k or name.startswith(k)), None)
+        if known is None and name.lower().endswith("8bit"):
+            known = ("it quantizes its states in blocks of each tensor's own layout; use torch.optim.AdamW, with "
+                     "optim_home='host' (or 'disk') where its states do not fit on the device")
+        why = (
+            f"{name} is not supported: {known}" if known is not None else
+            f"{name} is not supported: Elixir updates flat shards of chunks, which matches per-tensor updates only "
+            f"for elementwise optimizers ({names}) and their subclasses; use one of them "
+            "(torch.optim.AdamW(fused=True) is the fast path), or, if every element's update in "
+            f"{name} depends only on that element and on scalars, set `elixir_elementwise = True` on the class"
+        )
+    raise ValueError(why)
+
+
 def check_optimizer(optimizer, model: torch.nn.Module) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, not {type(optimizer).__name__}")
-    if type(optimizer) not in ELEMENTWISE:
-        names = ", ".join(c.__name__ for c in ELEMENTWISE)
-        raise ValueError(
-            f"{type(optimizer).__name__} is not supported: Elixir updates flat shards of chunks, which "
-            f"matches per-tensor updates only for elementwise optimizers ({names})"
-        )
+    _check_elementwise(type(optimizer))
     model_params = {id(p) for p in model.parameters()}
     for gi, g in enumerate(optimizer.param_groups):
         for p in g["params"]:

@@ -18,6 +18,8 @@ import struct
 
 import torch
 
+from elixir.validation import Fields, json_type, load_json, shown
+
 _CODES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -89,8 +91,17 @@ class StreamWriter:
         self._file.close()
 
 
+MAX_HEADER_BYTES = 100 * 2**20
+"""The largest safetensors header read (the `safetensors` library refuses larger ones too): a length
+field of a damaged file must not make the reader allocate what it says."""
+
+
 class Reader:
-    """Ranges of tensors of a safetensors file, read with seeks (nothing else is loaded)."""
+    """Ranges of tensors of a safetensors file, read with seeks (nothing else is loaded).
+
+    The header is checked whole before anything is used (see [Note: untrusted files] in
+    elixir/validation.py): its length against the file's size before it is read, then every tensor's
+    dtype, shape and byte range, which must lie inside the file and overlap no other tensor's."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -106,25 +117,50 @@ class Reader:
                 raise CheckpointError(
                     f"{path}: header of {n} bytes does not fit in the file's {size} bytes (truncated)"
                 )
-            try:
-                header = json.loads(f.read(n))
-            except ValueError as e:
-                raise CheckpointError(f"{path}: the header is not valid JSON ({e}); the file is damaged") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: header of {n} bytes, more than the {MAX_HEADER_BYTES} a safetensors header may have; "
+                    "the file is damaged or not safetensors"
+                )
+            raw = f.read(n)
+        header = load_json(raw, path, error=CheckpointError, what="the file is damaged")
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: the header is {json_type(header)}; expected an object of tensors")
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        ):
+            raise CheckpointError(f"{path}: field '__metadata__' is {shown(metadata)}; expected an object of strings")
+        self.metadata = metadata or {}
         self._data_start = 8 + n
         self.tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            code = info.get("dtype")
-            if code not in _DTYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} has dtype {code!r}, which Elixir cannot read")
-            begin, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            if end - begin != _numel(shape) * _DTYPES[code].itemsize or self._data_start + end > size:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} lies beyond the end of the file ({size} bytes) or has a wrong size; "
-                    "the file is truncated or damaged"
-                )
-            self.tensors[name] = (_DTYPES[code], shape, begin, end)
+            self.tensors[name] = self._entry(name, info, size)
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in self.tensors.items() if end > begin)
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the file; the file is damaged")
+
+    def _entry(self, name: str, info, size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        path = self.path
+        fields = Fields(info, path, error=CheckpointError, at=name)
+        code = info.get("dtype")
+        if not isinstance(code, str) or code not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {code!r}, which Elixir cannot read")
+        shape = fields.get("shape", "list")
+        for i, d in enumerate(shape):
+            fields.check(d, f"{name}.shape[{i}]", "int", least=0)
+        offsets = fields.get("data_offsets", "list")
+        if len(offsets) != 2:
+            raise fields.fail(f"{name}.data_offsets", f"is {shown(offsets)}; expected [begin, end]")
+        begin = fields.check(offsets[0], f"{name}.data_offsets[0]", "int", least=0)
+        end = fields.check(offsets[1], f"{name}.data_offsets[1]", "int", least=begin)
+        if end - begin != _numel(shape) * _DTYPES[code].itemsize or self._data_start + end > size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} lies beyond the end of the file ({size} bytes) or has a wrong size; "
+                "the file is truncated or damaged"
+            )
+        return _DTYPES[code], tuple(shape), begin, end
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][1]

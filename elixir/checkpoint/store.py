@@ -39,11 +39,21 @@ from elixir.checkpoint.layout import (
     shard_pieces,
     values_of,
 )
-
-FORMAT = "elixir-checkpoint"
-VERSION = 1
-MANIFEST = "manifest.json"
-COMMON = "common.pt"
+from elixir.checkpoint.manifest import (
+    COMMON,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    check_param_groups,
+    check_rank_file,
+    check_slot_shapes,
+    read_common,
+    read_manifest,
+    read_rng,
+    resolve,
+    verify_file,
+)
+from elixir.checkpoint.manifest import rank_file as _rank_file
 
 
 def _world() -> tuple[int, int]:
@@ -80,10 +90,6 @@ def _all_gather_object(obj, what: str = "all-gather of checkpoint metadata") -> 
     out = [None] * world
     _named(what, dist.all_gather_object, out, obj)
     return out
-
-
-def _rank_file(rank: int, world: int, ext: str) -> str:
-    return f"rank-{rank:05d}-of-{world:05d}.{ext}"
 
 
 def _wrap_state(model, optimizer):
@@ -301,53 +307,12 @@ def _set_rng_state(state: dict) -> None:
 # --- load ------------------------------------------------------------------------------------
 
 
-def resolve(path: str) -> str:
-    """The checkpoint folder to read: `path`, or `<path>.old` when a save was interrupted between
-    its two renames (see [Note: atomic save])."""
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, MANIFEST)):
-        return path
-    if not os.path.exists(path) and os.path.isfile(os.path.join(path + ".old", MANIFEST)):
-        return path + ".old"
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint")
-    raise CheckpointError(f"{os.path.join(path, MANIFEST)}: missing; {path} is not a complete Elixir checkpoint")
-
-
-def read_manifest(path: str) -> dict:
-    mpath = os.path.join(path, MANIFEST)
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{mpath}: not valid JSON ({e}); the manifest is damaged") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath}: not an Elixir checkpoint manifest")
-    if manifest.get("version") != VERSION:
-        raise CheckpointError(f"{mpath}: format version {manifest.get('version')}, this Elixir reads {VERSION}")
-    return manifest
-
-
-def verify_file(path: str, name: str, manifest: dict, *, checksum: bool = True) -> None:
-    """CheckpointError naming the file when it is missing, of another size, or altered."""
-    info = manifest["files"].get(name)
-    fpath = os.path.join(path, name)
-    if info is None:
-        raise CheckpointError(f"{fpath}: not listed in the manifest")
-    if not os.path.isfile(fpath):
-        raise CheckpointError(f"{fpath}: missing (the manifest lists it with {info['bytes']} bytes)")
-    size = os.path.getsize(fpath)
-    if size != info["bytes"]:
-        raise CheckpointError(f"{fpath}: {size} bytes, the manifest says {info['bytes']} (truncated or replaced)")
-    if checksum and file_digest(fpath)[1] != info["sha256"]:
-        raise CheckpointError(f"{fpath}: its sha256 differs from the manifest's: the file was altered or damaged")
-
-
 class PieceIndex:
     """Where every range of every global tensor lives in a checkpoint: name -> [(lo, hi, file, key, file_lo)],
     global flat ranges [lo, hi) stored at elements [file_lo, ...) of tensor `{key}.values` of `file`."""
 
-    def __init__(self, manifest: dict) -> None:
+    def __init__(self, manifest: dict, mpath: str = MANIFEST) -> None:
+        check_slot_shapes(manifest, mpath)  # `manifest` came from read_manifest, which checked everything else
         world = manifest["world_size"]
         self.pieces: dict[str, list[tuple[int, int, str, str, int]]] = {}
         self.chunks: dict[tuple[str, str], dict] = {}
@@ -409,19 +374,28 @@ def load(model, optimizer, path: str, *, scheduler=None, verify: bool = True):
     try:
         path = resolve(path)
         manifest = read_manifest(path)
+        mpath = os.path.join(path, MANIFEST)
         diff = describe_shape_difference(manifest["model"]["shapes"], shapes_here)
         if diff is not None:
             raise CheckpointError(f"{path} is a checkpoint of another model: {diff}")
-        index = PieceIndex(manifest)
+        index = PieceIndex(manifest, mpath)
         for c in rt.chunks:
             for gs, lo, hi in shard_pieces(c):
                 g_lo = gs.flat_start + lo - gs.chunk_offset
-                index.check_covered(gs.name, g_lo, g_lo + hi - lo, os.path.join(path, MANIFEST))
+                index.check_covered(gs.name, g_lo, g_lo + hi - lo, mpath)
         needed = sorted(_needed_files(rt, index))
-        rng_name = _rank_file(rank, manifest["world_size"], "pt") if rank < manifest["world_size"] else None
+        world_saved = manifest["world_size"]
+        rng_name = _rank_file(rank, world_saved, "pt") if rank < world_saved else None
         for name in needed + [COMMON] + ([rng_name] if rng_name else []):
             verify_file(path, name, manifest, checksum=verify)
         readers = {name: Reader(os.path.join(path, name)) for name in needed}
+        ranks_of = {_rank_file(r, world_saved, "safetensors"): r for r in range(world_saved)}
+        for name, reader in readers.items():
+            check_rank_file(reader, manifest["ranks"][ranks_of[name]], mpath)
+        check_param_groups(manifest["optimizer"]["param_groups"], opt.param_groups, mpath)
+        # read (and checked) now, applied after the shards: a damaged one fails before anything changes
+        common = read_common(os.path.join(path, COMMON))
+        rng_state = read_rng(os.path.join(path, rng_name)) if rng_name else None
     except CheckpointError as e:
         error = e
     failed = _any_rank(error is not None, rt)
@@ -452,9 +426,8 @@ def load(model, optimizer, path: str, *, scheduler=None, verify: bool = True):
             if k in g and not isinstance(g[k], torch.Tensor):
                 g[k] = tuple(v) if isinstance(g[k], tuple) else v
     opt._count_state_bytes()
-    if rng_name:
-        _set_rng_state(torch.load(os.path.join(path, rng_name), weights_only=True))
-    common = torch.load(os.path.join(path, COMMON), weights_only=True)
+    if rng_state is not None:
+        _set_rng_state(rng_state)
     from elixir.checkpoint.weights import persistent_buffers
 
     for n, b in persistent_buffers(model).items():

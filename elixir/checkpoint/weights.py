@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from elixir.checkpoint.files import CheckpointError, Reader, StreamWriter
-from elixir.checkpoint.layout import global_slots, shard_pieces
+from elixir.checkpoint.layout import global_slots, model_shapes, shard_pieces
+from elixir.validation import Fields, check_output_file, check_output_folder, plain_file_name, read_json_file
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 """Largest file of a Hugging Face folder export (transformers' `save_pretrained` cuts at 5 GB too)."""
@@ -52,10 +53,18 @@ def write_tensors(path: str, specs: list[tuple[str, tuple[int, ...]]], tensors, 
         raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
     meta = {"format": "pt"}
     if not folder:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        writer = StreamWriter(path + ".tmp", [(n, dtype, s) for n, s in specs], meta)
-        _stream(writer, tensors, len(specs))
-        os.replace(path + ".tmp", path)
+        tmp = path + ".tmp"
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            writer = StreamWriter(tmp, [(n, dtype, s) for n, s in specs], meta)
+            _stream(writer, tensors, len(specs))
+            os.replace(tmp, path)
+        except BaseException as e:
+            if os.path.isfile(tmp):
+                os.remove(tmp)
+            if isinstance(e, OSError) and e.filename in (None, tmp):  # the write's own failure: say the user's path
+                raise OSError(e.errno, f"{e.strerror or e} (writing it)", path) from None
+            raise
         return [path]
     # shards: consecutive tensors up to max_shard_bytes each (a larger tensor gets a shard of its own)
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -108,6 +117,10 @@ def _numel(shape) -> int:
     return n
 
 
+def _numel_all(shapes) -> int:
+    return sum(_numel(s) for s in shapes)
+
+
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -131,6 +144,7 @@ def export(model: torch.nn.Module, path: str, *, dtype=torch.float32,
 
     dtype = _dtype(dtype)
     rt = runtime_of(model)
+    _check_output_on_rank0(path, _output_bytes(model_shapes(rt.chunks).values(), persistent_buffers(model), dtype), rt)
     if any(getattr(s.param, "_elixir_global", None) is not None for c in rt.chunks for s in c.slots):
         return _export_via_checkpoint(model, path, dtype, max_shard_bytes)
     rt.wait_pending()
@@ -168,6 +182,38 @@ def export(model: torch.nn.Module, path: str, *, dtype=torch.float32,
     return written
 
 
+def check_output(path: str, nbytes: int) -> None:
+    """ValueError naming `path` unless an export of `nbytes` can be written there (a `.safetensors` file,
+    else a folder): called before the export's work starts."""
+    if path.endswith(".safetensors"):
+        check_output_file(path, nbytes=nbytes, make_parents=True)
+    else:
+        check_output_folder(path, nbytes=nbytes)
+
+
+def _output_bytes(shapes, buffers: dict, dtype: torch.dtype) -> int:
+    """Bytes of the exported tensors (headers aside): the size the output path must have room for."""
+    return sum(_numel(s) for s in shapes) * dtype.itemsize + sum(b.numel() * b.element_size() for b in buffers.values())
+
+
+def _check_output_on_rank0(path: str, nbytes: int, rt) -> None:
+    """rank 0 writes the export: its check decides for every rank, so none waits in a gather for a rank
+    that failed."""
+    from elixir.checkpoint.store import _any_rank
+
+    error = None
+    if _rank() == 0:
+        try:
+            check_output(path, nbytes)
+        except ValueError as e:
+            error = e
+    failed = _any_rank(error is not None, rt)
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"{path}: rank 0 cannot write the export there (its error says why)")
+
+
 def _export_via_checkpoint(model, path, dtype, max_shard_bytes):
     """Models whose tensors are split over ranks by a parallel pattern: save a checkpoint beside the
     output, and assemble each tensor from it (one tensor at a time) on rank 0."""
@@ -193,14 +239,17 @@ def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
     the model or starting any process group; one tensor in memory at a time. A checkpoint with a
     `config.json` (a Hugging Face model) and an output path not ending in `.safetensors` gives a
     Hugging Face folder."""
+    from elixir.checkpoint.manifest import MANIFEST, check_rank_file, read_common
     from elixir.checkpoint.store import COMMON, PieceIndex, _read_range, read_manifest, resolve, verify_file
 
     dtype = _dtype(dtype)
     ckpt = resolve(ckpt)
     manifest = read_manifest(ckpt)
+    mpath = os.path.join(ckpt, MANIFEST)
+    index = PieceIndex(manifest, mpath)
+    check_output(path, _numel_all(manifest["model"]["shapes"].values()) * dtype.itemsize)  # before any work
     for name in manifest["files"]:
         verify_file(ckpt, name, manifest)
-    index = PieceIndex(manifest)
     order: list[str] = []
     seen = set()
     for docs in manifest["ranks"]:
@@ -210,11 +259,15 @@ def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
                     seen.add(name)
                     order.append(name)
     shapes = manifest["model"]["shapes"]
-    common = torch.load(os.path.join(ckpt, COMMON), weights_only=True)
+    common = read_common(os.path.join(ckpt, COMMON))
     buffers = common.get("buffers") or {}
     specs = [(n, tuple(shapes[n])) for n in order] + [(n, tuple(b.shape)) for n, b in buffers.items()]
     files = {p[2] for pieces in index.pieces.values() for p in pieces}
     readers = {f: Reader(os.path.join(ckpt, f)) for f in files}  # headers only: data is read by ranges
+    for r, docs in enumerate(manifest["ranks"]):
+        name = f"rank-{r:05d}-of-{manifest['world_size']:05d}.safetensors"
+        if name in readers:
+            check_rank_file(readers[name], docs, mpath, states=False)
 
     def tensors():
         for n in order:
@@ -241,9 +294,8 @@ def weight_files(path: str) -> list[str]:
         return [path]
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such file or folder of weights")
-    if os.path.isfile(os.path.join(path, INDEX)):
-        with open(os.path.join(path, INDEX)) as f:
-            weight_map = json.load(f)["weight_map"]
+    weight_map = read_index(path)
+    if weight_map is not None:
         return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
     if os.path.isfile(os.path.join(path, SINGLE)):
         return [os.path.join(path, SINGLE)]
@@ -254,6 +306,39 @@ def weight_files(path: str) -> list[str]:
             "convert them with transformers' save_pretrained(safe_serialization=True))"
         )
     return [os.path.join(path, f) for f in found]
+
+
+def read_index(path: str) -> dict[str, str] | None:
+    """The weight map {tensor: file} of folder `path`'s sharded-safetensors index, every entry checked (a
+    plain file name of a file in the folder); None when the folder has no index."""
+    ipath = os.path.join(path, INDEX)
+    if not os.path.isfile(ipath):
+        return None
+    index = Fields(read_json_file(ipath, error=CheckpointError, what="the index is damaged"), ipath,
+                   error=CheckpointError)
+    if "metadata" in index.data and index.get("metadata", "object", nullable=True) is not None:
+        index.obj("metadata").get("total_size", "number", least=0, default=None)
+    weight_map = index.obj("weight_map")
+    if not weight_map.data:
+        raise weight_map.fail("weight_map", "lists no tensors; expected {tensor name: file name}")
+    for name, fname in weight_map.data.items():
+        plain_file_name(fname, ipath, weight_map.path(name), error=CheckpointError)
+        if not os.path.isfile(os.path.join(path, fname)):
+            raise CheckpointError(f"{ipath}: lists {fname!r} (for {name!r}), which is not a file in {path}")
+    return dict(weight_map.data)
+
+
+def _check_index(path: str, readers: dict[str, Reader]) -> None:
+    """Each tensor of a sharded folder's index is in the file the index names (else the index is of
+    other files: weights would be half-trusted)."""
+    weight_map = read_index(path) if os.path.isdir(path) else None
+    for name, fname in (weight_map or {}).items():
+        reader = readers[os.path.join(path, fname)]
+        if name not in reader.tensors:
+            raise CheckpointError(
+                f"{os.path.join(path, INDEX)}: says {name!r} is in {fname}, which has no such tensor; "
+                "the index does not describe these files"
+            )
 
 
 @torch.no_grad()
@@ -325,8 +410,9 @@ def _check_weights(model, rt, path: str, strict: bool, buffers: dict):
     missing parameters (when strict) and shapes that differ, before anything is written."""
     files = weight_files(path)
     where: dict[str, Reader] = {}
-    for f in files:
-        r = Reader(f)
+    readers = {f: Reader(f) for f in files}
+    _check_index(path, readers)
+    for r in readers.values():
         for name in r.tensors:
             where.setdefault(name, r)
     aliases: dict[int, list[str]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from elixir.checkpoint.store import MANIFEST
 from elixir.hardware import parse_bytes
@@ -29,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from elixir.checkpoint import CheckpointError, export_checkpoint
+    from elixir.checkpoint import export_checkpoint
+    from elixir.checkpoint.weights import check_output
 
     ckpt = args.checkpoint
     if not os.path.isfile(os.path.join(ckpt, MANIFEST)) and os.path.isfile(os.path.join(ckpt, "last", MANIFEST)):
@@ -41,9 +43,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if max_shard <= 0:
         parser.error(f"--max-shard-size {args.max_shard_size} must be above 0")
     try:
+        check_output(args.out, 0)  # the flag's own check, before the checkpoint is read; sizes come next
+    except ValueError as e:
+        parser.error(f"--out {e}")
+    try:
         written = export_checkpoint(ckpt, args.out, dtype=args.dtype, max_shard_bytes=max_shard)
-    except CheckpointError as e:
+    except ValueError as e:  # a damaged checkpoint (CheckpointError), or an output without the room for it
         parser.error(str(e))
+    except OSError as e:  # the write itself failed (a disk that filled meanwhile): it names the output path
+        print(f"elixir export: {e}", file=sys.stderr)
+        return 1
     total = sum(os.path.getsize(f) for f in written)
     print(f"wrote {len(written)} file(s), {total / 2**20:.1f} MiB, to {args.out}")
     return 0

@@ -10,7 +10,7 @@ from elixir.cli import build_parser, main
 
 JOB = [
     "train", "--model", "tiny", "--steps", "8", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0",
-    "--eval-batches", "1", "--quiet", "--on-demand", "--chunk-mib", "0.05", "--cache-blocks", "2",
+    "--eval-batches", "1", "--quiet", "--on-demand", "--chunk-mib", "0.05", "--cache-blocks", "2", "--hardware", "CPU",
 ]
 
 
@@ -62,7 +62,8 @@ def test_fine_tune_a_hugging_face_folder_and_export_it_back(tmp_path):
     torch.manual_seed(0)
     original = transformers.LlamaForCausalLM(cfg)
     original.save_pretrained(tmp_path / "hf")
-    flags = ["--model", str(tmp_path / "hf"), "--steps", "1", "--lr", "1e-12", "--out", str(tmp_path / "run")]
+    flags = ["--model", str(tmp_path / "hf"), "--byte-tokens", "--steps", "1", "--lr", "1e-12", "--out",
+             str(tmp_path / "run")]
     result = train_cli.train(build_parser().parse_args([*JOB[:3], *JOB[5:], *flags]))
     assert 0 < result["train_loss"] < 7
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 ARGS = ["train", "--model", "tiny", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0",
-        "--eval-batches", "1", "--quiet", "--on-demand", "--chunk-mib", "0.05", "--cache-blocks", "2"]
+        "--eval-batches", "1", "--quiet", "--on-demand", "--chunk-mib", "0.05", "--cache-blocks", "2",
+        "--hardware", "CPU"]
 
 
 def _env():

@@ -1,4 +1,4 @@
-"""Training text and token batches: the embedded corpus, text files, and byte-token batches.
+"""The embedded corpus, text files, and byte-token batches of random windows.
 
 Tokens are bytes (vocabulary 256), so any text trains the byte-level GPT presets without a
 tokenizer. The embedded corpus is CPython's own documentation (`pydoc_data.topics`), present in
@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json")
-"""Files that `load_text` reads from a folder; anything else there is skipped."""
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+"""Files that `load_text` reads from a folder as plain text; anything else there is skipped (.json and
+.jsonl files hold records, which `elixir.data.records` reads through the datasets library)."""
 
 
 def load_corpus() -> bytes:
@@ -113,6 +114,13 @@ class TokenBatches:
         local = offsets[start : start + self.local_batch_size]  # (B_local,)
         input_ids = self._tokens[local[:, None] + self._positions].long()  # (B_local, T)
         return {"input_ids": input_ids, "labels": input_ids}
+
+    def peek(self) -> dict[str, Tensor]:
+        """The next batch, without moving the stream on (the planner profiles it)."""
+        state = self._generator.get_state()
+        batch = next(self)
+        self._generator.set_state(state)
+        return batch
 
     def state_dict(self) -> dict[str, object]:
         """Where the stream is, for checkpoints: resuming from it continues with the same batches."""

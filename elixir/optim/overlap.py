@@ -74,6 +74,7 @@ class Speculated:
     fresh: bool = False  # the update made the optimizer state (it had none)
     coef: float | None = None  # the clip coefficient the update's gradient was multiplied by (None: 1)
     region: Future | None = None  # a disk chunk: the read of its region (see elixir/optim/ondisk.py)
+    shard_written: bool = False  # its update also wrote its parameter shard (`step` need not)
 
 
 class Speculation:
@@ -92,13 +93,14 @@ class Speculation:
         self._stop_updates = False  # a chunk overflowed: later ones are not updated (worker-side)
         self._retracted: set[int] = set()  # chunks of this backward that got a gradient after their update
         self._counted = False  # this backward counted in speculated_steps
-        self.norm_type = 2.0  # learned from the last clip_grad_norm_ call
+        # learned from the last clip_grad_norm_ call; None after a step without one: no norms computed
+        self.norm_type: float | None = 2.0
         self.clip_coef = 1.0  # the coefficient the last step's clip applied (1: it did not act, or no clip)
         self.clipped = False  # clip_grad_norm_ ran in this step
         self.cuda = self.device.type == "cuda"
         self.update_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.d2h_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.disk_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.worker_stream = torch.cuda.Stream(self.device) if self.cuda else None  # the worker's CUDA copies
         # disk chunks in the order their gradients completed in the last step: what to read ahead
         self._disk_order: list[Chunk] = sorted((c for c in optimizer.chunks if c.optim_home == "disk"),
                                                key=lambda c: -c.index)
@@ -138,9 +140,10 @@ class Speculation:
 
     def before_fetch(self, chunk: Chunk) -> None:
         """`chunk` is about to be read into the cache. A shard derived from its master (see wrap.py), or
-        written by a disk chunk's update, would be read from an update `step` has not confirmed: undo it."""
-        if chunk.index in self.records and (chunk.shard is None or chunk.optim_home == "disk"):
-            self.late(chunk)  # a derived shard, or one its disk update already wrote
+        written right after its update, would hold an update `step` has not confirmed: undo it first."""
+        rec = self.records.get(chunk.index)
+        if rec is not None and (chunk.shard is None or rec.shard_written):
+            self.late(chunk)  # a derived shard, or one its update already wrote
 
     def before_forward(self) -> None:
         """A forward starts while this step's updates are unconfirmed: a further micro-batch (or any use of
@@ -170,12 +173,22 @@ class Speculation:
             if rec.future is not None and rec.future.done() and rec.future.exception() is not None:
                 rec.future.result()
 
-    def submit(self, chunk: Chunk, grad: torch.Tensor, *, staging: torch.Tensor | None = None, ready=None) -> None:
-        """Update `chunk` from `grad` (its final gradient for this step, before unscaling)."""
+    def logs_directly(self, chunk: Chunk) -> bool:
+        """Whether `chunk`'s gradient can go straight into its rollback log and be updated from there: an fp32
+        log on the CPU (no copy to cross, nothing to pin) that the update does not scale in place (no loss
+        scale, no speculated clip coefficient), which saves a copy of the gradient per step."""
+        log = self.logs.get(chunk.index)
+        return (log is not None and log.dtype == torch.float32 and not self.cuda and chunk.optim_home == "host"
+                and not self.opt.scaler.enabled and self.clip_coef == 1.0)
+
+    def submit(self, chunk: Chunk, grad: torch.Tensor, *, staging: torch.Tensor | None = None, ready=None,
+               logged: bool = False) -> None:
+        """Update `chunk` from `grad` (its final gradient for this step, before unscaling); `logged`: `grad`
+        is the chunk's log itself (see `logs_directly`)."""
         opt = self.opt
         stepper = opt.stepper_of(chunk)
         stepper.param_groups[0].update(opt.hyper_of(chunk))  # the values step() would use now
-        rec = Speculated(chunk, grad, self.logs.get(chunk.index) if staging is not None else None, staging,
+        rec = Speculated(chunk, grad, self.logs.get(chunk.index) if staging is not None or logged else None, staging,
                          1.0 / opt.scaler.scale if opt.scaler.enabled else 1.0, ready=ready,
                          coef=None if self.clip_coef == 1.0 else self.clip_coef)
         self.records[chunk.index] = rec
@@ -196,27 +209,50 @@ class Speculation:
             rec.future = self._worker.submit(self._update, rec, stepper)
 
     def _update(self, rec: Speculated, stepper) -> None:
-        """The update of one chunk, in the order the step after backward runs it (see the Note); a disk
-        chunk's region is in memory around it, and its parameter shard is written from it at once (the
-        master is gone from memory by `step`)."""
+        """The update of one chunk, in the order the step after backward runs it (see the Note), then the
+        cast of its master into its parameter shard: the chunk is not used again in this backward, and on
+        the worker the write-back hides behind backward too (an undo writes the shard again; a fetch
+        before `step` undoes the update first: `before_fetch`). A disk chunk's region is in memory around
+        it all."""
         if rec.region is None:
-            return self._update_in_memory(rec, stepper)
+            self._update_in_memory(rec, stepper)
+            self._write_shard(rec)
+            return
         disk = self.opt.disk
         buf = rec.region.result()
         disk.attach(rec.chunk, buf, rec.log)
         after = None
         try:
             self._update_in_memory(rec, stepper)
-            if rec.updated:
-                after = self.opt.write_shard(rec.chunk, stream=self.disk_stream, staging="worker")
+            after = self._write_shard(rec)
         finally:
             disk.release(rec.chunk, buf, rec.log, after=after)
+
+    def _write_shard(self, rec: Speculated):
+        """Write the updated master into the shard now where that needs no staging shared with the main
+        thread: on the worker (host and disk chunks), or a device master cast on the device. Returns the CUDA
+        event of the copy, if any."""
+        chunk = rec.chunk
+        if not rec.updated or chunk.shard is None or chunk.shard is chunk.master:
+            return None
+        if chunk.resident and chunk.expected_grads is None:
+            # a resident chunk's parameters are read without a fetch, so nothing would catch a use after its
+            # gradient seemed complete (a recomputation in the first backward, before the gradient counts
+            # are learned): its shard waits for step
+            return None
+        if chunk.optim_home == "device" and chunk.param_home != "device" and self.cuda:
+            return None  # a device master into a host shard: at step, with the main thread's staging
+        rec.shard_written = True
+        if self.cuda and chunk.optim_home != "device":
+            return self.opt.write_shard(chunk, stream=self.worker_stream, staging="worker")
+        self.opt.write_shard(chunk)
+        return None
 
     def _update_in_memory(self, rec: Speculated, stepper) -> None:
         if rec.ready is not None:
             rec.ready.synchronize()  # the gradient's copy into pinned staging has landed
         g = rec.grad
-        if rec.log is not None:
+        if rec.log is not None and rec.log is not g:
             rec.log.copy_(g)
         if self.opt.scaler.enabled:
             g.mul_(rec.inv_scale)
@@ -231,7 +267,8 @@ class Speculation:
         if self._stop_updates:
             self._release(rec)
             return
-        rec.norm, rec.norm_type = chunk_norm(g, self.norm_type), self.norm_type
+        if self.norm_type is not None:  # a run that clips: the clip after backward reads these
+            rec.norm, rec.norm_type = chunk_norm(g, self.norm_type), self.norm_type
         if rec.coef is not None:
             g.mul_(rec.coef)  # the clip speculated
         master = rec.chunk.master
@@ -239,7 +276,7 @@ class Speculation:
         master.grad = g
         stepper.step()
         stepper.found_inf = None
-        if rec.staging is not None:
+        if rec.log is not None:  # the gradient lives in the log (or a staging buffer), not as the master's
             master.grad = None
         rec.updated = True
         self._release(rec)
@@ -266,7 +303,9 @@ class Speculation:
             if rec.future is not None:
                 rec.future.result()
         if self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.update_stream)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.update_stream)
+            current.wait_stream(self.worker_stream)
 
     def wait(self) -> list[Speculated]:
         self._drain()
@@ -317,7 +356,7 @@ class Speculation:
                 rec.updated = True
                 if rec.log is not None:
                     master.grad = None
-                if rec.chunk.optim_home == "disk":
+                if rec.shard_written:
                     self.opt.write_shard(rec.chunk)
 
     def rollback(self, reason: str, *, hold: bool = False) -> None:
@@ -349,7 +388,7 @@ class Speculation:
         if rec.fresh:
             self.opt.state.pop(master, None)
         rec.updated = False
-        if rec.chunk.optim_home == "disk":  # its update had written the parameter shard already
+        if rec.shard_written:  # its update had written the parameter shard already
             self.opt.write_shard(rec.chunk)
 
     def _hold(self, rec: Speculated) -> None:
@@ -391,6 +430,7 @@ class Speculation:
         self.backwards = 0
         if not self.clipped:
             self.clip_coef = 1.0
+            self.norm_type = None  # a run without a clip: its updates compute no norms
         self.clipped = False
 
     def forget_backwards(self) -> None:

@@ -409,7 +409,8 @@ class ElixirOptimizer(torch.optim.Optimizer):
         if spec is not None:
             spec.confirm()
             spec.end_step()
-        self._write_back()
+        self._write_back({i for i, r in recs.items() if r.shard_written},
+                         {i for i, r in recs.items() if not r.shard_written})
         self.runtime.wait_pending()
         self._count_state_bytes()
         return loss
@@ -419,14 +420,19 @@ class ElixirOptimizer(torch.optim.Optimizer):
         stepper.param_groups[0].update(self.hyper_of(c))
         stepper.step()
 
-    def _write_back(self) -> None:
+    def _write_back(self, written: set[int] = frozenset(), deferred: set[int] = frozenset()) -> None:
         """Cast the updated masters into the parameter shards, wherever those live (a shard derived
-        from its master is not stored: the next fetch casts it)."""
+        from its master is not stored: the next fetch casts it). `written`: chunks whose update inside
+        backward wrote theirs already; a disk chunk's update always does, except the `deferred` ones."""
         rt = self.runtime
         gathers = []
         for c in self.chunks:
-            if c.shard is not None and c.master is not c.shard and c.optim_home != "disk":
-                rt.copy_between(c.shard, c.master)  # (a disk chunk's update wrote its shard)
+            if c.shard is not None and c.master is not c.shard and c.index not in written:
+                if c.optim_home != "disk":
+                    rt.copy_between(c.shard, c.master)
+                elif c.index in deferred:  # its update inside backward could not write its shard yet
+                    with self.disk.loaded(c):
+                        rt.copy_between(c.shard, c.master)
             if c.resident:  # gathered again at once, all chunks' all-gathers in flight together
                 what = f"all-gather of updated chunk {c.index}"
                 gathers.append(comm.all_gather(
@@ -486,7 +492,7 @@ class ElixirOptimizer(torch.optim.Optimizer):
         if spec is None or not state:
             return
         spec.clip_coef = float(state["clip_coef"])
-        spec.norm_type = float(state["norm_type"])
+        spec.norm_type = None if state["norm_type"] is None else float(state["norm_type"])
         spec.expected_backwards = int(state["backwards"])
 
     def step_stats(self) -> dict:

@@ -59,6 +59,7 @@ class Runtime:
         self._node = None
         self._recompute_pins: set[Chunk] = set()
         self._overflow_reported = False  # the cache grew for a recomputed region (see _free_block)
+        self._counted_once = False  # the first backward has learned each chunk's gradient count
         self._recompute_node = None
         self.in_backward = False
         # cache block index -> the peers' reads of this rank's slice of it, still in flight
@@ -77,7 +78,9 @@ class Runtime:
         if device.type == "cuda" and crossing:
             for stream in (None, self.copy_stream):
                 self._cast_staging[stream] = tracker.empty(max(crossing), torch.float32, "device")
-            if disk is not None:  # disk chunks write their shards from the optimizer's worker thread
+            if any(c.optim_home != "device" for c in chunks if _casts_across(c)):
+                # host and disk chunks updated inside backward write their shards from the optimizer's
+                # worker thread (elixir/optim/overlap.py): a staging buffer of its own
                 self._cast_staging["worker"] = tracker.empty(max(crossing), torch.float32, "device")
         self.disk = disk  # the scratch file of chunks with optim_home="disk" (elixir/memory/disk.py)
 
@@ -297,7 +300,9 @@ class Runtime:
         if self.grads.speculation is not None:
             self.grads.speculation.begin_backward()
         self.schedule.saw_backward()
-        if self.schedule.recording and self.grads.first_backward_counts is None:
+        if not self._counted_once and self.grads.first_backward_counts is None:
+            # the first backward learns how many gradients each chunk gets (also when a profiled order
+            # drives the schedule): later backwards reduce a chunk only once all have come
             self.grads.first_backward_counts = {}
         torch.autograd.Variable._execution_engine.queue_callback(self.end_backward)
 
@@ -306,8 +311,9 @@ class Runtime:
         self.grads.reduce_leftovers()
         if self.grads.speculation is not None:
             self.grads.speculation.end_backward()
-        if self.schedule.recording:
+        if not self._counted_once:
             self.grads.learn_counts()
+            self._counted_once = True
         if self.host_sync:  # gradients copied into pinned host memory have arrived before the host reads them
             accel.synchronize(self.device)
         self.schedule.end_backward()

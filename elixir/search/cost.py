@@ -273,7 +273,8 @@ def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None, *,
         c.param_home != c.optim_home or (c.derived and c.optim_home == "host"))]
     if gpu and crossing:
         device += 2 * max(crossing) * 4
-        if on_disk:  # disk chunks write their shards from the optimizer's worker thread
+        if any(c.trainable and itemsize != 4 and c.param_home != c.optim_home and c.optim_home != "device"
+               for c in chunks):  # host and disk chunks write their shards from the optimizer's worker thread
             device += max(crossing) * 4
     return device, host, disk
 

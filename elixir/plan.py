@@ -10,7 +10,7 @@ checked against the model they are applied to.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -297,10 +297,54 @@ class Plan:
         return json.dumps(d, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
-        d = json.loads(text)
-        d["chunks"] = tuple(ChunkPlan(**c) for c in d["chunks"])
-        return cls(**d)
+    def from_json(cls, text: str | bytes, *, source: str = "plan JSON") -> Plan:
+        """The plan `to_json` wrote. Every field is checked for presence, type and range first (see [Note:
+        untrusted files] in elixir/validation.py): a ValueError names `source` (the file's path, when the
+        text came from one), the field and what was expected."""
+        from elixir.validation import Fields, load_json
+
+        doc = Fields(load_json(text, source, what="write it again with Plan.to_json or elixir plan --json"), source)
+        doc.only(_PLAN_FIELDS)
+        chunks = []
+        for c in doc.objects("chunks"):
+            c.only(("params", "resident", "param_home", "optim_home"))
+            params = c.get("params", "list")
+            for i, name in enumerate(params):
+                c.check(name, f"{c.path('params')}[{i}]", "str")
+            chunks.append(dict(params=tuple(params), resident=c.get("resident", "bool"),
+                               param_home=c.get("param_home", "str", default="device", choices=HOMES),
+                               optim_home=c.get("optim_home", "str", default="device", choices=HOMES)))
+        shapes = doc.obj("param_shapes", default=None)
+        for name, shape in (shapes.data.items() if shapes else ()):
+            shapes.check(shape, shapes.path(name), "list")
+            for i, d in enumerate(shape):
+                shapes.check(d, f"{shapes.path(name)}[{i}]", "int", least=0)
+        use_order = doc.get("use_order", "list", default=[])
+        for i, name in enumerate(use_order):
+            doc.check(name, f"use_order[{i}]", "str")
+        groups = doc.obj("group_sizes", default=None)
+        for name in (groups.data if groups else ()):
+            groups.get(name, "int", least=1)
+        values = dict(
+            chunk_numel=doc.get("chunk_numel", "int", least=1),
+            cache_blocks=doc.get("cache_blocks", "int", least=0),
+            prefetch_depth=doc.get("prefetch_depth", "int", least=0, default=2),
+            compute_dtype=doc.get("compute_dtype", "str", default="float32"),
+            world_size=doc.get("world_size", "int", least=1, default=1),
+            param_shapes=shapes.data if shapes else {},
+            use_order=tuple(use_order),
+            predicted=doc.get("predicted", "object", default={}),
+            group_sizes=groups.data if groups else {},
+            overlap=doc.get("overlap", "bool", default=True),
+            grad_accum=doc.get("grad_accum", "int", least=1, default=1),
+            micro_batch_size=doc.get("micro_batch_size", "int", least=0, default=0),
+            checkpoint_every=doc.get("checkpoint_every", "int", least=0, default=0),
+            disk_path=doc.get("disk_path", "str", default=""),
+        )
+        try:  # what no single field says: parameters in two chunks, a chunk larger than chunk_numel, ...
+            return cls(chunks=tuple(ChunkPlan(**c) for c in chunks), **values)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def summary(self) -> str:
         """One line per distinct placement: how many chunks and bytes live where."""
@@ -337,6 +381,9 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+_PLAN_FIELDS = tuple(f.name for f in fields(Plan))
 
 
 def _default_world_size() -> int:

@@ -14,6 +14,7 @@ that a plan filling both still fits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -270,13 +271,44 @@ class Hardware:
         return json.dumps(data, indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> Hardware:
-        data = json.loads(text)
-        version = data.pop("format_version", None)
-        if version != _FORMAT_VERSION:
-            raise ValueError(f"hardware format_version={version!r}, this elixir reads {_FORMAT_VERSION}; measure again")
-        data["collective_bytes_per_s"] = {int(w): r for w, r in data.get("collective_bytes_per_s", {}).items()}
-        return cls(**data)
+    def from_json(cls, text: str | bytes, *, source: str = "hardware JSON") -> Hardware:
+        """The record `to_json` wrote; every field is checked for presence, type and range (see [Note:
+        untrusted files] in elixir/validation.py), and a ValueError names `source`, the field and what was
+        expected."""
+        from elixir.validation import Fields, load_json
+
+        doc = Fields(load_json(text, source, what="measure again"), source)
+        version = doc.data.get("format_version")
+        if version != _FORMAT_VERSION or isinstance(version, bool):
+            raise ValueError(f"{source}: hardware format_version={version!r}, this elixir reads {_FORMAT_VERSION}; "
+                             "measure again")
+        doc.only(("format_version", *_HARDWARE_FIELDS))
+        data = {"name": doc.get("name", "str")}
+        for what in ("device_bytes", "host_bytes"):
+            data[what] = doc.get(what, "int", least=1)
+        for what in ("h2d_bytes_per_s", "d2h_bytes_per_s", "device_optim_elems_per_s", "host_optim_elems_per_s",
+                     "device_copy_bytes_per_s"):
+            data[what] = doc.get(what, "number", above=0)
+        for what in ("matmul_flops", "attention_flops"):
+            rates = doc.obj(what, default=None) if what == "attention_flops" else doc.obj(what)
+            for dtype in (rates.data if rates else ()):
+                rates.get(dtype, "number", above=0)
+            data[what] = dict(rates.data) if rates else {}
+        collective = doc.obj("collective_bytes_per_s", default=None)
+        data["collective_bytes_per_s"] = {}
+        for world in (collective.data if collective else ()):
+            rate = collective.get(world, "number", above=0)
+            if not world.isdigit() or int(world) < 2:
+                raise collective.fail(collective.path(world), "is not a world size; keys are world sizes >= 2")
+            data["collective_bytes_per_s"][int(world)] = rate
+        data["device_type"] = doc.get("device_type", "str", default="cuda", choices=("cuda", "cpu"))
+        data["disk_bytes"] = doc.get("disk_bytes", "int", least=0, default=0)
+        for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s"):
+            data[what] = doc.get(what, "number", least=0, default=0.0)
+        try:  # what no single field says (a disk size without a bandwidth, an unknown dtype)
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     # ---- measurement ----
 
@@ -317,10 +349,7 @@ class Hardware:
             merged = {**cached.collective_bytes_per_s, **hardware.collective_bytes_per_s}
             hardware = dataclasses.replace(hardware, collective_bytes_per_s=dict(sorted(merged.items())))
         if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            tmp.write_text(hardware.to_json())
-            tmp.replace(path)  # atomic: ranks on one machine write at once, and nobody reads half a file
+            _write_cache(path, hardware.to_json())
         return hardware if disk is None else _with_measured_disk(hardware, disk, cache, quick, refresh)
 
 
@@ -331,20 +360,39 @@ def measure_disk(folder: str, *, cache: bool = True, quick: bool = False, refres
     host = re.sub(r"[^A-Za-z0-9.-]+", "-", socket.gethostname()) or "host"
     path = cache_dir() / f"disk-{host}-{st.st_dev}{'-quick' if quick else ''}.json"
     if cache and not refresh:
-        try:
-            data = json.loads(path.read_text())
-            if data.get("format_version") == _FORMAT_VERSION:
-                return float(data["read_bytes_per_s"]), float(data["write_bytes_per_s"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # absent or damaged: measure again
+        cached = _read_disk_cache(path)
+        if cached is not None:
+            return cached
     read, write = _disk_bytes_per_s(folder, (64 if quick else 256) * 2**20)
     if cache and not _machine_busy():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"format_version": _FORMAT_VERSION, "folder": os.path.abspath(folder),
-                                   "read_bytes_per_s": read, "write_bytes_per_s": write}))
-        tmp.replace(path)
+        _write_cache(path, json.dumps({"format_version": _FORMAT_VERSION, "folder": os.path.abspath(folder),
+                                       "read_bytes_per_s": read, "write_bytes_per_s": write}))
     return read, write
+
+
+def _read_disk_cache(path: Path) -> tuple[float, float] | None:
+    """(read, write) bytes/s of a disk cache file, or None when there is none; damaged or of another format
+    version, it is ignored with a one-line warning, as `_read_cache` does."""
+    from elixir.validation import Fields, load_json
+
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        _ignore_cache(path, e.strerror or str(e))
+        return None
+    try:
+        doc = Fields(load_json(text, str(path)), str(path))
+        version = doc.data.get("format_version")
+        if version != _FORMAT_VERSION or isinstance(version, bool):
+            raise ValueError(f"format_version={version!r}, this elixir reads {_FORMAT_VERSION}")
+        doc.get("folder", "str", default="")
+        return float(doc.get("read_bytes_per_s", "number", above=0)), float(doc.get("write_bytes_per_s", "number",
+                                                                                   above=0))
+    except ValueError as e:
+        _ignore_cache(path, str(e).removeprefix(f"{path}: "))
+        return None
 
 
 def _with_measured_disk(hardware: Hardware, folder: str, cache: bool, quick: bool, refresh: bool) -> Hardware:
@@ -353,6 +401,9 @@ def _with_measured_disk(hardware: Hardware, folder: str, cache: bool, quick: boo
     ranks = _local_ranks()
     return hardware.with_disk(disk_bytes=st.f_bavail * st.f_frsize // ranks, read_bytes_per_s=read / ranks,
                               write_bytes_per_s=write / ranks)
+
+
+_HARDWARE_FIELDS = tuple(f.name for f in dataclasses.fields(Hardware))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -550,12 +601,43 @@ def _cache_path(quick: bool) -> Path:
 
 
 def _read_cache(path: Path) -> Hardware | None:
+    """The cached calibration, or None when there is none. A cache is a file like any other (see [Note:
+    untrusted files] in elixir/validation.py): damaged or of another format version, it is ignored with
+    a one-line warning, and the machine is measured again (and the cache replaced)."""
     try:
-        return Hardware.from_json(path.read_text())
+        text = path.read_bytes()
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError, KeyError):
-        return None  # an older or damaged cache file: measure again and replace it
+    except OSError as e:
+        _ignore_cache(path, e.strerror or str(e))
+        return None
+    try:
+        return Hardware.from_json(text, source=str(path))
+    except ValueError as e:
+        _ignore_cache(path, str(e).removeprefix(f"{path}: "))
+        return None
+
+
+def _ignore_cache(path: Path, reason: str) -> None:
+    reason = " ".join(reason.split()).removesuffix("; measure again")  # one line, whatever the file held
+    warnings.warn(f"ignoring the calibration cache {path}: {reason[:200]}; measuring again", stacklevel=3)
+
+
+def _write_cache(path: Path, text: str) -> bool:
+    """Write a cache file atomically (ranks on one machine write at once, and nobody may read half a file);
+    a cache that cannot be written costs a measurement next time, never this run: a warning, and False."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        tmp.replace(path)
+        return True
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        warnings.warn(f"cannot write the calibration cache {path} ({e.strerror or e}); the figures are used "
+                      "but not cached (set ELIXIR_CACHE_DIR to a writable folder)", stacklevel=3)
+        return False
 
 
 def _world_size() -> int:

@@ -36,7 +36,7 @@ def make_tokenizer(folder: str, vocab_size: int = 400, chat_template: str | None
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = load_corpus().decode("utf-8")[:100_000]
+    text = load_corpus().decode("utf-8")[:40_000]
     tok.train_from_iterator([text[i : i + 1000] for i in range(0, len(text), 1000)], trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     if chat_template is not None:

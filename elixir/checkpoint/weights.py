@@ -280,8 +280,31 @@ def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
         with open(cpath) as f:
             config_json = f.read()
     folder = not path.endswith(".safetensors")
-    return write_tensors(path, specs, tensors(), dtype=dtype, folder=folder, config_json=config_json,
-                         max_shard_bytes=max_shard_bytes)
+    written = write_tensors(path, specs, tensors(), dtype=dtype, folder=folder, config_json=config_json,
+                            max_shard_bytes=max_shard_bytes)
+    if folder:
+        written += _write_hf_files(path, common.get("extra"))
+    return written
+
+
+HF_FILES = "hf_files"
+"""Key of a checkpoint's `extra` holding the files a Hugging Face folder carries beside its weights and
+config.json (the tokenizer's, generation_config.json), by name: text, or bytes as a uint8 tensor."""
+
+
+def _write_hf_files(folder: str, extra) -> list[str]:
+    """The files `elixir train` keeps in `extra[HF_FILES]`, so that the exported folder loads with
+    AutoTokenizer and generates as the original did."""
+    files = extra.get(HF_FILES) if isinstance(extra, dict) else None
+    written = []
+    for name, data in (files or {}).items():
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+            continue  # a name that would leave the folder is never written
+        out = os.path.join(folder, name)
+        with open(out, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data.numpy().tobytes())
+        written.append(out)
+    return written
 
 
 # --- reading -----------------------------------------------------------------------------------

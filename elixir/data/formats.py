@@ -152,11 +152,11 @@ def tokenize_table(table: Table, fields: Fields, tokenizer: Tokenizer, into: _Bu
     else:
         labels_col = table.columns.get("labels")
         for row, ids in enumerate(table.columns["input_ids"]):
-            labels = labels_col[row] if labels_col is not None else ids
-            if labels is None or len(labels) != len(ids):
+            labels = labels_col[row] if labels_col is not None and labels_col[row] is not None else ids
+            if len(labels) != len(ids):
                 raise ValueError(
-                    f"--data: {table.source!r}, row {row}: labels has {None if labels is None else len(labels)} values "
-                    f"and input_ids {len(ids)}; give one label per token (-100 where not trained)"
+                    f"--data: {table.source!r}, row {row}: labels has {len(labels)} values and input_ids "
+                    f"{len(ids)}; give one label per token (-100 where not trained)"
                 )
             into.add(list(ids), list(labels))
 

@@ -115,6 +115,8 @@ def read_table(source: Source) -> Table:
         if not text.strip():
             raise ValueError(f"--data: {source.path!r} is empty; remove it, or give it some text")
         return Table(source.path, {"text": [text]})
+    if source.kind != "saved" and os.path.getsize(source.path) == 0:
+        raise ValueError(f"--data: {source.path!r} is empty; remove it, or fill it")
     datasets = _datasets(source)
     from elixir.hardware import cache_dir
 

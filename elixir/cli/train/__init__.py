@@ -6,8 +6,8 @@ and cosine decay, under the plan the planner finds for this machine. `--model FO
 Hugging Face model with its own tokenizer on `--data` (text, chats, instructions or token ids); the hand
 flags of a uniform plan (`--on-demand`, `--param-home`, ...) override the planner.
 
-`train` is three steps, one module each: `check_args` (flags.py, build.py) rejects bad flag values
-before anything is built, `build` (build.py) makes the data, model, plan and optimizer, and `loop`
+`train` is three steps, one module each: `check_args` (flags.py, prepare.py) rejects bad flag values
+before anything is built, `build` (prepare.py) makes the data, model, plan and optimizer, and `loop`
 (below) trains, reading top to bottom; metrics.py holds what it reports.
 """
 
@@ -28,9 +28,10 @@ import torch.distributed as dist
 
 import elixir
 from elixir import accel
-from elixir.cli.train.build import JOB_FLAGS, Job, build, check_args, hf_files, lr_factor
+from elixir.checkpoint.weights import HF_FILES
 from elixir.cli.train.flags import CONFIG_FILE, add_arguments, layer_defaults, resolved_config
 from elixir.cli.train.metrics import Progress, Reporters, clock, memory_fields
+from elixir.cli.train.prepare import JOB_FLAGS, Job, build, check_args, hf_files, lr_factor
 
 __all__ = ["Job", "add_arguments", "build", "check_args", "evaluate", "layer_defaults", "loop", "lr_factor", "run",
            "save_checkpoint", "train"]
@@ -240,7 +241,7 @@ def save_checkpoint(job: Job, args: argparse.Namespace) -> None:
     extra = {
         "job": {k: getattr(args, k) for k in JOB_FLAGS}, "batches": job.data.train.state_dict(),
         "recent_losses": [t.detach().cpu() for t in job.recent], "config": resolved_config(args),
-        "hf_files": hf_files(job, args),
+        HF_FILES: hf_files(job, args),  # what `elixir export` writes beside the weights
     }
     last = os.path.join(args.out, "last")
     elixir.save(job.model, job.optim, last, extra=extra, scheduler=job.scheduler)

@@ -7,7 +7,7 @@ and ranks, as a plan says; `wrap` turns an ordinary model and optimizer into man
 from elixir import parallel
 from elixir.checkpoint import CheckpointError, export, load, load_pretrained, save
 from elixir.comm import CollectiveError, init_distributed
-from elixir.optim import ElixirOptimizer
+from elixir.optim import ElixirOptimizer, NonFiniteError
 from elixir.plan import ChunkPlan, Plan
 from elixir.profile import profile
 from elixir.runtime import CacheTooSmallError, full_state_dict, memory_stats, runtime_of, step_stats, wrap
@@ -21,6 +21,7 @@ __all__ = [
     "ChunkPlan",
     "CollectiveError",
     "ElixirOptimizer",
+    "NonFiniteError",
     "export",
     "Plan",
     "PlanDoesNotFitError",

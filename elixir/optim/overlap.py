@@ -257,13 +257,15 @@ class Speculation:
         if self.opt.scaler.enabled:
             g.mul_(rec.inv_scale)
             finite = torch.isfinite(g).all()
-            if not self.cuda or rec.chunk.optim_home != "device":
-                rec.finite = bool(finite)
-                if not rec.finite:
-                    self._stop_updates = True
-            else:
-                rec.finite = finite
-                stepper.found_inf = (~finite).float()  # the fused kernel skips the update on the device
+        else:  # a NaN or inf anywhere makes the sum one: a read of the gradient, no bool copy of it
+            finite = torch.isfinite(g.sum())
+        if not self.cuda or rec.chunk.optim_home != "device":
+            rec.finite = bool(finite)
+            if not rec.finite:  # no update from it (it could not be undone), nor from later chunks
+                self._stop_updates = True
+        else:
+            rec.finite = finite
+            stepper.found_inf = (~finite).float()  # the fused kernel skips the update on the device
         if self._stop_updates:
             self._release(rec)
             return

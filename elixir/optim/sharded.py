@@ -134,6 +134,13 @@ def check_optimizer(optimizer, model: torch.nn.Module) -> None:
                 )
 
 
+NONFINITE_POLICIES = ("error", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's gradients hold a NaN or an inf (bf16 or fp32); the message names the step and parameter."""
+
+
 class LossScaler:
     """Dynamic loss scaling for fp16: halve on overflow, double after `growth_interval` good steps."""
 
@@ -160,7 +167,15 @@ class ElixirOptimizer(torch.optim.Optimizer):
     """A `torch.optim.Optimizer` over the chunks' fp32 master shards."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, chunks, runtime, *, overlap: bool = False,
-                 grad_accum: int = 1) -> None:
+                 grad_accum: int = 1, nonfinite: str = "error") -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={nonfinite!r}: use 'error' (stop, naming the step and the parameter) "
+                             "or 'skip' (skip the step and count it)")
+        self.nonfinite = nonfinite
+        """What a NaN or inf gradient in bf16 or fp32 does: "error" (the default: the step is not taken and a
+        NonFiniteError names it and the first parameter) or "skip" (the step is skipped and counted). fp16
+        keeps dynamic loss scaling, which skips overflowing steps by design."""
+        self.nonfinite_steps = 0
         self.runtime = runtime
         # chunks whose master and states live on disk (elixir/optim/ondisk.py); the runtime owns the file
         self.disk = DiskChunks(self, runtime.disk) if runtime.disk is not None else None
@@ -308,24 +323,30 @@ class ElixirOptimizer(torch.optim.Optimizer):
         return {r.chunk.index: r for r in spec.wait()}
 
     def _unscale(self) -> bool:
-        """Divide gradients by the loss scale once; True when any rank found an inf or NaN. Chunks
-        updated during backward were unscaled and checked by their update."""
-        if not self.scaler.enabled or self._unscaled:
+        """Check the gradients once per step (dividing them by the loss scale in fp16); True when any rank
+        found an inf or NaN: fp16 overflow, or a non-finite gradient in bf16 or fp32 (see `nonfinite`).
+        Chunks updated during backward were unscaled and checked by their update."""
+        if self._unscaled:
             return getattr(self, "_overflow", False)
         recs = self._speculated()
         inv = 1.0 / self.scaler.scale
-        found = torch.zeros((), dtype=torch.float32)
+        dev = self._comm_device()
+        found = torch.zeros((), dtype=torch.float32, device=dev)
         for c in self.chunks:
             rec = recs.get(c.index)
             if rec is not None:
                 finite = rec.finite if torch.is_tensor(rec.finite) else torch.tensor(rec.finite)
-                found = torch.maximum(found, (~finite).float().cpu())
+                found = torch.maximum(found, (~finite).float().to(dev))
                 continue
             g = c.master.grad
-            if g is not None:
+            if g is None:
+                continue
+            if self.scaler.enabled:
                 g.mul_(inv)
-                found = torch.maximum(found, (~torch.isfinite(g)).any().float().cpu())
-        found = comm.all_reduce_max(found.to(self._comm_device()), self.group)
+                found = torch.maximum(found, (~torch.isfinite(g)).any().float().to(dev))
+            else:  # one read of the gradient: a NaN or inf anywhere makes the sum one
+                found = torch.maximum(found, (~torch.isfinite(g.sum())).float().to(dev))
+        found = comm.all_reduce_max(found, self.group)  # every rank decides alike
         self._overflow = bool(found.item())
         self._unscaled = True
         return self._overflow
@@ -339,7 +360,9 @@ class ElixirOptimizer(torch.optim.Optimizer):
         like `torch.nn.utils.clip_grad_norm_` (the same formula, over all ranks' shards). Updates that
         ran during backward are redone with the clipped gradient when the clip acts."""
         self._require_built()
-        overflow = self._unscale()
+        # fp16: unscale and find overflow first; bf16 and fp32: the norms below tell whether any gradient
+        # holds a NaN or an inf, so the separate check of step() is not needed
+        overflow = self._unscale() if self.scaler.enabled or self._unscaled else None
         norm_type = float(norm_type)
         spec = self.speculation
         recs = self._speculated()
@@ -363,11 +386,19 @@ class ElixirOptimizer(torch.optim.Optimizer):
             for n in norms:
                 local += n.to(dev) ** norm_type
             total = comm.all_reduce_sum(local, self.group) ** (1.0 / norm_type)
+        if overflow is None:
+            bad = torch.zeros((), dtype=torch.float32, device=dev)
+            if norms:
+                bad = (~torch.isfinite(torch.stack([n.to(dev) for n in norms]))).any().float()
+            self._overflow = overflow = bool(comm.all_reduce_max(bad, self.group).item())
+            self._unscaled = True
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        if overflow:  # the step is skipped or refused (see step): nothing to scale or redo
+            return total
         for g in grads:
             g.mul_(coef.to(g.device))
         if spec is not None:
-            if recs and not overflow and not spec.holds(coef.item()):
+            if recs and not spec.holds(coef.item()):
                 spec.redo_clipped(coef.item())
             spec.clip_coef, spec.clipped = coef.item(), True
         return total
@@ -382,6 +413,24 @@ class ElixirOptimizer(torch.optim.Optimizer):
         spec = self.speculation
         overflow = self._unscale()
         recs = self._speculated()
+        if overflow and not self.scaler.enabled:  # a NaN or inf gradient in bf16 or fp32
+            where = self._first_nonfinite(recs)
+            if recs:
+                spec.rollback("nonfinite")
+            if spec is not None:
+                spec.end_step()
+            self._unscaled = self._overflow = False
+            self.zero_grad()
+            if self.nonfinite == "error":
+                raise NonFiniteError(
+                    f"step {self.steps + 1}: non-finite gradients ({where}); the step was not taken and the "
+                    "model is as before it. Look for the cause (learning rate, data, loss), or skip such steps "
+                    "with nonfinite='skip' (elixir.wrap) or --nonfinite skip (elixir train)"
+                )
+            self.steps += 1
+            self.skipped_steps += 1
+            self.nonfinite_steps += 1
+            return loss
         self.steps += 1
         self.scaler.update(overflow)
         self._unscaled = False
@@ -414,6 +463,25 @@ class ElixirOptimizer(torch.optim.Optimizer):
         self.runtime.wait_pending()
         self._count_state_bytes()
         return loss
+
+    def _first_nonfinite(self, recs: dict) -> str:
+        """Where this rank's first non-finite gradient is: the parameter, or that another rank has it."""
+        for c in self.chunks:
+            rec = recs.get(c.index)
+            if rec is not None:
+                g = self.speculation.gradient_of(rec)
+            else:
+                g = c.master.grad
+            if g is None or bool(torch.isfinite(g.sum())):
+                continue
+            bad = ~torch.isfinite(g)
+            base = c.shard_slice.start
+            for s in c.slots:
+                lo, hi = max(s.offset, base), min(s.offset + s.numel, base + c.shard_numel)
+                if lo < hi and bool(bad[lo - base : hi - base].any()):
+                    return f"first in parameter {s.name!r}, chunk {c.index}"
+            return f"first in chunk {c.index}'s padding"
+        return "on another rank"
 
     def _step_chunk(self, c) -> None:
         stepper = self._steppers[c.index]
@@ -497,7 +565,8 @@ class ElixirOptimizer(torch.optim.Optimizer):
 
     def step_stats(self) -> dict:
         """Steps, skipped steps, and what the update inside backward did (see elixir.step_stats)."""
-        out = {"steps": self.steps, "skipped_steps": self.skipped_steps, "overlap": self.speculation is not None,
+        out = {"steps": self.steps, "skipped_steps": self.skipped_steps, "nonfinite_steps": self.nonfinite_steps,
+               "overlap": self.speculation is not None,
                "speculated_steps": 0, "rollbacks": 0, "rollback_reasons": {}, "late_gradients": 0}
         if self.speculation is not None:
             out.update(self.speculation.stats())

@@ -54,6 +54,7 @@ def wrap(
     loss_fn=None,
     hardware=None,
     disk: str | None = None,
+    nonfinite: str = "error",
     _into: ElixirOptimizer | None = None,
 ) -> tuple[torch.nn.Module, ElixirOptimizer]:
     """Manage `model`'s parameters in chunks placed by `plan`; return (model, optimizer).
@@ -66,6 +67,10 @@ def wrap(
 
     `disk`: the scratch folder of chunks whose plan puts their optimizer on disk (default: the plan's
     `disk_path`); each rank keeps one preallocated file there while the model lives.
+
+    `nonfinite`: what a NaN or inf gradient does in bf16 and fp32 (fp16 skips overflowing steps by its loss
+    scaling): "error" (default) refuses the step and raises `elixir.NonFiniteError` naming it and the first
+    parameter, the model as before the step; "skip" skips and counts it (`elixir.step_stats`).
 
     Every check runs before anything is allocated: a plan for another model or world size, an
     optimizer that does not hold the model's parameters, a dtype the device lacks, a cache too
@@ -87,7 +92,7 @@ def wrap(
             raise ValueError(f"plan={plan!r}: pass an elixir.Plan or 'auto'")
         if example_batch is None:
             return _wrap_on_first_forward(model, optimizer, compute_dtype, device, process_group, group, loss_fn,
-                                          hardware, disk)
+                                          hardware, disk, nonfinite)
         plan = _searched_plan(model, example_batch, compute_dtype, group, loss_fn, hardware)
     elif not isinstance(plan, Plan):
         raise ValueError(f"plan must be an elixir.Plan or 'auto', not {type(plan).__name__}")
@@ -187,7 +192,7 @@ def wrap(
     ondemand = {pid: c for pid, c in chunk_of.items() if not c.resident}
     _install_grad_hooks(runtime, chunks)
     interceptor = Interceptor(runtime, model, ondemand) if ondemand else None
-    optim_kwargs = dict(overlap=overlap, grad_accum=plan.grad_accum)
+    optim_kwargs = dict(overlap=overlap, grad_accum=plan.grad_accum, nonfinite=nonfinite)
     if _into is not None:
         elixir_optim = _into
         elixir_optim.attach(optimizer, chunks, runtime, **optim_kwargs)
@@ -305,14 +310,15 @@ class _Pending:
 
 
 def _wrap_on_first_forward(model, optimizer, compute_dtype, device, process_group, group, loss_fn, hardware,
-                           disk=None):
+                           disk=None, nonfinite="error"):
     check_optimizer(optimizer, model)
     if compute_dtype is not None:
         accel.check_dtype(device, _dtype(compute_dtype))
     pending = ElixirOptimizer.pending(optimizer)
     state = _Pending(
         optimizer,
-        dict(compute_dtype=compute_dtype, device=device, process_group=process_group, disk=disk, _into=pending),
+        dict(compute_dtype=compute_dtype, device=device, process_group=process_group, disk=disk, nonfinite=nonfinite,
+             _into=pending),
         dict(compute_dtype=compute_dtype, group=group, loss_fn=loss_fn, hardware=hardware),
     )
     state.handle = model.register_forward_pre_hook(_plan_on_first_forward, prepend=True, with_kwargs=True)
@@ -402,8 +408,8 @@ def step_stats(model: torch.nn.Module) -> dict:
     updates run inside backward, how many steps did, and the rollbacks of those (with their reasons: clip,
     overflow, accumulation, zero_grad) and late gradients; see elixir/optim/overlap.py."""
     if hasattr(model, _LAZY_ATTR):
-        return {"steps": 0, "skipped_steps": 0, "overlap": False, "speculated_steps": 0, "rollbacks": 0,
-                "rollback_reasons": {}, "late_gradients": 0}
+        return {"steps": 0, "skipped_steps": 0, "nonfinite_steps": 0, "overlap": False, "speculated_steps": 0,
+                "rollbacks": 0, "rollback_reasons": {}, "late_gradients": 0}
     return state_of(model).optimizer.step_stats()
 
 

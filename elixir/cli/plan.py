@@ -24,6 +24,7 @@ from elixir.models.families import build_family, family_names
 from elixir.profile import profile
 from elixir.search import PlanDoesNotFitError, search
 from elixir.search.api import plan_batch
+from elixir.validation import check_output_file, require_package
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GiB = 2**30
@@ -99,6 +100,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"--tokens-per-step {args.tokens_per_step} is not a whole number of --seq-len "
                          f"{args.seq_len} sequences on each of {args.gpus} GPU(s); use a multiple of {per_step}, "
                          f"e.g. {lower}")
+    # everything the end of the run needs, checked before the search: a missing package or an unwritable
+    # path found after minutes of planning would throw the plan away
+    try:
+        require_package("transformers", needed_for="elixir plan --model", install="pip install 'elixir-train[hf]'")
+        if args.plot:
+            require_package("matplotlib", needed_for="--plot", install="pip install 'elixir-train[plot]'")
+            check_output_file(args.plot, flag="--plot")
+        if args.json:
+            check_output_file(args.json, flag="--json")
+    except ValueError as e:
+        parser.error(str(e))
     try:
         model = build_family(args.model)
     except ValueError as e:
@@ -190,13 +202,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _plot(path: str, prof, plan, pred, hw) -> None:
-    try:
-        import matplotlib
+    import matplotlib  # present: run() checked before the search
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'elixir-train[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), gridspec_kw={"height_ratios": [3, 1]})
     steps = range(len(prof.ops))
     act = [op.live_activation_bytes / GiB for op in prof.ops]

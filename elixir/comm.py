@@ -49,7 +49,11 @@ def init_distributed(*, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | Non
 
     With no WORLD_SIZE in the environment (a plain `python` run) this is a single process and
     nothing is initialised. `timeout_s` bounds every collective: a dead or hung peer becomes a
-    `CollectiveError` within about that time instead of a hang.
+    `CollectiveError` within about that time instead of a hang (gloo). With NCCL the timeout goes to
+    NCCL's watchdog, which aborts a process whose collective outlives it (torch's default
+    TORCH_NCCL_ASYNC_ERROR_HANDLING): no rank hangs either, but the error is the watchdog's message, not a
+    CollectiveError. A blocking wait (TORCH_NCCL_BLOCKING_WAIT=1) would raise instead, at the price of
+    the host waiting for every collective, which the copy stream's overlap relies on it not doing.
     """
     global _timeout_s
     if timeout_s <= 0:
@@ -281,5 +285,31 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_s
     started = time.monotonic()
     try:
         dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=group.process_group)
+    except Exception as e:
+        raise _fail(what, group, started, e) from e
+
+
+def broadcast_object(obj, src: int, group: ChunkGroup, *, what: str = "broadcast"):
+    """`obj` from the group's rank `src` to every rank (any picklable value); a dead or hung peer is a
+    CollectiveError naming `what`."""
+    if group.size == 1:
+        return obj
+    box = [obj]
+    started = time.monotonic()
+    try:
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group.process_group, src),
+                                   group=group.process_group)
+    except Exception as e:
+        raise _fail(what, group, started, e) from e
+    return box[0]
+
+
+def barrier(group: ChunkGroup, *, what: str = "barrier") -> None:
+    """Every rank of the group got here; a dead or hung peer is a CollectiveError naming `what`."""
+    if group.size == 1:
+        return
+    started = time.monotonic()
+    try:
+        dist.barrier(group=group.process_group)
     except Exception as e:
         raise _fail(what, group, started, e) from e

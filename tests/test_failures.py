@@ -123,3 +123,80 @@ def test_a_rank_dying_during_a_save_fails_the_others_and_keeps_the_last_checkpoi
         assert file_digest(os.path.join(path, name)) == (info["bytes"], info["sha256"]), name
     assert manifest["optimizer"]["steps"] == 1
 
+
+
+def _dying_rank(rank, world, port, where, path, results):
+    """Rank 1 dies in the middle of `where`: an expert-parallel all-to-all, elixir.load, or the planning of
+    the first forward (plan="auto"); rank 0 must fail with a CollectiveError naming the collective."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    elixir.init_distributed(timeout_s=TIMEOUT_S)
+    from elixir.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    x = batches(1, batch=2 * world)[0].chunk(world)[rank]
+    started = time.monotonic()
+    try:
+        if where == "moe":
+            model = GPT(GPTConfig.preset("tiny", vocab_size=64, bias=False, n_experts=4, expert_hidden=32)).train()
+            elixir.parallel.expert_parallel(model, 2)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            model, opt = elixir.wrap(model, opt, plan=make_plan(model, "resident", opt))
+            if rank == 1:
+                model.h[1].mlp.experts.register_forward_pre_hook(lambda m, a: os._exit(3))
+            started = time.monotonic()
+            loss_of(model, x).backward()
+        elif where == "load":
+            model, opt = _join_and_wrap(rank, world, port)
+            loss_of(model, x).backward()
+            opt.step()
+            elixir.save(model, opt, path)
+            if rank == 1:
+                from elixir.checkpoint import store
+
+                store._fill_chunk = lambda *a: os._exit(3)
+            started = time.monotonic()
+            elixir.load(model, opt, path)
+        else:  # the first forward plans on rank 0, which tells every rank its plan; rank 1 is gone by then
+            from elixir.hardware import Hardware
+
+            model = build("gpt")
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            model, opt = elixir.wrap(model, opt, hardware=Hardware.preset("CPU"))
+            if rank == 1:
+                os._exit(3)
+            started = time.monotonic()
+            loss_of(model, x).backward()
+    except elixir.CollectiveError as e:
+        results.put((rank, "CollectiveError", str(e), time.monotonic() - started))
+        os._exit(0)
+    results.put((rank, "finished", "", time.monotonic() - started))
+
+
+def test_a_rank_dying_in_an_all_to_all_a_load_or_the_planning_is_named(tmp_path):
+    cases = {"moe": "all-to-all", "load": "elixir.load", "plan": "broadcast of rank 0's plan"}
+    ctx = mp.get_context("spawn")
+    runs = {}
+    for where in cases:  # three pairs of ranks at once: each waits mostly for its timeout
+        results, port = ctx.SimpleQueue(), free_port()
+        procs = [ctx.Process(target=_dying_rank, args=(r, 2, port, where, str(tmp_path / where), results))
+                 for r in (0, 1)]
+        for p in procs:
+            p.start()
+        runs[where] = (procs, results)
+    for where, (procs, results) in runs.items():
+        procs[0].join(timeout=TIMEOUT_S * 6 + 90)
+        hung = procs[0].is_alive()
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        assert not hung, f"{where}: rank 0 hung instead of failing"
+        got = []
+        while not results.empty():
+            got.append(results.get())
+        assert [(r[0], r[1]) for r in got] == [(0, "CollectiveError")], (where, got)
+        assert cases[where] in got[0][2] and got[0][3] < TIMEOUT_S * 3 + 10, (where, got[0])

@@ -414,6 +414,8 @@ def load(model, optimizer, path: str, *, scheduler=None, verify: bool = True):
     for c in rt.chunks:
         if c.resident and c.group.size > 1:
             comm.all_gather(c.full, c.shard, c.group, what=f"all-gather of loaded chunk {c.index}")
+    # every rank restored its shards: one that died on the way fails the others here, inside load
+    _barrier(f"barrier of elixir.load({path!r}) after every rank restored its shards")
     rt.evict_all()
     opt.zero_grad()
     opt.steps = opt_doc["steps"]
@@ -445,11 +447,11 @@ def load(model, optimizer, path: str, *, scheduler=None, verify: bool = True):
     return common["extra"]
 
 
-def _any_rank(flag: bool, rt) -> bool:
+def _any_rank(flag: bool, rt, what: str = "all-reduce of the checks of elixir.load") -> bool:
     if _world()[1] == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    _named(what, dist.all_reduce, t, dist.ReduceOp.MAX)
     return bool(t.item())
 
 

@@ -13,7 +13,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from elixir import accel, parallel
+from elixir import accel, comm, parallel
 from elixir.memory import BlockCache, Chunk, ChunkGroup, MemoryTracker, pack_offsets
 from elixir.memory.chunk import ParamSlot, empty_like_shape, padded_numel
 from elixir.memory.disk import DiskStore, check_scratch_folder, region_bytes
@@ -276,19 +276,19 @@ def _searched_plan(model, batch, compute_dtype, group: ChunkGroup, loss_fn, hard
     if hardware is None:
         hardware = Hardware.measure()  # a collective calibration: every rank takes part
     # rank 0 searches and tells the others the plan, or why there is none (nobody waits forever)
-    box: list = [None]
+    box = None
     if group.rank == 0:
         try:
-            box = [("plan", search().to_json())]
+            box = ("plan", search().to_json())
         except ValueError as e:
-            box = [("error", type(e), str(e))]
+            box = ("error", type(e), str(e))
             failure = e
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group.process_group, 0), group=group.process_group)
-    if box[0][0] == "error":
+    box = comm.broadcast_object(box, 0, group, what="broadcast of rank 0's plan (elixir.wrap, plan='auto')")
+    if box[0] == "error":
         if group.rank == 0:
             raise failure
-        raise box[0][1](f"rank 0 found no plan: {box[0][2]}")
-    return Plan.from_json(box[0][1])
+        raise box[1](f"rank 0 found no plan: {box[2]}")
+    return Plan.from_json(box[1])
 
 
 # [Note: planning on the first forward]
@@ -540,8 +540,6 @@ def _grad_hook(runtime: Runtime, chunk: Chunk, slot: int):
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's full value as fp32 host tensors, by name (the masters for trained ones),
     gathered one chunk at a time. On several ranks every rank must call it."""
-    from elixir import comm
-
     state = state_of(model)
     rt = state.runtime
     out: dict[str, torch.Tensor] = {}

@@ -62,14 +62,21 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(job: Job, args: argparse.Namespace) -> float:
-    """Mean validation loss over `--eval-batches` fixed batches, averaged over ranks."""
+    """Mean validation loss per trained token over `--eval-batches` fixed batches and all ranks (each
+    rank's loss is a mean over its own trained tokens: weighed by their count, the result does not
+    depend on how many ranks share the batches)."""
     job.model.eval()
     batches = job.data.val()
-    total = torch.zeros((), device=job.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=job.device)  # (loss x tokens, tokens)
     for _ in range(args.eval_batches):
-        total += job.model(**_to(next(batches), job.device)).loss.float()
+        batch = next(batches)
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        if tokens:  # a batch with nothing trained has a NaN mean
+            loss = job.model(**_to(batch, job.device)).loss.double()
+            sums += torch.stack([loss * tokens, torch.tensor(float(tokens), dtype=torch.float64, device=job.device)])
     job.model.train()
-    return _mean_over_ranks(total / args.eval_batches)
+    loss_sum, tokens = _sum_over_ranks(sums).tolist()
+    return loss_sum / tokens if tokens else math.nan
 
 
 def train(args: argparse.Namespace, out: TextIO | None = None) -> dict:
@@ -163,8 +170,7 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
             else:
                 measured_step_s = (time.perf_counter() - t_measure) / (measure_to - measure_from)
                 progress.line(
-                    f"step time after {step - MEASURED_STEPS - job.start_step} warm-up step(s): measured "
-                    f"{1e3 * measured_step_s:.1f} ms"
+                    f"step time after {WARMUP_STEPS} warm-up step(s): measured {1e3 * measured_step_s:.1f} ms"
                     + (f", predicted {1e3 * pred['step_s']:.1f} ms" if pred else "")
                 )
         last = step == args.steps
@@ -240,13 +246,24 @@ def save_checkpoint(job: Job, args: argparse.Namespace) -> None:
     data position among it) and the resolved config; with `--keep-last K`, also DIR/step-NNNNNNN."""
     extra = {
         "job": {k: getattr(args, k) for k in JOB_FLAGS}, "batches": job.data.train.state_dict(),
-        "recent_losses": [t.detach().cpu() for t in job.recent], "config": resolved_config(args),
+        "recent_losses": _recent_losses_of_every_rank(job), "config": resolved_config(args),
         HF_FILES: hf_files(job, args),  # what `elixir export` writes beside the weights
     }
     last = os.path.join(args.out, "last")
     elixir.save(job.model, job.optim, last, extra=extra, scheduler=job.scheduler)
     if args.keep_last and job.rank == 0:
         _keep_step_copy(args.out, last, job.optim.steps, args.keep_last)
+
+
+def _recent_losses_of_every_rank(job: Job) -> list[list[torch.Tensor]]:
+    """The last steps' losses of each rank (rank 0 alone writes `extra`, and the final train loss is
+    their mean over ranks)."""
+    mine = torch.stack([t.detach().float() for t in job.recent]) if job.recent else torch.zeros(0)
+    if not dist.is_initialized():
+        return [[t.cpu() for t in mine]]
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [[t.cpu() for t in losses] for losses in every]
 
 
 def _keep_step_copy(out: str, last: str, step: int, keep: int) -> None:

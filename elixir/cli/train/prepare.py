@@ -575,7 +575,17 @@ def _resume(job: Job, args: argparse.Namespace) -> None:
     if job.start_step >= args.steps:
         raise ValueError(f"--resume {args.resume!r} is at step {job.start_step}; use --steps above it to train on")
     job.data.train.load_state_dict(extra["batches"])
-    job.recent_losses = list(extra.get("recent_losses", []))
+    job.recent_losses = _own_recent_losses(extra.get("recent_losses", []), job.rank, job.world_size)
+
+
+def _own_recent_losses(saved: list, rank: int, world_size: int) -> list[torch.Tensor]:
+    """This rank's last losses from a checkpoint: its own on the same number of ranks, else the mean over
+    the saved ranks, step by step (the final train loss, a mean over ranks, stays the same)."""
+    if not saved or torch.is_tensor(saved[0]):  # one list: a single rank's
+        return list(saved)
+    if len(saved) == world_size:
+        return list(saved[rank])
+    return list(torch.stack([torch.stack(list(losses)) for losses in saved]).mean(0)) if saved[0] else []
 
 
 def hf_files(job: Job, args: argparse.Namespace) -> dict:

@@ -247,8 +247,12 @@ def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
     manifest = read_manifest(ckpt)
     mpath = os.path.join(ckpt, MANIFEST)
     index = PieceIndex(manifest, mpath)
-    check_output(path, _numel_all(manifest["model"]["shapes"].values()) * dtype.itemsize)  # before any work
-    for name in manifest["files"]:
+    shapes = manifest["model"]["shapes"]
+    for name, shape in shapes.items():  # every tensor whole: a manifest that lost a slot must not export holes
+        index.check_covered(name, 0, _numel(shape), mpath)
+    check_output(path, _numel_all(shapes.values()) * dtype.itemsize)  # before any work
+    files = {p[2] for pieces in index.pieces.values() for p in pieces}
+    for name in sorted(set(manifest["files"]) | files | {COMMON}):  # what it reads is listed, and unaltered
         verify_file(ckpt, name, manifest)
     order: list[str] = []
     seen = set()
@@ -258,11 +262,9 @@ def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
                 if name not in seen:
                     seen.add(name)
                     order.append(name)
-    shapes = manifest["model"]["shapes"]
     common = read_common(os.path.join(ckpt, COMMON))
     buffers = common.get("buffers") or {}
     specs = [(n, tuple(shapes[n])) for n in order] + [(n, tuple(b.shape)) for n, b in buffers.items()]
-    files = {p[2] for pieces in index.pieces.values() for p in pieces}
     readers = {f: Reader(os.path.join(ckpt, f)) for f in files}  # headers only: data is read by ranges
     for r, docs in enumerate(manifest["ranks"]):
         name = f"rank-{r:05d}-of-{manifest['world_size']:05d}.safetensors"

@@ -1,0 +1,25 @@
+"""Hypothesis profiles for the fuzz tests (tests/test_fuzz_*.py), and their counts in the run's summary.
+
+`ci`, the default, keeps every file kind to a few seconds and draws the same inputs on every run; `long`
+draws far more, and new ones each time, for soak runs: `pytest tests/test_fuzz_*.py --hypothesis-profile=long`.
+"""
+
+from hypothesis import HealthCheck, settings
+
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=_QUIET, print_blob=True)
+settings.register_profile("long", max_examples=3000, deadline=None, database=None, suppress_health_check=_QUIET,
+                          print_blob=True)
+settings.load_profile("ci")  # --hypothesis-profile, read after this file, overrides it
+
+
+def pytest_terminal_summary(terminalreporter):
+    import fuzzing
+
+    if not fuzzing.COUNTS:
+        return
+    terminalreporter.section("fuzzed inputs per file kind")
+    for kind, count in sorted(fuzzing.COUNTS.items()):
+        refused = fuzzing.FAILED[kind]
+        terminalreporter.write_line(f"{kind:<28} {count:>7} inputs, {refused:>7} refused with the named error")

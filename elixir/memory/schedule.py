@@ -51,6 +51,11 @@ class EvictionSchedule:
         if self._recording is not None and self._recorded_backward:
             self.set_order(self._recording)
 
+    def abandon_backward(self) -> None:
+        """A backward raised before its end: what it recorded is partial, the next step records anew."""
+        if self._recording is not None:
+            self._recording, self._recorded_backward = None, False
+
     @property
     def recording(self) -> bool:
         return self._recording is not None

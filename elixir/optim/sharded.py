@@ -307,6 +307,7 @@ class ElixirOptimizer(torch.optim.Optimizer):
 
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """`loss.backward()`, with the loss scaled when computing in fp16."""
+        self.runtime.settle_backward()
         if self.scaler.enabled:
             loss = loss * self.scaler.scale
         loss.backward(**kwargs)
@@ -406,6 +407,7 @@ class ElixirOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         self._require_built()
+        self.runtime.settle_backward()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -533,6 +535,7 @@ class ElixirOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not getattr(self, "_built", True):
             return  # no gradients before the first forward (see `pending`)
+        self.runtime.settle_backward()
         spec = self.speculation
         if spec is not None:
             if spec.pending:  # updates of a backward whose step never came

@@ -306,22 +306,42 @@ class Runtime:
             self.grads.first_backward_counts = {}
         torch.autograd.Variable._execution_engine.queue_callback(self.end_backward)
 
-    def end_backward(self) -> None:
+    def end_backward(self, *, abandoned: bool = False) -> None:
         """After the whole backward: reduce what is left, learn the gradient counts, drop pins."""
+        spec = self.grads.speculation
+        if abandoned and spec is not None:
+            spec.end_backward()  # what is left goes into the masters' gradients, not into updates
         self.grads.reduce_leftovers()
-        if self.grads.speculation is not None:
-            self.grads.speculation.end_backward()
-        if not self._counted_once:
+        if spec is not None:
+            spec.end_backward()
+            if abandoned and spec.pending:
+                spec.rollback("abandoned", hold=True)
+        if abandoned:
+            self.grads.first_backward_counts = None  # partial counts: the next backward learns them
+        elif not self._counted_once:
             self.grads.learn_counts()
             self._counted_once = True
         if self.host_sync:  # gradients copied into pinned host memory have arrived before the host reads them
             accel.synchronize(self.device)
-        self.schedule.end_backward()
+        if abandoned:
+            self.schedule.abandon_backward()
+        else:
+            self.schedule.end_backward()
         self.release_node_pins()
         self.release_recompute_pins()
         self._recompute_node = None
         self.release_soft_pins()
         self.in_backward = False
+
+    def settle_backward(self) -> None:
+        """Finish a backward that raised (a hook, an out-of-memory, a ^C): autograd runs no callback after an
+        error, so its end never came. As in PyTorch, the gradients it computed stay (partial: zero_grad drops
+        them, step applies them); its pins, its updates inside backward (undone, their gradients held) and
+        what it began to learn go. Called where a forward, `zero_grad` or `step` begins: nothing to do
+        unless a backward was left unfinished, and never inside one (reentrant checkpointing runs nested
+        backwards)."""
+        if self.in_backward and torch._C._current_graph_task_id() == -1:
+            self.end_backward(abandoned=True)
 
     def close(self) -> None:
         """Give back what outlives the process's memory: the disk tier's scratch file (it is also deleted

@@ -199,8 +199,9 @@ def wrap(
     else:
         elixir_optim = ElixirOptimizer(optimizer, chunks, runtime, **optim_kwargs)
     runtime.grads.speculation = elixir_optim.speculation
-    if elixir_optim.speculation is not None:
-        model.register_forward_pre_hook(_before_forward(elixir_optim.speculation), prepend=True)
+    model.register_forward_pre_hook(_before_forward(runtime, elixir_optim.speculation), prepend=True)
+    if plan.predicted.get("batch_tokens"):
+        model.register_forward_pre_hook(_larger_than_planned(int(plan.predicted["batch_tokens"])), with_kwargs=True)
     # staging buffers for host chunks' gradients: what their updates during backward read (chunks with a
     # rollback log), and on CUDA what later micro-batches' gradients cross to the host through
     spec = elixir_optim.speculation
@@ -220,10 +221,38 @@ def wrap(
     return model, elixir_optim
 
 
-def _before_forward(speculation):
+def _before_forward(runtime, speculation):
+    """The root's first forward pre-hook: a backward that raised is finished first, and this step's updates
+    inside backward, not yet confirmed by `step`, go back (see [Note: the step inside backward])."""
+
     def hook(module, args):
         if torch._C._current_graph_task_id() == -1:  # not a recomputation inside backward
-            speculation.before_forward()
+            runtime.settle_backward()
+            if speculation is not None:
+                speculation.before_forward()
+
+    return hook
+
+
+def _larger_than_planned(planned: int):
+    """A forward pre-hook: warn once when a batch is larger than the one the plan was made for, whose
+    activations (and so device memory) the plan counted on."""
+    from elixir.search.api import batch_tokens
+
+    warned = False
+
+    def hook(module, args, kwargs):
+        nonlocal warned
+        if warned or not torch.is_grad_enabled():
+            return
+        tokens = batch_tokens(dict(kwargs) if kwargs else args)
+        if tokens > planned:
+            warned = True
+            warnings.warn(
+                f"this batch has {tokens:,} tokens (elements of its first input), the plan was made for "
+                f"{planned:,}: its activations need more device memory than the plan counted on; plan for the "
+                "largest batch you train on (elixir.plan with that batch, or tokens_per_step)", stacklevel=2,
+            )
 
     return hook
 

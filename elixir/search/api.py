@@ -55,7 +55,18 @@ def plan(
     best, pred = search(prof, hardware, world_size=world_size, compute_dtype=compute_dtype,
                         prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size),
                         checkpointed=checkpointed_regions(model))
-    return dataclasses.replace(best, use_order=tuple(prof.use_sequence()), predicted=pred.as_dict())
+    return dataclasses.replace(best, use_order=tuple(prof.use_sequence()),
+                               predicted={**pred.as_dict(), "batch_tokens": batch_tokens(example_batch)})
+
+
+def batch_tokens(batch) -> int:
+    """Elements of a batch's first input tensor (tokens, for language models): what a plan was made for."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    for value in (batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()):
+        if isinstance(value, torch.Tensor):
+            return value.numel()
+    return 0
 
 
 def checkpointed_regions(model: torch.nn.Module) -> list[list[str]]:
@@ -115,7 +126,8 @@ def plan_batch(
                         tokens_per_step=tokens_per_step, seq_len=seq_len, profiled_sequences=1,
                         checkpoint_profiles={k: functools.partial(trace, k) for k in options})
     chosen = trace(best.checkpoint_every)
-    best = dataclasses.replace(best, use_order=tuple(chosen.use_sequence()), predicted=pred.as_dict())
+    best = dataclasses.replace(best, use_order=tuple(chosen.use_sequence()),
+                               predicted={**pred.as_dict(), "batch_tokens": best.micro_batch_size * seq_len})
     return BatchPlan(best, pred, chosen.scaled(best.micro_batch_size), profiles_traced=len(traced))
 
 

@@ -342,9 +342,15 @@ class Plan:
             disk_path=doc.get("disk_path", "str", default=""),
         )
         try:  # what no single field says: parameters in two chunks, a chunk larger than chunk_numel, ...
-            return cls(chunks=tuple(ChunkPlan(**c) for c in chunks), **values)
+            plan = cls(chunks=tuple(ChunkPlan(**c) for c in chunks), **values)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
+        placed = {n for c in plan.chunks for n in c.params}
+        for name in plan.param_shapes:  # a plan places every parameter it knows: one in no chunk was lost
+            if name not in placed:
+                raise ValueError(f"{source}: parameter {name!r} of param_shapes is in no chunk; the plan is damaged: "
+                                 "make it again")
+        return plan
 
     def summary(self) -> str:
         """One line per distinct placement: how many chunks and bytes live where."""

@@ -170,12 +170,12 @@ def test_a_write_that_fails_midway_names_the_users_path_and_leaves_nothing(small
 
     ck, _, _ = small_checkpoint
 
-    def full(self, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def failing(self, data):
+        raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(files.StreamWriter, "_put", full)
+    monkeypatch.setattr(files.StreamWriter, "_put", failing)
     out = ck.parent / "w.safetensors"
-    with pytest.raises(OSError, match="No space left on device") as e:
+    with pytest.raises(OSError, match="Input/output error") as e:
         export_checkpoint(str(ck), str(out))
     assert e.value.filename == str(out)
     assert sorted(os.listdir(ck.parent)) == ["ck"]

@@ -1,9 +1,10 @@
-"""Stage (c) and the end of the GPU benchmark: one short table from the stages' JSON files in --out.
+"""The end of the GPU benchmark: one short table from the stages' JSON files in --out.
 
-Reads parity.json, fits.json, offload-elixir.json and offload-fsdp2-offload.json (whichever exist: a stage
-that crashed or ran out of its time box is reported as missing), prints the summary table and writes it,
-with the figures behind it, to summary.json. (c) compares the planner's predictions for Elixir in (a) and
-(b) (plan.predicted: step time, peak device memory, model data per tier) with what was measured.
+Reads parity.json, checkpoint.json, plans.json, offload-{pytorch,fsdp2-offload,elixir}.json and curve.json
+(whichever exist: a stage that crashed or ran out of its time box is reported as missing), prints the summary
+table and writes it, with the figures behind it, to summary.json. Ratios of throughput between the offload
+stage's systems are of medians measured in separate processes (one system each: they cannot share the GPU's
+memory); the TFLOPS are model FLOPs, 6 x params x tokens / step time, the same work for every system.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 
 GiB = 2**30
+SYSTEMS = {"pytorch": "PyTorch", "fsdp2-offload": "FSDP2-offload", "elixir": "Elixir"}
 
 
 def load(out: str, name: str) -> dict | None:
@@ -22,12 +24,6 @@ def load(out: str, name: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def row_of(stage: dict | None, system: str) -> dict | None:
-    if not stage:
-        return None
-    return next((r for r in stage.get("rows", []) if r["system"] == system), None)
 
 
 def gib(n) -> str:
@@ -40,11 +36,24 @@ def tf(v: float) -> str:
     return f"{v:.1f}" if v >= 10 else f"{v:.3g}"
 
 
-def why_missing(stage: dict | None, system: str) -> str:
+def count(v) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def why_missing(stage: dict | None, name: str) -> str:
     if stage is None:
-        return "stage missing (crashed or ran out of its time box; see its .log)"
-    reason = (stage.get("skipped") or {}).get(system)
-    return f"not run: {reason}" if reason else "not run"
+        return f"stage missing (crashed or ran out of its time box; see {name}.log)"
+    errors = [a["error"] for a in stage.get("attempts", []) if a.get("error")]
+    return "not run: " + ("; ".join(errors) if errors else "see its .log")
+
+
+def checkpointing(every: int) -> str:
+    return {0: "none", 1: "every block"}.get(every, f"every {every} blocks")
+
+
+def batch(config: dict) -> str:
+    return (f"{config['micro_batch_size']}x{config['grad_accum']}, {checkpointing(config['checkpoint_every'])}"
+            if "micro_batch_size" in config else "-")
 
 
 def main() -> int:
@@ -52,98 +61,112 @@ def main() -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or "./gpu-out")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
-    parity, fits = load(args.out, "parity"), load(args.out, "fits")
-    off_e, off_f = load(args.out, "offload-elixir"), load(args.out, "offload-fsdp2-offload")
+    parity, ckpt, plans, curve = (load(args.out, n) for n in ("parity", "checkpoint", "plans", "curve"))
+    stages = {s: load(args.out, f"offload-{s}") for s in SYSTEMS}
+    rows_of = {s: (st or {}).get("rows", [None])[0] for s, st in stages.items()}
     rows: list[tuple[str, str, str]] = []
     figures: dict = {}
 
-    # (0) parity
+    # (0) parity: one row per dtype, both models
     if parity is None:
         rows.append(("0 parity", "Elixir's losses vs PyTorch's", "stage missing (see parity.log)"))
     else:
-        for c in parity["checks"]:
-            diffs = c["max_rel_diff"]
-            shown = " / ".join(f"{diffs[k]:.1e}" if k in diffs else "failed"
-                               for k in ("elixir", "elixir-offload", "elixir-ondemand"))
-            verdict = "OK" if c["ok"] else "MISMATCH" + (f" ({'; '.join(c['errors'].values())})" if c["errors"] else "")
-            rows.append((f"0 parity {c['dtype']}", f"{c['model']}, {c['steps']} steps: largest relative loss "
-                         "difference to PyTorch (searched plan / optimizer on host / all on demand)",
-                         f"{shown}, tolerance {c['rtol']:g}: {verdict}"))
-
-    # (a) fits
-    pt, amp, ex = row_of(fits, "pytorch"), row_of(fits, "pytorch-amp"), row_of(fits, "elixir")
-    a_label = "a fits"
-    if fits:
-        cfg = fits["config"]
-        a_label = f"a {cfg['model']} bf16 {cfg['batch_size']}x{cfg['seq_len']}"
-    if pt and ex:
-        q = pt["speed_vs_elixir"]  # pytorch / elixir per rep
-        per_rep = [1 / v for v in q["per_rep"]]
-        ratio = sorted(per_rep)[len(per_rep) // 2] if len(per_rep) % 2 else sum(sorted(per_rep)[
-            len(per_rep) // 2 - 1: len(per_rep) // 2 + 1]) / 2
-        figures["a_elixir_over_pytorch"] = ratio
-        amp_text = ""
-        if amp:
-            figures["a_elixir_over_pytorch_amp"] = ex["tflops_per_rank"] / amp["tflops_per_rank"]
-            amp_text = f" / {tf(amp['tflops_per_rank'])}"
-        rows.append((a_label, "TFLOPS per GPU: PyTorch eager" + (" / PyTorch AMP" if amp else "") + " / Elixir",
-                     f"{tf(pt['tflops_per_rank'])}{amp_text} / {tf(ex['tflops_per_rank'])}"))
-        rows.append((a_label, "Elixir ÷ PyTorch eager (median over reps)" + (", ÷ AMP" if amp else ""),
-                     f"{ratio:.2f}x ({min(per_rep):.2f}-{max(per_rep):.2f})"
-                     + (f", {figures['a_elixir_over_pytorch_amp']:.2f}x" if amp else "")))
+        for dtype in ("fp32", "bf16"):
+            checks = [c for c in parity["checks"] if c["dtype"] == dtype]
+            shown = "; ".join(f"{c['model']} " + " / ".join(
+                f"{c['max_rel_diff'][k]:.1e}" if k in c["max_rel_diff"] else "failed"
+                for k in ("elixir", "elixir-offload", "elixir-ondemand")) for c in checks)
+            bad = [c for c in checks if not c["ok"]]
+            verdict = "OK" if checks and not bad else "MISMATCH " + "; ".join(
+                e for c in bad for e in c["errors"].values())
+            rtol = checks[0]["rtol"] if checks else "-"
+            rows.append((f"0 parity {dtype}", "5 steps: largest relative loss difference to PyTorch (searched plan / "
+                         "optimizer on host / all on demand)", f"{shown}; tolerance {rtol}: {verdict}"))
+    if ckpt is None:
+        rows.append(("0b checkpoint", "resume bit for bit", "stage missing (see checkpoint.log)"))
     else:
-        missing = "pytorch" if not pt else "elixir"
-        rows.append((a_label, "PyTorch eager vs Elixir", why_missing(fits, missing)))
+        rows.append(("0b checkpoint", "GPT, chunks on demand from host shards: resumed losses identical; save / "
+                     "load", "; ".join(f"{c['dtype']} {'identical' if c['identical'] else 'DIFFER'}, "
+                                       f"{c['save_s']:.2f} / {c['load_s']:.2f} s" for c in ckpt["checks"])))
 
-    # (b) offload
-    eo, fo = row_of(off_e, "elixir"), row_of(off_f, "fsdp2-offload")
-    b_label = "b offload"
-    if off_e or off_f:
-        cfg = (off_e or off_f)["config"]
-        b_label = (f"b {cfg['model']} bf16 {cfg['batch_size']}x{cfg['seq_len']}, "
-                   f"{gib(cfg['model_data_bytes'])} model data, cap {gib(cfg['cap_bytes'])}")
-    if eo:
-        frac = f"{eo['tflops_per_rank'] / pt['tflops_per_rank']:.2f} of (a)'s PyTorch" if pt else "(a) missing"
-        rows.append((b_label, "Elixir TFLOPS per GPU; fraction of (a)'s PyTorch eager rate",
-                     f"{tf(eo['tflops_per_rank'])}; {frac}"))
+    # (b) the offload stage
+    config = next((st["config"] for st in stages.values() if st), None)
+    label = "b offload"
+    if config:
+        label = (f"b {config['model']} bf16 {config['sequences']}x{config['seq_len']} tokens/step, cap "
+                 f"{gib(config['cap_bytes'])}")
+    pt, fs, ex = rows_of["pytorch"], rows_of["fsdp2-offload"], rows_of["elixir"]
+    shown = [tf(r["tflops_per_rank"]) if r else why_missing(stages[s], f"offload-{s}") for s, r in rows_of.items()]
+    rows.append((label, "TFLOPS (6 x params x tokens / step): PyTorch, whole GPU / FSDP2-offload, cap / Elixir, cap",
+                 " / ".join(shown)))
+    if ex and (pt or fs):
+        parts = []
         if pt:
-            figures["b_elixir_fraction_of_a_pytorch"] = eo["tflops_per_rank"] / pt["tflops_per_rank"]
-        replans = [a for a in (off_e.get("attempts") or []) if a.get("error")]
-        if replans:
-            rows.append((b_label, "Elixir plans that ran out of memory before one ran",
-                         "; ".join(f"plan for {a['plan_for_bytes'] / GiB:.1f} GiB: {a['error']}" for a in replans)))
-    else:
-        rows.append((b_label, "Elixir with offload", why_missing(off_e, "elixir")))
-    if fo:
-        ratio = f"{eo['tokens_per_s'] / fo['tokens_per_s']:.2f}x" if eo else "-"
-        if eo:
-            figures["b_elixir_over_fsdp2_offload"] = eo["tokens_per_s"] / fo["tokens_per_s"]
-        rows.append((b_label, "FSDP2 + CPU offload TFLOPS per GPU; Elixir ÷ FSDP2 (medians, separate runs)",
-                     f"{tf(fo['tflops_per_rank'])}; {ratio}"))
-    else:
-        rows.append((b_label, "FSDP2 + CPU offload", why_missing(off_f, "fsdp2-offload")))
+            figures["b_elixir_over_pytorch"] = ex["tokens_per_s"] / pt["tokens_per_s"]
+            parts.append(f"{figures['b_elixir_over_pytorch']:.2f}x PyTorch (target 0.90)")
+        if fs:
+            figures["b_elixir_over_fsdp2_offload"] = ex["tokens_per_s"] / fs["tokens_per_s"]
+            parts.append(f"{figures['b_elixir_over_fsdp2_offload']:.2f}x FSDP2-offload (target 2)")
+        rows.append((label, "Elixir's throughput (medians of separate processes)", "; ".join(parts)))
+    rows.append((label, "micro-batch x accumulation, checkpointing: PyTorch / FSDP2 / Elixir",
+                 " / ".join(batch(st["config"]) if st else "-" for st in stages.values())))
+    if ex and ex.get("predicted_step_s"):
+        ratio = ex["step_s"] / ex["predicted_step_s"]
+        figures["b_elixir_step_measured_over_predicted"] = ratio
+        rows.append((label, "Elixir's step: predicted / measured (target: within 15%)",
+                     f"{ex['predicted_step_s']:.3f} / {ex['step_s']:.3f} s (measured {ratio:.2f}x)"))
+    device = [f"{gib(r['memory']['device']['peak_bytes'])} ({gib(r.get('max_memory_reserved_bytes'))})"
+              if r and "device" in r["memory"] else "-" for r in rows_of.values()]
+    if any(d != "-" for d in device):
+        rows.append((label, "peak device memory allocated (reserved): PyTorch / FSDP2 / Elixir", " / ".join(device)))
+    host = [f"{r['host_bytes_per_param']:.1f}" if r else "-" for r in rows_of.values()]
+    if ex:
+        figures["b_elixir_host_bytes_per_param"] = ex["host_bytes_per_param"]
+        host[-1] += f" (counted {ex['elixir_host_bytes_per_param']:.1f})"
+    rows.append((label, "host bytes per parameter, RSS added by the system: PyTorch / FSDP2 / Elixir (Elixir's "
+                 "count: elixir.memory_stats; target 12 plus bounded pools)", " / ".join(host)))
+    rows.append((label, "first step: loss, grad norm: PyTorch / FSDP2 / Elixir (same model and batch)",
+                 " / ".join(f"{r['losses'][0]:.4f}, {r['grad_norms'][0]:.3g}" if r else "-" for r in rows_of.values())))
+    if ex:
+        timed, reasons = ex["timed_step_stats"], ex["timed_rollback_reasons"]
+        why = ", ".join(f"{k} {v}" for k, v in reasons.items() if v)
+        norms = ex["grad_norms"][-timed["steps"]:] if timed["steps"] else []
+        rows.append((label, "Elixir's timed steps rolled back (clip to norm 1.0; grad norms of those steps)",
+                     f"{timed['rollbacks']} of {timed['steps']}" + (f" ({why})" if why else "")
+                     + (f"; norms {min(norms):.3g}-{max(norms):.3g}" if norms else "")))
+    allocs = []
+    for r in rows_of.values():
+        c = (r or {}).get("per_step_counters") or {}
+        text = f"{count(c.get('cuda.num_device_alloc'))}/{count(c.get('cuda_host.num_host_alloc'))}"
+        if "elixir.allocations" in c:
+            text += f"/{count(c['elixir.allocations'])} ({count(c['elixir.pinned_allocations'])})"
+        allocs.append(text if r else "-")
+    rows.append((label, "allocations per timed step: cudaMalloc / pinned host blocks [/ Elixir's tracker (pinned)]: "
+                 "PyTorch / FSDP2 / Elixir", " / ".join(allocs)))
 
-    # (c) predicted vs measured
-    for tag, r in (("(a)", ex), ("(b)", eo)):
-        if not r or not r.get("predicted"):
-            continue
-        pred, mem = r["predicted"], r["memory"]
-        dev = mem.get("device") or mem.get("ram")
-        host = mem.get("host")
-        counters = r.get("elixir_counters") or {}
-        rows.append((f"c {tag} Elixir", "step time: predicted / measured (median)",
-                     f"{pred['step_s']:.3f} s / {r['step_s']:.3f} s (measured = {r['step_s'] / pred['step_s']:.2f}x)"))
-        rows.append((f"c {tag} Elixir", f"peak device memory: predicted / measured ({dev['source']} delta)",
-                     f"{gib(pred['device_bytes_peak'])} / {gib(dev['peak_bytes'])}"))
-        rows.append((f"c {tag} Elixir", "model data device / host: predicted / counted (elixir.memory_stats)",
-                     f"{gib(pred['model_device_bytes'])} / {gib(pred['model_host_bytes'])} predicted; "
-                     f"{gib(counters.get('device_bytes_peak'))} / {gib(counters.get('host_bytes_peak'))} counted"))
-        if host:
-            rows.append((f"c {tag} Elixir", "peak host memory: predicted / measured (RSS delta)",
-                         f"{gib(pred['host_bytes_peak'])} / {gib(host['peak_bytes'])}"))
-        figures[f"c_{tag.strip('()')}_step_measured_over_predicted"] = r["step_s"] / pred["step_s"]
+    # (c) the curve, with the offload stage's 64k point
+    points = [] if curve is None else [(p["tokens_per_step"], p, p["row"]) for p in curve["points"]]
+    if ex:
+        points.append((ex["tokens_per_step"], stages["elixir"]["config"], ex))
+    for tokens, point, r in sorted(points, key=lambda t: t[0]):
+        ratio = r["step_s"] / r["predicted_step_s"]
+        figures[f"c_{tokens}_measured_over_predicted"] = ratio
+        figures[f"c_{tokens}_tflops"] = r["tflops_per_rank"]
+        rows.append((f"c curve {tokens:,} tokens/step", "micro-batch x accumulation, checkpointing; step predicted / "
+                     "measured; TFLOPS; rollbacks",
+                     f"{batch(point)}; {r['predicted_step_s']:.3f} / {r['step_s']:.3f} s ({ratio:.2f}x); "
+                     f"{tf(r['tflops_per_rank'])}; {r['timed_step_stats']['rollbacks']} of "
+                     f"{r['timed_step_stats']['steps']}"))
+    if curve is None:
+        rows.append(("c curve", "Elixir over global batches", "stage missing (see curve.log)"))
+    for tokens, why in (curve or {}).get("skipped", {}).items():
+        rows.append((f"c curve {int(tokens):,} tokens/step", "not measured", why))
+    if plans:
+        took = [p["plan_s"] for p in plans["points"]]
+        rows.append(("plans", "the planner's searches for (b) and (c), in parallel beside the GPU stages",
+                     f"{len(took)} plans, {min(took):.1f}-{max(took):.1f} s each" if took else "none finished"))
 
-    machine = (fits or off_e or parity or {}).get("machine", {})
+    machine = next((st["machine"] for st in (*stages.values(), parity, ckpt) if st and "machine" in st), {})
     title = (f"Elixir GPU benchmark summary: {machine.get('gpu', machine.get('device', '?'))}, torch "
              f"{machine.get('torch', '?')}, transformers {machine.get('transformers', '?')}"
              + (" (DRY RUN: tiny models on the CPU)" if args.dry_run else ""))
@@ -152,8 +175,10 @@ def main() -> int:
     print()
     print("| stage | measure | result |")
     print("|---|---|---|")
+    previous = None
     for stage, what, result in rows:
-        print(f"| {stage} | {what} | {result} |")
+        print(f"| {stage if stage != previous else stage.split()[0]} | {what} | {result} |")  # b's setup once
+        previous = stage
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"title": title, "rows": rows, "figures": figures}, f, indent=1)
     return 0

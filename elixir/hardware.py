@@ -355,7 +355,9 @@ class Hardware:
 
 def measure_disk(folder: str, *, cache: bool = True, quick: bool = False, refresh: bool = False) -> tuple[float, float]:
     """(read, write) bytes/s of large sequential O_DIRECT transfers in `folder` (the whole machine's: ranks
-    share it), as the disk tier does them. Cached per filesystem in cache_dir() like the other rates."""
+    share it), as the disk tier does them. Cached per filesystem in cache_dir() like the other rates. The folder
+    is made if it does not exist (it is the scratch folder the disk tier is about to use)."""
+    os.makedirs(folder, exist_ok=True)
     st = os.stat(folder)
     host = re.sub(r"[^A-Za-z0-9.-]+", "-", socket.gethostname()) or "host"
     path = cache_dir() / f"disk-{host}-{st.st_dev}{'-quick' if quick else ''}.json"

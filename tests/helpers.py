@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import subprocess
 
 import torch
 
@@ -134,3 +136,19 @@ def assert_params_close(got: dict, ref: dict, rel: float):
     for n in ref:
         err = ((got[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-12)).item()
         assert err <= rel, f"{n}: relative error {err:.3g} > {rel}"
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, options):
+    """A small tmpfs mounted at `path` (made here) for a test: a real full or read-only filesystem. Needs
+    root: the test is skipped, saying so, where mounting is refused."""
+    import pytest
+
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}): needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

@@ -1,12 +1,10 @@
 """The disk tier (elixir/memory/disk.py): masters and optimizer states of chunks with optim_home="disk"
 live in a scratch file and train bit for bit like the same chunks on the host."""
 
-import contextlib
 import copy
 import dataclasses
 import gc
 import os
-import subprocess
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import torch
 import elixir
 from elixir.memory.disk import ALIGN, DISK_BUFFERS, DiskError, scratch_name
 from elixir.models import GPT, GPTConfig
-from helpers import VOCAB, batches, loss_of, make_plan
+from helpers import VOCAB, batches, loss_of, make_plan, mounted_tmpfs
 
 
 def bias_free_gpt():
@@ -227,26 +225,13 @@ def test_bad_scratch_folders_are_clear_errors_before_anything_is_allocated(tmp_p
         elixir.wrap(m, torch.optim.Adagrad(m.parameters()), plan=plan, disk=str(tmp_path))
     with pytest.raises(ValueError, match="param_home='disk'"):
         dataclasses.replace(plan.chunks[0], param_home="disk", resident=False)
-    with _mounted(tmp_path / "small", "size=64k") as small:
+    with mounted_tmpfs(tmp_path / "small", "size=64k") as small:
         with pytest.raises(ValueError, match=r"bytes free .* need"):
             wrap(str(small))
         assert os.listdir(small) == []
-    with _mounted(tmp_path / "ro", "ro") as ro:
+    with mounted_tmpfs(tmp_path / "ro", "ro") as ro:
         with pytest.raises(ValueError, match="not writable"):
             wrap(str(ro))
-
-
-@contextlib.contextmanager
-def _mounted(path, options):
-    """A small tmpfs mounted for the test: a real full or read-only filesystem (root only)."""
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}): needs root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def _ranks_disk(rank, world, folder):

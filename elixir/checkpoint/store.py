@@ -22,6 +22,7 @@ checkpoint complete at `<path>.old`, where `load` finds it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -122,19 +123,11 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
             f"{path} exists and is not an Elixir checkpoint (no {MANIFEST}); refusing to replace it: "
             "choose a new path or remove it"
         )
-    _check_loadable(extra, scheduler)
+    common_bytes = _check_loadable(extra, scheduler)
     tmp = path + ".tmp"
     rt.wait_pending()  # nothing may write into a shard while it is saved
-    if rank == 0:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)  # left by an interrupted save: never a checkpoint
-        os.makedirs(tmp)
-    _barrier(f"barrier of elixir.save({path!r}) before writing")
 
-    files: dict[str, dict] = {}
-    chunk_docs = []
-    name = _rank_file(rank, world, "safetensors")
-    specs, sources = [], []
+    specs, sources, chunk_docs = [], [], []
     for c in rt.chunks:
         key = f"c{c.index}"
         vals = values_of(c)
@@ -153,70 +146,180 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
             "states": states,
             "slots": [[g.name, g.chunk_offset, g.numel, g.flat_start] for g in global_slots(c)],
         })
-    writer = StreamWriter(os.path.join(tmp, name), specs, {"format": "pt", "elixir": FORMAT})
-    try:
-        i = 0
-        for c in rt.chunks:  # a disk chunk's master and states are in memory while they are written
-            key = f"c{c.index}."
-            with opt.loaded(c):
-                while i < len(specs) and specs[i][0].startswith(key):
-                    writer.write(specs[i][0], sources[i])
-                    i += 1
-        assert i == len(specs)
-    except BaseException:
-        writer.abort()
-        raise
-    size, digest = writer.close()
-    files[name] = {"bytes": size, "sha256": digest}
+    from elixir.checkpoint.weights import persistent_buffers
 
-    rng_name = _rank_file(rank, world, "pt")
-    torch.save(_rng_state(), os.path.join(tmp, rng_name))
-    files[rng_name] = dict(zip(("bytes", "sha256"), file_digest(os.path.join(tmp, rng_name))))
+    buffers = persistent_buffers(model) if rank == 0 else {}
+    needed = (sum(_nbytes(dtype, shape) + _HEADER_PER_TENSOR for _, dtype, shape in specs) + _RANK_OVERHEAD
+              + (common_bytes + sum(b.numel() * b.element_size() for b in buffers.values()) if rank == 0 else 0))
+    total = _check_space(path, needed, rt)  # before anything is written: the old checkpoint stays beside the new
+    if rank == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)  # left by an interrupted save: never a checkpoint
+        os.makedirs(tmp)
+    _barrier(f"barrier of elixir.save({path!r}) before writing")
+
+    # [Note: a failed save] every rank's own files, then rank 0's: each phase ends with the ranks agreeing
+    # whether any failed, so that all of them raise (none waits in a collective for a rank that gave up),
+    # the half-written folder goes, and the previous checkpoint at `path` is untouched
+    files: dict[str, dict] = {}
+    name = _rank_file(rank, world, "safetensors")
+    error = None
+    try:
+        writer = StreamWriter(os.path.join(tmp, name), specs, {"format": "pt", "elixir": FORMAT})
+        try:
+            i = 0
+            for c in rt.chunks:  # a disk chunk's master and states are in memory while they are written
+                key = f"c{c.index}."
+                with opt.loaded(c):
+                    while i < len(specs) and specs[i][0].startswith(key):
+                        writer.write(specs[i][0], sources[i])
+                        i += 1
+            assert i == len(specs)
+        except BaseException:
+            writer.abort()
+            raise
+        size, digest = writer.close()
+        files[name] = {"bytes": size, "sha256": digest}
+        rng_name = _rank_file(rank, world, "pt")
+        torch.save(_rng_state(), os.path.join(tmp, rng_name))
+        files[rng_name] = dict(zip(("bytes", "sha256"), file_digest(os.path.join(tmp, rng_name))))
+    except OSError as e:
+        error = e
+    _agree_written(error, path, tmp, total, rt, "its own files")
 
     gathered = _all_gather_object(
         {"files": files, "chunks": chunk_docs, "shapes": model_shapes(rt.chunks)},
         f"all-gather of the file list in elixir.save({path!r})",
     )
     if rank == 0:
-        from elixir.checkpoint.weights import persistent_buffers
-
-        common = {
-            "extra": extra, "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "buffers": {n: b.detach().cpu() for n, b in persistent_buffers(model).items()},
-        }
-        torch.save(common, os.path.join(tmp, COMMON))
-        all_files = {k: v for g in gathered for k, v in g["files"].items()}
-        all_files[COMMON] = dict(zip(("bytes", "sha256"), file_digest(os.path.join(tmp, COMMON))))
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "to_json_string"):
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                f.write(config.to_json_string())
-            all_files["config.json"] = dict(zip(("bytes", "sha256"), file_digest(os.path.join(tmp, "config.json"))))
-        shapes = {k: list(v) for g in gathered for k, v in g["shapes"].items()}
-        manifest = {
-            "format": FORMAT, "version": VERSION, "world_size": world,
-            "model": {"class": type(model).__name__, "fingerprint": fingerprint(shapes), "shapes": shapes},
-            "plan": json.loads(state.plan.to_json()),
-            "optimizer": {
-                "class": opt.inner_class.__name__, "steps": opt.steps, "skipped_steps": opt.skipped_steps,
-                "loss_scale": opt.scaler.scale, "good_steps": opt.scaler.good_steps,
-                "param_groups": [_jsonable_hyper(g) for g in opt.param_groups],
-                "speculation": opt.speculation_state(),
-            },
-            "ranks": [g["chunks"] for g in gathered],
-            "files": all_files,
-        }
-        _write_json(os.path.join(tmp, MANIFEST), manifest)
-    _barrier(f"barrier of elixir.save({path!r}) after every rank wrote its files")
+        try:
+            common = {
+                "extra": extra, "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "buffers": {n: b.detach().cpu() for n, b in buffers.items()},
+            }
+            torch.save(common, os.path.join(tmp, COMMON))
+            all_files = {k: v for g in gathered for k, v in g["files"].items()}
+            all_files[COMMON] = dict(zip(("bytes", "sha256"), file_digest(os.path.join(tmp, COMMON))))
+            config = getattr(model, "config", None)
+            if config is not None and hasattr(config, "to_json_string"):
+                with open(os.path.join(tmp, "config.json"), "w") as f:
+                    f.write(config.to_json_string())
+                all_files["config.json"] = dict(zip(("bytes", "sha256"),
+                                                    file_digest(os.path.join(tmp, "config.json"))))
+            shapes = {k: list(v) for g in gathered for k, v in g["shapes"].items()}
+            manifest = {
+                "format": FORMAT, "version": VERSION, "world_size": world,
+                "model": {"class": type(model).__name__, "fingerprint": fingerprint(shapes), "shapes": shapes},
+                "plan": json.loads(state.plan.to_json()),
+                "optimizer": {
+                    "class": opt.inner_class.__name__, "steps": opt.steps, "skipped_steps": opt.skipped_steps,
+                    "loss_scale": opt.scaler.scale, "good_steps": opt.scaler.good_steps,
+                    "param_groups": [_jsonable_hyper(g) for g in opt.param_groups],
+                    "speculation": opt.speculation_state(),
+                },
+                "ranks": [g["chunks"] for g in gathered],
+                "files": all_files,
+            }
+            _write_json(os.path.join(tmp, MANIFEST), manifest)
+        except OSError as e:
+            error = e
+    _agree_written(error, path, tmp, total, rt, "the manifest and common files")
     if rank == 0:
         _swap_in(tmp, path)
     _barrier(f"barrier of elixir.save({path!r}) after the rename")
 
 
-def _check_loadable(extra, scheduler) -> None:
+_RANK_OVERHEAD = 64 << 10
+_HEADER_PER_TENSOR = 256
+"""Bytes a rank's files take beyond its tensors' (its RNG states: about 10 KiB; a safetensors header entry:
+under 100 bytes), counted generously: the check is to refuse a save that cannot fit, not to cut it close."""
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _free_bytes(folder: str) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _check_space(path: str, needed: int, rt) -> int:
+    """CheckpointError on every rank, before any file is written, when a rank's filesystem has less room
+    than the ranks of its machine that write into it need together (checked per machine and filesystem:
+    ranks on other machines may write to their own disks). Returns the bytes the whole checkpoint needs."""
+    import socket
+
+    from elixir.validation import _existing_ancestor, _probe, _size
+
+    folder = _existing_ancestor(os.path.dirname(path))
+    error = None
+    try:
+        _probe(folder, path)  # a read-only or unwritable folder: said now, by every rank that has it
+    except ValueError as e:
+        error = CheckpointError(f"cannot save the checkpoint {e}; nothing was written")
+    try:
+        where = (socket.gethostname(), os.stat(folder).st_dev)
+    except OSError:
+        where = (socket.gethostname(), None)
+    ranks = _all_gather_object((where, needed), f"all-gather of the sizes in elixir.save({path!r})")
+    mine = sum(n for w, n in ranks if w == where)
+    total = sum(n for _, n in ranks)
+    free = _free_bytes(folder)
+    if error is None and free is not None and free < mine:
+        error = CheckpointError(
+            f"cannot save the checkpoint {path}: it needs {_size(mine)} on the filesystem of {folder}, which has "
+            f"{_size(free)} free (the previous checkpoint there stays until the new one is complete); free some "
+            "space or save to another filesystem. Nothing was written"
+        )
+    if _any_rank(error is not None, rt, f"all-reduce of the space checks of elixir.save({path!r})"):
+        raise error or CheckpointError(
+            f"cannot save the checkpoint {path}: another rank's filesystem has too little free space (its error says "
+            "how much); nothing was written"
+        )
+    return total
+
+
+def _agree_written(error: OSError | None, path: str, tmp: str, total: int, rt, what: str) -> None:
+    """Every rank learns whether any failed to write `what`; then the half-written folder is removed and all
+    of them raise: a CheckpointError naming the path, the bytes needed and free for a full, over-quota or
+    read-only filesystem, the error itself on the rank that had another."""
+    from elixir.validation import _existing_ancestor, _size
+
+    failed = _any_rank(error is not None, rt, f"all-reduce of the write checks of elixir.save({path!r})")
+    if not failed:
+        return
+    if _world()[0] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier(f"barrier of elixir.save({path!r}) after removing the failed save")
+    if error is None:
+        raise CheckpointError(
+            f"cannot save the checkpoint {path}: another rank failed to write {what} (its error says why); the "
+            "half-written checkpoint was removed and the previous one, if any, is untouched"
+        )
+    if error.errno in _FULL:
+        free = _free_bytes(_existing_ancestor(os.path.dirname(path)))
+        raise CheckpointError(
+            f"cannot save the checkpoint {path}: {error.strerror or error} while writing {what} "
+            f"({error.filename or tmp}); it needs {_size(total)}, the filesystem has "
+            f"{'?' if free is None else _size(free)} free now. The half-written checkpoint was removed and the "
+            "previous one, if any, is untouched: free some space or save to another filesystem"
+        ) from error
+    raise error
+
+
+def _check_loadable(extra, scheduler) -> int:
     """ValueError now, before anything is written, for an `extra` (or scheduler state) that `load`
     could not read back: it loads with torch.load(weights_only=True), which takes tensors, numbers,
-    strings, and lists, tuples and dicts of them, and nothing that runs code when unpickled."""
+    strings, and lists, tuples and dicts of them, and nothing that runs code when unpickled. Returns
+    the bytes they take."""
     import io
 
     buf = io.BytesIO()
@@ -230,6 +333,7 @@ def _check_loadable(extra, scheduler) -> None:
             f"extra= (or the scheduler's state) holds something a checkpoint cannot load safely ({first}); "
             "keep to tensors, numbers, strings, and lists, tuples and dicts of them"
         ) from None
+    return buf.getbuffer().nbytes
 
 
 def _swap_in(tmp: str, path: str) -> None:

@@ -48,24 +48,42 @@ def write_tensors(path: str, specs: list[tuple[str, tuple[int, ...]]], tensors, 
                   folder: bool, config_json: str | None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Write tensors `specs` ([(name, shape)], in the order `tensors` yields (name, tensor)) as one
     safetensors file at `path`, or as a Hugging Face folder (config.json, `model.safetensors` or
-    `model-0000i-of-0000n.safetensors` shards and their index). Returns the files written."""
+    `model-0000i-of-0000n.safetensors` shards and their index). Returns the files written.
+
+    Everything is written beside `path` first (`<path>.tmp`) and moved into place when complete: a write that
+    fails (a full disk) removes what it wrote and leaves what was at `path` as it was; a full, over-quota or
+    read-only filesystem is a CheckpointError naming the path and the bytes needed and free. `tensors` is
+    read to its end even then, so that ranks gathering the tensors for rank 0 finish with it."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
-    meta = {"format": "pt"}
-    if not folder:
-        tmp = path + ".tmp"
-        try:
+    tmp = path.rstrip("/") + ".tmp"
+    it = iter(tensors)
+    try:
+        if folder:
+            os.makedirs(tmp, exist_ok=True)
+            names = _write_folder(tmp, specs, it, dtype, config_json, max_shard_bytes)
+        else:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            writer = StreamWriter(tmp, [(n, dtype, s) for n, s in specs], meta)
-            _stream(writer, tensors, len(specs))
-            os.replace(tmp, path)
-        except BaseException as e:
-            if os.path.isfile(tmp):
-                os.remove(tmp)
-            if isinstance(e, OSError) and e.filename in (None, tmp):  # the write's own failure: say the user's path
-                raise OSError(e.errno, f"{e.strerror or e} (writing it)", path) from None
+            writer = StreamWriter(tmp, [(n, dtype, s) for n, s in specs], {"format": "pt"})
+            _stream(writer, it, len(specs))
+    except BaseException as e:
+        _remove(tmp)
+        if not isinstance(e, OSError):
             raise
+        for _ in it:  # the other ranks' gathers run to their end with rank 0's
+            pass
+        raise _write_error(e, path, _numel_all(s for _, s in specs) * dtype.itemsize) from None
+    if not folder:
+        os.replace(tmp, path)
         return [path]
+    os.makedirs(path, exist_ok=True)
+    for name in names:  # shards first, the index last: a reader never sees an index naming missing shards
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    os.rmdir(tmp)
+    return [os.path.join(path, n) for n in names]
+
+
+def _write_folder(tmp: str, specs, it, dtype: torch.dtype, config_json: str | None, max_shard_bytes: int) -> list[str]:
     # shards: consecutive tensors up to max_shard_bytes each (a larger tensor gets a shard of its own)
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
@@ -76,27 +94,56 @@ def write_tensors(path: str, specs: list[tuple[str, tuple[int, ...]]], tensors, 
             size = 0
         groups[-1].append((n, s))
         size += nbytes
-    os.makedirs(path, exist_ok=True)
     names = [SINGLE] if len(groups) == 1 else [
         f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
     ]
     written = []
-    it = iter(tensors)
     for fname, group in zip(names, groups):
-        writer = StreamWriter(os.path.join(path, fname), [(n, dtype, s) for n, s in group], meta)
+        writer = StreamWriter(os.path.join(tmp, fname), [(n, dtype, s) for n, s in group], {"format": "pt"})
         _stream(writer, it, len(group))
-        written.append(os.path.join(path, fname))
+        written.append(fname)
     if len(groups) > 1:
         total = sum(_numel(s) * dtype.itemsize for _, s in specs)
         index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, g in zip(names, groups) for n, _ in g}}
-        with open(os.path.join(path, INDEX), "w") as f:
+        with open(os.path.join(tmp, INDEX), "w") as f:
             json.dump(index, f, indent=2)
-        written.append(os.path.join(path, INDEX))
+        written.append(INDEX)
     if config_json is not None:
-        with open(os.path.join(path, "config.json"), "w") as f:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
             f.write(config_json)
-        written.append(os.path.join(path, "config.json"))
+        written.append("config.json")
     return written
+
+
+def _remove(path: str) -> None:
+    import shutil
+
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _write_error(e: OSError, path: str, nbytes: int) -> Exception:
+    """The error of a write that failed: for a full, over-quota or read-only filesystem a CheckpointError
+    naming what it needs and has; otherwise the OSError, naming the user's path (not the temporary one)."""
+    import errno
+    import shutil
+
+    from elixir.validation import _existing_ancestor, _size
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        folder = _existing_ancestor(os.path.dirname(os.path.abspath(path)))
+        try:
+            free = _size(shutil.disk_usage(folder).free)
+        except OSError:
+            free = "?"
+        return CheckpointError(
+            f"cannot write {path}: {e.strerror or e}; it needs {_size(nbytes)}, the filesystem of {folder} has {free} "
+            "free now. What was written was removed and what was at the path before is as it was: free some space "
+            "or choose a path on another filesystem"
+        )
+    return OSError(e.errno, f"{e.strerror or e} (writing it)", path)
 
 
 def _stream(writer: StreamWriter, tensors, count: int) -> None:
@@ -185,10 +232,13 @@ def export(model: torch.nn.Module, path: str, *, dtype=torch.float32,
 def check_output(path: str, nbytes: int) -> None:
     """ValueError naming `path` unless an export of `nbytes` can be written there (a `.safetensors` file,
     else a folder): called before the export's work starts."""
-    if path.endswith(".safetensors"):
-        check_output_file(path, nbytes=nbytes, make_parents=True)
-    else:
-        check_output_folder(path, nbytes=nbytes)
+    try:
+        if path.endswith(".safetensors"):
+            check_output_file(path, nbytes=nbytes, make_parents=True)
+        else:
+            check_output_folder(path, nbytes=nbytes)
+    except ValueError as e:  # a path that cannot take the export is one of the checkpoint errors
+        raise CheckpointError(str(e)) from None
 
 
 def _output_bytes(shapes, buffers: dict, dtype: torch.dtype) -> int:

@@ -5,15 +5,15 @@ A chunk's reduced gradient shard is final long before backward ends: its update 
 chunks on a worker thread, device chunks on a side stream (on the CPU the worker runs both), so the
 optimizer hides behind the rest of backward instead of following it. Three things are not known then,
 so the update is a speculation, checked after backward by `ElixirOptimizer`:
-- the gradient-norm clip, whose coefficient needs every chunk's norm: speculated to be the coefficient
-  of the previous step's `clip_grad_norm_` call (1, no clip, before any call and after a step without
-  one), in that call's norm type. The runtime learns both from the calls; nothing is declared up front.
-  `clip_grad_norm_` after backward computes the true coefficient; where it differs, every speculated
-  update is undone (undo.py) and redone with the gradient times the true coefficient. So a step that
-  clips always rolls back, and a run that does not clip never does. Guessing the last coefficient
-  rather than 1 keeps the gradient an update used on the scale of the states it is undone from: an undo
-  subtracts the gradient's share from the states, which cancels catastrophically when that share
-  dwarfs them (a clip by 1e-3 speculated as 1 lost half the digits of the second moment);
+- the gradient-norm clip, whose coefficient needs every chunk's norm: speculated not to act. A step runs
+  its updates inside backward only when the previous step's clip did not act (or there was none): a
+  coefficient below 1 is a new value every step, so guessing it would be wrong every time, and a wrong
+  guess costs more than no guess (undo and redo on the critical path, against the update after backward).
+  So a run whose clip keeps acting updates after backward, as without overlap, and speculates again once
+  a clip lets a step through unchanged; `step_stats` counts those steps (`clip_pauses`). The runtime
+  learns the norm type and whether the clip acted from the `clip_grad_norm_` calls; nothing is declared
+  up front. Where the clip after backward acts on a speculated step, every update is undone (undo.py)
+  and redone with the gradient times the true coefficient;
 - fp16 overflow: a chunk whose own gradient is not finite is not updated, and no later chunk is; if any
   rank overflowed, `step` undoes the updates and skips the step, as without overlap;
 - that this backward is the last before `step`: speculated when the step has seen one backward fewer
@@ -110,6 +110,7 @@ class Speculation:
         self.rollbacks = 0
         self.rollback_reasons: dict[str, int] = {}
         self.late_gradients = 0
+        self.clip_pauses = 0
 
     @staticmethod
     def supported(optimizer_class: type, groups: list[dict]) -> bool:
@@ -123,7 +124,9 @@ class Speculation:
         if self.records:
             self.rollback("accumulation", hold=True)
         self.backwards += 1
-        self.active = self.backwards == self.expected_backwards
+        self.active = self.backwards == self.expected_backwards and self.clip_coef == 1.0
+        if self.backwards == self.expected_backwards and not self.active:
+            self.clip_pauses += 1  # the last step's clip acted: this one updates after backward (see the Note)
         self._stop_updates = False
         self._retracted.clear()
         self._counted = False
@@ -176,10 +179,10 @@ class Speculation:
     def logs_directly(self, chunk: Chunk) -> bool:
         """Whether `chunk`'s gradient can go straight into its rollback log and be updated from there: an fp32
         log on the CPU (no copy to cross, nothing to pin) that the update does not scale in place (no loss
-        scale, no speculated clip coefficient), which saves a copy of the gradient per step."""
+        scale), which saves a copy of the gradient per step."""
         log = self.logs.get(chunk.index)
         return (log is not None and log.dtype == torch.float32 and not self.cuda and chunk.optim_home == "host"
-                and not self.opt.scaler.enabled and self.clip_coef == 1.0)
+                and not self.opt.scaler.enabled)
 
     def submit(self, chunk: Chunk, grad: torch.Tensor, *, staging: torch.Tensor | None = None, ready=None,
                logged: bool = False) -> None:
@@ -189,8 +192,7 @@ class Speculation:
         stepper = opt.stepper_of(chunk)
         stepper.param_groups[0].update(opt.hyper_of(chunk))  # the values step() would use now
         rec = Speculated(chunk, grad, self.logs.get(chunk.index) if staging is not None or logged else None, staging,
-                         1.0 / opt.scaler.scale if opt.scaler.enabled else 1.0, ready=ready,
-                         coef=None if self.clip_coef == 1.0 else self.clip_coef)
+                         1.0 / opt.scaler.scale if opt.scaler.enabled else 1.0, ready=ready)
         self.records[chunk.index] = rec
         if not self._counted:  # a step with at least one update inside backward
             self.speculated_steps += 1
@@ -271,8 +273,6 @@ class Speculation:
             return
         if self.norm_type is not None:  # a run that clips: the clip after backward reads these
             rec.norm, rec.norm_type = chunk_norm(g, self.norm_type), self.norm_type
-        if rec.coef is not None:
-            g.mul_(rec.coef)  # the clip speculated
         master = rec.chunk.master
         rec.fresh = not self.opt.state.get(master)
         master.grad = g
@@ -447,6 +447,7 @@ class Speculation:
             "rollbacks": self.rollbacks,
             "rollback_reasons": dict(self.rollback_reasons),
             "late_gradients": self.late_gradients,
+            "clip_pauses": self.clip_pauses,
         }
 
 

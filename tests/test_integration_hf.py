@@ -209,5 +209,24 @@ def test_resuming_a_checkpoint_without_its_elixir_part_is_an_error(runs, tmp_pat
         train(ElixirTrainer, build_llama, str(tmp_path), 1, resume=f"{out}/plain-1/checkpoint-{SAVE_EVERY}")
 
 
+@pytest.mark.parametrize("name", ["hf_trainer", "peft_lora"])
+def test_examples_run(name, tmp_path):
+    import importlib.util
+
+    from elixir.hardware import Hardware
+
+    pytest.importorskip("peft")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = example.main(steps=2, out=str(tmp_path), hardware=Hardware.preset("CPU"))
+    assert trainer.state.global_step == 2
+    saved = "final/model.safetensors" if name == "hf_trainer" else "adapter/adapter_model.safetensors"
+    assert os.path.isfile(tmp_path / saved)
+
+
 if __name__ == "__main__":
     two_rank_job(sys.argv[1])

@@ -267,6 +267,30 @@ def test_what_elixir_cannot_honour_is_an_error(case, match, clean_process):
         fit(ElixirStrategy(plan=host_plan), 1, epochs=1, **case)
 
 
+def load_example(name: str):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["lightning_trainer", "lightning_fabric"])
+def test_examples_run(name, tmp_path, clean_process):
+    from elixir.hardware import Hardware
+
+    example = load_example(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = example.main(steps=3, out=str(tmp_path / "run"), hardware=Hardware.preset("CPU"))
+    if name == "lightning_trainer":
+        assert result.global_step == 3 and os.path.isdir(tmp_path / "run" / "last.ckpt")
+    else:
+        assert len(result) == 3 and os.path.isfile(tmp_path / "run" / "manifest.json")
+
+
 def test_strategy_elixir_names_the_elixir_strategies():
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy="elixir", **QUIET)
     assert isinstance(trainer.strategy, ElixirStrategy)

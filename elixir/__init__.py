@@ -9,6 +9,7 @@ from elixir.checkpoint import CheckpointError, export, load, load_pretrained, sa
 from elixir.comm import CollectiveError, init_distributed
 from elixir.optim import ElixirOptimizer, NonFiniteError
 from elixir.plan import ChunkPlan, Plan
+from elixir.preempt import EXIT_PREEMPTED, Preemption
 from elixir.profile import profile
 from elixir.runtime import CacheTooSmallError, full_state_dict, memory_stats, runtime_of, step_stats, wrap
 from elixir.search import PlanDoesNotFitError, plan
@@ -21,10 +22,12 @@ __all__ = [
     "ChunkPlan",
     "CollectiveError",
     "ElixirOptimizer",
+    "EXIT_PREEMPTED",
     "NonFiniteError",
     "export",
     "Plan",
     "PlanDoesNotFitError",
+    "Preemption",
     "full_state_dict",
     "init_distributed",
     "load",

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -32,6 +33,7 @@ from elixir.checkpoint.weights import HF_FILES
 from elixir.cli.train.flags import CONFIG_FILE, add_arguments, layer_defaults, resolved_config
 from elixir.cli.train.metrics import Progress, Reporters, clock, memory_fields
 from elixir.cli.train.prepare import JOB_FLAGS, Job, build, check_args, hf_files, lr_factor
+from elixir.preempt import EXIT_PREEMPTED, Preemption
 
 __all__ = ["Job", "add_arguments", "build", "check_args", "evaluate", "layer_defaults", "loop", "lr_factor", "run",
            "save_checkpoint", "train"]
@@ -138,78 +140,90 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
     t_measure = 0.0
     if job.start_step:
         progress.line(f"resumed from {args.resume} at step {job.start_step}")
-    for step in range(job.start_step + 1, args.steps + 1):
-        micro_batches = [next(job.data.train) for _ in range(args.grad_accum)]
-        # With masked labels each rank's mean would weigh its tokens by its own count: the loss is the
-        # sum over this rank's trained tokens divided by the step's count over all ranks (times the
-        # ranks, whose gradients are averaged), so it is the mean over the step's trained tokens for
-        # any number of ranks and micro-batches.
-        items = _trained_tokens(micro_batches) / job.world_size if job.count_items else None
-        step_loss = torch.zeros((), device=job.device)
-        for batch in micro_batches:
-            if items is not None:
-                loss = job.model(**_to(batch, job.device), num_items_in_batch=max(items, 1e-9)).loss
-            else:
-                loss = job.model(**_to(batch, job.device)).loss / args.grad_accum
-            job.optim.backward(loss)  # scales the loss in fp16, a plain backward otherwise
-            step_loss += loss.detach()
-        if args.clip > 0:
-            window_norm += job.optim.clip_grad_norm_(args.clip).detach().float()
-        lr = job.optim.param_groups[0]["lr"]
-        job.optim.step()
-        job.optim.zero_grad()
-        job.scheduler.step()
-        recent.append(step_loss)
-        window_loss += step_loss
-        window_steps += 1
+    saved_at = job.start_step
+    with Preemption() as stop:  # [Note: preemption]: SIGTERM, SIGINT or SIGUSR1 stop the run after a step
+        for step in range(job.start_step + 1, args.steps + 1):
+            micro_batches = [next(job.data.train) for _ in range(args.grad_accum)]
+            # With masked labels each rank's mean would weigh its tokens by its own count: the loss is the
+            # sum over this rank's trained tokens divided by the step's count over all ranks (times the
+            # ranks, whose gradients are averaged), so it is the mean over the step's trained tokens for
+            # any number of ranks and micro-batches.
+            items = _trained_tokens(micro_batches) / job.world_size if job.count_items else None
+            step_loss = torch.zeros((), device=job.device)
+            for batch in micro_batches:
+                if items is not None:
+                    loss = job.model(**_to(batch, job.device), num_items_in_batch=max(items, 1e-9)).loss
+                else:
+                    loss = job.model(**_to(batch, job.device)).loss / args.grad_accum
+                job.optim.backward(loss)  # scales the loss in fp16, a plain backward otherwise
+                step_loss += loss.detach()
+            if args.clip > 0:
+                window_norm += job.optim.clip_grad_norm_(args.clip).detach().float()
+            lr = job.optim.param_groups[0]["lr"]
+            job.optim.step()
+            job.optim.zero_grad()
+            job.scheduler.step()
+            recent.append(step_loss)
+            window_loss += step_loss
+            window_steps += 1
 
-        if step in (measure_from, measure_to) and measure_to > measure_from:
-            accel.synchronize(job.device)
-            if step == measure_from:
-                t_measure = time.perf_counter()
+            if step in (measure_from, measure_to) and measure_to > measure_from:
+                accel.synchronize(job.device)
+                if step == measure_from:
+                    t_measure = time.perf_counter()
+                else:
+                    measured_step_s = (time.perf_counter() - t_measure) / (measure_to - measure_from)
+                    progress.line(
+                        f"step time after {WARMUP_STEPS} warm-up step(s): measured {1e3 * measured_step_s:.1f} ms"
+                        + (f", predicted {1e3 * pred['step_s']:.1f} ms" if pred else "")
+                    )
+            last = step == args.steps
+            if step % args.log_every == 0 or last:  # every rank: the record's figures are all-reduced
+                loss_mean = _mean_over_ranks(window_loss) / window_steps  # .item() waits: the time is true
+                now = time.perf_counter()
+                window_s = now - window_start
+                train_s += window_s
+                tflops = flops_per_step * window_steps / window_s / 1e12
+                record = {
+                    "step": step, "loss": loss_mean, "lr": lr,
+                    "grad_norm": window_norm.item() / window_steps if args.clip > 0 else None,
+                    "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step * window_steps / window_s,
+                    "window_steps": window_steps, "window_s": window_s, "step_s": window_s / window_steps,
+                    "flops_per_step": flops_per_step, "tflops": tflops, "peak_flops": peak_flops,
+                    "mfu": tflops * 1e12 / peak_flops if peak_flops else None,
+                    "predicted_step_s": pred.get("step_s"), "predicted_compute_s": pred.get("compute_s"),
+                    "predicted_stall_s": pred.get("stall_s"),
+                    **memory_fields(job.model, job.device), "elapsed_s": now - start,
+                }
+                reporters.record(record)
+                progress.record(record)
+                window_loss.zero_()
+                window_norm.zero_()
+                window_steps, window_start = 0, time.perf_counter()
             else:
-                measured_step_s = (time.perf_counter() - t_measure) / (measure_to - measure_from)
-                progress.line(
-                    f"step time after {WARMUP_STEPS} warm-up step(s): measured {1e3 * measured_step_s:.1f} ms"
-                    + (f", predicted {1e3 * pred['step_s']:.1f} ms" if pred else "")
-                )
-        last = step == args.steps
-        if step % args.log_every == 0 or last:  # every rank: the record's figures are all-reduced
-            loss_mean = _mean_over_ranks(window_loss) / window_steps  # .item() waits: the time is true
-            now = time.perf_counter()
-            window_s = now - window_start
-            train_s += window_s
-            tflops = flops_per_step * window_steps / window_s / 1e12
-            record = {
-                "step": step, "loss": loss_mean, "lr": lr,
-                "grad_norm": window_norm.item() / window_steps if args.clip > 0 else None,
-                "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step * window_steps / window_s,
-                "window_steps": window_steps, "window_s": window_s, "step_s": window_s / window_steps,
-                "flops_per_step": flops_per_step, "tflops": tflops, "peak_flops": peak_flops,
-                "mfu": tflops * 1e12 / peak_flops if peak_flops else None,
-                "predicted_step_s": pred.get("step_s"), "predicted_compute_s": pred.get("compute_s"),
-                "predicted_stall_s": pred.get("stall_s"),
-                **memory_fields(job.model, job.device), "elapsed_s": now - start,
-            }
-            reporters.record(record)
-            progress.record(record)
-            window_loss.zero_()
-            window_norm.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-        else:
-            progress.tick(step)
-        if args.out is not None and (last or (args.save_every and step % args.save_every == 0)):
-            save_checkpoint(job, args)
-        if (args.eval_every and step % args.eval_every == 0) or last:
-            t = time.perf_counter()
-            val_loss = evaluate(job, args)
-            progress.line(f"step {step:>{len(str(args.steps))}}/{args.steps}: val loss {val_loss:.4f}")
-            reporters.record({"step": step, "val_loss": val_loss})
-            # The window restarts after an evaluation, so its time is not counted as training.
-            if window_steps == 0:
-                window_start = time.perf_counter()
-            else:
-                window_start += time.perf_counter() - t
+                progress.tick(step)
+            if args.out is not None and (last or (args.save_every and step % args.save_every == 0)):
+                save_checkpoint(job, args)
+                saved_at = step
+            if (args.eval_every and step % args.eval_every == 0) or last:
+                t = time.perf_counter()
+                val_loss = evaluate(job, args)
+                progress.line(f"step {step:>{len(str(args.steps))}}/{args.steps}: val loss {val_loss:.4f}")
+                reporters.record({"step": step, "val_loss": val_loss})
+                # The window restarts after an evaluation, so its time is not counted as training.
+                if window_steps == 0:
+                    window_start = time.perf_counter()
+                else:
+                    window_start += time.perf_counter() - t
+            if not last and stop.requested():  # every rank, at the same step
+                if args.out is not None and saved_at != step:
+                    save_checkpoint(job, args)
+                    saved_at = step
+                break
+    if window_steps:  # stopped inside a record's window: its time counts too
+        train_s += time.perf_counter() - window_start
+    steps_done = step - job.start_step
+    preempted = stop.signal_name if step < args.steps else None
 
     train_loss = _mean_over_ranks(torch.stack(list(recent)).mean())
     elapsed_s = time.perf_counter() - start
@@ -217,8 +231,10 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
     result = {
         "train_loss": train_loss,
         "val_loss": val_loss,
-        "tokens_per_s": (args.steps - job.start_step) * tokens_per_step / train_s,
-        "steps": args.steps,
+        "tokens_per_s": steps_done * tokens_per_step / train_s,
+        "steps": step,
+        "preempted": preempted,
+        "saved": saved_at == step and args.out is not None,
         "elapsed_s": elapsed_s,
         "skipped_steps": job.optim.skipped_steps,
         "speculated_steps": stats["speculated_steps"],
@@ -229,8 +245,14 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
     if stats["speculated_steps"]:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(stats["rollback_reasons"].items()))
         progress.line(
-            f"optimizer inside backward in {stats['speculated_steps']} of {args.steps - job.start_step} steps, "
+            f"optimizer inside backward in {stats['speculated_steps']} of {steps_done} steps, "
             f"{stats['rollbacks']} rolled back" + (f" ({reasons})" if reasons else "")
+        )
+    if preempted:
+        progress.line(
+            f"stopped after step {step} of {args.steps} on {preempted}: "
+            + (f"saved to {os.path.join(args.out, 'last')}; run the same command with --resume {args.out} to go on"
+               if args.out is not None else "nothing saved (no --out)")
         )
     progress.line(
         f"done: train loss {train_loss:.4f} (mean of the last {len(recent)} steps), val loss {val_loss:.4f}, "
@@ -316,4 +338,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if dist.is_initialized():
         dist.barrier()  # ranks leave together
         dist.destroy_process_group()
+    if result["preempted"]:  # resumable when saved; otherwise as if the signal had ended it
+        return EXIT_PREEMPTED if result["saved"] else 128 + signal.Signals[result["preempted"]].value
     return 0

@@ -312,7 +312,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ckpt.add_argument(
         "--resume", metavar="DIR", default=None,
         help="continue from a checkpoint (--out's folder, DIR/last or DIR/step-N) with its saved config: no other "
-        "flag is needed; any number of ranks and any plan; --steps is the total to reach",
+        "flag is needed; any number of ranks and any plan; --steps is the total to reach. 'auto': from --out's "
+        "last checkpoint when there is one, else from the start (the same command, relaunched after a "
+        "preemption or a crash, goes on)",
     )
 
     ranks = p.add_argument_group("several ranks (launch with torchrun --nproc-per-node N)")
@@ -437,6 +439,9 @@ def layer_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     any was set (the command line must then be parsed again, to take precedence)."""
     from_file = config_values(read_config_file(args.config), parser, f"--config {args.config!r}") if args.config else {}
     resume = args.resume or from_file.get("resume")
+    if resume == "auto":
+        out = args.out or from_file.get("out")
+        resume = checkpoint_path(out) if out else None
     from_checkpoint = {}
     if resume:
         saved = saved_config(resume)

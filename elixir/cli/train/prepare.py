@@ -97,6 +97,10 @@ def check_args(args: argparse.Namespace) -> None:
     for name in args.report_to:
         if importlib.util.find_spec(name) is None:
             raise ValueError(f"--report-to {name} needs the {name} package: pip install 'elixir-train[track]'")
+    if args.resume == "auto":  # --out's last checkpoint, or a fresh start
+        if args.out is None:
+            raise ValueError("--resume auto resumes from --out's last checkpoint: add --out DIR")
+        args.resume = checkpoint_path(args.out)
     if args.resume is not None:
         from elixir.checkpoint.store import MANIFEST
 

@@ -38,8 +38,8 @@ SAMPLES = STEPS * ACCUMULATE * GLOBAL_MICRO_BATCH
 
 
 class Tokens(torch.utils.data.Dataset):
-    def __init__(self) -> None:
-        self.ids = torch.cat(batches(SAMPLES // 4, batch=4, seq=16))
+    def __init__(self, samples: int = SAMPLES, seed: int = 1) -> None:
+        self.ids = torch.cat(batches(samples // 4, batch=4, seq=16, seed=seed))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -71,7 +71,8 @@ def arguments(out: str, ranks: int) -> tf.TrainingArguments:
         output_dir=out, per_device_train_batch_size=GLOBAL_MICRO_BATCH // ranks, gradient_accumulation_steps=ACCUMULATE,
         max_steps=STEPS, learning_rate=1e-3, adam_epsilon=1e-6, lr_scheduler_type="linear", max_grad_norm=0.5,
         logging_steps=1, save_steps=SAVE_EVERY, train_sampling_strategy="sequential", use_cpu=True, seed=0,
-        report_to=[], disable_tqdm=True, save_total_limit=None,
+        report_to=[], disable_tqdm=True, save_total_limit=None, eval_strategy="steps", eval_steps=SAVE_EVERY,
+        per_device_eval_batch_size=GLOBAL_MICRO_BATCH // ranks, load_best_model_at_end=True,
     )
 
 
@@ -80,15 +81,20 @@ def host_plan(model, optimizer) -> elixir.Plan:
                                param_home="host", optim_home="host", optimizer=optimizer)
 
 
-def train(trainer_class, build, out: str, ranks: int, resume: str | None = None) -> list[float]:
-    """The losses the Trainer logs (the mean over ranks), of the steps this run made."""
+def train(trainer_class, build, out: str, ranks: int, resume: str | None = None) -> dict[str, list[float]]:
+    """What the Trainer logs (means over ranks) at the steps this run made: training and evaluation losses,
+    and the evaluation loss of the model it ends with (the best checkpoint's: load_best_model_at_end)."""
     kw = {"plan": host_plan} if trainer_class is ElixirTrainer else {}
-    trainer = trainer_class(model=build(), args=arguments(out, ranks), train_dataset=Tokens(), **kw)
+    trainer = trainer_class(model=build(), args=arguments(out, ranks), train_dataset=Tokens(),
+                            eval_dataset=Tokens(8, seed=2), **kw)
+    first = int(resume.rsplit("-", 1)[1]) if resume else 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train(resume_from_checkpoint=resume)
-    first = int(resume.rsplit("-", 1)[1]) if resume else 0
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > first]
+        logged = [h for h in trainer.state.log_history if h["step"] > first]
+        final = trainer.evaluate()["eval_loss"]
+    return {"loss": [h["loss"] for h in logged if "loss" in h],
+            "eval": [h["eval_loss"] for h in logged if "eval_loss" in h], "final": [final]}
 
 
 def two_rank_job(out: str) -> None:
@@ -144,8 +150,10 @@ def test_losses_match_the_plain_trainer_on_one_and_two_ranks(runs, model):
     _, one, two = runs
     key = "" if model == "full" else "peft_"
     for got in (one, two):
-        assert len(got[f"{key}elixir"]) == STEPS
-        assert_close_rel(got[f"{key}elixir"], got[f"{key}plain"], REL)
+        assert len(got[f"{key}elixir"]["loss"]) == STEPS
+        assert len(got[f"{key}elixir"]["eval"]) == STEPS // SAVE_EVERY
+        for what in ("loss", "eval", "final"):  # training, evaluation, and the best model reloaded at the end
+            assert_close_rel(got[f"{key}elixir"][what], got[f"{key}plain"][what], REL)
 
 
 @pytest.mark.parametrize("model", ["full", "peft"])
@@ -154,8 +162,10 @@ def test_resume_from_checkpoint_on_the_other_rank_count(runs, model):
     key = "" if model == "full" else "peft_"
     later = slice(SAVE_EVERY, None)
     for got in (one, two):  # one rank resumed two's checkpoint-2, two ranks resumed one's
-        assert len(got[f"{key}resumed"]) == STEPS - SAVE_EVERY
-        assert_close_rel(got[f"{key}resumed"], got[f"{key}plain"][later], REL)
+        assert len(got[f"{key}resumed"]["loss"]) == STEPS - SAVE_EVERY
+        assert_close_rel(got[f"{key}resumed"]["loss"], got[f"{key}plain"]["loss"][later], REL)
+        assert_close_rel(got[f"{key}resumed"]["eval"], got[f"{key}plain"]["eval"][1:], REL)
+        assert_close_rel(got[f"{key}resumed"]["final"], got[f"{key}plain"]["final"], REL)
 
 
 def test_save_model_writes_a_folder_from_pretrained_loads(runs):

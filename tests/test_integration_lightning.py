@@ -71,6 +71,11 @@ class LitGPT(L.LightningModule):
             self.losses.append(loss.item())
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.log("val_loss", loss)
+        self.val_losses = getattr(self, "val_losses", []) + [loss.item()]
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=LR, eps=EPS)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
@@ -78,7 +83,8 @@ class LitGPT(L.LightningModule):
 
 
 def fit(strategy, devices: int, epochs: int = EPOCHS, ckpt_dir: str | None = None, ckpt_path: str | None = None,
-        module: L.LightningModule | None = None, gradient_clip_val: float | None = CLIP, **trainer_kw) -> list[float]:
+        module: L.LightningModule | None = None, gradient_clip_val: float | None = CLIP, validate: bool = False,
+        **trainer_kw) -> list[float]:
     """This rank's losses of one Trainer run; checkpoints at every epoch's end into `ckpt_dir`."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -86,11 +92,11 @@ def fit(strategy, devices: int, epochs: int = EPOCHS, ckpt_dir: str | None = Non
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1)] if ckpt_dir else []
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs,
                         gradient_clip_val=gradient_clip_val, enable_checkpointing=bool(ckpt_dir), callbacks=callbacks,
-                        **QUIET, **trainer_kw)
+                        **{**QUIET, **trainer_kw})
     loader = torch.utils.data.DataLoader(data(), batch_size=batch_size(devices))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice (workers, callbacks given at resume, ...)
-        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        trainer.fit(module, loader, loader if validate else None, ckpt_path=ckpt_path)
     return module.losses
 
 
@@ -221,9 +227,14 @@ def test_auto_plan_profiles_the_training_step(runs, clean_process):
 
     one, _ = runs
     module = LitGPT()  # its training_step logs: the meta-device profile of it must not
-    losses = fit(ElixirStrategy(hardware=Hardware.preset("CPU")), 1, module=module)
+    losses = fit(ElixirStrategy(hardware=Hardware.preset("CPU")), 1, module=module, validate=True,
+                 num_sanity_val_steps=1)
     # the batch the planner drew did not move the sampler's shuffling: the same steps as DDP's
     assert_close_rel(losses, one["trainer_ddp"], REL)
+    # validation ran before training (the sanity check, on the first batch) and after each epoch
+    x = data()[: batch_size(1)]
+    assert_close_rel(module.val_losses[:1], [build_gpt()(input_ids=x, labels=x).loss.item()], 1e-6)
+    assert len(module.val_losses) == 1 + EPOCHS * STEPS_PER_EPOCH
     step_module, _ = module.__dict__["_elixir_step_module"]
     assert elixir.memory_stats(step_module)["num_chunks"] > 0
     full = elixir.full_state_dict(step_module)

@@ -81,9 +81,13 @@ class ElixirTrainer(Trainer):
         self._elixir_disk = disk
         self._elixir_hardware = hardware
         self._elixir: ElixirOptimizer | None = None
+        self._elixir_model: torch.nn.Module | None = None
         super().__init__(*args, **kwargs)
         _check_arguments(self.args)
         self.add_callback(_ZeroGradAfterStep(self))
+
+    def _is_wrapped(self) -> bool:
+        return self._elixir is not None and self._elixir_model is self.model
 
     @property
     def elixir_optimizer(self) -> ElixirOptimizer:
@@ -107,13 +111,13 @@ class ElixirTrainer(Trainer):
         pass  # elixir.wrap places every chunk where the plan says
 
     def _wrap_model(self, model, training: bool = True, dataloader=None):
-        if self._elixir is None and not training:
+        if not self._is_wrapped() and not training:
             model.to(self.args.device)  # evaluation before training: the whole model, as the Trainer would
         return super()._wrap_model(model, training, dataloader)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        if self._elixir is not None:
-            return self.optimizer
+        if self._is_wrapped():
+            return self.optimizer  # train() again: the model stays wrapped (model_init makes a new one)
         user_optimizer = super().create_optimizer(model)
         plan = resolve_plan(self._elixir_plan, self.model, user_optimizer)
         example = self._example_batch() if plan == "auto" else None
@@ -123,7 +127,7 @@ class ElixirTrainer(Trainer):
             example_batch=example, hardware=self._elixir_hardware, disk=self._elixir_disk,
         )
         self.model._is_accelerate_prepared = True  # not into DDP: the chunks reduce the gradients
-        self.model_wrapped = self.model
+        self.model_wrapped = self._elixir_model = self.model
         self._elixir = self.optimizer = optimizer
         rebind_scheduler(self.lr_scheduler, user_optimizer, optimizer)  # one passed in `optimizers=`
         return optimizer
@@ -145,7 +149,7 @@ class ElixirTrainer(Trainer):
         return self._prepare_inputs(collate([dataset[i] for i in range(n)]))
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        if self._elixir is None or self._elixir.loss_scale == 1.0:
+        if not self._is_wrapped() or self._elixir.loss_scale == 1.0:
             return super().training_step(model, inputs, num_items_in_batch)
         # fp16: the Trainer ends its step in accelerator.backward(loss); the loss it backpropagates is scaled
         backward = self.accelerator.backward
@@ -169,7 +173,7 @@ class ElixirTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """A folder `from_pretrained` loads (a PEFT model: its adapter); every rank must call it, as every rank
         takes part in gathering the chunks (the Trainer's own checkpoints do)."""
-        if self._elixir is None:
+        if not self._is_wrapped():
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if _is_peft(self.model):
@@ -226,7 +230,7 @@ class _ZeroGradAfterStep(TrainerCallback):
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer._elixir is not None:
+        if self.trainer._is_wrapped():
             self.trainer._elixir.zero_grad()
 
 

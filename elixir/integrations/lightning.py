@@ -186,12 +186,9 @@ class _ElixirPrecision(_ElixirPrecisionMixin, Precision):
     def optimizer_step(self, optimizer, model, closure, **kwargs):
         # The closure (training_step and backward) runs before step(), not inside it, as Lightning's AMP plugin
         # does: on_before_optimizer_step and clipping come between.
-        closure_result = closure()
+        closure()
         self._after_closure(model, optimizer)
-        if closure_result is None and isinstance(model, pl.LightningModule) and model.automatic_optimization:
-            raise ValueError("training_step returned None (skipping backward), which Elixir does not support: the "
-                             "update runs during backward; return the loss of every step")
-        return optimizer.step(**kwargs)
+        return optimizer.step(**kwargs)  # after a step that returned None (no backward) it updates nothing
 
     def clip_grad_by_norm(self, optimizer, clip_val) -> None:
         _unwrap(optimizer).clip_grad_norm_(float(clip_val))
@@ -280,6 +277,8 @@ class ElixirStrategy(DDPStrategy):
                 )
             user_optimizer = _unwrap(self.optimizers[0])
             if wrapped is None:
+                if self._layer_sync is not None:  # Trainer(sync_batchnorm=True), applied as DDP applies it
+                    self._layer_sync.apply(module)
                 wrapped = self._wrap(trainer, module, user_optimizer)
             step_module, optimizer = wrapped  # a LightningModule fitted before keeps its chunks and optimizer
             for config in self.lr_scheduler_configs:

@@ -136,3 +136,23 @@ def test_without_out_a_signal_stops_with_the_signals_status(tmp_path):
     assert "nothing saved (no --out)" in stdout
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["preempted"] == "SIGTERM" and not result["saved"] and result["steps"] < 400
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    from chaos import records, workers
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "elixir", *ARGS,
+           "--steps", "400", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while len(records(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = sorted(workers(proc.pid))
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGUSR1)  # one rank only, as a scheduler signalling one node would
+    stdout, stderr = proc.communicate(timeout=240)
+    assert "exitcode  : 75" in stderr  # each worker's status (torchrun's own says that workers ended early)
+    stopped = max(records(out))
+    assert f"stopped after step {stopped} of 400 on SIGUSR1: saved to" in stdout
+    assert json.loads((out / "last" / "manifest.json").read_text())["optimizer"]["steps"] == stopped

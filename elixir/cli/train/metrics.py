@@ -59,7 +59,10 @@ class Reporters:
             return
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")  # a resumed run goes on appending
+            path = os.path.join(out_dir, "metrics.jsonl")
+            self.jsonl = open(path, "a")  # a resumed run goes on appending
+            if self.jsonl.tell() and not _ends_a_line(path):
+                self.jsonl.write("\n")  # a run killed mid-record left half a line: the next record starts afresh
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -176,3 +179,9 @@ class Progress:
         self.out.write("\n")
         self.out.flush()
         self._bar_width = 0
+
+
+def _ends_a_line(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"

@@ -76,9 +76,9 @@ def arguments(out: str, ranks: int) -> tf.TrainingArguments:
     )
 
 
-def host_plan(model, optimizer) -> elixir.Plan:
+def host_plan(model, optimizer, dtype=torch.float32) -> elixir.Plan:
     return elixir.Plan.uniform(model, chunk_mib=small_chunk_mib(model), resident=False, cache_blocks=2,
-                               param_home="host", optim_home="host", optimizer=optimizer)
+                               param_home="host", optim_home="host", optimizer=optimizer, compute_dtype=dtype)
 
 
 def train(trainer_class, build, out: str, ranks: int, resume: str | None = None) -> dict[str, list[float]]:
@@ -193,6 +193,26 @@ def test_peft_checkpoint_holds_the_adapter_only(runs):
     assert got.keys() == want.keys()
     for name in got:
         assert_close_rel(got[name], want[name], REL)
+
+
+def test_fp16_losses_are_scaled_by_the_elixir_optimizer(tmp_path):
+    """fp16: the loss Accelerate backpropagates is multiplied by Elixir's loss scale and the shards are unscaled
+    before SGD (whose step, unlike Adam's, is proportional to the gradient) moves the weights as fp32 would."""
+    args = dict(per_device_train_batch_size=4, max_steps=2, optim="sgd", learning_rate=0.5, use_cpu=True,
+                report_to=[], disable_tqdm=True, save_strategy="no", train_sampling_strategy="sequential")
+    start = {n: p.detach().clone() for n, p in build_llama().named_parameters()}
+    plain = tf.Trainer(model=build_llama(), args=tf.TrainingArguments(str(tmp_path / "plain"), **args),
+                       train_dataset=Tokens())
+    fp16 = ElixirTrainer(model=build_llama(), args=tf.TrainingArguments(str(tmp_path / "fp16"), fp16=True, **args),
+                         train_dataset=Tokens(), plan=lambda m, o: host_plan(m, o, torch.float16))
+    for trainer in (plain, fp16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train()
+    assert fp16.elixir_optimizer.loss_scale == 2.0**16 and elixir.step_stats(fp16.model)["skipped_steps"] == 0
+    got, want = elixir.full_state_dict(fp16.model), dict(plain.model.named_parameters())
+    for name, value in got.items():  # the update, to fp16's rounding of the forward and backward
+        assert_close_rel(value - start[name], want[name].detach() - start[name], 2e-2)
 
 
 @pytest.mark.parametrize("setting, match", [

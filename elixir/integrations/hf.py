@@ -8,11 +8,13 @@ documented extension point is overriding its methods, and the engine needs only 
   `optimizers=`), then `elixir.wrap` of model and optimizer; the scheduler is made on the Elixir optimizer.
 - `_build_accelerator_args`: mixed precision "no" for Accelerate: Elixir computes in the dtype that `bf16` /
   `fp16` name, with fp32 masters, and scales fp16 losses itself; an autocast or a GradScaler on top would
-  run a second mixed precision over the same step.
+  run a second mixed precision over the same step. And no device placement: Accelerate places an optimizer
+  by `load_state_dict(state_dict())`, which replaces the Elixir optimizer's state dict under the per-chunk
+  updates that fill it (a checkpoint would then hold no optimizer state); the Trainer moves each batch itself.
 - the wrapped model is marked as prepared for Accelerate (`_is_accelerate_prepared`, its own guard against
   wrapping a model twice), so it is not put into DistributedDataParallel: Elixir's chunks reduce the gradients
   over the ranks. `_move_model_to_device` does nothing: the plan places the chunks (a model that needs host
-  offload does not fit on the device whole).
+  offload does not fit on the device whole); `_wrap_model` moves a model evaluated before training starts.
 - `_clip_grad_norm`, `_get_grad_norm`: the global norm over the shards (`ElixirOptimizer.clip_grad_norm_`).
 - the step ends with the Elixir optimizer's `zero_grad` (the Trainer calls `model.zero_grad()`, which does not
   reach the optimizer's shards), in a callback run right after `optimizer.step()`.
@@ -100,11 +102,8 @@ class ElixirTrainer(Trainer):
 
     def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
         args = super()._build_accelerator_args(**kwargs)
-        args["mixed_precision"] = "no"  # Elixir computes in the compute dtype itself (see the module docstring)
-        # Accelerate's device placement would move an optimizer's states by `load_state_dict(state_dict())`,
-        # which replaces the Elixir optimizer's state dict under its per-chunk updates; the Trainer moves every
-        # batch to the device itself, and the chunks are where the plan puts them.
-        args["device_placement"] = False
+        args["mixed_precision"] = "no"  # Elixir computes in the compute dtype itself
+        args["device_placement"] = False  # see the module docstring: it would detach the optimizer's state
         return args
 
     def _move_model_to_device(self, model: torch.nn.Module, device: torch.device) -> None:

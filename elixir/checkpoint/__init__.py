@@ -1,6 +1,7 @@
 """Checkpoints and weights: save/load with resharding, export, and loading pretrained weights.
 
-See store.py ([Note: checkpoint layout], [Note: atomic save]) and weights.py.
+See store.py ([Note: checkpoint layout], [Note: atomic save]), weights.py, and manifest.py for how a
+checkpoint's own files are read and checked (see [Note: untrusted files] in elixir/validation.py).
 """
 
 from elixir.checkpoint.files import CheckpointError

@@ -244,6 +244,21 @@ def test_auto_plan_profiles_the_training_step(runs, clean_process):
         assert torch.equal(state[name].float(), value)
 
 
+@pytest.mark.parametrize("given", ["plan", "plan file"])
+def test_a_plan_or_a_plan_file(runs, given, tmp_path, clean_process):
+    one, _ = runs
+    module = LitGPT()
+    plan = host_plan(module, None)  # one device: a Plan made before the run is made for it
+    if given == "plan file":
+        path = tmp_path / "plan.json"
+        path.write_text(plan.to_json())
+        plan = str(path)
+    losses = fit(ElixirStrategy(plan=plan), 1, module=module, epochs=1)
+    assert_close_rel(losses, one["trainer_ddp"][:STEPS_PER_EPOCH], REL)
+    step_module, _ = module.__dict__["_elixir_step_module"]
+    assert elixir.runtime_of(step_module).cache is not None  # the plan's on-demand chunks, not "auto"'s
+
+
 def test_bf16_mixed_computes_in_bf16_with_fp32_masters(runs, clean_process):
     one, _ = runs
     module = LitGPT()

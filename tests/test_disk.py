@@ -83,8 +83,9 @@ def test_clip_rollbacks_and_sgd_on_disk(tmp_path, overlap):
         (tmp_path / str(i)).mkdir()
         disk = _train(model, _to_disk(plan), disk=str(tmp_path / str(i)), clip=0.05, opt_fn=opt_fn)
         _same(disk, host)
-        if overlap:
-            assert elixir.step_stats(disk[2])["rollback_reasons"] == {"clip": 4}
+        if overlap:  # the first step speculated and rolled back on disk; the clip then acted every step
+            stats = elixir.step_stats(disk[2])
+            assert stats["rollback_reasons"] == {"clip": 1} and stats["clip_pauses"] == 3
 
 
 def test_host_holds_only_the_pools_of_disk_chunks(tmp_path):

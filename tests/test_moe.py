@@ -229,10 +229,12 @@ def _memory(rank, world, ep_size):
             want = full[s.name][lo : lo + per]
             got = full_chunk[s.offset : s.offset + s.numel].view(s.shape)
             assert torch.allclose(got, want, rtol=1e-2, atol=1e-3)  # one AdamW step of lr 1e-3 apart
-    # host holds fp32 shard (its own master) + AdamW's two states, of the experts' and the dense shards
-    host = elixir.memory_stats(m)["host_bytes"]
+    # host holds fp32 shard (its own master) + AdamW's two states, of the experts' and the dense shards, and
+    # the fp32 gradient buffers kept from step to step of chunks whose gradient was copied (a group of one)
+    stats = elixir.memory_stats(m)
     shard_numel = sum(c.numel // c.group.size for c in rt.chunks)
-    assert host == 3 * 4 * shard_numel
+    assert stats["host_grad_bytes"] == 4 * sum(c.numel for c in rt.chunks if c.group.size == 1)
+    assert stats["host_bytes"] - stats["host_grad_bytes"] == 3 * 4 * shard_numel
     # against the model: the local experts (1/ep of them) over world/ep ranks, the dense ones over the world,
     # plus at most group-size - 1 elements of padding and 16 of alignment per parameter
     ideal = expert_numel * per // EXPERTS // edp + dense_numel // world

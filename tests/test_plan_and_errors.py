@@ -90,8 +90,8 @@ def test_cache_too_small_for_a_module():
     [
         (dict(compute_dtype="fp8"), "compute_dtype='fp8' is not supported; use one of float32, bfloat16, float16"),
         (dict(compute_dtype=torch.int8), "is not supported"),
-        (dict(param_home="gpu"), "param_home='gpu' is not a memory tier; use 'device' or 'host'"),
-        (dict(optim_home="disk"), "optim_home='disk' is not a memory tier"),
+        (dict(param_home="gpu"), "param_home='gpu' is not a memory tier; use 'device', 'host' or 'disk'"),
+        (dict(optim_home="nvme"), "optim_home='nvme' is not a memory tier"),
         (dict(resident=True, param_home="host"), "resident=True keeps the whole chunk on the device"),
         (dict(chunk_mib=-1), "chunk_mib=-1 must be positive"),
     ],

@@ -37,7 +37,7 @@ class GradReducer:
         # reduce-scatters left in flight during backward, each holding a full-chunk fp32 buffer
         self.max_reductions_in_flight = 2
         self.first_backward_counts: dict[int, int] | None = None
-        self._kept_host_grads: dict[int, torch.Tensor] = {}  # chunk index -> pinned gradient buffer (CUDA)
+        self._kept_host_grads: dict[int, torch.Tensor] = {}  # chunk index -> kept host gradient buffer (pinned on CUDA)
         self._copying: dict[int, object] = {}  # id(pooled buffer) -> CUDA event: its copy to the host is done
         self._staging: queue.Queue = queue.Queue()
         self.staging_buffers = 0
@@ -46,6 +46,12 @@ class GradReducer:
     @property
     def grad_buffer_bytes(self) -> int:
         return self.grad_buffers * self._grad_buffer_numel * 4
+
+    @property
+    def host_grad_bytes(self) -> int:
+        """Bytes of the host gradient buffers kept from step to step (see `_host_grad`): they stay after
+        zero_grad, like memory a caching allocator keeps, and are counted under the host."""
+        return sum(b.numel() * b.element_size() for b in self._kept_host_grads.values())
 
     # [Note: gradient buffers]
     # A chunk's gradient is gathered in an fp32 buffer of the whole chunk, taken from a pool of

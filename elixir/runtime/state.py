@@ -367,6 +367,7 @@ class Runtime:
             "cache_blocks_used_peak": self.blocks_used_peak,
             "left_profiled_order": self.schedule.left_order,
             "grad_buffer_bytes": self.grads.grad_buffer_bytes,
+            "host_grad_bytes": self.grads.host_grad_bytes,
             "disk_bytes": t.bytes["disk"],
             **(self.disk.stats() if self.disk is not None else
                {"disk_reads": 0, "disk_writes": 0, "disk_bytes_read": 0, "disk_bytes_written": 0}),

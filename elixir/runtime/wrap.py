@@ -420,7 +420,8 @@ def runtime_of(model: torch.nn.Module) -> Runtime:
 _STAT_KEYS = (
     "device_bytes", "device_bytes_peak", "host_bytes", "host_bytes_peak", "gathers", "evictions", "num_chunks",
     "cache_blocks", "cache_bytes", "cache_blocks_used", "cache_blocks_used_peak", "left_profiled_order",
-    "grad_buffer_bytes", "disk_bytes", "disk_reads", "disk_writes", "disk_bytes_read", "disk_bytes_written",
+    "grad_buffer_bytes", "host_grad_bytes", "disk_bytes", "disk_reads", "disk_writes", "disk_bytes_read",
+    "disk_bytes_written",
 )
 
 

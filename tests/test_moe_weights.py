@@ -80,7 +80,7 @@ def test_train_fine_tunes_a_hugging_face_moe_folder_with_expert_parallelism(tmp_
     )
     transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "hf")
     args = ["train", "--model", str(tmp_path / "hf"), "--steps", "3", "--batch-size", "4", "--seq-len", "32",
-            "--eval-every", "0", "--eval-batches", "1", "--quiet", "--lr", "1e-4"]
+            "--eval-every", "0", "--eval-batches", "1", "--quiet", "--lr", "1e-4", "--byte-tokens"]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     one, many = tmp_path / "one.json", tmp_path / "many.json"
     subprocess.run([sys.executable, "-m", "elixir", *args, "--json", str(one)], check=True, env=env, timeout=300)

@@ -293,6 +293,21 @@ def _human(value: float, base: int) -> str:
 # (is floating point, is bool) -> the value a meta tensor's `.item()` is taken to have.
 _ASSUMED_VALUE = {(False, True): True, (False, False): 1, (True, False): 1.0}
 
+# [Note: grouped matrix products on the meta device]
+# torch._grouped_mm (Hugging Face's MoE experts use it) has CPU and CUDA kernels for several dtypes, but its
+# meta kernel accepts bfloat16 only, so an fp32 model that trains fine could not be traced. On the meta
+# device only shapes matter: the trace computes the product's shape in bfloat16 and gives the result the
+# dtype the real kernel would (out_dtype, else the inputs').
+_GROUPED_MM = getattr(_aten, "_grouped_mm", None)
+
+
+def _meta_grouped_mm(func, args, kwargs):
+    out_dtype = kwargs.get("out_dtype") or args[0].dtype
+    cast = [a.to(torch.bfloat16) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+    kw = {k: (v.to(torch.bfloat16) if isinstance(v, Tensor) and v.is_floating_point() else v)
+          for k, v in kwargs.items() if k != "out_dtype"}
+    return func(*cast, **kw).to(out_dtype)
+
 
 def _storage_of(t: Tensor) -> torch.UntypedStorage | None:
     try:
@@ -379,7 +394,11 @@ class _StepTracer(TorchDispatchMode):
             # See [Note: values read on the meta device].
             self.assumed_values += 1
             return _ASSUMED_VALUE[args[0].dtype.is_floating_point, args[0].dtype == torch.bool]
-        out = func(*args, **kwargs)
+        if (_GROUPED_MM is not None and func._overloadpacket is _GROUPED_MM and args[0].device.type == "meta"
+                and args[0].dtype != torch.bfloat16):
+            out = _meta_grouped_mm(func, args, kwargs)  # see [Note: grouped matrix products on the meta device]
+        else:
+            out = func(*args, **kwargs)
 
         params: list[str] = []
         param_of_storage = self.param_of_storage

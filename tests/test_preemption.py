@@ -117,6 +117,13 @@ def test_a_signal_saves_after_the_step_and_resume_auto_ends_bit_identical(tmp_pa
     assert all(torch.equal(a[n], b[n]) for n in a)
     losses = [r["loss"] for r in _records(cut)]
     assert losses == [r["loss"] for r in _records(full)]  # every step logged once, with the same loss
+    if sig == signal.SIGTERM:  # a relaunch loop that runs the command once more ends there, changing nothing
+        before = {f.name: f.read_bytes() for f in (cut / "last").iterdir()}
+        third = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
+        assert third.returncode == 0, third.stderr[-3000:]
+        assert f"is at step {STEPS} of --steps {STEPS} already: nothing to train" in third.stdout
+        assert {f.name: f.read_bytes() for f in (cut / "last").iterdir()} == before
+        assert len(_records(cut)) == STEPS
 
 
 def test_without_out_a_signal_stops_with_the_signals_status(tmp_path):

@@ -330,6 +330,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         job = build(args)
     except ValueError as e:
         parser.error(str(e))
+    if job.finished:
+        if job.rank == 0:
+            print(f"{args.resume} is at step {job.start_step} of --steps {args.steps} already: nothing to train")
+        elixir.runtime_of(job.model).close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 0
     result = loop(job, args)
     elixir.runtime_of(job.model).close()  # the disk tier's scratch file, if any, goes now
     if args.json and job.rank == 0:

@@ -314,7 +314,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="continue from a checkpoint (--out's folder, DIR/last or DIR/step-N) with its saved config: no other "
         "flag is needed; any number of ranks and any plan; --steps is the total to reach. 'auto': from --out's "
         "last checkpoint when there is one, else from the start (the same command, relaunched after a "
-        "preemption or a crash, goes on)",
+        "preemption or a crash, goes on; once at --steps it exits 0 at once)",
     )
 
     ranks = p.add_argument_group("several ranks (launch with torchrun --nproc-per-node N)")

@@ -101,6 +101,7 @@ def check_args(args: argparse.Namespace) -> None:
         if args.out is None:
             raise ValueError("--resume auto resumes from --out's last checkpoint: add --out DIR")
         args.resume = checkpoint_path(args.out)
+        args._resume_auto = True  # a run already at --steps is done, not an error (a relaunch loop ends there)
     if args.resume is not None:
         from elixir.checkpoint.store import MANIFEST
 
@@ -408,6 +409,7 @@ class Job:
     start_step: int = 0  # optimizer steps already taken (a resumed run)
     recent_losses: list = field(default_factory=list)  # the last steps' losses before the start (a resumed run)
     recent: object = None  # the last steps' losses while the loop runs (checkpoints keep them)
+    finished: bool = False  # --resume auto found the run at --steps already: nothing to train
 
     @property
     def train_batches(self):
@@ -576,6 +578,9 @@ def _resume(job: Job, args: argparse.Namespace) -> None:
                 f"{getattr(args, key)}; resume with the same model and data flags"
             )
     job.start_step = job.optim.steps
+    if job.start_step >= args.steps and getattr(args, "_resume_auto", False):
+        job.finished = True
+        return
     if job.start_step >= args.steps:
         raise ValueError(f"--resume {args.resume!r} is at step {job.start_step}; use --steps above it to train on")
     job.data.train.load_state_dict(extra["batches"])

@@ -7,8 +7,9 @@ tests/test_chaos.py runs a short schedule; for a soak run:
 
     GLOO_SOCKET_IFNAME=lo python tests/chaos.py --kills 30 --steps 300 --seed 7
 
-A worker is caught writing (reading) a checkpoint by its open files: a descriptor into `last.tmp/` (`last/`),
-read from /proc at a few-millisecond cadence (Linux only).
+A worker is caught writing a checkpoint by its open files: a descriptor into `last.tmp/`, read from /proc at a
+few-millisecond cadence (Linux only). A load of a small checkpoint is too quick for that: the victim rank kills
+itself at a random read inside `elixir.load` (tests/chaos_worker.py, the module torchrun starts).
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ ARGS = ["train", "--model", "small", "--batch-size", "4", "--seq-len", "64", "--
 KINDS = ("step", "save", "load")
 
 
-def env() -> dict:
-    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def env(**extra) -> dict:
+    here = str(Path(__file__).resolve().parent)  # chaos_worker's folder
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": path, **extra}
 
 
 def command(out: Path, steps: int, save_every: int, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "--monitor-interval=0.1", "-m", "elixir", *ARGS, "--steps", str(steps), "--out", str(out),
+            "--monitor-interval=0.1", "-m", "chaos_worker", *ARGS, "--steps", str(steps), "--out", str(out),
             "--save-every", str(save_every), "--resume", "auto"]
 
 
@@ -84,25 +88,33 @@ def has_open_under(pid: int, folder: Path) -> bool:
 
 
 def launch_and_kill(out: Path, steps: int, save_every: int, nproc: int, kind: str, rng: random.Random,
-                    log, timeout: float) -> str | None:
-    """One launch; kill a random rank at the moment `kind` names. Returns what was killed ("step 12", "save",
-    "load") or None when the run finished first."""
+                    log, timeout: float, nth_save: int | None = None) -> str | None:
+    """One launch; kill a random rank at the moment `kind` names (a save: the `nth_save`-th of the launch, by
+    default the first or the second at random). Returns what was killed ("step 12", "save", "load") or None
+    when the run finished first."""
     done_before = max(records(out), default=0)
     target = done_before + rng.randint(1, 2 * save_every)  # before a save, or after one
+    mark = out.parent / "killed-in-load"
+    mark.unlink(missing_ok=True)
+    armed = {"CHAOS_KILL_IN_LOAD": f"{rng.randrange(nproc)}:{rng.randint(1, 4)}", "CHAOS_MARK": str(mark)}
     with open(out.parent / "launches.log", "a") as f:
-        proc = subprocess.Popen(command(out, steps, save_every, nproc), env=env(), stdout=f, stderr=f)
+        proc = subprocess.Popen(command(out, steps, save_every, nproc), env=env(**armed) if kind == "load" else env(),
+                                stdout=f, stderr=f)
     deadline = time.monotonic() + timeout
     killed = None
+    nth_save = nth_save or rng.randint(1, 2)
+    saves_seen: set[int] = set()  # a save is told apart from the next by the step it follows
     while proc.poll() is None and time.monotonic() < deadline:
         ranks = workers(proc.pid)
         if len(ranks) == nproc:
             victim = rng.choice(ranks)
+            writing = kind == "save" and any(has_open_under(r, out / "last.tmp") for r in ranks)
+            if writing:
+                saves_seen.add(max(records(out), default=0))
             if kind == "step" and max(records(out), default=0) >= target:
                 killed = f"step {max(records(out))}"
-            elif kind == "save" and any(has_open_under(r, out / "last.tmp") for r in ranks):
+            elif writing and len(saves_seen) == nth_save:
                 killed = "save"
-            elif kind == "load" and any(has_open_under(r, out / "last") for r in ranks):
-                killed = "load"
             if killed:
                 os.kill(victim, signal.SIGKILL)
                 break
@@ -113,6 +125,8 @@ def launch_and_kill(out: Path, steps: int, save_every: int, nproc: int, kind: st
         proc.kill()
         proc.wait()
         raise RuntimeError(f"a launch did not end within {timeout:.0f} s after a kill at {killed}: a hang") from None
+    if kind == "load" and mark.exists():
+        killed = "load"
     log(f"launch: {kind:<4} -> {killed or 'finished first'} (exit {proc.returncode})")
     return killed
 
@@ -142,7 +156,10 @@ def run(work: Path, *, steps: int, save_every: int, kills: int, seed: int, nproc
         if max(records(cut), default=0) >= steps and checkpoint_path(str(cut)):
             break  # the run got to its end between kills
         if kind == "load" and checkpoint_path(str(cut)) is None:
-            kind = "save"  # nothing to load yet: the first save comes instead
+            # nothing to load yet: a launch killed during its second save leaves the first one to load
+            killed = launch_and_kill(cut, steps, save_every, nproc, "save", rng, log, timeout, nth_save=2)
+            if killed:
+                history.append(killed)
         killed = launch_and_kill(cut, steps, save_every, nproc, kind, rng, log, timeout)
         if killed:
             history.append(killed)

@@ -215,6 +215,8 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
                     window_start = time.perf_counter()
                 else:
                     window_start += time.perf_counter() - t
+            if job.on_step is not None:
+                job.on_step(step)
             if not last and stop.requested():  # every rank, at the same step
                 if args.out is not None and saved_at != step:
                     save_checkpoint(job, args)

@@ -410,6 +410,9 @@ class Job:
     recent_losses: list = field(default_factory=list)  # the last steps' losses before the start (a resumed run)
     recent: object = None  # the last steps' losses while the loop runs (checkpoints keep them)
     finished: bool = False  # --resume auto found the run at --steps already: nothing to train
+    on_step: object = None
+    """Called as on_step(step) after each step's update (and its save and evaluation, if any): a probe for
+    tools that watch a run (bench/soak.py); None in `elixir train`."""
 
     @property
     def train_batches(self):

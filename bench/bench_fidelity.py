@@ -1,10 +1,10 @@
 """Planner fidelity: the cost model's predicted step time and model-data device bytes against the runtime.
 
 For the reference GPT (default the ~50M preset, fp32, fused AdamW, batch 4 x 256) and several plans, the
-script predicts one step with `elixir.search.simulate(profile, plan, Hardware.measure())` and measures it:
-the median step time over several steps after warm-up (plans alternate, one step each per repetition, in
-rotating order, as DESIGN.md section 6 asks) and `elixir.memory_stats(model)["device_bytes_peak"]`, the
-runtime's peak of model data over the whole run (nothing is reset: the cost model predicts the same
+script predicts one step with `elixir.search.simulate(profile, plan, Hardware.measure())` and measures it: the
+median step time over several steps after warm-up (plans alternate, one step each per repetition, in rotating
+order, as docs/architecture.md, "How we measure", asks) and `elixir.memory_stats(model)["device_bytes_peak"]`,
+the runtime's peak of model data over the whole run (nothing is reset: the cost model predicts the same
 counter, activations excluded). Plans:
 
   resident   every chunk resident, homes on the device (chunk_mib 32)

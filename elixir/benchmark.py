@@ -2,7 +2,7 @@
 
 The pieces that `elixir bench`, bench/bench_dist.py and the GPU benchmark under bench/gpu/ share, written
 once so that every system trains the same model on the same batch with the same optimizer, and is timed
-and measured the same way (DESIGN.md section 6):
+and measured the same way (docs/architecture.md, "How we measure"):
 
 - `build_model` and `make_batch`: a GPT preset (elixir.models) or a public family preset (OPT, GPT-2,
   Llama dimensions; elixir.models.families), dropout off, from one seed; random token ids.

@@ -7,9 +7,9 @@ on host, device-internal copy bandwidth). `Hardware.preset(name)` gives figures 
 have (datasheet peaks times the fraction large kernels achieve in practice, with sources); `Hardware.measure()`
 calibrates the machine at hand in a few seconds and caches the result.
 
-On a CPU-only machine "device" and "host" are the same RAM (see DESIGN.md): the device rates are measured
-on buffers kept apart from the host ones, as the runtime keeps them, and each side gets half the RAM so
-that a plan filling both still fits.
+On a CPU-only machine "device" and "host" are the same RAM (docs/architecture.md, "CPU-only machines"):
+the device rates are measured on buffers kept apart from the host ones, as the runtime keeps them, and
+each side gets half the RAM so that a plan filling both still fits.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ or skipped and counted; every rank decides alike. fp16 keeps its loss scaling (t
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -132,3 +133,16 @@ def test_a_copy_of_a_model_is_not_needed_to_check():
         opt.zero_grad()
         counts.append(tracker.allocations)
     assert counts[2:] == [counts[2]] * 3
+
+
+def test_elixir_train_stops_by_name_or_skips_with_the_flag(tmp_path, capsys):
+    from elixir.cli import main
+
+    blow_up = ["train", "--model", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-batches",
+               "1", "--hardware", "CPU", "--lr", "1e38", "--clip", "0", "--warmup-steps", "0", "--quiet"]
+    assert main(blow_up) == 1  # step 1 makes the weights huge, step 2's gradients are not finite
+    err = capsys.readouterr().err
+    assert "elixir train: error: step 2: non-finite gradients (first in parameter" in err, err
+    assert main([*blow_up, "--nonfinite", "skip", "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["steps"] == 4 and result["nonfinite_steps"] == 3  # steps 2-4 skipped, the model as after 1

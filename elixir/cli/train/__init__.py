@@ -239,6 +239,7 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
         "saved": saved_at == step and args.out is not None,
         "elapsed_s": elapsed_s,
         "skipped_steps": job.optim.skipped_steps,
+        "nonfinite_steps": job.optim.nonfinite_steps,
         "speculated_steps": stats["speculated_steps"],
         "rollbacks": stats["rollbacks"],
         "step_s": measured_step_s,
@@ -259,7 +260,10 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
     progress.line(
         f"done: train loss {train_loss:.4f} (mean of the last {len(recent)} steps), val loss {val_loss:.4f}, "
         f"{result['tokens_per_s']:,.0f} tokens/s, {clock(elapsed_s)} elapsed"
-        + (f", {job.optim.skipped_steps} steps skipped on fp16 overflow" if job.optim.skipped_steps else "")
+        + (f", {overflow} steps skipped on fp16 overflow" if (overflow := job.optim.skipped_steps
+                                                               - job.optim.nonfinite_steps) else "")
+        + (f", {job.optim.nonfinite_steps} steps skipped on non-finite gradients" if job.optim.nonfinite_steps
+           else "")
     )
     reporters.close()
     return result
@@ -339,7 +343,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
         return 0
-    result = loop(job, args)
+    try:
+        result = loop(job, args)
+    except elixir.NonFiniteError as e:  # every rank alike: the flag is all-reduced
+        print(f"elixir train: error: {e}", file=sys.stderr)
+        elixir.runtime_of(job.model).close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 1
     elixir.runtime_of(job.model).close()  # the disk tier's scratch file, if any, goes now
     if args.json and job.rank == 0:
         with open(args.json, "w") as f:

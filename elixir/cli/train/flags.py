@@ -204,6 +204,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--clip", type=_float_in("--clip", 0.0, low_open=False), metavar="X", default=1.0,
         help="clip the global gradient norm to X, 0 for no clipping (default: 1.0)",
     )
+    opt.add_argument(
+        "--nonfinite", choices=("error", "skip"), default="error",
+        help="a NaN or infinite gradient (bf16, fp32): 'error' stops, naming the step and the parameter, the model "
+        "as before the step; 'skip' skips the step on every rank and counts it (default: error; fp16 has "
+        "loss scaling instead)",
+    )
 
     moe = p.add_argument_group("Mixture-of-Experts (GPT presets)")
     moe.add_argument(

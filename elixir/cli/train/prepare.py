@@ -537,10 +537,12 @@ def build(args: argparse.Namespace) -> Job:
     hardware = _hardware(args)
     device = accel.default_device()
     if getattr(args, "_plan", None) is not None:
-        model, optim = elixir.wrap(model, optim, plan=args._plan, device=device, disk=args.disk)
+        model, optim = elixir.wrap(model, optim, plan=args._plan, device=device, disk=args.disk,
+                                   nonfinite=args.nonfinite)
     elif any(getattr(args, f) is not None for f in PLAN_FLAGS):
         plan = _uniform_plan(args, model, optim, dtype)
-        model, optim = elixir.wrap(model, optim, plan=plan, device=device, disk=args.disk)
+        model, optim = elixir.wrap(model, optim, plan=plan, device=device, disk=args.disk,
+                                   nonfinite=args.nonfinite)
     else:  # the planner: rank 0 searches, every rank takes its plan (elixir.wrap's plan="auto")
         name = str(dtype).removeprefix("torch.")
         if name not in hardware.matmul_flops:
@@ -550,7 +552,7 @@ def build(args: argparse.Namespace) -> Job:
                 "the plan by hand (--resident, or --on-demand ...)"
             )
         model, optim = elixir.wrap(model, optim, plan="auto", device=device, disk=args.disk, compute_dtype=dtype,
-                                   example_batch=example, hardware=hardware)
+                                   example_batch=example, hardware=hardware, nonfinite=args.nonfinite)
     plan = state_of(model).plan
     prediction = dict(plan.predicted)
     if not prediction:

@@ -11,7 +11,7 @@ from elixir.optim import ElixirOptimizer, NonFiniteError
 from elixir.plan import ChunkPlan, Plan
 from elixir.preempt import EXIT_PREEMPTED, Preemption
 from elixir.profile import profile
-from elixir.runtime import CacheTooSmallError, full_state_dict, memory_stats, runtime_of, step_stats, wrap
+from elixir.runtime import CacheTooSmallError, full_state_dict, memory_stats, plan_of, runtime_of, step_stats, wrap
 from elixir.search import PlanDoesNotFitError, plan
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ __all__ = [
     "memory_stats",
     "parallel",
     "plan",
+    "plan_of",
     "profile",
     "runtime_of",
     "save",

@@ -65,7 +65,7 @@ def test_the_first_forward_plans_and_training_matches_pytorch():
         opt.zero_grad()
         sched.step()
         losses.append(loss.item())
-    plan = m._elixir_runtime.plan
+    plan = elixir.plan_of(m)
     assert plan.predicted and plan.use_order, "the plan was not searched from a profile"
     assert not all(c.resident and c.optim_home == "device" for c in plan.chunks), "nothing was offloaded"
     assert elixir.memory_stats(m).keys() == stats.keys()
@@ -82,7 +82,7 @@ def test_example_batch_plans_at_wrap_time():
     hw = small_device(model, data[0])
     m, opt = elixir.wrap(m, opt, example_batch={"input_ids": data[0], "labels": data[0]}, hardware=hw)
     assert elixir.memory_stats(m)["num_chunks"] > 0
-    assert m._elixir_runtime.plan.predicted
+    assert elixir.plan_of(m).predicted
 
 
 def test_needing_the_chunks_before_a_forward_uses_the_default_plan(tmp_path):
@@ -90,10 +90,10 @@ def test_needing_the_chunks_before_a_forward_uses_the_default_plan(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, opt = elixir.wrap(model, opt, hardware=Hardware.preset("CPU"))
     elixir.save(model, opt, tmp_path / "ck")  # needs the chunks: made now, every chunk resident
-    plan = model._elixir_runtime.plan
+    plan = elixir.plan_of(model)
     assert all(c.resident for c in plan.chunks) and not plan.predicted
     loss_of(model, batches(1)[0]).backward()  # and no second planning at the first forward
-    assert model._elixir_runtime.plan is plan
+    assert elixir.plan_of(model) is plan
 
 
 def test_a_first_forward_the_planner_cannot_read_is_refused():
@@ -128,7 +128,7 @@ def _ranks_agree(rank, world):
         total = loss.detach().clone()
         torch.distributed.all_reduce(total)
         losses.append(total.item() / world)
-    plan = m._elixir_runtime.plan
+    plan = elixir.plan_of(m)
     plans = [None] * world
     torch.distributed.all_gather_object(plans, plan.to_json())
     assert len(set(plans)) == 1
@@ -137,5 +137,6 @@ def _ranks_agree(rank, world):
     assert_params_close(elixir.full_state_dict(m), want_params, 1e-5)
 
 
+@pytest.mark.dist
 def test_every_rank_takes_rank_zeros_plan():
     run_ranks(_ranks_agree, 2)

@@ -139,15 +139,6 @@ class Chunk:
         start = self.group.rank * self.shard_numel
         return slice(start, start + self.shard_numel)
 
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    @property
-    def used_numel(self) -> int:
-        last = self.slots[-1]
-        return last.offset + last.numel
-
     def bind(self, full: torch.Tensor) -> None:
         """Make the parameters views of `full` (the whole chunk)."""
         assert full.numel() >= self.numel and full.dtype == self.dtype

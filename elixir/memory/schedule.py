@@ -17,7 +17,7 @@ _RESYNC_WINDOW = 64
 
 
 class EvictionSchedule:
-    def __init__(self, order: list[int] | None = None) -> None:
+    def __init__(self) -> None:
         self.order: list[int] | None = None
         self._positions: dict[int, list[int]] = {}
         self._recording: list[int] | None = None
@@ -26,8 +26,6 @@ class EvictionSchedule:
         self.on_order = False
         self.left_order = 0  # steps (forwards) that left the order: a statistic
         self._last: int | None = None
-        if order is not None:
-            self.set_order(order)
 
     def set_order(self, order: list[int]) -> None:
         dedup = [c for i, c in enumerate(order) if i == 0 or order[i - 1] != c]
@@ -88,12 +86,12 @@ class EvictionSchedule:
         i = bisect.bisect_right(pos, self.cursor)
         return pos[i] if i < len(pos) else math.inf
 
-    def upcoming(self, count: int, skip: set[int] | None = None) -> list[int]:
+    def upcoming(self, count: int) -> list[int]:
         """The next `count` distinct chunks in the order after the cursor."""
         if not self.on_order or count <= 0:
             return []
         out: list[int] = []
-        seen = set(skip or ())
+        seen: set[int] = set()
         for c in self.order[self.cursor + 1 :]:
             if c not in seen:
                 seen.add(c)

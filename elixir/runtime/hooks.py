@@ -86,7 +86,6 @@ class Interceptor:
         self.cache = runtime.cache
         self._contexts: list = []
         self._stack: list[tuple[list[Chunk], bool]] = []
-        self.handles = []
         for module in model.modules():
             chunks: list[Chunk] = []
             for p in module.parameters(recurse=False):
@@ -97,10 +96,8 @@ class Interceptor:
                 pre = self._make_pre(chunks, module is model)
                 if module is model:
                     self.root_pre = pre  # (see [Note: planning on the first forward] in wrap.py)
-                self.handles.append(module.register_forward_pre_hook(pre))
-                self.handles.append(
-                    module.register_forward_hook(self._make_post(module is model), always_call=True)
-                )
+                module.register_forward_pre_hook(pre)
+                module.register_forward_hook(self._make_post(module is model), always_call=True)
 
     # --- module hooks ------------------------------------------------------------------------
 
@@ -183,8 +180,3 @@ class Interceptor:
             rt.acquire(c)
         rt.node_pin(c, node)
         return c.block.buffer.as_strided(saved.size, saved.stride, saved.storage_offset)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()

@@ -417,6 +417,13 @@ def runtime_of(model: torch.nn.Module) -> Runtime:
     return state_of(model).runtime
 
 
+def plan_of(model: torch.nn.Module):
+    """The plan a wrapped model runs under: the one given to `wrap`, or the one the planner chose (at the
+    first forward, or at wrap time with `example_batch`). A model whose plan is still to be made gets the
+    default plan now, as anything that needs its chunks does."""
+    return state_of(model).plan
+
+
 _STAT_KEYS = (
     "device_bytes", "device_bytes_peak", "host_bytes", "host_bytes_peak", "gathers", "evictions", "num_chunks",
     "cache_blocks", "cache_bytes", "cache_blocks_used", "cache_blocks_used_peak", "left_profiled_order",

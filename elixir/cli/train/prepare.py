@@ -500,8 +500,6 @@ def _uniform_plan(args: argparse.Namespace, model: torch.nn.Module, optim, dtype
 def build(args: argparse.Namespace) -> Job:
     """Tokenizer, data, model, plan, optimizer, schedule and checkpoint. Raises ValueError for values that
     only the data or the model can show wrong (a field missing, text too short, chunks too small, ...)."""
-    from elixir.runtime.wrap import state_of
-
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     tokenizer = _tokenizer(args)
     if len(tokenizer) > _vocab_size(args):
@@ -553,7 +551,7 @@ def build(args: argparse.Namespace) -> Job:
             )
         model, optim = elixir.wrap(model, optim, plan="auto", device=device, disk=args.disk, compute_dtype=dtype,
                                    example_batch=example, hardware=hardware, nonfinite=args.nonfinite)
-    plan = state_of(model).plan
+    plan = elixir.plan_of(model)
     prediction = dict(plan.predicted)
     if not prediction:
         from elixir.search.cost import simulate

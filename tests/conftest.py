@@ -1,4 +1,5 @@
-"""Hypothesis profiles for the fuzz tests (tests/test_fuzz_*.py), and their counts in the run's summary.
+"""Hypothesis profiles for the fuzz tests (tests/test_fuzz_*.py) and their counts in the run's summary; the `dist`
+mark for tests that use a multi-process fixture.
 
 `ci`, the default, keeps every file kind to a few seconds and draws the same inputs on every run; `long`
 draws far more, and new ones each time, for soak runs: `pytest tests/test_fuzz_*.py --hypothesis-profile=long`.
@@ -23,3 +24,16 @@ def pytest_terminal_summary(terminalreporter):
     for kind, count in sorted(fuzzing.COUNTS.items()):
         refused = fuzzing.FAILED[kind]
         terminalreporter.write_line(f"{kind:<28} {count:>7} inputs, {refused:>7} refused with the named error")
+
+
+# Fixtures that train on several ranks (module-scoped: the first test to use one pays for it); a test that uses
+# one is a `dist` test whatever its own body does.
+MULTI_PROCESS_FIXTURES = {"runs"}
+
+
+def pytest_collection_modifyitems(items):
+    import pytest
+
+    for item in items:
+        if MULTI_PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.dist)

@@ -319,6 +319,7 @@ def test_plan_api_chooses_the_batch_and_leaves_the_model_as_it_was():
 
 # ---- elixir plan --tokens-per-step ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_prints_the_chosen_batch(tmp_path, capsys):
     out = tmp_path / "plan.json"
     status = main(["plan", "--model", "gpt2", "--gpu", "A100-80GB", "--gpu-memory", "3GiB", "--seq-len", "256",

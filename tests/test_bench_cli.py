@@ -18,6 +18,7 @@ def _env(**extra):
     return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
+@pytest.mark.dist
 def test_bench_one_process_writes_rows_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "-m", "elixir", "bench", "--nproc", "1", *TINY,
@@ -42,6 +43,7 @@ def test_bench_one_process_writes_rows_and_ratios(tmp_path):
     assert data["config"]["world_size"] == 1 and data["skipped"] == {}
 
 
+@pytest.mark.dist
 def test_bench_relaunches_itself_on_two_ranks(tmp_path):
     out = tmp_path / "bench2.json"
     done = subprocess.run([sys.executable, "-m", "elixir", "bench", "--nproc", "2", *TINY, "--batch-size", "4",
@@ -56,6 +58,7 @@ def test_bench_relaunches_itself_on_two_ranks(tmp_path):
     assert "fsdp2-offload/elixir" in data["ratios"]
 
 
+@pytest.mark.slow
 def test_deepspeed_missing_is_reported_and_the_rest_runs(tmp_path, monkeypatch, capsys):
     from elixir import benchmark
 
@@ -90,6 +93,7 @@ def test_bad_flags_give_one_line_error(argv, message, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.dist
 def test_gpu_benchmark_dry_run(tmp_path):
     done = subprocess.run(["bash", "bench/gpu/run.sh", "--dry-run"], cwd=REPO, env=_env(OUT=str(tmp_path)),
                           capture_output=True, text=True, timeout=300)

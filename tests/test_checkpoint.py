@@ -216,6 +216,7 @@ def _meta_wrapped(reference, kind):
     return elixir.wrap(model, opt, plan=make_plan(model, kind, opt))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_load_pretrained_into_a_model_built_on_meta(tmp_path, family):
     reference = build(family).eval()

@@ -3,6 +3,7 @@ and the export round trip into transformers."""
 
 import copy
 
+import pytest
 import torch
 from dist import run_ranks
 
@@ -53,6 +54,7 @@ def _resume_exact(rank, world, path):
         assert a + b == whole, (dtype, a + b, whole)
 
 
+@pytest.mark.dist
 def test_resume_on_two_ranks_is_bit_identical(tmp_path):
     run_ranks(_resume_exact, 2, str(tmp_path))
 
@@ -70,6 +72,7 @@ def _resume_and_compare(rank, world, path, want):
     assert_close_rel(got, want, 1e-5)
 
 
+@pytest.mark.dist
 def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_four(tmp_path):
     path = str(tmp_path / "ck")
     run_ranks(_save_half_way, 2, path)
@@ -96,6 +99,7 @@ def _export_round_trip(rank, world, family, path):
         torch.save(logits, f"{path}.logits.pt")
 
 
+@pytest.mark.dist
 def test_export_after_training_on_two_ranks_loads_in_transformers(tmp_path):
     import transformers
 
@@ -121,6 +125,7 @@ def _load_pretrained_ranks(rank, world, path, want):
         torch.testing.assert_close(model.eval()(input_ids=batches(1)[0]).logits, want, rtol=0, atol=0)
 
 
+@pytest.mark.dist
 def test_load_pretrained_on_two_ranks(tmp_path):
     ref = build("llama").eval()
     ref.save_pretrained(tmp_path / "hf")

@@ -149,6 +149,7 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert factors[-1] == pytest.approx(0.1, abs=1e-3)
 
 
+@pytest.mark.dist
 def test_python_dash_m_help():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, "-m", "elixir", "train", "--help"]

@@ -70,16 +70,19 @@ def _collectives(rank, world, dtype, mean_over, shared="none"):
             assert torch.equal(shard, shards[rank])
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_reduce_scatter_and_all_gather_match_sums(world):
     run_ranks(_collectives, world, torch.float32, 0)
 
 
+@pytest.mark.dist
 def test_bf16_and_a_divisor_other_than_the_group_size():
     # expert-parallel groups divide by the world, not by their own size
     run_ranks(_collectives, 2, torch.bfloat16, 4)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("shared", ["all", "not-rank-0"])
 def test_through_shared_memory(world, shared):
@@ -96,6 +99,7 @@ def _arena_switch(rank, world, results):
     results.put(("all-agree", rank, SharedArena.create(group) is not None))
 
 
+@pytest.mark.dist
 def test_every_rank_agrees_on_the_arena():
     import torch.multiprocessing as mp
 

@@ -112,6 +112,7 @@ def test_host_holds_only_the_pools_of_disk_chunks(tmp_path):
     assert os.path.getsize(disk.path) == disk.file_bytes
 
 
+@pytest.mark.slow
 def test_a_larger_model_keeps_its_states_out_of_host_memory(tmp_path):
     """RSS grows by the pools, not by the 12-14 bytes per parameter the disk holds (O_DIRECT: no page cache)."""
     torch.manual_seed(0)
@@ -260,6 +261,7 @@ def _ranks_disk(rank, world, folder):
         assert torch.equal(results[0][n], results[1][n]), n
 
 
+@pytest.mark.dist
 def test_two_ranks_on_disk_match_host_and_reshard_to_one(tmp_path):
     from dist import run_ranks
 
@@ -317,6 +319,7 @@ def test_the_planner_predicts_disk_host_and_device_bytes_exactly(tmp_path, overl
     assert pred.disk_busy_s > 0
 
 
+@pytest.mark.slow
 def test_elixir_plan_puts_optimizer_states_on_disk_when_the_host_is_short(capsys):
     from elixir.cli import main
 
@@ -329,6 +332,7 @@ def test_elixir_plan_puts_optimizer_states_on_disk_when_the_host_is_short(capsys
     assert "disk" in text.split("chunk ")[0] and "scratch disk" in text and "busy" in text
 
 
+@pytest.mark.slow
 def test_elixir_train_with_the_optimizer_on_disk(tmp_path):
     from elixir.cli import main
 

@@ -89,11 +89,13 @@ def _all_plans(rank, world, family, kinds):
     _parity(rank, world, family, "mixed", True, True)  # accumulation and clipping across ranks
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 4])
 def test_gpt_matches_one_process_under_every_plan(world):
     run_ranks(_all_plans, world, "gpt", PLANS)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 4])
 def test_llama_matches_one_process(world):
     run_ranks(_all_plans, world, "llama", ("resident", "on_demand", "host"))
@@ -117,6 +119,7 @@ def _memory(rank, world, results):
     results.put((world, rank, stats["host_bytes"] - stats["host_grad_bytes"], sum(c.numel for c in rt.chunks)))
 
 
+@pytest.mark.dist
 def test_model_data_per_rank_falls_as_one_over_n():
     import torch.multiprocessing as mp
 
@@ -185,6 +188,7 @@ def _shared_vs_sockets(rank, world):
         assert_params_close(p1, p0, 1e-6)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 4])
 def test_shared_memory_and_sockets_train_alike(world):
     run_ranks(_shared_vs_sockets, world)

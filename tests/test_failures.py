@@ -68,6 +68,7 @@ def _run_two_ranks(target, *args):
     return results
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("fault", ["dies", "hangs"])
 def test_peer_failure_is_a_named_error_within_the_timeout(fault):
     results = _run_two_ranks(_rank, fault)
@@ -104,6 +105,7 @@ def _save_rank(rank, world, port, path, results):
     results.put((rank, "finished", "", time.monotonic() - started))
 
 
+@pytest.mark.dist
 def test_a_rank_dying_during_a_save_fails_the_others_and_keeps_the_last_checkpoint(tmp_path):
     from elixir.checkpoint.files import file_digest
 
@@ -176,6 +178,7 @@ def _dying_rank(rank, world, port, where, path, results):
     results.put((rank, "finished", "", time.monotonic() - started))
 
 
+@pytest.mark.dist
 def test_a_rank_dying_in_an_all_to_all_a_load_or_the_planning_is_named(tmp_path):
     cases = {"moe": "all-to-all", "load": "elixir.load", "plan": "broadcast of rank 0's plan"}
     ctx = mp.get_context("spawn")

@@ -90,6 +90,7 @@ steps: 100
 """
 
 
+@pytest.mark.slow
 def test_config_file_round_trip_and_a_resume_that_needs_no_flags(job_dir, tmp_path):
     (tmp_path / "job.yaml").write_text(CONFIG_YAML)
     (tmp_path / "job.toml").write_text(
@@ -126,6 +127,7 @@ def _env():
     return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.dist
 def test_resume_mid_epoch_on_two_ranks_is_exact_and_one_rank_continues_it(job_dir, tmp_path):
     import dataclasses
 

@@ -71,6 +71,7 @@ def _may_load(name: str, how: str, path: tuple) -> bool:
                                                                    "collective_bytes_per_s"))
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(2.0))
 @given(data=st.data())
 def test_fuzzed_caches(caches, data):

@@ -130,6 +130,7 @@ def _manifest_may_load(how: str, path: tuple, value, reader: str) -> bool:
     )
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(1.0))
 @given(data=st.data())
 def test_fuzzed_manifests(checkpoint, data):
@@ -157,6 +158,7 @@ def _value_at(doc, path):
         return None  # removed
 
 
+@pytest.mark.slow
 def test_manifests_truncated_at_every_byte(checkpoint):
     ck, out, model, opt = checkpoint
     manifest = ck / "manifest.json"
@@ -197,6 +199,7 @@ def _read_every_tensor(path):
         reader.read_tensor(name)
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(1.0))
 @given(data=st.data())
 def test_fuzzed_safetensors_headers(checkpoint, data):
@@ -213,6 +216,7 @@ def test_fuzzed_safetensors_headers(checkpoint, data):
         _load_and_export("safetensors header", ck, out, model, opt, must_fail=not may_load)
 
 
+@pytest.mark.slow
 def test_safetensors_truncated_at_every_byte(checkpoint):
     ck, out, model, opt = checkpoint
     shard = ck / "rank-00000-of-00001.safetensors"
@@ -240,6 +244,7 @@ def test_safetensors_of_random_bytes(checkpoint, data):
 # --- common.pt and the RNG files ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(1.0))
 @given(data=st.data())
 def test_fuzzed_common_and_rng_files(checkpoint, data):

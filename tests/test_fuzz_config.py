@@ -46,6 +46,7 @@ def _must_fail(how: str, path: tuple, value) -> bool:
     return False
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(1.0))
 @given(data=st.data())
 def test_fuzzed_configs(config_file, data):

@@ -111,6 +111,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir().parts[-2:] == (".cache", "elixir")
 
 
+@pytest.mark.slow
 def test_measure_quick_and_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(hardware, "_machine_busy", lambda: "")  # the suite's own load must not decide
@@ -136,6 +137,7 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
     assert Hardware.from_json(files[0].read_text()).name == hw.name
 
 
+@pytest.mark.slow
 def test_rates_measured_on_a_busy_machine_are_not_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(hardware, "_machine_busy", lambda: "load average 7.0 with 1 rank(s) of this job on 2 core(s)")

@@ -195,6 +195,7 @@ def test_peft_checkpoint_holds_the_adapter_only(runs):
         assert_close_rel(got[name], want[name], REL)
 
 
+@pytest.mark.slow
 def test_fp16_losses_are_scaled_by_the_elixir_optimizer(tmp_path):
     """fp16: the loss Accelerate backpropagates is multiplied by Elixir's loss scale and the shards are unscaled
     before SGD (whose step, unlike Adam's, is proportional to the gradient) moves the weights as fp32 would."""

@@ -159,6 +159,7 @@ def _parity(rank, world, family, cases):
         assert_params_close(params, ref_params, 1e-5)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize(
     "world,family,cases",
     [
@@ -171,6 +172,7 @@ def test_moe_gpt_matches_one_process(world, family, cases):
     run_ranks(_parity, world, family, cases)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("family", ["mixtral", "olmoe"])
 def test_hf_moe_matches_hf_training(family):
     # the reference is the untouched Hugging Face model on one process, with its own experts forward
@@ -195,6 +197,7 @@ def _clip(rank, world):
     assert_params_close(params, {n: p.detach() for n, p in ref.named_parameters()}, 1e-5)
 
 
+@pytest.mark.dist
 def test_clip_grad_norm_and_accumulation_count_every_expert_once():
     run_ranks(_clip, 4)
 
@@ -242,6 +245,7 @@ def _memory(rank, world, ep_size):
     assert ideal <= shard_numel <= ideal + slack, (shard_numel, ideal)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 2)])
 def test_each_rank_holds_its_experts_and_a_share_of_the_dense_chunks(world, ep_size):
     run_ranks(_memory, world, ep_size)
@@ -360,6 +364,7 @@ def _planned(rank, world, ep_size):
         dense_plan.check_model(model, world)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 4])
 def test_planner_predicts_the_memory_of_expert_parallel_chunks(world):
     run_ranks(_planned, world, 2)
@@ -399,6 +404,7 @@ def _save_and_resume(rank, world, path):
         torch.save((after, values), path + ".expected.pt")
 
 
+@pytest.mark.dist
 def test_checkpoints_name_every_expert_once_and_reshard(tmp_path):
     # 4 ranks, ep_size 2: each expert's shards on 2 ranks; loaded by one process holding every expert
     path = str(tmp_path / "ckpt")

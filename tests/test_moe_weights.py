@@ -54,6 +54,7 @@ def _expert_parallel(rank, world, name, path, want, out):
     elixir.export(model, out)
 
 
+@pytest.mark.dist
 def test_per_expert_checkpoints_load_into_expert_parallel_ranks(saved, tmp_path):
     import transformers
 
@@ -65,6 +66,7 @@ def test_per_expert_checkpoints_load_into_expert_parallel_ranks(saved, tmp_path)
     torch.testing.assert_close(_logits(back), want, rtol=0, atol=0)
 
 
+@pytest.mark.dist
 def test_train_fine_tunes_a_hugging_face_moe_folder_with_expert_parallelism(tmp_path):
     import json
     import os

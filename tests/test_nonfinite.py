@@ -116,6 +116,7 @@ def _ranks_case(rank, world, policy):
     opt.step()  # every rank goes on together
 
 
+@pytest.mark.dist
 def test_ranks_decide_alike():
     from dist import run_ranks
 

@@ -460,6 +460,7 @@ def _ranks_cases(rank, world, cases):
         _ranks_overlap(rank, world, family, clip)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 4])
 def test_on_several_ranks_dense_and_expert_parallel(world):
     from dist import run_ranks

@@ -8,6 +8,7 @@ import elixir
 from elixir.cli import main
 
 
+@pytest.mark.slow
 def test_plan_a_preset_writes_json_and_a_plot(tmp_path, capsys):
     out = tmp_path / "plan.json"
     png = tmp_path / "plan.png"
@@ -31,6 +32,7 @@ def test_plan_from_a_config_json(tmp_path, capsys):
     assert "predicted step" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_plan_that_does_not_fit_says_what_would(capsys):
     status = main(["plan", "--model", "gpt2-xl", "--gpu", "A100-80GB", "--gpu-memory", "8GiB",
                    "--host-memory", "4GiB"])

@@ -42,6 +42,7 @@ def _weights(ckpt, tmp_path, name) -> dict[str, torch.Tensor]:
     return load_file(str(out))
 
 
+@pytest.mark.dist
 def test_the_flag_is_per_event_and_a_second_signal_exits_at_once():
     script = textwrap.dedent("""
         import os, signal, sys, time
@@ -88,6 +89,7 @@ def test_handlers_are_restored_and_the_main_thread_is_required():
     assert errors and "main thread" in errors[0]
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_after_the_step_and_resume_auto_ends_bit_identical(tmp_path, sig):
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -126,6 +128,7 @@ def test_a_signal_saves_after_the_step_and_resume_auto_ends_bit_identical(tmp_pa
         assert len(_records(cut)) == STEPS
 
 
+@pytest.mark.dist
 def test_without_out_a_signal_stops_with_the_signals_status(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "elixir", *ARGS, "--steps", "400", "--json",
                              str(tmp_path / "r.json")], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -145,6 +148,7 @@ def test_without_out_a_signal_stops_with_the_signals_status(tmp_path):
     assert result["preempted"] == "SIGTERM" and not result["saved"] and result["steps"] < 400
 
 
+@pytest.mark.dist
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     from chaos import records, workers
 

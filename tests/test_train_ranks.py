@@ -16,6 +16,7 @@ def _env():
     return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("nproc", [2])
 def test_torchrun_matches_one_process(tmp_path, nproc):
     one, many = tmp_path / "one.json", tmp_path / "many.json"
@@ -29,6 +30,7 @@ def test_torchrun_matches_one_process(tmp_path, nproc):
     assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
 
 
+@pytest.mark.dist
 def test_only_rank_zero_prints(tmp_path):
     args = [a for a in ARGS if a != "--quiet"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]

@@ -56,6 +56,7 @@ def test_fine_tune_chats_metrics_checkpoints_export_and_generate(job_dir, tmp_pa
         assert r["tflops"] == pytest.approx(r["flops_per_step"] * r["window_steps"] / r["window_s"] / 1e12)
         assert r["mfu"] == pytest.approx(r["tflops"] * 1e12 / r["peak_flops"])
         assert r["flops_per_step"] > 0 and r["host_rss_bytes"] > 0
+        assert 0 <= r["chunk_wait_s"] <= r["step_s"]
         assert 0 < r["device_bytes"] <= r["device_bytes_peak"]
     assert steps[0]["lr"] < steps[-1]["lr"] or steps[0]["lr"] == pytest.approx(1e-3)  # warmup: 1 step here
     assert any("val_loss" in r for r in records)

@@ -415,3 +415,22 @@ def test_a_deleted_wrapped_model_frees_its_runtime_and_optimizer():
     runtime, optimizer = wrapped()
     gc.collect()
     assert runtime() is None and optimizer() is None
+
+
+def test_fetch_wait_counts_the_time_uses_wait_for_their_chunks():
+    """memory_stats' fetch_wait_s: nothing while every chunk stays gathered; the demand gathers of on-demand
+    chunks, which grow with the gathers, otherwise."""
+    model = build("gpt")
+    x = batches(2)
+    waits = {}
+    for kind in ("resident", "on_demand"):
+        m, opt = _wrap(copy.deepcopy(model), kind)
+        before = elixir.memory_stats(m)["fetch_wait_s"]
+        for b in x:
+            opt.backward(loss_of(m, b))
+            opt.step()
+            opt.zero_grad()
+        stats = elixir.memory_stats(m)
+        waits[kind] = (stats["fetch_wait_s"] - before, stats["gathers"])
+    assert waits["resident"][0] == 0.0
+    assert waits["on_demand"][0] > 0 and waits["on_demand"][1] > 0

@@ -15,6 +15,7 @@ A chunk that something is using right now is pinned and is never evicted:
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -51,6 +52,7 @@ class Runtime:
         self.prefetch_depth = prefetch_depth
         self.schedule = EvictionSchedule()
         self.gathers = 0
+        self.fetch_wait_s = 0.0  # host time in fetches a use waited for (see `acquire`)
         self.blocks_used_peak = 0
         self.evictions = 0
         self._clock = 0
@@ -91,10 +93,16 @@ class Runtime:
         self._clock += 1
         chunk.last_use = self._clock
         moved = self.schedule.use(chunk.index)
-        if chunk.state is not ChunkState.GATHERED:
-            self._gather(chunk, self._free_block(chunk))
-        elif chunk.pending is not None:
-            self._wait_gather(chunk)
+        if chunk.state is not ChunkState.GATHERED or chunk.pending is not None:
+            # Time the use waits for its chunk: a gather on demand, or the end of a prefetch. On the host's
+            # clock: under CUDA a wait for a prefetch is queued on the compute stream, so a GPU that idles
+            # behind it is not counted here (it shows in the step time against the predicted compute).
+            t = time.perf_counter()
+            if chunk.state is not ChunkState.GATHERED:
+                self._gather(chunk, self._free_block(chunk))
+            else:
+                self._wait_gather(chunk)
+            self.fetch_wait_s += time.perf_counter() - t
         if moved and self.prefetch_depth and self.schedule.on_order:
             chunk.pins += 1  # the chunk being used now is no prefetch victim
             self._prefetch()
@@ -359,6 +367,7 @@ class Runtime:
             "host_bytes": t.bytes["host"],
             "host_bytes_peak": t.bytes_peak["host"],
             "gathers": self.gathers,
+            "fetch_wait_s": self.fetch_wait_s,
             "evictions": self.evictions,
             "num_chunks": len(self.chunks),
             "cache_blocks": 0 if self.cache is None else self.cache.num_blocks,

@@ -132,6 +132,7 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
     window_norm = torch.zeros((), device=job.device)
     val_loss = math.nan
     start = window_start = time.perf_counter()
+    wait_at_window = elixir.memory_stats(job.model)["fetch_wait_s"]  # chunk waits before this window
     train_s = 0.0
     window_steps = 0
     measured_step_s = None
@@ -184,11 +185,14 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
                 window_s = now - window_start
                 train_s += window_s
                 tflops = flops_per_step * window_steps / window_s / 1e12
+                waited = elixir.memory_stats(job.model)["fetch_wait_s"]
+                chunk_wait_s, wait_at_window = (waited - wait_at_window) / window_steps, waited
                 record = {
                     "step": step, "loss": loss_mean, "lr": lr,
                     "grad_norm": window_norm.item() / window_steps if args.clip > 0 else None,
                     "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step * window_steps / window_s,
                     "window_steps": window_steps, "window_s": window_s, "step_s": window_s / window_steps,
+                    "chunk_wait_s": chunk_wait_s,
                     "flops_per_step": flops_per_step, "tflops": tflops, "peak_flops": peak_flops,
                     "mfu": tflops * 1e12 / peak_flops if peak_flops else None,
                     "predicted_step_s": pred.get("step_s"), "predicted_compute_s": pred.get("compute_s"),
@@ -206,8 +210,9 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
                 save_checkpoint(job, args)
                 saved_at = step
             if (args.eval_every and step % args.eval_every == 0) or last:
-                t = time.perf_counter()
+                t, waited = time.perf_counter(), elixir.memory_stats(job.model)["fetch_wait_s"]
                 val_loss = evaluate(job, args)
+                wait_at_window += elixir.memory_stats(job.model)["fetch_wait_s"] - waited  # not training either
                 progress.line(f"step {step:>{len(str(args.steps))}}/{args.steps}: val loss {val_loss:.4f}")
                 reporters.record({"step": step, "val_loss": val_loss})
                 # The window restarts after an evaluation, so its time is not counted as training.

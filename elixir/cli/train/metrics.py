@@ -116,6 +116,8 @@ def step_line(record: dict, total: int) -> str:
         + (f"gnorm {record['grad_norm']:.3g} | " if record.get("grad_norm") is not None else "")
         + f"{record['tokens_per_s']:,.0f} tok/s | {record['tflops']:.3g} TFLOPS"
         + (f" MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "")
+        + (f" | chunk wait {100 * record['chunk_wait_s'] / record['step_s']:.0f}%"
+           if record.get("chunk_wait_s") is not None and record.get("step_s") else "")
         + f" | device {record['device_bytes'] / mib:.1f}/{record['device_bytes_peak'] / mib:.1f} MiB | host "
         f"{record['host_bytes'] / mib:.1f}/{record['host_bytes_peak'] / mib:.1f} MiB | {clock(record['elapsed_s'])}"
     )

@@ -349,7 +349,8 @@ def test_cli_batch_flag_errors(argv, message, capsys):
 @pytest.mark.slow
 def test_opt_30b_plans_on_one_a100_40gb_with_and_without_a_batch_search(capsys, monkeypatch):
     """OPT-30B, 1 x A100-40GB, 512 GiB host: a fixed micro-batch of one sequence and 65536 tokens per step
-    (32 sequences of 2048) both plan. One model, built once, serves both."""
+    (32 sequences of 2048) both plan; on 1 x H200 with 128 GiB of host it needs a disk. One model, built once,
+    serves all three."""
     from elixir.cli import plan as plan_cli
     from elixir.models.families import build_family
 
@@ -362,6 +363,13 @@ def test_opt_30b_plans_on_one_a100_40gb_with_and_without_a_batch_search(capsys, 
     assert main([*common, "--tokens-per-step", "65536"]) == 0
     text = capsys.readouterr().out
     assert "65,536 tokens per step" in text and "accumulation step(s)" in text
+    # 1 x H200 with 128 GiB of host and no disk: it does not fit, and the error names the scratch disk that
+    # would, at the micro-batch where it does (one sequence with accumulation holds an fp32 gradient on host)
+    h200 = ["plan", "--model", "opt-30b", "--gpus", "1", "--gpu", "H200", "--host-memory", "128GiB", "--seq-len",
+            "2048", "--disk-memory", "0", "--tokens-per-step", "65536"]
+    assert main(h200) != 0
+    said = "".join(capsys.readouterr())
+    assert "a scratch disk for the optimizer states" in said and "at micro-batch 32 x 1 accumulation step(s)" in said
     assert checkpointed_blocks(model) == []
 
 

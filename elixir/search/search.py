@@ -444,25 +444,17 @@ def _all_on_device(plan: Plan) -> bool:
 def _infeasible(
     smallest, device_budget: int, host_budget: int, world_size: int, *, step: str = "", activation_fix: str = "",
     placed: str = "with every chunk gathered on demand and everything possible on the host",
-    space: _Space | None = None, profile: Profile | None = None,
+    space: _Space | None = None, profile: Profile | None = None, disk_options: list | None = None,
 ) -> PlanDoesNotFitError:
     """The error for no plan: the numbers of `smallest` (the plan that needs the least device memory, or as
     `placed` says), and the smallest changes that would fit. `step` says which step (a batch search: its
     micro-batch and checkpointing); `activation_fix` replaces the advice when activations are what overflows
-    the device. With `space` and `profile`, a scratch disk is named when moving the optimizer there would
-    make the host fit."""
+    the device. With `space` and `profile` (or `disk_options`: (plan, profile, what) of each step tried), a
+    scratch disk is named when moving the optimizer there would make the host fit."""
     plan, pred = smallest
     disk = None
-    if space is not None and profile is not None and pred.host_bytes_peak > host_budget:
-        on_disk = dataclasses.replace(plan, chunks=tuple(
-            dataclasses.replace(c, resident=False, param_home="host", optim_home="disk") for c in plan.chunks),
-            cache_blocks=max(plan.cache_blocks, 1))
-        moved = space.memory_only(profile, on_disk)
-        if moved.host_bytes_peak <= host_budget:
-            have = f" (this machine has {_gib(space.disk_budget)} usable)" if space.disk_budget else ""
-            disk = (f"a scratch disk for the optimizer states (optim_home='disk'; elixir plan --disk-memory, "
-                    f"elixir train --disk): {_gib(moved.model_disk_bytes / DISK_MARGIN)} per rank{have}, "
-                    f"which brings the host to {_gib(moved.host_bytes_peak)}")
+    if space is not None and pred.host_bytes_peak > host_budget:
+        disk = _disk_fix(space, disk_options or ([(plan, profile, "")] if profile is not None else []))
     lines = [
         f"no plan fits{step}: {placed}, a step needs "
         f"{_gib(pred.device_bytes_peak)} of device memory (of {_gib(device_budget)} usable) and "
@@ -489,6 +481,27 @@ def _infeasible(
     return PlanDoesNotFitError(" ".join(lines))
 
 
+def _disk_fix(space: _Space, options: list) -> str | None:
+    """A scratch disk as the fix, when moving every optimizer there (shards on the host, chunks on demand)
+    makes one of `options` fit the host and the device: the one that needs the least disk."""
+    best = None
+    for plan, profile, what in options:
+        on_disk = dataclasses.replace(plan, chunks=tuple(
+            dataclasses.replace(c, resident=False, param_home="host", optim_home="disk") for c in plan.chunks),
+            cache_blocks=max(plan.cache_blocks, 1))
+        moved = space.memory_only(profile, on_disk)
+        if moved.host_bytes_peak <= space.host_budget and moved.device_bytes_peak <= space.device_budget and (
+                best is None or moved.model_disk_bytes < best[0].model_disk_bytes):
+            best = (moved, what)
+    if best is None:
+        return None
+    moved, what = best
+    have = f" (this machine has {_gib(space.disk_budget)} usable)" if space.disk_budget else ""
+    return (f"a scratch disk for the optimizer states (optim_home='disk'; elixir plan --disk-memory, elixir train "
+            f"--disk): {_gib(moved.model_disk_bytes / DISK_MARGIN)} per rank{have}, which brings the host to "
+            f"{_gib(moved.host_bytes_peak)}{what}")
+
+
 def _batch_infeasible(
     failed: list[_Tried], space: _Space, world_size: int, seq_len: int, *, checkpointing_tried: bool
 ) -> PlanDoesNotFitError:
@@ -510,5 +523,7 @@ def _batch_infeasible(
         fix = f"shorter sequences than {seq_len} tokens"
     else:
         fix = "activation checkpointing (pass checkpoint_profiles: elixir.plan traces them)"
+    options = [(t.plan, t.profile, f", at micro-batch {t.micro_batch_size} x {t.plan.grad_accum} accumulation step(s)")
+               for t in failed if t.profile is not None]
     return _infeasible((point.plan, point.pred), space.device_budget, space.host_budget, world_size,
-                       step=step, activation_fix=fix, placed=placed, space=space, profile=point.profile)
+                       step=step, activation_fix=fix, placed=placed, space=space, disk_options=options)

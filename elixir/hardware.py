@@ -319,7 +319,8 @@ class Hardware:
         `disk`: a scratch folder for the disk tier; its free space and sequential read and write
         bandwidth are measured too (see `measure_disk`), and shared by the ranks on this machine.
 
-        With `cache`, the result is read from, or written to, cache_dir()/hardware-<host>-<device>.json, with
+        With `cache`, the result is read from, or written to,
+        cache_dir()/hardware-<host>-<device>-torch<version>-<threads>threads.json (see `_cache_path`), with
         `-<n>ranks` before `.json` when n ranks of the job share the machine (`refresh` measures again and
         overwrites it). When torch.distributed is initialised every rank must call this together: the
         collectives are measured over the world group, and a cache without that world size on any rank makes
@@ -593,13 +594,18 @@ def _local_ranks() -> int:
 
 
 def _cache_path(quick: bool) -> Path:
-    """One cache file per machine, device and number of ranks sharing the machine: ranks measure together, so
-    on a CPU each sees its share of the cores (and on a GPU server its share of the host's bandwidth for the
-    host AdamW rate); those figures must not replace a single process's, nor the reverse."""
+    """One cache file per machine, device, torch version, threads per process and number of ranks sharing the
+    machine: everything that changes the measured rates. Ranks measure together, so on a CPU each sees its
+    share of the cores (and on a GPU server its share of the host's bandwidth for the host AdamW rate); a
+    process with one thread computes at about half the rate of one with two on two cores, and the host AdamW
+    and copies too. A process that differs in any of them finds no cache and measures its own rates (a few
+    seconds), rather than scaling another process's by a guessed factor."""
     host = re.sub(r"[^A-Za-z0-9.-]+", "-", socket.gethostname()) or "host"
     ranks = _local_ranks()
+    version = re.sub(r"[^A-Za-z0-9.]+", "-", torch.__version__)
     suffix = (f"-{ranks}ranks" if ranks > 1 else "") + ("-quick" if quick else "")
-    return cache_dir() / f"hardware-{host}-{_device_label(_device())}{suffix}.json"
+    return cache_dir() / (f"hardware-{host}-{_device_label(_device())}-torch{version}-"
+                          f"{torch.get_num_threads()}threads{suffix}.json")
 
 
 def _read_cache(path: Path) -> Hardware | None:

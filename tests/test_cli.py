@@ -157,3 +157,27 @@ def test_python_dash_m_help():
     assert proc.returncode == 0, proc.stderr
     for flag in ("--model", "--steps", "--on-demand", "--param-home", "--optim-home", "--grad-accum"):
         assert flag in proc.stdout
+
+
+def test_a_step_far_from_its_prediction_is_warned_about(tmp_path, capsys):
+    """Rates a thousand times this machine's: the step takes far longer than predicted, and elixir train says
+    so after warm-up, naming the way to measure the machine again."""
+    import dataclasses
+
+    from elixir.hardware import Hardware
+
+    hw = Hardware.preset("CPU")
+    fast = dataclasses.replace(
+        hw, matmul_flops={k: v * 1000 for k, v in hw.matmul_flops.items()},
+        attention_flops={k: v * 1000 for k, v in hw.attention_flops.items()},
+        h2d_bytes_per_s=hw.h2d_bytes_per_s * 1000, d2h_bytes_per_s=hw.d2h_bytes_per_s * 1000,
+        device_copy_bytes_per_s=hw.device_copy_bytes_per_s * 1000,
+        device_optim_elems_per_s=hw.device_optim_elems_per_s * 1000,
+        host_optim_elems_per_s=hw.host_optim_elems_per_s * 1000,
+    )
+    path = tmp_path / "fast.json"
+    path.write_text(fast.to_json())
+    argv = [a for a in TINY if a not in ("CPU", "--hardware")]
+    assert main([*argv, "--hardware", str(path), "--steps", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "x the predicted one" in out and "elixir plan --calibrate" in out

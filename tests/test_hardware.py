@@ -137,6 +137,23 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
     assert Hardware.from_json(files[0].read_text()).name == hw.name
 
 
+def test_a_process_with_other_threads_does_not_use_the_cache(monkeypatch, tmp_path):
+    """The calibration cache is keyed by what changes the rates: threads per process, torch version, device,
+    ranks on the machine. Another thread count finds no cache and measures its own rates."""
+    monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))
+    threads = torch.get_num_threads()
+    one = hardware._cache_path(quick=True)
+    assert f"-{threads}threads" in one.name and f"-torch{torch.__version__.split('+')[0]}" in one.name
+    try:
+        torch.set_num_threads(threads + 1)
+        other = hardware._cache_path(quick=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert other != one and f"-{threads + 1}threads" in other.name
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert hardware._cache_path(quick=True) not in (one, other)
+
+
 @pytest.mark.slow
 def test_rates_measured_on_a_busy_machine_are_not_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))

@@ -44,6 +44,7 @@ def test_plan_that_does_not_fit_says_what_would(capsys):
     (["--model", "gpt5"], "unknown model 'gpt5'"),
     (["--model", "gpt2", "--gpu", "Z80"], "--gpu 'Z80' is not a preset"),
     (["--model", "gpt2", "--host-memory", "lots"], "lots"),
+    (["--model", "gpt2", "--gpu", "H200", "--calibrate"], "--calibrate measures this machine; --gpu H200 plans"),
 ])
 def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=_positive, default=1, help="number of GPUs (ranks) the model data is sharded over")
     p.add_argument("--gpu", default=None, help=f"hardware preset ({', '.join(Hardware.preset_names())}); "
                    "default: measure this machine")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine again and replace its cached rates (not with --gpu)")
     p.add_argument("--gpu-memory", type=_size, default=None, help="device memory per GPU, e.g. 40GiB")
     p.add_argument("--host-memory", type=_size, default=None,
                    help="host memory of the machine, shared by its GPUs, e.g. 512GiB")
@@ -100,6 +102,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"--tokens-per-step {args.tokens_per_step} is not a whole number of --seq-len "
                          f"{args.seq_len} sequences on each of {args.gpus} GPU(s); use a multiple of {per_step}, "
                          f"e.g. {lower}")
+    if args.calibrate and args.gpu:
+        parser.error(f"--calibrate measures this machine; --gpu {args.gpu} plans for a preset instead: pass one")
     # everything the end of the run needs, checked before the search: a missing package or an unwritable
     # path found after minutes of planning would throw the plan away
     try:
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         model = build_family(args.model)
     except ValueError as e:
         parser.error(f"--model: {e}")
-    hw = Hardware.preset(args.gpu) if args.gpu else Hardware.measure()
+    hw = Hardware.preset(args.gpu) if args.gpu else Hardware.measure(refresh=args.calibrate)
     if args.gpu_memory:
         hw = hw.with_memory(device_bytes=args.gpu_memory)
     if args.host_memory:

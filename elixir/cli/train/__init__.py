@@ -44,6 +44,8 @@ WARMUP_STEPS = 1
 """Steps before the step time is measured (the first one builds caches and warms the allocator)."""
 MEASURED_STEPS = 5
 """Steps whose mean time is shown next to the predicted step."""
+PREDICTION_SLACK = 1.25
+"""Measured over predicted step time (or its inverse) beyond which `elixir train` warns."""
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -178,6 +180,13 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
                         f"step time after {WARMUP_STEPS} warm-up step(s): measured {1e3 * measured_step_s:.1f} ms"
                         + (f", predicted {1e3 * pred['step_s']:.1f} ms" if pred else "")
                     )
+                    off = measured_step_s / pred["step_s"] if pred and pred.get("step_s") else 1.0
+                    if not 1 / PREDICTION_SLACK <= off <= PREDICTION_SLACK:
+                        progress.line(
+                            f"warning: the measured step is {off:.2f}x the predicted one; the plan was searched "
+                            "with rates that do not match this run (a busy machine, or a calibration of another "
+                            "setup): `elixir plan --calibrate` measures this machine again"
+                        )
             last = step == args.steps
             if step % args.log_every == 0 or last:  # every rank: the record's figures are all-reduced
                 loss_mean = _mean_over_ranks(window_loss) / window_steps  # .item() waits: the time is true

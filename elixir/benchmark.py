@@ -73,8 +73,13 @@ BENCH_MODELS = {
     "gpt-10m": ("small", {"n_layer": 6, "n_embd": 384, "n_head": 6}),
 }
 
-# FSDP2 and DeepSpeed call the collectives torch 2.13 renamed; one warning per call drowns the output
-warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is deprecated\. Please use")
+
+
+def _quiet_renamed_collectives() -> None:
+    """FSDP2 and DeepSpeed call the collectives torch 2.13 renamed, and one warning per call drowns the output:
+    the process that builds one of them (a benchmark) ignores those warnings from then on. Importing this
+    module changes no filter."""
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is deprecated\. Please use")
 
 
 # --- models and batches --------------------------------------------------------------------------
@@ -263,6 +268,7 @@ def build_fsdp2(base: torch.nn.Module, device, dtype: torch.dtype, *, offload: b
     """fully_shard per block, then the root; CPUOffloadPolicy (pinned on CUDA only) with `offload`."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    _quiet_renamed_collectives()
     device = torch.device(device)
     m = copy.deepcopy(base).train()
     kw = {}
@@ -306,6 +312,7 @@ def build_deepspeed(base: torch.nn.Module, device, dtype: torch.dtype, *, offloa
     the optimizer offloaded). Its F.linear override is applied during its own steps only."""
     import deepspeed
 
+    _quiet_renamed_collectives()
     device = torch.device(device)
     m = copy.deepcopy(base).to(device).train()
     config = {

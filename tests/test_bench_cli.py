@@ -127,3 +127,11 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert 0 <= ex["timed_step_stats"]["rollbacks"] <= ex["reps"]
     assert set(ex["per_step_counters"]) == {"elixir.allocations", "elixir.pinned_allocations"}
     assert ex["per_step_counters"]["elixir.pinned_allocations"] == 0  # nothing is pinned on the CPU
+
+
+@pytest.mark.dist
+def test_importing_the_benchmark_harness_changes_no_warning_filter():
+    script = ("import warnings, torch, elixir; before = list(warnings.filters); import elixir.benchmark; "
+              "print([f for f in warnings.filters if f not in before])")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr[-2000:])

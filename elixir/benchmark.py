@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 import elixir
+from elixir import comm
 from elixir.models import GPT, GPTConfig
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.01
@@ -410,14 +411,6 @@ def warm_process(device: torch.device, base: torch.nn.Module | None = None, x: t
 # --- process group, memory, timing ---------------------------------------------------------------
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def single_process_group(device: torch.device, timeout_s: float = 600.0) -> Callable[[], None]:
     """Join a process group of one rank (FSDP2 and DeepSpeed need one even alone), with the environment
     DeepSpeed reads; returns the function that leaves it and restores the environment."""
@@ -568,7 +561,7 @@ class Progress:
 
     def __init__(self, out=None, enabled: bool = True) -> None:
         self.out = out or sys.stdout
-        self.enabled = enabled and rank() == 0
+        self.enabled = enabled and comm.rank_and_world()[0] == 0
         self.tty = self.enabled and self.out.isatty()
         self.started = time.perf_counter()
         self._width = 0

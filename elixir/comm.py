@@ -313,3 +313,59 @@ def barrier(group: ChunkGroup, *, what: str = "barrier") -> None:
         dist.barrier(group=group.process_group)
     except Exception as e:
         raise _fail(what, group, started, e) from e
+
+
+# --- the world: who this rank is, and decisions every rank takes alike --------------------------------
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the process group; (0, 1) when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched_world_size() -> int:
+    """The world size of the job: the process group's, or before one is initialised, the WORLD_SIZE that
+    torchrun (or the caller's environment) gives, which `init_distributed` will join."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def world_group() -> ChunkGroup:
+    """Every rank of the job as a group (a group of one when no process group is initialised)."""
+    rank, world = rank_and_world()
+    return ChunkGroup(dist.group.WORLD, rank, world) if world > 1 else ChunkGroup.single()
+
+
+def all_gather_object(obj, group: ChunkGroup, *, what: str = "all-gather of objects") -> list:
+    """Every rank's `obj` (any picklable value), in rank order; a dead or hung peer is a CollectiveError
+    naming `what`."""
+    if group.size == 1:
+        return [obj]
+    out = [None] * group.size
+    started = time.monotonic()
+    try:
+        dist.all_gather_object(out, obj, group=group.process_group)
+    except Exception as e:
+        raise _fail(what, group, started, e) from e
+    return out
+
+
+def any_rank(flag: bool, group: ChunkGroup, *, device: torch.device | str = "cpu",
+             what: str = "all-reduce of a check") -> bool:
+    """True on every rank of `group` when `flag` is true on any of them (one all-reduce of a flag on
+    `device`, which the group's backend must take): so that every rank raises, or none, and no rank waits
+    in a later collective for one that gave up."""
+    if group.size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    all_reduce_max(t, group, what)
+    return bool(t.item())
+
+
+def every_rank(flag: bool, group: ChunkGroup, *, device: torch.device | str = "cpu",
+               what: str = "all-reduce of a check") -> bool:
+    """True on every rank of `group` when `flag` is true on all of them (see `any_rank`)."""
+    return not any_rank(not flag, group, device=device, what=what)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from elixir import comm
+
 __all__ = ["Hardware", "cache_dir", "parse_bytes"]
 
 # 2: attention_flops; AdamW on buffers beyond the last-level cache; Linear-layer GEMMs
@@ -328,10 +330,11 @@ class Hardware:
         """
         path = _cache_path(quick)
         cached = _read_cache(path) if cache and not refresh else None
-        world = _world_size()
+        world = comm.rank_and_world()[1]
         usable = cached is not None and (world == 1 or world in cached.collective_bytes_per_s)
         if world > 1:
-            usable = _all_ranks_agree(usable)
+            usable = comm.every_rank(usable, comm.world_group(), device=_device(),
+                                     what="all-reduce of the calibration cache checks")
         if usable:
             assert cached is not None
             return cached if disk is None else _with_measured_disk(cached, disk, cache, quick, refresh)
@@ -590,7 +593,7 @@ def _local_ranks() -> int:
     try:
         return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
     except (KeyError, ValueError):
-        return _world_size()
+        return comm.rank_and_world()[1]
 
 
 def _cache_path(quick: bool) -> Path:
@@ -646,21 +649,6 @@ def _write_cache(path: Path, text: str) -> bool:
         warnings.warn(f"cannot write the calibration cache {path} ({e.strerror or e}); the figures are used "
                       "but not cached (set ELIXIR_CACHE_DIR to a writable folder)", stacklevel=3)
         return False
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_ranks_agree(flag: bool) -> bool:
-    """True only if `flag` is true on every rank."""
-    import torch.distributed as dist
-
-    t = torch.tensor([int(flag)], device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def _seconds(fn: Callable[[], object], sync: Callable[[], None], *, min_total_s: float, max_reps: int = 50) -> float:
@@ -746,7 +734,7 @@ def _copy_bytes_per_s(dst: torch.Tensor, src: torch.Tensor, sync, min_total_s: f
 def _collective_bytes_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> dict[int, float]:
     import torch.distributed as dist
 
-    if _world_size() < 2:
+    if comm.rank_and_world()[1] < 2:
         return {}
     from elixir.comm import all_gather, reduce_scatter_mean
     from elixir.memory.chunk import ChunkGroup

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from elixir import comm
 from elixir.memory.chunk import pack_offsets, padded_numel
 
 HOMES = ("device", "host", "disk")
@@ -218,7 +219,7 @@ class Plan:
         _check_home("param_home", param_home)
         _check_home("optim_home", optim_home)
         if world_size is None:
-            world_size = _default_world_size()
+            world_size = comm.rank_and_world()[1]
         if chunk_mib <= 0:
             raise ValueError(f"chunk_mib={chunk_mib} must be positive")
         itemsize = DTYPES[name].itemsize
@@ -390,12 +391,6 @@ def _numel(shape) -> int:
 
 
 _PLAN_FIELDS = tuple(f.name for f in fields(Plan))
-
-
-def _default_world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

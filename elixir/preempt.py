@@ -27,6 +27,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from elixir import comm
+from elixir.memory.chunk import ChunkGroup
+
 EXIT_PREEMPTED = 75
 """Exit status of a run that stopped on a signal after saving: resumable (sysexits' EX_TEMPFAIL, "try again
 later", which job schedulers and retry wrappers take as a temporary failure)."""
@@ -104,15 +107,8 @@ class Preemption:
                 self.stopped_by = self.signum
             return stop
         self._flag[0] = self.signum if self.signum is not None else 0
-        started = time.monotonic()
-        try:
-            dist.all_reduce(self._flag, dist.ReduceOp.MAX, group=self._group)
-        except Exception as e:
-            from elixir.comm import _fail
-            from elixir.memory.chunk import ChunkGroup
-
-            what = "all-reduce of the preemption flag"
-            raise _fail(what, ChunkGroup(dist.group.WORLD, dist.get_rank(), dist.get_world_size()), started, e) from e
+        rank, world = comm.rank_and_world()
+        comm.all_reduce_max(self._flag, ChunkGroup(self._group, rank, world), "all-reduce of the preemption flag")
         signum = int(self._flag[0])
         if signum:
             self.stopped_by = signum

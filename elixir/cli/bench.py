@@ -185,13 +185,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     import elixir
-    from elixir import accel
+    from elixir import accel, comm
     from elixir import benchmark as B
     from elixir.hardware import Hardware
 
     started = time.perf_counter()
     elixir.init_distributed(timeout_s=args.timeout)
-    world, rank = B.world_size(), B.rank()
+    rank, world = comm.rank_and_world()
     device = accel.default_device()
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

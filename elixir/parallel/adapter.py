@@ -13,9 +13,9 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from elixir import comm
 from elixir.parallel.moe import routed_experts
 from elixir.parallel.patterns import PATTERN_ATTR, ExpertParallel, check_expert_parallel, expert_groups
 
@@ -85,7 +85,7 @@ def expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:
             "expert_parallel found no experts module in the model (a module with 3-D parameters gate_up_proj "
             "[E, 2F, H] and down_proj [E, H, F]); use a Mixture-of-Experts model, or leave ep_size out"
         )
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = comm.rank_and_world()[1]
     num_experts = found[0][1].gate_up_proj.shape[0]
     for name, m in found:
         if m.gate_up_proj.shape[0] != num_experts:

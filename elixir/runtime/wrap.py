@@ -156,7 +156,7 @@ def wrap(
         tracker.shared = SharedArena.create(group)  # [Note: shared memory between ranks] (elixir/shm.py)
     store = None
     if disk_chunks:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world = comm.rank_and_world()
         store = DiskStore(folder, disk_chunks, tracker, rank=rank, world=world, state_tensors=state_tensors,
                           log_dtype=log_dtype, pin=device.type == "cuda")
     if on_meta:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from elixir import comm
 from elixir.hardware import Hardware
 from elixir.plan import Plan
 from elixir.profile import Profile, profile
@@ -41,9 +42,7 @@ def plan(
     Raises `PlanDoesNotFitError` (a ValueError) with the bytes needed and available per tier and the
     smallest change that would fit, before anything is allocated."""
     if world_size is None:
-        import torch.distributed as dist
-
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world_size = comm.rank_and_world()[1]
     hardware = hardware or Hardware.measure()
     if tokens_per_step is not None:
         return plan_batch(model, example_batch, hardware=hardware, world_size=world_size,

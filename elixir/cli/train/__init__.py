@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import elixir
-from elixir import accel
+from elixir import accel, comm
 from elixir.checkpoint.weights import HF_FILES
 from elixir.cli.train.flags import CONFIG_FILE, add_arguments, layer_defaults, resolved_config
 from elixir.cli.train.metrics import Progress, Reporters, clock, memory_fields
@@ -60,8 +60,7 @@ def _sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return _sum_over_ranks(value).item() / world
+    return _sum_over_ranks(value).item() / comm.rank_and_world()[1]
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import elixir
-from elixir import accel
+from elixir import accel, comm
 from elixir.cli.train.flags import DEFAULT_SEQ_LEN, MIN_CHUNK_MIB, PLAN_FLAGS, checkpoint_path
 from elixir.data import (
     ByteTokenizer,
@@ -103,7 +103,7 @@ def check_args(args: argparse.Namespace) -> None:
         args.resume = checkpoint_path(args.out)
         args._resume_auto = True  # a run already at --steps is done, not an error (a relaunch loop ends there)
     if args.resume is not None:
-        from elixir.checkpoint.store import MANIFEST
+        from elixir.checkpoint.manifest import MANIFEST
 
         found = checkpoint_path(args.resume)
         if found is None:
@@ -183,7 +183,7 @@ def _check_plan_args(args: argparse.Namespace) -> None:
             ) from None
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"--plan {args.plan!r} is not a plan ({e}); pass a file from elixir plan --json") from None
-        world = _world_size()
+        world = comm.launched_world_size()
         for flag, value in (("batch_size", plan.micro_batch_size * world), ("grad_accum", plan.grad_accum)):
             if not plan.micro_batch_size and flag == "batch_size":
                 continue
@@ -234,10 +234,6 @@ def _check_plan_args(args: argparse.Namespace) -> None:
                 raise ValueError(f"--{flag.replace('_', '-')} {value!r}: {e}; e.g. 20GiB") from None
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _check_moe_args(args: argparse.Namespace) -> None:
     if args.experts and is_hf_folder(args.model):
         raise ValueError(f"--experts {args.experts}: a Hugging Face --model brings its own experts; leave it out")
@@ -253,7 +249,7 @@ def _check_moe_args(args: argparse.Namespace) -> None:
         from elixir.parallel import check_expert_parallel
 
         try:
-            check_expert_parallel(experts, args.ep_size, _world_size())
+            check_expert_parallel(experts, args.ep_size, comm.launched_world_size())
         except ValueError as e:
             raise ValueError(f"--ep-size {args.ep_size} with {experts} experts: {e}") from None
 
@@ -500,7 +496,7 @@ def _uniform_plan(args: argparse.Namespace, model: torch.nn.Module, optim, dtype
 def build(args: argparse.Namespace) -> Job:
     """Tokenizer, data, model, plan, optimizer, schedule and checkpoint. Raises ValueError for values that
     only the data or the model can show wrong (a field missing, text too short, chunks too small, ...)."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world_size = comm.rank_and_world()
     tokenizer = _tokenizer(args)
     if len(tokenizer) > _vocab_size(args):
         raise ValueError(

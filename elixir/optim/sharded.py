@@ -492,33 +492,21 @@ class ElixirOptimizer(torch.optim.Optimizer):
 
     def _write_back(self, written: set[int] = frozenset(), deferred: set[int] = frozenset()) -> None:
         """Cast the updated masters into the parameter shards, wherever those live (a shard derived
-        from its master is not stored: the next fetch casts it). `written`: chunks whose update inside
-        backward wrote theirs already; a disk chunk's update always does, except the `deferred` ones."""
+        from its master is not stored: the next fetch casts it), then let the runtime gather and drop
+        what the new shards make stale. `written`: chunks whose update inside backward wrote theirs
+        already; a disk chunk's update always does, except the `deferred` ones."""
         rt = self.runtime
-        gathers = []
-        for c in self.chunks:
-            if c.shard is not None and c.master is not c.shard and c.index not in written:
-                if c.optim_home != "disk":
+
+        def write(c) -> None:
+            if c.shard is None or c.master is c.shard or c.index in written:
+                return
+            if c.optim_home != "disk":
+                rt.copy_between(c.shard, c.master)
+            elif c.index in deferred:  # its update inside backward could not write its shard yet
+                with self.disk.loaded(c):
                     rt.copy_between(c.shard, c.master)
-                elif c.index in deferred:  # its update inside backward could not write its shard yet
-                    with self.disk.loaded(c):
-                        rt.copy_between(c.shard, c.master)
-            if c.resident:  # gathered again at once, all chunks' all-gathers in flight together
-                what = f"all-gather of updated chunk {c.index}"
-                gathers.append(comm.all_gather(
-                    c.full, c.shard, c.group, what=what, async_op=True, arena=rt.tracker.shared, defer_done=True
-                ))
-        for g in gathers:
-            if g is not None:
-                g.wait()
-        for g in gathers:  # the peers have read this rank's shards: they may change again
-            if g is not None and g.trailing is not None:
-                g.trailing.wait()
-        # gathered copies of updated on-demand chunks are stale now
-        if rt.cache is not None:
-            for b in rt.cache.occupied():
-                if b.chunk.trainable:
-                    rt.evict(b.chunk)
+
+        rt.shards_changed(self.chunks, reason="updated", write=write)
 
     def _count_state_bytes(self) -> None:
         now = {"device": 0, "host": 0}

@@ -242,6 +242,37 @@ class Runtime:
             assert b.chunk.pins == 0, f"chunk {b.chunk.index} is still in use"
             self.evict(b.chunk)
 
+    def shards_changed(self, chunks: list[Chunk], *, reason: str, write=None) -> None:
+        """The shards of `chunks` hold new values (the write-back after a step, `elixir.load`,
+        `elixir.load_pretrained`): gather the resident ones again and drop the gathered copies of the
+        on-demand ones, so that no gathered copy holds values older than its shard. Other chunks' copies
+        stay. All the all-gathers are in flight together; `write(chunk)`, when given, stores a chunk's new
+        shard just before its all-gather starts, so that each all-gather runs beside the next chunk's
+        write. `reason` names them in a failure ("updated": "all-gather of updated chunk 3"). Returns once
+        every all-gather is done and the peers have read this rank's shards, which may change again."""
+        gathers = []
+        for c in chunks:
+            if write is not None:
+                write(c)
+            if c.resident:
+                gathers.append(comm.all_gather(
+                    c.full, c.shard, c.group, what=f"all-gather of {reason} chunk {c.index}", async_op=True,
+                    arena=self.tracker.shared, defer_done=True,
+                ))
+        for g in gathers:
+            if g is not None:
+                g.wait()
+        for g in gathers:
+            if g is not None and g.trailing is not None:
+                g.trailing.wait()
+        if self.cache is None:
+            return
+        changed = {c.index for c in chunks}
+        for b in self.cache.occupied():
+            if b.chunk.index in changed:
+                assert b.chunk.pins == 0, f"chunk {b.chunk.index} is still in use"
+                self.evict(b.chunk)
+
     def _victim(self, candidates: list[Chunk]) -> Chunk:
         if self.schedule.on_order:
             return max(candidates, key=lambda c: (self.schedule.next_use(c.index), -c.last_use))

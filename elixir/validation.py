@@ -192,7 +192,8 @@ def _label(path: str, flag: str | None) -> str:
     return f"{flag} {path}" if flag else str(path)
 
 
-def _existing_ancestor(path: str) -> str:
+def existing_ancestor(path: str) -> str:
+    """`path` itself when it exists, else its nearest folder that does (whose filesystem it would be on)."""
     here = os.path.abspath(path)
     while not os.path.lexists(here):
         parent = os.path.dirname(here)
@@ -202,9 +203,10 @@ def _existing_ancestor(path: str) -> str:
     return here
 
 
-def _probe(folder: str, label: str) -> None:
-    """Create and remove a file in `folder`: the only test of writability that the filesystem itself
-    answers (os.access says yes to root in /proc, on some network mounts, in a full quota)."""
+def probe_writable(folder: str, label: str) -> None:
+    """ValueError naming `label` unless a file can be created and removed in `folder`: the only test of
+    writability that the filesystem itself answers (os.access says yes to root in /proc, on some network
+    mounts, in a full quota)."""
     try:
         fd, name = tempfile.mkstemp(prefix=".elixir-write-check-", dir=folder)
     except OSError as e:
@@ -224,12 +226,13 @@ def _check_space(folder: str, nbytes: int, label: str) -> None:
         return  # no figure to check against: the write itself will tell
     if free < nbytes:
         raise ValueError(
-            f"{label}: needs {_size(nbytes)} but the filesystem of {folder} has {_size(free)} free; "
+            f"{label}: needs {format_bytes(nbytes)} but the filesystem of {folder} has {format_bytes(free)} free; "
             "free some space or choose a path on another filesystem"
         )
 
 
-def _size(nbytes: int) -> str:
+def format_bytes(nbytes: int) -> str:
+    """`nbytes` for a message: "1.5 GiB", "12.0 KiB", "100 bytes"."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
             return f"{nbytes / scale:.1f} {unit}"
@@ -249,7 +252,7 @@ def check_output_file(path: str, *, flag: str | None = None, nbytes: int = 0, ma
         raise ValueError(f"{label}: exists and is not a regular file; choose another path")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        existing = _existing_ancestor(folder)
+        existing = existing_ancestor(folder)
         if not os.path.isdir(existing):
             raise ValueError(f"{label}: {existing} is a file, not a folder; choose another path")
         if not make_parents:
@@ -257,7 +260,7 @@ def check_output_file(path: str, *, flag: str | None = None, nbytes: int = 0, ma
         folder = existing
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"{label}: exists and is read-only; choose another path or make it writable")
-    _probe(folder, label)
+    probe_writable(folder, label)
     _check_space(folder, nbytes, label)
 
 
@@ -270,10 +273,10 @@ def check_output_folder(path: str, *, flag: str | None = None, nbytes: int = 0) 
         raise ValueError(f"{label or 'the output path'}: empty; give a folder path")
     if os.path.lexists(path) and not os.path.isdir(path):
         raise ValueError(f"{label}: exists and is not a folder; choose another path")
-    existing = _existing_ancestor(path)
+    existing = existing_ancestor(path)
     if not os.path.isdir(existing):
         raise ValueError(f"{label}: {existing} is a file, not a folder; choose another path")
-    _probe(existing, label)
+    probe_writable(existing, label)
     _check_space(existing, nbytes, label)
 
 

@@ -19,9 +19,9 @@ def arm() -> None:
     rank, nth = (int(v) for v in spec.split(":"))
     if int(os.environ.get("RANK", "0")) != rank:
         return
-    from elixir.checkpoint import store
+    from elixir.checkpoint.manifest import PieceIndex
 
-    real, calls = store._read_range, [0]
+    real, calls = PieceIndex.read_range, [0]
 
     def read_range(*args, **kwargs):
         calls[0] += 1
@@ -31,7 +31,7 @@ def arm() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
 
-    store._read_range = read_range
+    PieceIndex.read_range = read_range
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def test_a_rank_dying_during_a_save_fails_the_others_and_keeps_the_last_checkpoi
     assert [(r[0], r[1]) for r in failures] == [(0, "CollectiveError")], got
     assert "elixir.save" in failures[0][2] and failures[0][3] < TIMEOUT_S * 3 + 10
     # the checkpoint of the first save is complete and verifies
-    from elixir.checkpoint.store import read_manifest
+    from elixir.checkpoint.manifest import read_manifest
 
     manifest = read_manifest(path)
     for name, info in manifest["files"].items():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import elixir
+from elixir import comm
 from elixir.checkpoint import store
 from helpers import batches, build, loss_of, make_plan, mounted_tmpfs
 
@@ -119,7 +120,7 @@ def test_an_export_that_runs_out_of_space_leaves_the_previous_export(tmp_path, m
 
 def test_save_space_check_counts_every_rank_on_the_machine(monkeypatch, tmp_path):
     """Ranks of one machine writing to one filesystem need room for all their files together."""
-    monkeypatch.setattr(store, "_all_gather_object", lambda obj, what="": [obj, obj])
+    monkeypatch.setattr(comm, "all_gather_object", lambda obj, group, what="": [obj, obj])
     monkeypatch.setattr(store, "_free_bytes", lambda folder: 1)
     model, opt = _trained()
     with pytest.raises(elixir.CheckpointError, match="needs"):

@@ -1,4 +1,5 @@
-"""Reading a checkpoint folder's own files, each checked before use: the manifest, `common.pt`, the RNG files.
+"""Reading a checkpoint folder's own files, each checked before use: the manifest, `common.pt`, the RNG files,
+and ranges of the model's tensors from the rank files (`PieceIndex`).
 
 Everything here reads and nothing writes (see [Note: untrusted files] in elixir/validation.py). A
 manifest is checked field by field when it is read (`read_manifest`): presence, type and range of
@@ -11,8 +12,11 @@ other files (a shard file's tensors against the chunks the manifest describes) i
 from __future__ import annotations
 
 import os
+import random
 import re
 import zipfile
+
+import torch
 
 from elixir.checkpoint.files import CheckpointError, Reader, file_digest
 from elixir.validation import Fields, plain_file_name, read_json_file, shown
@@ -188,11 +192,57 @@ def check_rank_file(reader: Reader, docs: list[dict], mpath: str, *, states: boo
                 )
 
 
+class PieceIndex:
+    """Where every range of every global tensor lives in a checkpoint: name -> [(lo, hi, file, key, file_lo)],
+    global flat ranges [lo, hi) stored at elements [file_lo, ...) of tensor `{key}.values` of `file`."""
+
+    def __init__(self, manifest: dict, mpath: str = MANIFEST) -> None:
+        check_slot_shapes(manifest, mpath)  # `manifest` came from read_manifest, which checked everything else
+        world = manifest["world_size"]
+        self.pieces: dict[str, list[tuple[int, int, str, str, int]]] = {}
+        self.chunks: dict[tuple[str, str], dict] = {}
+        for r, docs in enumerate(manifest["ranks"]):
+            fname = rank_file(r, world, "safetensors")
+            for doc in docs:
+                self.chunks[(fname, doc["key"])] = doc
+                s_lo = doc["group_rank"] * doc["shard_numel"]
+                s_hi = s_lo + doc["shard_numel"]
+                for name, off, numel, flat in doc["slots"]:
+                    lo, hi = max(off, s_lo), min(off + numel, s_hi)
+                    if lo < hi:
+                        piece = (flat + lo - off, flat + hi - off, fname, doc["key"], lo - s_lo)
+                        self.pieces.setdefault(name, []).append(piece)
+        for v in self.pieces.values():
+            v.sort()
+
+    def overlapping(self, name: str, lo: int, hi: int):
+        for p in self.pieces.get(name, ()):
+            if p[0] < hi and p[1] > lo:
+                yield p
+
+    def check_covered(self, name: str, lo: int, hi: int, where: str) -> None:
+        covered = sum(min(p[1], hi) - max(p[0], lo) for p in self.overlapping(name, lo, hi))
+        if covered != hi - lo:
+            raise CheckpointError(
+                f"{where}: holds {covered} of the {hi - lo} values of {name!r} [{lo}, {hi}) (damaged manifest)"
+            )
+
+    def read_range(self, readers: dict[str, Reader], name: str, lo: int, hi: int, suffix: str) -> torch.Tensor:
+        """Global elements [lo, hi) of `name`'s values (suffix "values") or of a sharded optimizer state
+        (suffix "state.<key>"), assembled from the pieces that hold them; `readers`: the rank files by name."""
+        out = None
+        for p_lo, p_hi, fname, key, f_lo in self.overlapping(name, lo, hi):
+            a, b = max(p_lo, lo), min(p_hi, hi)
+            part = readers[fname].read(f"{key}.{suffix}", f_lo + a - p_lo, f_lo + b - p_lo)
+            if out is None:
+                out = torch.empty(hi - lo, dtype=part.dtype)
+            out[a - lo : b - lo].copy_(part)
+        return out
+
+
 def _load_torch_file(path: str):
     """torch.load(weights_only=True) of a file Elixir wrote with torch.save, bounded by its size: only the
     zip format with stored (uncompressed) entries is read, so no entry can inflate beyond the file."""
-    import torch
-
     size = os.path.getsize(path)
     try:
         with zipfile.ZipFile(path) as z:
@@ -217,8 +267,6 @@ def _load_torch_file(path: str):
 def read_common(path: str) -> dict:
     """`common.pt` of a checkpoint: {"extra": anything, "scheduler": a state dict or None, "buffers":
     {name: tensor}}, checked; CheckpointError naming the file and the entry otherwise."""
-    import torch
-
     common = _load_torch_file(path)
     if not isinstance(common, dict):
         raise CheckpointError(f"{path}: holds {type(common).__name__}; expected a dict (extra, scheduler, buffers)")
@@ -238,10 +286,6 @@ def read_common(path: str) -> dict:
 def read_rng(path: str) -> dict:
     """A rank's RNG states file, each state tried on a throwaway generator of its kind before it is
     returned, so that setting them cannot fail halfway through a load."""
-    import random
-
-    import torch
-
     state = _load_torch_file(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds {type(state).__name__}; expected a dict of RNG states")
@@ -252,7 +296,7 @@ def read_rng(path: str) -> dict:
         if "cuda" in state and not (torch.is_tensor(state["cuda"]) and state["cuda"].dtype == torch.uint8):
             raise TypeError("'cuda' is not a byte tensor")
         if "numpy" in state:
-            import numpy as np
+            import numpy as np  # an optional dependency
 
             kind, keys, pos, has_gauss, np_gauss = state["numpy"]
             np.random.RandomState().set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, np_gauss))
@@ -269,19 +313,13 @@ def check_param_groups(saved: list[dict], groups: list[dict], mpath: str) -> Non
     learning rate."""
     for i, (group, doc) in enumerate(zip(groups, saved)):
         for k, v in doc.items():
-            if k not in group or _is_tensor(group[k]):
+            if k not in group or torch.is_tensor(group[k]):
                 continue
             if not _same_kind(group[k], v):
                 raise CheckpointError(
                     f"{mpath}: field 'optimizer.param_groups[{i}].{k}' is {shown(v)}; the optimizer's is "
                     f"{shown(group[k])}: a value of the same kind was expected"
                 )
-
-
-def _is_tensor(value) -> bool:
-    import torch
-
-    return torch.is_tensor(value)
 
 
 def _same_kind(current, saved) -> bool:

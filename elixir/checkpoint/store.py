@@ -23,14 +23,17 @@ checkpoint complete at `<path>.old`, where `load` finds it.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import random
 import shutil
+import socket
 
 import torch
-import torch.distributed as dist
 
+from elixir import comm
+from elixir.checkpoint.buffers import init_meta_buffers, persistent_buffers
 from elixir.checkpoint.files import CheckpointError, Reader, StreamWriter, file_digest
 from elixir.checkpoint.layout import (
     describe_shape_difference,
@@ -45,57 +48,21 @@ from elixir.checkpoint.manifest import (
     FORMAT,
     MANIFEST,
     VERSION,
+    PieceIndex,
     check_param_groups,
     check_rank_file,
-    check_slot_shapes,
+    rank_file,
     read_common,
     read_manifest,
     read_rng,
     resolve,
     verify_file,
 )
-from elixir.checkpoint.manifest import rank_file as _rank_file
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _named(what: str, fn, *args):
-    """Run a world collective; a peer that died or hangs (within the process group's timeout) is a
-    `CollectiveError` naming `what`, not a transport error."""
-    import time
-
-    from elixir.comm import _fail
-    from elixir.memory.chunk import ChunkGroup
-
-    started = time.monotonic()
-    try:
-        return fn(*args)
-    except Exception as e:
-        rank, world = _world()
-        raise _fail(what, ChunkGroup(dist.group.WORLD, rank, world), started, e) from e
-
-
-def _barrier(what: str) -> None:
-    if _world()[1] > 1:
-        _named(what, dist.barrier)
-
-
-def _all_gather_object(obj, what: str = "all-gather of checkpoint metadata") -> list:
-    rank, world = _world()
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    _named(what, dist.all_gather_object, out, obj)
-    return out
+from elixir.runtime.wrap import state_of
+from elixir.validation import existing_ancestor, format_bytes, probe_writable
 
 
 def _wrap_state(model, optimizer):
-    from elixir.runtime.wrap import state_of
-
     state = state_of(model)
     if optimizer is not None and optimizer is not state.optimizer:
         raise ValueError(
@@ -116,7 +83,7 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
     complete (see [Note: atomic save])."""
     state = _wrap_state(model, optimizer)
     rt, opt = state.runtime, state.optimizer
-    rank, world = _world()
+    rank, world = comm.rank_and_world()
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
         raise ValueError(
@@ -146,8 +113,6 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
             "states": states,
             "slots": [[g.name, g.chunk_offset, g.numel, g.flat_start] for g in global_slots(c)],
         })
-    from elixir.checkpoint.weights import persistent_buffers
-
     buffers = persistent_buffers(model) if rank == 0 else {}
     needed = (sum(_nbytes(dtype, shape) + _HEADER_PER_TENSOR for _, dtype, shape in specs) + _RANK_OVERHEAD
               + (common_bytes + sum(b.numel() * b.element_size() for b in buffers.values()) if rank == 0 else 0))
@@ -156,13 +121,13 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)  # left by an interrupted save: never a checkpoint
         os.makedirs(tmp)
-    _barrier(f"barrier of elixir.save({path!r}) before writing")
+    comm.barrier(comm.world_group(), what=f"barrier of elixir.save({path!r}) before writing")
 
     # [Note: a failed save] every rank's own files, then rank 0's: each phase ends with the ranks agreeing
     # whether any failed, so that all of them raise (none waits in a collective for a rank that gave up),
     # the half-written folder goes, and the previous checkpoint at `path` is untouched
     files: dict[str, dict] = {}
-    name = _rank_file(rank, world, "safetensors")
+    name = rank_file(rank, world, "safetensors")
     error = None
     try:
         writer = StreamWriter(os.path.join(tmp, name), specs, {"format": "pt", "elixir": FORMAT})
@@ -180,16 +145,16 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
             raise
         size, digest = writer.close()
         files[name] = {"bytes": size, "sha256": digest}
-        rng_name = _rank_file(rank, world, "pt")
+        rng_name = rank_file(rank, world, "pt")
         torch.save(_rng_state(), os.path.join(tmp, rng_name))
         files[rng_name] = dict(zip(("bytes", "sha256"), file_digest(os.path.join(tmp, rng_name))))
     except OSError as e:
         error = e
     _agree_written(error, path, tmp, total, rt, "its own files")
 
-    gathered = _all_gather_object(
-        {"files": files, "chunks": chunk_docs, "shapes": model_shapes(rt.chunks)},
-        f"all-gather of the file list in elixir.save({path!r})",
+    gathered = comm.all_gather_object(
+        {"files": files, "chunks": chunk_docs, "shapes": model_shapes(rt.chunks)}, comm.world_group(),
+        what=f"all-gather of the file list in elixir.save({path!r})",
     )
     if rank == 0:
         try:
@@ -211,12 +176,7 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
                 "format": FORMAT, "version": VERSION, "world_size": world,
                 "model": {"class": type(model).__name__, "fingerprint": fingerprint(shapes), "shapes": shapes},
                 "plan": json.loads(state.plan.to_json()),
-                "optimizer": {
-                    "class": opt.inner_class.__name__, "steps": opt.steps, "skipped_steps": opt.skipped_steps,
-                    "loss_scale": opt.scaler.scale, "good_steps": opt.scaler.good_steps,
-                    "param_groups": [_jsonable_hyper(g) for g in opt.param_groups],
-                    "speculation": opt.speculation_state(),
-                },
+                "optimizer": opt.scalar_state_dict(),
                 "ranks": [g["chunks"] for g in gathered],
                 "files": all_files,
             }
@@ -226,7 +186,7 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
     _agree_written(error, path, tmp, total, rt, "the manifest and common files")
     if rank == 0:
         _swap_in(tmp, path)
-    _barrier(f"barrier of elixir.save({path!r}) after the rename")
+    comm.barrier(comm.world_group(), what=f"barrier of elixir.save({path!r}) after the rename")
 
 
 _RANK_OVERHEAD = 64 << 10
@@ -255,31 +215,29 @@ def _check_space(path: str, needed: int, rt) -> int:
     """CheckpointError on every rank, before any file is written, when a rank's filesystem has less room
     than the ranks of its machine that write into it need together (checked per machine and filesystem:
     ranks on other machines may write to their own disks). Returns the bytes the whole checkpoint needs."""
-    import socket
-
-    from elixir.validation import _existing_ancestor, _probe, _size
-
-    folder = _existing_ancestor(os.path.dirname(path))
+    folder = existing_ancestor(os.path.dirname(path))
     error = None
     try:
-        _probe(folder, path)  # a read-only or unwritable folder: said now, by every rank that has it
+        probe_writable(folder, path)  # a read-only or unwritable folder: said now, by every rank that has it
     except ValueError as e:
         error = CheckpointError(f"cannot save the checkpoint {e}; nothing was written")
     try:
         where = (socket.gethostname(), os.stat(folder).st_dev)
     except OSError:
         where = (socket.gethostname(), None)
-    ranks = _all_gather_object((where, needed), f"all-gather of the sizes in elixir.save({path!r})")
+    ranks = comm.all_gather_object((where, needed), comm.world_group(),
+                                   what=f"all-gather of the sizes in elixir.save({path!r})")
     mine = sum(n for w, n in ranks if w == where)
     total = sum(n for _, n in ranks)
     free = _free_bytes(folder)
     if error is None and free is not None and free < mine:
         error = CheckpointError(
-            f"cannot save the checkpoint {path}: it needs {_size(mine)} on the filesystem of {folder}, which has "
-            f"{_size(free)} free (the previous checkpoint there stays until the new one is complete); free some "
-            "space or save to another filesystem. Nothing was written"
+            f"cannot save the checkpoint {path}: it needs {format_bytes(mine)} on the filesystem of {folder}, which "
+            f"has {format_bytes(free)} free (the previous checkpoint there stays until the new one is complete); free "
+            "some space or save to another filesystem. Nothing was written"
         )
-    if _any_rank(error is not None, rt, f"all-reduce of the space checks of elixir.save({path!r})"):
+    if comm.any_rank(error is not None, comm.world_group(), device=rt.device,
+                     what=f"all-reduce of the space checks of elixir.save({path!r})"):
         raise error or CheckpointError(
             f"cannot save the checkpoint {path}: another rank's filesystem has too little free space (its error says "
             "how much); nothing was written"
@@ -291,25 +249,25 @@ def _agree_written(error: OSError | None, path: str, tmp: str, total: int, rt, w
     """Every rank learns whether any failed to write `what`; then the half-written folder is removed and all
     of them raise: a CheckpointError naming the path, the bytes needed and free for a full, over-quota or
     read-only filesystem, the error itself on the rank that had another."""
-    from elixir.validation import _existing_ancestor, _size
-
-    failed = _any_rank(error is not None, rt, f"all-reduce of the write checks of elixir.save({path!r})")
+    world = comm.world_group()
+    failed = comm.any_rank(error is not None, world, device=rt.device,
+                           what=f"all-reduce of the write checks of elixir.save({path!r})")
     if not failed:
         return
-    if _world()[0] == 0:
+    if world.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier(f"barrier of elixir.save({path!r}) after removing the failed save")
+    comm.barrier(world, what=f"barrier of elixir.save({path!r}) after removing the failed save")
     if error is None:
         raise CheckpointError(
             f"cannot save the checkpoint {path}: another rank failed to write {what} (its error says why); the "
             "half-written checkpoint was removed and the previous one, if any, is untouched"
         )
     if error.errno in _FULL:
-        free = _free_bytes(_existing_ancestor(os.path.dirname(path)))
+        free = _free_bytes(existing_ancestor(os.path.dirname(path)))
         raise CheckpointError(
             f"cannot save the checkpoint {path}: {error.strerror or error} while writing {what} "
-            f"({error.filename or tmp}); it needs {_size(total)}, the filesystem has "
-            f"{'?' if free is None else _size(free)} free now. The half-written checkpoint was removed and the "
+            f"({error.filename or tmp}); it needs {format_bytes(total)}, the filesystem has "
+            f"{'?' if free is None else format_bytes(free)} free now. The half-written checkpoint was removed and the "
             "previous one, if any, is untouched: free some space or save to another filesystem"
         ) from error
     raise error
@@ -320,8 +278,6 @@ def _check_loadable(extra, scheduler) -> int:
     could not read back: it loads with torch.load(weights_only=True), which takes tensors, numbers,
     strings, and lists, tuples and dicts of them, and nothing that runs code when unpickled. Returns
     the bytes they take."""
-    import io
-
     buf = io.BytesIO()
     torch.save({"extra": extra, "scheduler": None if scheduler is None else scheduler.state_dict()}, buf)
     buf.seek(0)
@@ -363,25 +319,12 @@ def _write_json(path: str, obj) -> None:
         os.fsync(f.fileno())
 
 
-def _jsonable_hyper(group: dict) -> dict:
-    out = {}
-    for k, v in group.items():
-        if k == "params":
-            continue
-        if torch.is_tensor(v):
-            v = v.item() if v.numel() == 1 else v.tolist()
-        if isinstance(v, (tuple, list)):
-            v = list(v)
-        out[k] = v
-    return out
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": _python_rng()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     try:
-        import numpy as np
+        import numpy as np  # an optional dependency
 
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
@@ -402,49 +345,13 @@ def _set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "numpy" in state:
-        import numpy as np
+        import numpy as np  # an optional dependency
 
         kind, keys, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
 
 # --- load ------------------------------------------------------------------------------------
-
-
-class PieceIndex:
-    """Where every range of every global tensor lives in a checkpoint: name -> [(lo, hi, file, key, file_lo)],
-    global flat ranges [lo, hi) stored at elements [file_lo, ...) of tensor `{key}.values` of `file`."""
-
-    def __init__(self, manifest: dict, mpath: str = MANIFEST) -> None:
-        check_slot_shapes(manifest, mpath)  # `manifest` came from read_manifest, which checked everything else
-        world = manifest["world_size"]
-        self.pieces: dict[str, list[tuple[int, int, str, str, int]]] = {}
-        self.chunks: dict[tuple[str, str], dict] = {}
-        for r, docs in enumerate(manifest["ranks"]):
-            fname = _rank_file(r, world, "safetensors")
-            for doc in docs:
-                self.chunks[(fname, doc["key"])] = doc
-                s_lo = doc["group_rank"] * doc["shard_numel"]
-                s_hi = s_lo + doc["shard_numel"]
-                for name, off, numel, flat in doc["slots"]:
-                    lo, hi = max(off, s_lo), min(off + numel, s_hi)
-                    if lo < hi:
-                        piece = (flat + lo - off, flat + hi - off, fname, doc["key"], lo - s_lo)
-                        self.pieces.setdefault(name, []).append(piece)
-        for v in self.pieces.values():
-            v.sort()
-
-    def overlapping(self, name: str, lo: int, hi: int):
-        for p in self.pieces.get(name, ()):
-            if p[0] < hi and p[1] > lo:
-                yield p
-
-    def check_covered(self, name: str, lo: int, hi: int, where: str) -> None:
-        covered = sum(min(p[1], hi) - max(p[0], lo) for p in self.overlapping(name, lo, hi))
-        if covered != hi - lo:
-            raise CheckpointError(
-                f"{where}: holds {covered} of the {hi - lo} values of {name!r} [{lo}, {hi}) (damaged manifest)"
-            )
 
 
 def _needed_files(rt, index: PieceIndex) -> set[str]:
@@ -471,9 +378,11 @@ def load(model, optimizer, path: str, *, scheduler=None, verify: bool = True):
     that existed before get theirs back and the others keep their own."""
     state = _wrap_state(model, optimizer)
     rt, opt = state.runtime, state.optimizer
-    rank, world = _world()
+    rank, world = comm.rank_and_world()
     # every rank's tensors, gathered before anything can fail on one rank only
-    shapes_here = {k: list(v) for g in _all_gather_object(model_shapes(rt.chunks)) for k, v in g.items()}
+    shapes = comm.all_gather_object(model_shapes(rt.chunks), comm.world_group(),
+                                    what="all-gather of checkpoint metadata")
+    shapes_here = {k: list(v) for g in shapes for k, v in g.items()}
     error = None
     try:
         path = resolve(path)
@@ -489,11 +398,11 @@ def load(model, optimizer, path: str, *, scheduler=None, verify: bool = True):
                 index.check_covered(gs.name, g_lo, g_lo + hi - lo, mpath)
         needed = sorted(_needed_files(rt, index))
         world_saved = manifest["world_size"]
-        rng_name = _rank_file(rank, world_saved, "pt") if rank < world_saved else None
+        rng_name = rank_file(rank, world_saved, "pt") if rank < world_saved else None
         for name in needed + [COMMON] + ([rng_name] if rng_name else []):
             verify_file(path, name, manifest, checksum=verify)
         readers = {name: Reader(os.path.join(path, name)) for name in needed}
-        ranks_of = {_rank_file(r, world_saved, "safetensors"): r for r in range(world_saved)}
+        ranks_of = {rank_file(r, world_saved, "safetensors"): r for r in range(world_saved)}
         for name, reader in readers.items():
             check_rank_file(reader, manifest["ranks"][ranks_of[name]], mpath)
         check_param_groups(manifest["optimizer"]["param_groups"], opt.param_groups, mpath)
@@ -502,74 +411,35 @@ def load(model, optimizer, path: str, *, scheduler=None, verify: bool = True):
         rng_state = read_rng(os.path.join(path, rng_name)) if rng_name else None
     except CheckpointError as e:
         error = e
-    failed = _any_rank(error is not None, rt)
+    failed = comm.any_rank(error is not None, comm.world_group(), device=rt.device,
+                           what="all-reduce of the checks of elixir.load")
     if error is not None:
         raise error
     if failed:
         raise CheckpointError(f"loading {path} failed on another rank (its error says why); nothing was changed")
 
-    opt_doc = manifest["optimizer"]
     for c in rt.chunks:
         with opt.loaded(c, write_back=True):
             _fill_chunk(c, opt, index, readers)
     rt.wait_pending()
-    from elixir import comm
-
-    for c in rt.chunks:
-        if c.resident and c.group.size > 1:
-            comm.all_gather(c.full, c.shard, c.group, what=f"all-gather of loaded chunk {c.index}")
+    rt.shards_changed(rt.chunks, reason="loaded")
     # every rank restored its shards: one that died on the way fails the others here, inside load
-    _barrier(f"barrier of elixir.load({path!r}) after every rank restored its shards")
-    rt.evict_all()
+    comm.barrier(comm.world_group(), what=f"barrier of elixir.load({path!r}) after every rank restored its shards")
     opt.zero_grad()
-    opt.steps = opt_doc["steps"]
-    opt.skipped_steps = opt_doc["skipped_steps"]
-    opt.scaler.scale = opt_doc["loss_scale"]
-    opt.scaler.good_steps = opt_doc["good_steps"]
-    opt.load_speculation_state(opt_doc.get("speculation") or {})
-    for g, saved in zip(opt.param_groups, opt_doc["param_groups"]):
-        for k, v in saved.items():
-            if k in g and not isinstance(g[k], torch.Tensor):
-                g[k] = tuple(v) if isinstance(g[k], tuple) else v
-    opt._count_state_bytes()
+    opt.load_scalar_state_dict(manifest["optimizer"])
     if rng_state is not None:
         _set_rng_state(rng_state)
-    from elixir.checkpoint.weights import persistent_buffers
-
     for n, b in persistent_buffers(model).items():
         if n in common.get("buffers", {}):
             b.data.copy_(common["buffers"][n])
     if state.needs_weights:  # built on the meta device: the checkpoint gave it its weights
-        from elixir.checkpoint.weights import _init_meta_buffers
-
-        pending = state.meta_buffers - set(common.get("buffers", {}))
+        pending = state.buffers_without_values(common.get("buffers", {}))
         if pending:
-            _init_meta_buffers(model, pending)
-        state.needs_weights, state.meta_buffers = False, set()
+            init_meta_buffers(model, pending)
+        state.weights_loaded()
     if scheduler is not None and common["scheduler"] is not None:
         scheduler.load_state_dict(common["scheduler"])
     return common["extra"]
-
-
-def _any_rank(flag: bool, rt, what: str = "all-reduce of the checks of elixir.load") -> bool:
-    if _world()[1] == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
-    _named(what, dist.all_reduce, t, dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _read_range(index: PieceIndex, readers: dict, name: str, lo: int, hi: int, suffix: str) -> torch.Tensor:
-    """Global elements [lo, hi) of `name`'s values (suffix "values") or of a sharded optimizer state
-    (suffix "state.<key>"), assembled from the pieces that hold them."""
-    out = None
-    for p_lo, p_hi, fname, key, f_lo in index.overlapping(name, lo, hi):
-        a, b = max(p_lo, lo), min(p_hi, hi)
-        part = readers[fname].read(f"{key}.{suffix}", f_lo + a - p_lo, f_lo + b - p_lo)
-        if out is None:
-            out = torch.empty(hi - lo, dtype=part.dtype)
-        out[a - lo : b - lo].copy_(part)
-    return out
 
 
 @torch.no_grad()
@@ -581,7 +451,7 @@ def _fill_chunk(c, opt, index: PieceIndex, readers: dict) -> None:
     replicated: dict[str, torch.Tensor] = {}
     for gs, lo, hi in pieces:
         g_lo = gs.flat_start + lo - gs.chunk_offset
-        values[lo - base : hi - base].copy_(_read_range(index, readers, gs.name, g_lo, g_lo + hi - lo, "values"))
+        values[lo - base : hi - base].copy_(index.read_range(readers, gs.name, g_lo, g_lo + hi - lo, "values"))
         if c.master is None:
             continue
         first = next(index.overlapping(gs.name, g_lo, g_lo + hi - lo))
@@ -591,7 +461,7 @@ def _fill_chunk(c, opt, index: PieceIndex, readers: dict) -> None:
                 if k not in replicated:
                     replicated[k] = readers[first[2]].read_tensor(f"{first[3]}.state.{k}")
                 continue
-            part = _read_range(index, readers, gs.name, g_lo, g_lo + hi - lo, f"state.{k}")
+            part = index.read_range(readers, gs.name, g_lo, g_lo + hi - lo, f"state.{k}")
             if k not in states:
                 states[k] = torch.zeros(c.shard_numel, dtype=part.dtype)
             states[k][lo - base : hi - base].copy_(part)
@@ -599,21 +469,6 @@ def _fill_chunk(c, opt, index: PieceIndex, readers: dict) -> None:
         c.master.copy_(values)
         if c.shard is not None and c.shard is not c.master:
             c.shard.copy_(values)
-        opt.state.pop(c.master, None)
-        if states or replicated:
-            opt.state[c.master] = _place_states(opt, c, {**replicated, **states})
+        opt.load_chunk_state(c, {**replicated, **states})
     else:
         c.shard.copy_(values)
-
-
-def _place_states(opt, c, states: dict) -> dict:
-    """Optimizer states where torch's optimizers keep them: scalar `step` on the host unless the
-    optimizer is fused or capturable, everything else beside the master."""
-    group = opt._inner_group_of(c.master)
-    out = {}
-    for k, v in states.items():
-        if k == "step" and not (group.get("fused") or group.get("capturable")):
-            out[k] = v.to(dtype=torch.float32)
-        else:
-            out[k] = v.to(device=c.master.device, dtype=v.dtype if k == "step" else c.master.dtype)
-    return out

@@ -11,34 +11,45 @@ shard (and master); its scratch is counted on the host tier of the model's memor
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 
 import torch
-import torch.distributed as dist
 
+from elixir import comm
+from elixir.checkpoint.buffers import init_meta_buffers, persistent_buffers
 from elixir.checkpoint.files import CheckpointError, Reader, StreamWriter
 from elixir.checkpoint.layout import global_slots, model_shapes, shard_pieces
-from elixir.validation import Fields, check_output_file, check_output_folder, plain_file_name, read_json_file
+from elixir.checkpoint.manifest import (
+    COMMON,
+    MANIFEST,
+    PieceIndex,
+    check_rank_file,
+    rank_file,
+    read_common,
+    read_manifest,
+    resolve,
+    verify_file,
+)
+from elixir.checkpoint.store import save
+from elixir.plan import DTYPES, dtype_name
+from elixir.runtime.wrap import runtime_of, state_of
+from elixir.validation import (
+    Fields,
+    check_output_file,
+    check_output_folder,
+    existing_ancestor,
+    format_bytes,
+    plain_file_name,
+    read_json_file,
+)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 """Largest file of a Hugging Face folder export (transformers' `save_pretrained` cuts at 5 GB too)."""
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The buffers that `state_dict` would save, by name."""
-    out = {}
-    for mod_name, mod in model.named_modules():
-        for name, b in mod.named_buffers(recurse=False):
-            if b is not None and name not in mod._non_persistent_buffers_set:
-                out[f"{mod_name}.{name}" if mod_name else name] = b
-    return out
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -116,8 +127,6 @@ def _write_folder(tmp: str, specs, it, dtype: torch.dtype, config_json: str | No
 
 
 def _remove(path: str) -> None:
-    import shutil
-
     if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
@@ -127,21 +136,16 @@ def _remove(path: str) -> None:
 def _write_error(e: OSError, path: str, nbytes: int) -> Exception:
     """The error of a write that failed: for a full, over-quota or read-only filesystem a CheckpointError
     naming what it needs and has; otherwise the OSError, naming the user's path (not the temporary one)."""
-    import errno
-    import shutil
-
-    from elixir.validation import _existing_ancestor, _size
-
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
-        folder = _existing_ancestor(os.path.dirname(os.path.abspath(path)))
+        folder = existing_ancestor(os.path.dirname(os.path.abspath(path)))
         try:
-            free = _size(shutil.disk_usage(folder).free)
+            free = format_bytes(shutil.disk_usage(folder).free)
         except OSError:
             free = "?"
         return CheckpointError(
-            f"cannot write {path}: {e.strerror or e}; it needs {_size(nbytes)}, the filesystem of {folder} has {free} "
-            "free now. What was written was removed and what was at the path before is as it was: free some space "
-            "or choose a path on another filesystem"
+            f"cannot write {path}: {e.strerror or e}; it needs {format_bytes(nbytes)}, the filesystem of {folder} has "
+            f"{free} free now. What was written was removed and what was at the path before is as it was: free some "
+            "space or choose a path on another filesystem"
         )
     return OSError(e.errno, f"{e.strerror or e} (writing it)", path)
 
@@ -171,8 +175,6 @@ def _numel_all(shapes) -> int:
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    from elixir.plan import DTYPES, dtype_name
-
     return DTYPES[dtype_name(dtype)]
 
 
@@ -186,9 +188,6 @@ def export(model: torch.nn.Module, path: str, *, dtype=torch.float32,
     or shards of at most `max_shard_bytes` with an index), which `from_pretrained` loads. Values are
     the fp32 masters cast to `dtype`; tied parameters are written once, under their first name.
     Chunks are gathered one at a time (see [Note: streaming weights]). Returns the files written."""
-    from elixir import comm
-    from elixir.runtime.wrap import runtime_of, state_of
-
     dtype = _dtype(dtype)
     rt = runtime_of(model)
     _check_output_on_rank0(path, _output_bytes(model_shapes(rt.chunks).values(), persistent_buffers(model), dtype), rt)
@@ -198,7 +197,7 @@ def export(model: torch.nn.Module, path: str, *, dtype=torch.float32,
     buffers = persistent_buffers(model)
     specs = [(s.name, tuple(s.shape)) for c in rt.chunks for s in c.slots]
     specs += [(n, tuple(b.shape)) for n, b in buffers.items()]
-    rank = _rank()
+    rank = comm.rank_and_world()[0]
 
     opt = state_of(model).optimizer
 
@@ -224,8 +223,7 @@ def export(model: torch.nn.Module, path: str, *, dtype=torch.float32,
         for _ in tensors():  # take part in every gather
             pass
         written = []
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    comm.barrier(comm.world_group(), what=f"barrier of elixir.export({path!r})")
     return written
 
 
@@ -249,15 +247,14 @@ def _output_bytes(shapes, buffers: dict, dtype: torch.dtype) -> int:
 def _check_output_on_rank0(path: str, nbytes: int, rt) -> None:
     """rank 0 writes the export: its check decides for every rank, so none waits in a gather for a rank
     that failed."""
-    from elixir.checkpoint.store import _any_rank
-
     error = None
-    if _rank() == 0:
+    if comm.rank_and_world()[0] == 0:
         try:
             check_output(path, nbytes)
         except ValueError as e:
             error = e
-    failed = _any_rank(error is not None, rt)
+    failed = comm.any_rank(error is not None, comm.world_group(), device=rt.device,
+                           what="all-reduce of the checks of elixir.export")
     if error is not None:
         raise error
     if failed:
@@ -267,19 +264,13 @@ def _check_output_on_rank0(path: str, nbytes: int, rt) -> None:
 def _export_via_checkpoint(model, path, dtype, max_shard_bytes):
     """Models whose tensors are split over ranks by a parallel pattern: save a checkpoint beside the
     output, and assemble each tensor from it (one tensor at a time) on rank 0."""
-    import shutil
-
-    from elixir.checkpoint.store import save
-    from elixir.runtime.wrap import state_of
-
     tmp = os.path.abspath(path).rstrip("/") + ".export-ckpt"
     save(model, state_of(model).optimizer, tmp)
     written = []
-    if _rank() == 0:
+    if comm.rank_and_world()[0] == 0:
         written = export_checkpoint(tmp, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
         shutil.rmtree(tmp)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    comm.barrier(comm.world_group(), what=f"barrier of elixir.export({path!r})")
     return written
 
 
@@ -289,9 +280,6 @@ def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
     the model or starting any process group; one tensor in memory at a time. A checkpoint with a
     `config.json` (a Hugging Face model) and an output path not ending in `.safetensors` gives a
     Hugging Face folder."""
-    from elixir.checkpoint.manifest import MANIFEST, check_rank_file, read_common
-    from elixir.checkpoint.store import COMMON, PieceIndex, _read_range, read_manifest, resolve, verify_file
-
     dtype = _dtype(dtype)
     ckpt = resolve(ckpt)
     manifest = read_manifest(ckpt)
@@ -317,13 +305,13 @@ def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
     specs = [(n, tuple(shapes[n])) for n in order] + [(n, tuple(b.shape)) for n, b in buffers.items()]
     readers = {f: Reader(os.path.join(ckpt, f)) for f in files}  # headers only: data is read by ranges
     for r, docs in enumerate(manifest["ranks"]):
-        name = f"rank-{r:05d}-of-{manifest['world_size']:05d}.safetensors"
+        name = rank_file(r, manifest["world_size"], "safetensors")
         if name in readers:
             check_rank_file(readers[name], docs, mpath, states=False)
 
     def tensors():
         for n in order:
-            yield n, _read_range(index, readers, n, 0, _numel(shapes[n]), "values").view(shapes[n])
+            yield n, index.read_range(readers, n, 0, _numel(shapes[n]), "values").view(shapes[n])
         yield from buffers.items()
 
     config_json = None
@@ -427,10 +415,6 @@ def load_pretrained(model: torch.nn.Module, path: str, *, strict: bool = True) -
     `strict`: a parameter missing from the files is a CheckpointError (before anything is written);
     tensors of the files that the model lacks are returned, never an error.
     Returns {"missing": [...], "unexpected": [...]}."""
-    from elixir import comm
-    from elixir.checkpoint.store import _any_rank
-    from elixir.runtime.wrap import state_of
-
     state = state_of(model)
     rt = state.runtime
     buffers = {n: b for n, b in model.named_buffers()}
@@ -439,7 +423,9 @@ def load_pretrained(model: torch.nn.Module, path: str, *, strict: bool = True) -
         plan, missing, unexpected, where = _check_weights(model, rt, path, strict, buffers)
     except CheckpointError as e:
         error = e
-    failed = _any_rank(error is not None, rt)  # every rank raises, or none: nobody waits in a collective
+    # every rank raises, or none: nobody waits in a collective
+    failed = comm.any_rank(error is not None, comm.world_group(), device=rt.device,
+                           what="all-reduce of the checks of elixir.load_pretrained")
     if error is not None:
         raise error
     if failed:
@@ -466,17 +452,12 @@ def load_pretrained(model: torch.nn.Module, path: str, *, strict: bool = True) -
     for name, b in buffers.items():
         if name in where:
             b.copy_(where[name].read_tensor(name))
-    pending_buffers = getattr(state, "meta_buffers", set()) - set(where)
+    pending_buffers = state.buffers_without_values(where)
     if pending_buffers:
-        _init_meta_buffers(model, pending_buffers)
-    for c in rt.chunks:
-        if c.resident and c.group.size > 1:
-            comm.all_gather(c.full, c.shard, c.group, what=f"all-gather of loaded chunk {c.index}")
-    rt.evict_all()
-    state.needs_weights = False
-    state.meta_buffers = set()
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        init_meta_buffers(model, pending_buffers)
+    rt.shards_changed(rt.chunks, reason="loaded")
+    state.weights_loaded()
+    comm.barrier(comm.world_group(), what=f"barrier of elixir.load_pretrained({path!r})")
     return {"missing": missing, "unexpected": unexpected}
 
 
@@ -620,23 +601,3 @@ class _Renamed:
 
     def read_tensor(self, _):
         return self.reader.read_tensor(self.name)
-
-
-def _init_meta_buffers(model, names: set[str]) -> None:
-    """Buffers that were on the meta device and are not in the files (non-persistent ones, such as
-    rotary frequencies): Hugging Face models recompute them with their own `_init_weights`."""
-    init = getattr(model, "_init_weights", None)
-    owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in names}
-    if init is None:
-        raise CheckpointError(
-            f"buffers {sorted(names)[:3]} were built on the meta device and are not in the weights; build the "
-            "model's buffers on a real device (only parameters may be on meta) or save them with the weights"
-        )
-    for owner in owners:
-        module = model.get_submodule(owner)
-        if any(True for _ in module.parameters(recurse=False)):
-            raise CheckpointError(
-                f"module {owner!r} has buffers built on the meta device that the weights lack, beside parameters; "
-                "save the buffers with the weights"
-            )
-        init(module)

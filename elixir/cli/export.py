@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from elixir.checkpoint.store import MANIFEST
+from elixir.checkpoint.manifest import MANIFEST
 from elixir.hardware import parse_bytes
 
 DTYPES = ("fp32", "bf16", "fp16")

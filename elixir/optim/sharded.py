@@ -284,13 +284,6 @@ class ElixirOptimizer(torch.optim.Optimizer):
         """The hyper-parameters the chunk's update uses now (its user group's, as schedulers set them)."""
         return _hyper(self.param_groups[chunk.optim_group])
 
-    def _inner_group_of(self, master: torch.Tensor) -> dict:
-        """The inner optimizer's param group that updates `master`."""
-        for c in self.chunks:
-            if c.master is master:
-                return self._steppers[c.index].param_groups[0]
-        raise KeyError("not a master of this optimizer")
-
     def _make_inner(self, groups, defaults) -> torch.optim.Optimizer:
         cls = self.inner_class
         accepted = inspect.signature(cls.__init__).parameters
@@ -554,6 +547,50 @@ class ElixirOptimizer(torch.optim.Optimizer):
         spec.norm_type = None if state["norm_type"] is None else float(state["norm_type"])
         spec.expected_backwards = int(state["backwards"])
 
+    def scalar_state_dict(self) -> dict:
+        """The optimizer's state apart from its tensors, as JSON values (a checkpoint's manifest keeps it):
+        the inner class's name, the step counters, the loss scale and its good steps, the param groups'
+        hyper-parameters (tensor ones as numbers or lists) and what the update inside backward learned."""
+        return {
+            "class": self.inner_class.__name__, "steps": self.steps, "skipped_steps": self.skipped_steps,
+            "loss_scale": self.scaler.scale, "good_steps": self.scaler.good_steps,
+            "param_groups": [_jsonable_hyper(g) for g in self.param_groups],
+            "speculation": self.speculation_state(),
+        }
+
+    def load_scalar_state_dict(self, state: dict) -> None:
+        """Restore what `scalar_state_dict` returned (its hyper-parameters checked by the caller against the
+        param groups: see `check_param_groups` in elixir/checkpoint/manifest.py); hyper-parameters that are
+        tensors here keep their values. Then counts the bytes of the optimizer states, which
+        `load_chunk_state` may have replaced."""
+        self.steps = state["steps"]
+        self.skipped_steps = state["skipped_steps"]
+        self.scaler.scale = state["loss_scale"]
+        self.scaler.good_steps = state["good_steps"]
+        self.load_speculation_state(state.get("speculation") or {})
+        for g, saved in zip(self.param_groups, state["param_groups"]):
+            for k, v in saved.items():
+                if k in g and not isinstance(g[k], torch.Tensor):
+                    g[k] = tuple(v) if isinstance(g[k], tuple) else v
+        self._count_state_bytes()
+
+    def load_chunk_state(self, chunk, states: dict[str, torch.Tensor]) -> None:
+        """Replace `chunk`'s optimizer states with `states` (as a checkpoint holds them: on the host, any
+        dtype; none when the chunk had none yet), placed where torch's optimizers keep them: a scalar `step`
+        in fp32 on the host unless the optimizer is fused or capturable, everything else beside the master
+        in its dtype. `load_scalar_state_dict` counts their bytes."""
+        self.state.pop(chunk.master, None)
+        if not states:
+            return
+        group = self._steppers[chunk.index].param_groups[0]
+        placed = {}
+        for k, v in states.items():
+            if k == "step" and not (group.get("fused") or group.get("capturable")):
+                placed[k] = v.to(dtype=torch.float32)
+            else:
+                placed[k] = v.to(device=chunk.master.device, dtype=v.dtype if k == "step" else chunk.master.dtype)
+        self.state[chunk.master] = placed
+
     def step_stats(self) -> dict:
         """Steps, skipped steps, and what the update inside backward did (see elixir.step_stats)."""
         out = {"steps": self.steps, "skipped_steps": self.skipped_steps, "nonfinite_steps": self.nonfinite_steps,
@@ -566,3 +603,16 @@ class ElixirOptimizer(torch.optim.Optimizer):
 
 def _hyper(group: dict) -> dict:
     return {k: v for k, v in group.items() if k not in ("params", "fused", "foreach")}
+
+
+def _jsonable_hyper(group: dict) -> dict:
+    out = {}
+    for k, v in group.items():
+        if k == "params":
+            continue
+        if torch.is_tensor(v):
+            v = v.item() if v.numel() == 1 else v.tolist()
+        if isinstance(v, (tuple, list)):
+            v = list(v)
+        out[k] = v
+    return out

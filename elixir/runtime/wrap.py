@@ -210,8 +210,7 @@ def wrap(
         staged = [c.shard_numel for c in chunks if c.trainable and c.optim_home == "host"]
     if staged:
         runtime.grads.make_staging(STAGING_BUFFERS, max(staged))
-    wrap_state = _WrapState(plan, runtime, interceptor, elixir_optim)
-    wrap_state.needs_weights, wrap_state.meta_buffers = on_meta, meta_buffers
+    wrap_state = _WrapState(plan, runtime, interceptor, elixir_optim, needs_weights=on_meta, meta_buffers=meta_buffers)
     setattr(model, _STATE_ATTR, wrap_state)
     if on_meta:
         model.register_forward_pre_hook(_refuse_forward_without_weights, with_kwargs=True)
@@ -406,11 +405,26 @@ def _refuse_forward_without_weights(model, args, kwargs):
 
 
 class _WrapState:
-    def __init__(self, plan, runtime, interceptor, optimizer):
+    """What `wrap` made for a model (`state_of` returns it): its plan, runtime, interceptor and optimizer."""
+
+    def __init__(self, plan, runtime, interceptor, optimizer, *, needs_weights: bool = False,
+                 meta_buffers: set[str] = frozenset()) -> None:
         self.plan = plan
         self.runtime = runtime
         self.interceptor = interceptor
         self.optimizer = optimizer
+        self.needs_weights = needs_weights
+        """Built on the meta device: forwards are refused until `load_pretrained` or `load` gives it weights."""
+        self.meta_buffers = set(meta_buffers)  # buffers built on the meta device: zeros until the weights come
+
+    def buffers_without_values(self, loaded) -> set[str]:
+        """The buffers built on the meta device that `loaded` (names of the buffers the weights filled)
+        leaves as the zeros `wrap` put there."""
+        return self.meta_buffers - set(loaded)
+
+    def weights_loaded(self) -> None:
+        """The model has its weights (and its meta buffers their values): forwards may run."""
+        self.needs_weights, self.meta_buffers = False, set()
 
 
 def runtime_of(model: torch.nn.Module) -> Runtime:

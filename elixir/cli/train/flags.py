@@ -416,7 +416,7 @@ def saved_config(resume: str) -> dict:
     """The resolved config saved in the checkpoint `resume` names ({} for a checkpoint without one)."""
     import torch
 
-    from elixir.checkpoint.store import COMMON
+    from elixir.checkpoint.manifest import COMMON
 
     path = checkpoint_path(resume)
     if path is None:
@@ -431,7 +431,7 @@ def saved_config(resume: str) -> dict:
 def checkpoint_path(resume: str) -> str | None:
     """The checkpoint folder of `--resume DIR`: DIR itself, DIR/last, or the `.old` copy an interrupted
     save left; None when there is none."""
-    from elixir.checkpoint.store import MANIFEST
+    from elixir.checkpoint.manifest import MANIFEST
 
     for candidate in (resume, os.path.join(resume, "last")):
         for folder in (candidate, candidate + ".old"):

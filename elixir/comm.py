@@ -22,6 +22,7 @@ are used as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import time
@@ -199,12 +200,25 @@ def all_gather(full: torch.Tensor, shard: torch.Tensor, group: ChunkGroup, *, wh
     return Pending(work, what, group) if async_op else None
 
 
+class _Done:
+    """The work of a collective that finished when it was started."""
+
+    def wait(self) -> None:
+        pass
+
+
 def reduce_scatter_mean(shard_out: torch.Tensor, full: torch.Tensor, group: ChunkGroup, *,
                         what: str = "reduce-scatter", async_op: bool = False, arena=None,
                         defer_done: bool = False) -> Pending | None:
     """Average `full` over the group into this rank's `shard_out` (slice `group.rank`): the sum divided
     by `group.grad_divisor` (the group's size unless the group says otherwise). `arena`: as in
-    `all_gather`; the sum is then taken in rank order."""
+    `all_gather`; the sum is then taken in rank order.
+
+    A group with `replicas` (a chunk sharded inside each node, see [Note: hierarchical sharding] in
+    elixir/parallel/nodes.py) sums over the group, then all-reduces the shard over the replicas, then
+    divides: every replica ends with the same bits, the mean over both groups together."""
+    if group.replicas is not None and group.replicas.size > 1:
+        return _reduce_scatter_replicated(shard_out, full, group, what, async_op, arena, defer_done)
     if group.size == 1:
         if shard_out.data_ptr() != full.data_ptr():
             shard_out.copy_(full)
@@ -255,6 +269,38 @@ def reduce_scatter_mean(shard_out: torch.Tensor, full: torch.Tensor, group: Chun
         return Pending(work, what, group, after=finish)
     finish()
     return None
+
+
+def _reduce_scatter_replicated(shard_out, full, group: ChunkGroup, what: str, async_op: bool, arena,
+                               defer_done: bool) -> Pending | None:
+    """`reduce_scatter_mean` over a group whose shards are replicated: the sum inside the group, then the
+    all-reduce of the shard over `group.replicas` when that sum is done, then one division (so that the
+    result does not depend on which group divides)."""
+    inner = dataclasses.replace(group, mean_over=1, replicas=None)
+    replicas, divisor = group.replicas, group.grad_divisor
+
+    def across() -> None:
+        all_reduce_sum(shard_out, replicas, what=f"{what}: all-reduce of the shard across nodes")
+        if divisor != 1:
+            shard_out.div_(divisor)
+
+    pending = reduce_scatter_mean(shard_out, full, inner, what=what, async_op=async_op, arena=arena,
+                                  defer_done=defer_done)
+    if pending is None:  # finished already (a group of one rank, or a blocking call)
+        across()
+        return Pending(_Done(), what, group) if async_op else None
+    first = pending.after
+
+    def after():
+        # `first` may return the peers' reads still in flight (see Pending.trailing): kept as the result
+        trailing = first() if first is not None else None
+        across()
+        return trailing
+
+    pending.after = after
+    if not async_op:  # a blocking shared-memory call asked to defer its end: it has run `first` already
+        across()
+    return pending
 
 
 def _all_reduce(t: torch.Tensor, group: ChunkGroup, op, what: str) -> torch.Tensor:

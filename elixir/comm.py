@@ -48,6 +48,9 @@ class CollectiveError(RuntimeError):
 def init_distributed(*, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> ChunkGroup:
     """Join the process group that torchrun (or the caller's environment) describes.
 
+    Under Slurm without torchrun (`srun python train.py`, one task per GPU), the task's SLURM_* variables
+    are read as torchrun's (see `slurm_environment`), so chunks can be sharded inside nodes there too.
+
     With no WORLD_SIZE in the environment (a plain `python` run) this is a single process and
     nothing is initialised. `timeout_s` bounds every collective: a dead or hung peer becomes a
     `CollectiveError` within about that time instead of a hang (gloo). With NCCL the timeout goes to
@@ -62,6 +65,8 @@ def init_distributed(*, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | Non
     _timeout_s = float(timeout_s)
     if dist.is_initialized():
         return ChunkGroup(dist.group.WORLD, dist.get_rank(), dist.get_world_size())
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        os.environ.update(slurm_environment(os.environ))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return ChunkGroup.single()
@@ -71,6 +76,23 @@ def init_distributed(*, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | Non
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return ChunkGroup(dist.group.WORLD, dist.get_rank(), dist.get_world_size())
+
+
+def slurm_environment(env) -> dict[str, str]:
+    """The variables torchrun would set, from those of a Slurm task started by `srun` (one task per GPU):
+    RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and GROUP_RANK (the node). MASTER_ADDR and MASTER_PORT
+    are the job's to set (the first node's host name and a free port); ValueError naming them otherwise."""
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if missing:
+        raise ValueError(
+            f"a Slurm job of {env.get('SLURM_NTASKS')} tasks started without torchrun needs {' and '.join(missing)}: "
+            "in the sbatch script, export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) "
+            "and MASTER_PORT=29500 (or start torchrun with srun, one per node)"
+        )
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"],
+            # "8(x2)": 8 tasks on each of 2 nodes; "8,8" the same written out
+            "LOCAL_WORLD_SIZE": per_node.split("(")[0].split(",")[0], "GROUP_RANK": env["SLURM_NODEID"]}
 
 
 def _fail(what: str, group: ChunkGroup, started: float, err: Exception) -> CollectiveError:

@@ -104,6 +104,36 @@ def test_node_sharding_matches_world_sharding_and_holds_a_node_shard_per_rank():
 def _parity_and_memory(rank, world, results):
     _parity(rank, world)
     _memory(rank, world, results)
+    _experts(rank, world)
+
+
+def _experts(rank, world):
+    """Expert parallelism inside each node (ep_size 2): the experts' chunks are sharded over the ranks of
+    their expert-data-parallel group on the node (one here) and all-reduced across nodes."""
+    from elixir.parallel import expert_parallel
+
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset("tiny", vocab_size=VOCAB, bias=False, n_experts=4, top_k=2, expert_hidden=32)
+    data = batches(3, batch=8)
+    runs = {}
+    for over in ("world", "node"):
+        torch.manual_seed(0)
+        m = expert_parallel(GPT(cfg).train(), 2)
+        opt = torch.optim.AdamW(m.parameters(), lr=LR, eps=EPS, fused=True)
+        plan = _plan(m, "on_demand", opt, over)
+        m, opt = elixir.wrap(m, opt, plan=plan)
+        groups = {c.group.size for c in elixir.runtime_of(m).chunks}
+        assert groups == ({4, 2} if over == "world" else {2, 1}), (over, groups)
+        losses = []
+        for x in data:  # every rank on the same batch: exact sums, the same bits
+            loss = loss_of(m, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs[over] = losses, elixir.full_state_dict(m)
+    assert runs["world"][0] == runs["node"][0]
+    assert all(torch.equal(runs["world"][1][k], runs["node"][1][k]) for k in runs["world"][1])
 
 
 def _memory(rank, world, results):
@@ -270,3 +300,105 @@ def test_one_process_runs_a_node_plan_as_one_node():
     loss_of(m, batches(1)[0]).backward()
     opt.step()
     assert all(c.group.size == 1 for c in elixir.runtime_of(m).chunks)
+
+
+# --- the planner: a two-level network ----------------------------------------------------------------
+
+
+def _network_a100(inter=10e9, latency=1e-5):
+    from elixir.hardware import Hardware
+    from elixir.search.cost import Network
+
+    hw = Hardware.preset("A100-80GB").with_network(inter_node_bytes_per_s=inter, inter_node_latency_s=latency)
+    return hw, Network(hw, world_size=16, nodes=2)
+
+
+def test_world_sharding_pays_the_inter_node_link_for_every_gather_and_reduce_scatter():
+    from elixir.search.cost import _Chunk
+
+    hw, net = _network_a100()
+    chunk = _Chunk(0, ("w",), 16_000_000, False, "device", "device", ranks=16)
+    # 15/16 of 32 MB (bf16) at the node's 10 GB/s shared by its 8 GPUs (1.25 GB/s each, below NVSwitch's
+    # 230 GB/s), and 15 ring steps of 10 us
+    assert net.gather_s(chunk, 32_000_000) == pytest.approx(30e6 / 1.25e9 + 15 * 1e-5)
+    # the gradient: the same over the fp32 chunk, and nothing else
+    assert net.reduce_s(chunk) == pytest.approx(60e6 / 1.25e9 + 15 * 1e-5)
+    assert net.reduce_collectives(chunk) == 1
+
+
+def test_node_sharding_gathers_inside_the_node_and_all_reduces_the_shard_across():
+    from elixir.search.cost import _Chunk
+
+    hw, net = _network_a100()
+    chunk = _Chunk(0, ("w",), 16_000_000, False, "device", "device", ranks=8, replicas=2)
+    # 7/8 of 32 MB over NVSwitch (230 GB/s, no latency in the preset)
+    assert net.gather_s(chunk, 32_000_000) == pytest.approx(28e6 / 230e9)
+    # reduce-scatter inside (7/8 of 64 MB at 230 GB/s), then the all-reduce of the 8 MB fp32 shard over 2 nodes:
+    # 2 (2-1)/2 x 8 MB at 1.25 GB/s, in 2 ring steps of 10 us
+    assert net.reduce_s(chunk) == pytest.approx(56e6 / 230e9 + 8e6 / 1.25e9 + 2 * 1e-5)
+    assert net.reduce_collectives(chunk) == 2
+
+
+def test_one_level_hardware_prices_a_collective_over_nodes_as_before():
+    from elixir.hardware import Hardware
+    from elixir.search.cost import Network, _Chunk
+
+    hw = Hardware.preset("A100-80GB")  # no inter-node figure: the preset's rate for 16 GPUs, 20 GB/s
+    chunk = _Chunk(0, ("w",), 16_000_000, False, "device", "device", ranks=16)
+    assert Network(hw, world_size=16, nodes=2).gather_s(chunk, 32_000_000) == pytest.approx(30e6 / 20e9)
+    assert Network(hw, world_size=16, nodes=1).gather_s(chunk, 32_000_000) == pytest.approx(30e6 / 20e9)
+
+
+def test_inter_node_links_are_read_by_name_or_line_rate():
+    from elixir.hardware import Hardware, parse_link
+
+    assert parse_link("100Gbps") == (100e9 / 8 * 0.8, 10e-6)
+    assert parse_link("4x200Gbps") == (4 * 200e9 / 8 * 0.8, 10e-6)
+    assert parse_link("4xib-hdr-200g") == (4 * 200e9 / 8 * 0.9, 3e-6)
+    with pytest.raises(ValueError, match="'25GB/s'.*gigabits"):
+        parse_link("25GB/s")
+    hw = Hardware.preset("H100-80GB").with_network(inter_node_bytes_per_s=5e10, inter_node_latency_s=3e-6)
+    assert Hardware.from_json(hw.to_json()) == hw
+    old = json.loads(Hardware.preset("H100-80GB").to_json())
+    for key in ("intra_node_latency_s", "inter_node_bytes_per_s", "inter_node_latency_s"):
+        del old[key]  # a cache written before the two-level network still reads, as one level
+    assert Hardware.from_json(json.dumps(old)) == Hardware.preset("H100-80GB")
+
+
+def test_the_search_shards_inside_nodes_when_the_link_between_them_is_slow():
+    from elixir.hardware import Hardware
+    from elixir.search import search
+
+    model = _model()
+    x = batches(1)[0]
+    prof = elixir.profile(model, {"input_ids": x, "labels": x})
+    slow = Hardware.preset("A100-80GB").with_network(inter_node_bytes_per_s=1e6, inter_node_latency_s=1e-3)
+    plan, pred = search(prof, slow, world_size=4, nodes=2)
+    assert plan.nodes == 2 and {c.shard_over for c in plan.chunks} == {"node"}
+    world, world_pred = search(prof, slow, world_size=4, nodes=2, shard_over="world")
+    assert {c.shard_over for c in world.chunks} == {"world"} and world_pred.step_s > pred.step_s
+    assert elixir.Plan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.slow
+def test_elixir_plan_prints_the_layout_it_chose(capsys):
+    from elixir.cli import main
+
+    assert main(["plan", "--model", "gpt2", "--gpu", "A100-80GB", "--nodes", "2", "--gpus", "8",
+                 "--inter-node", "100Gbps", "--seq-len", "256"]) == 0
+    text = capsys.readouterr().out
+    assert "2 x 8 x A100-80GB" in text and "16 rank(s) on 2 nodes" in text
+    assert "chosen by the search; 10.0 GB/s per node between nodes" in text
+
+
+def test_slurm_tasks_read_as_torchrun_ranks():
+    from elixir.comm import slurm_environment
+
+    env = dict(SLURM_PROCID="11", SLURM_NTASKS="16", SLURM_LOCALID="3", SLURM_TASKS_PER_NODE="8(x2)",
+               SLURM_NODEID="1", MASTER_ADDR="node-a", MASTER_PORT="29500")
+    got = slurm_environment(env)
+    assert got == dict(RANK="11", WORLD_SIZE="16", LOCAL_RANK="3", LOCAL_WORLD_SIZE="8", GROUP_RANK="1")
+    layout = node_layout_from_env(16, 11, got)
+    assert (layout.nodes, layout.ranks_per_node, layout.node_rank, layout.local_rank) == (2, 8, 1, 3)
+    with pytest.raises(ValueError, match="needs MASTER_ADDR and MASTER_PORT.*scontrol show hostnames"):
+        slurm_environment({k: v for k, v in env.items() if not k.startswith("MASTER")})

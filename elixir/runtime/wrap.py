@@ -330,10 +330,15 @@ def _searched_plan(model, batch, compute_dtype, group: ChunkGroup, loss_fn, hard
     from elixir.hardware import Hardware
     from elixir.search.api import plan as make_plan
 
+    try:  # several nodes (torchrun's environment): the search also weighs sharding inside them
+        layout = nodes.node_layout_from_env(group.size, group.rank) if group.size > 1 else None
+    except ValueError:
+        layout = None
+
     def search() -> Plan:
         return make_plan(
             model, batch, world_size=group.size, compute_dtype=compute_dtype or torch.float32, loss_fn=loss_fn,
-            hardware=hardware,
+            hardware=hardware, nodes=layout.nodes if layout else 1,
         )
 
     if group.size == 1:

@@ -377,15 +377,6 @@ class Network:
     def reduce_collectives(self, c: _Chunk) -> int:
         return (c.ranks > 1) + (c.replicas > 1)
 
-    def node_bytes_per_rank(self, c: _Chunk, gathers: int, itemsize: int) -> float:
-        """Bytes one rank moves across nodes for this chunk in a step with `gathers` all-gathers: what the
-        two layouts are compared by (bench/bench_nodes.py counts the same at the runtime's collectives)."""
-        if self.crosses_nodes(c):
-            return (c.ranks - 1) / c.ranks * c.numel * (gathers * itemsize + 4)
-        if c.replicas > 1:
-            return 2 * (c.replicas - 1) / c.replicas * c.shard * 4
-        return 0.0
-
 
 def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
     """Predict one step of `profile` under `plan` on `hardware` (one rank of `plan.world_size`): `profile`

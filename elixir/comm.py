@@ -22,6 +22,7 @@ are used as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import time
@@ -47,6 +48,9 @@ class CollectiveError(RuntimeError):
 def init_distributed(*, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> ChunkGroup:
     """Join the process group that torchrun (or the caller's environment) describes.
 
+    Under Slurm without torchrun (`srun python train.py`, one task per GPU), the task's SLURM_* variables
+    are read as torchrun's (see `slurm_environment`), so chunks can be sharded inside nodes there too.
+
     With no WORLD_SIZE in the environment (a plain `python` run) this is a single process and
     nothing is initialised. `timeout_s` bounds every collective: a dead or hung peer becomes a
     `CollectiveError` within about that time instead of a hang (gloo). With NCCL the timeout goes to
@@ -61,6 +65,8 @@ def init_distributed(*, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | Non
     _timeout_s = float(timeout_s)
     if dist.is_initialized():
         return ChunkGroup(dist.group.WORLD, dist.get_rank(), dist.get_world_size())
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        os.environ.update(slurm_environment(os.environ))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return ChunkGroup.single()
@@ -70,6 +76,23 @@ def init_distributed(*, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | Non
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return ChunkGroup(dist.group.WORLD, dist.get_rank(), dist.get_world_size())
+
+
+def slurm_environment(env) -> dict[str, str]:
+    """The variables torchrun would set, from those of a Slurm task started by `srun` (one task per GPU):
+    RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and GROUP_RANK (the node). MASTER_ADDR and MASTER_PORT
+    are the job's to set (the first node's host name and a free port); ValueError naming them otherwise."""
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if missing:
+        raise ValueError(
+            f"a Slurm job of {env.get('SLURM_NTASKS')} tasks started without torchrun needs {' and '.join(missing)}: "
+            "in the sbatch script, export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) "
+            "and MASTER_PORT=29500 (or start torchrun with srun, one per node)"
+        )
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"],
+            # "8(x2)": 8 tasks on each of 2 nodes; "8,8" the same written out
+            "LOCAL_WORLD_SIZE": per_node.split("(")[0].split(",")[0], "GROUP_RANK": env["SLURM_NODEID"]}
 
 
 def _fail(what: str, group: ChunkGroup, started: float, err: Exception) -> CollectiveError:
@@ -199,12 +222,25 @@ def all_gather(full: torch.Tensor, shard: torch.Tensor, group: ChunkGroup, *, wh
     return Pending(work, what, group) if async_op else None
 
 
+class _Done:
+    """The work of a collective that finished when it was started."""
+
+    def wait(self) -> None:
+        pass
+
+
 def reduce_scatter_mean(shard_out: torch.Tensor, full: torch.Tensor, group: ChunkGroup, *,
                         what: str = "reduce-scatter", async_op: bool = False, arena=None,
                         defer_done: bool = False) -> Pending | None:
     """Average `full` over the group into this rank's `shard_out` (slice `group.rank`): the sum divided
     by `group.grad_divisor` (the group's size unless the group says otherwise). `arena`: as in
-    `all_gather`; the sum is then taken in rank order."""
+    `all_gather`; the sum is then taken in rank order.
+
+    A group with `replicas` (a chunk sharded inside each node, see [Note: hierarchical sharding] in
+    elixir/parallel/nodes.py) sums over the group, then all-reduces the shard over the replicas, then
+    divides: every replica ends with the same bits, the mean over both groups together."""
+    if group.replicas is not None and group.replicas.size > 1:
+        return _reduce_scatter_replicated(shard_out, full, group, what, async_op, arena, defer_done)
     if group.size == 1:
         if shard_out.data_ptr() != full.data_ptr():
             shard_out.copy_(full)
@@ -255,6 +291,38 @@ def reduce_scatter_mean(shard_out: torch.Tensor, full: torch.Tensor, group: Chun
         return Pending(work, what, group, after=finish)
     finish()
     return None
+
+
+def _reduce_scatter_replicated(shard_out, full, group: ChunkGroup, what: str, async_op: bool, arena,
+                               defer_done: bool) -> Pending | None:
+    """`reduce_scatter_mean` over a group whose shards are replicated: the sum inside the group, then the
+    all-reduce of the shard over `group.replicas` when that sum is done, then one division (so that the
+    result does not depend on which group divides)."""
+    inner = dataclasses.replace(group, mean_over=1, replicas=None)
+    replicas, divisor = group.replicas, group.grad_divisor
+
+    def across() -> None:
+        all_reduce_sum(shard_out, replicas, what=f"{what}: all-reduce of the shard across nodes")
+        if divisor != 1:
+            shard_out.div_(divisor)
+
+    pending = reduce_scatter_mean(shard_out, full, inner, what=what, async_op=async_op, arena=arena,
+                                  defer_done=defer_done)
+    if pending is None:  # finished already (a group of one rank, or a blocking call)
+        across()
+        return Pending(_Done(), what, group) if async_op else None
+    first = pending.after
+
+    def after():
+        # `first` may return the peers' reads still in flight (see Pending.trailing): kept as the result
+        trailing = first() if first is not None else None
+        across()
+        return trailing
+
+    pending.after = after
+    if not async_op:  # a blocking shared-memory call asked to defer its end: it has run `first` already
+        across()
+    return pending
 
 
 def _all_reduce(t: torch.Tensor, group: ChunkGroup, op, what: str) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 
 from elixir import comm
 
-__all__ = ["Hardware", "cache_dir", "parse_bytes"]
+__all__ = ["INTER_NODE_LINKS", "Hardware", "cache_dir", "parse_bytes", "parse_link"]
 
 # 2: attention_flops; AdamW on buffers beyond the last-level cache; Linear-layer GEMMs
 # 3: CPU collectives as the runtime runs them (all-to-alls, shared memory between ranks of one host)
@@ -146,6 +146,15 @@ class Hardware:
     a softmax per score and skips masked blocks, so its rate by those formulas differs from a GEMM's (on this
     CPU ~0.7x); on GPUs FlashAttention-2 reaches roughly the fraction of peak that large GEMMs do, so the presets
     leave it out."""
+    intra_node_latency_s: float = 0.0
+    """Latency of one step of a ring collective between the devices of a node (NVLink/NVSwitch: a few
+    microseconds); 0: none counted beyond the cost model's fixed cost per collective."""
+    inter_node_bytes_per_s: float = 0.0
+    """Bandwidth of one node's links to the other nodes, all its NICs together, as collectives achieve it:
+    the ranks of a node share it when a collective crosses nodes (see `bus_rate`). 0: one level, as before
+    (a collective over more ranks than a node's runs at `collective_rate` of its size)."""
+    inter_node_latency_s: float = 0.0
+    """Latency of one step of a ring collective between nodes (InfiniBand a few microseconds, Ethernet tens)."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -187,6 +196,11 @@ class Hardware:
                 raise ValueError(f"Hardware.{what}={value!r} must be a finite rate, 0 when there is no disk")
             if self.disk_bytes and not value:
                 raise ValueError(f"Hardware.disk_bytes={self.disk_bytes} needs {what} too (e.g. 5e9 for an NVMe)")
+        for what in ("intra_node_latency_s", "inter_node_bytes_per_s", "inter_node_latency_s"):
+            value = getattr(self, what)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+                    and math.isfinite(value)):
+                raise ValueError(f"Hardware.{what}={value!r} must be a finite number >= 0 (0: not modelled)")
         for world, rate in self.collective_bytes_per_s.items():
             if not (isinstance(world, int) and world >= 2 and rate > 0 and math.isfinite(rate)):
                 raise ValueError(
@@ -229,6 +243,36 @@ class Hardware:
             )
         larger = [w for w in self.collective_bytes_per_s if w >= world_size]
         return self.collective_bytes_per_s[min(larger) if larger else max(self.collective_bytes_per_s)]
+
+    def bus_rate(self, group_size: int, *, across_nodes: bool = False, ranks_per_node: int = 0,
+                 world_size: int = 0) -> float:
+        """Bus bandwidth per rank of a collective over `group_size` ranks. Inside a node: `collective_rate`
+        of the group. Across nodes, with `inter_node_bytes_per_s` known: the node's share per rank (its
+        `ranks_per_node` ranks cross at once), capped by the rate inside a node; without it, as before:
+        `collective_rate` of the run's `world_size` (what a preset gives for more ranks than a node has)."""
+        if not across_nodes:
+            return self.collective_rate(group_size)
+        if self.inter_node_bytes_per_s:
+            per_node = max(ranks_per_node, 1)
+            inside = self.collective_rate(min(group_size, per_node)) if per_node > 1 else math.inf
+            return min(inside, self.inter_node_bytes_per_s / per_node)
+        return self.collective_rate(max(world_size, group_size))
+
+    def step_latency_s(self, across_nodes: bool) -> float:
+        """Latency of one ring step of a collective inside a node, or across nodes."""
+        return self.inter_node_latency_s if across_nodes else self.intra_node_latency_s
+
+    def with_network(self, *, inter_node_bytes_per_s: float | None = None, inter_node_latency_s: float | None = None,
+                     intra_node_latency_s: float | None = None) -> Hardware:
+        """A copy with another network between nodes (`parse_link` reads "4x200Gbps", "ib-hdr-200g", ...)."""
+        changes: dict = {}
+        if inter_node_bytes_per_s is not None:
+            changes["inter_node_bytes_per_s"] = float(inter_node_bytes_per_s)
+        if inter_node_latency_s is not None:
+            changes["inter_node_latency_s"] = float(inter_node_latency_s)
+        if intra_node_latency_s is not None:
+            changes["intra_node_latency_s"] = float(intra_node_latency_s)
+        return dataclasses.replace(self, **changes)
 
     def with_memory(self, *, device_bytes: int | str | None = None, host_bytes: int | str | None = None) -> Hardware:
         """A copy with other memory sizes (bytes, or human sizes such as "40GiB")."""
@@ -305,7 +349,8 @@ class Hardware:
             data["collective_bytes_per_s"][int(world)] = rate
         data["device_type"] = doc.get("device_type", "str", default="cuda", choices=("cuda", "cpu"))
         data["disk_bytes"] = doc.get("disk_bytes", "int", least=0, default=0)
-        for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s"):
+        for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s", "intra_node_latency_s",
+                     "inter_node_bytes_per_s", "inter_node_latency_s"):
             data[what] = doc.get(what, "number", least=0, default=0.0)
         try:  # what no single field says (a disk size without a bandwidth, an unknown dtype)
             return cls(**data)
@@ -436,6 +481,43 @@ _HOST_ADAM_DDR5 = 2 * 307.2e9 * 0.6 / 8 / _ADAM_BYTES_PER_ELEM  # ~1.4e9
 _NVME_DGX_A100 = (4 * 3840 * 10**9 // 8, 0.9 * 4 * 7.0e9 / 8, 0.9 * 4 * 3.8e9 / 8)
 _NVME_DGX_H100 = (3840 * 10**9, 0.9 * 7.0e9, 0.9 * 3.8e9)
 _NVME_WORKSTATION = (2000 * 10**9 // 4, 0.9 * 7.45e9 / 4, 0.9 * 6.9e9 / 4)
+
+
+# Links between nodes, one NIC each, as (bytes/s that NCCL collectives achieve, latency of one ring step).
+# InfiniBand HDR (200 Gb/s = 25 GB/s) and NDR (400 Gb/s): nccl-tests reach ~90% of the line rate across nodes
+# with GPUDirect RDMA, ~3 us per step. RoCE v2 at 200 Gb/s: ~85%, ~5 us. Ethernet without RDMA (NCCL's socket
+# transport over TCP): ~70% of the line rate, ~25 us per step. `parse_link` reads these names, "4x<name>" for
+# four NICs per node, or a plain line rate ("100Gbps", "4x200Gbps", taken at 80% and 10 us).
+INTER_NODE_LINKS: dict[str, tuple[float, float]] = {
+    "ethernet-100g": (0.70 * 100e9 / 8, 25e-6),
+    "ethernet-200g": (0.70 * 200e9 / 8, 25e-6),
+    "roce-100g": (0.85 * 100e9 / 8, 5e-6),
+    "roce-200g": (0.85 * 200e9 / 8, 5e-6),
+    "ib-hdr-200g": (0.90 * 200e9 / 8, 3e-6),
+    "ib-ndr-400g": (0.90 * 400e9 / 8, 3e-6),
+}
+_LINE_RATE_ACHIEVED, _LINE_RATE_LATENCY_S = 0.8, 10e-6
+_LINK = re.compile(r"^\s*(?:([0-9]+)\s*[xX]\s*)?(.+?)\s*$")
+_LINE_RATE = re.compile(r"^([0-9]+(?:\.[0-9]*)?)\s*[Gg](?:bps|b/s|bit/s|bE|be)$")  # gigabits: a lower-case b
+
+
+def parse_link(text: str) -> tuple[float, float]:
+    """(bytes/s, latency s) of a node's links to the other nodes: "ib-hdr-200g", "4xib-hdr-200g" (four NICs),
+    or a line rate in gigabits per second, "100Gbps", "100GbE", "4x200Gbps" (80% of it achieved).
+    ValueError naming the text and what is accepted."""
+    m = _LINK.match(str(text))
+    count = int(m.group(1)) if m and m.group(1) else 1
+    body = m.group(2) if m else ""
+    if count >= 1 and body.lower() in INTER_NODE_LINKS:
+        rate, latency = INTER_NODE_LINKS[body.lower()]
+        return count * rate, latency
+    line = _LINE_RATE.match(body)
+    if count >= 1 and line and float(line.group(1)) > 0:
+        return count * float(line.group(1)) * 1e9 / 8 * _LINE_RATE_ACHIEVED, _LINE_RATE_LATENCY_S
+    raise ValueError(
+        f"inter-node link {text!r}: give a node's line rate in gigabits per second (\"100Gbps\", \"4x200Gbps\" "
+        f"for four NICs) or a link name ({', '.join(INTER_NODE_LINKS)}), optionally with \"4x\" before it"
+    )
 
 
 def _gpu(

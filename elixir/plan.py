@@ -18,6 +18,8 @@ from elixir import comm
 from elixir.memory.chunk import pack_offsets, padded_numel
 
 HOMES = ("device", "host", "disk")
+SHARD_OVER = ("world", "node")
+"""What a chunk is sharded over (see [Note: hierarchical sharding] in elixir/parallel/nodes.py)."""
 """Memory tiers: where a chunk's parameter shard, or its master and optimizer states, live."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -61,11 +63,20 @@ class ChunkPlan:
     optim_home: str = "device"
     """Where the fp32 master, gradient shard and optimizer states live and update: 'device', 'host', or
     'disk' (a scratch file, streamed through host buffers when the chunk updates; see elixir/memory/disk.py)."""
+    shard_over: str = "world"
+    """What the chunk is sharded over: 'world' (every rank of the run) or 'node' (the ranks of each node,
+    replicated across nodes: gathers stay inside a node, gradients cross nodes once, as an all-reduce of the
+    shard; see [Note: hierarchical sharding] in elixir/parallel/nodes.py)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(self.params))
         if not self.params:
             raise ValueError("a chunk must hold at least one parameter")
+        if self.shard_over not in SHARD_OVER:
+            raise ValueError(
+                f"chunk starting with {self.params[0]!r}: shard_over={self.shard_over!r}; use 'world' (sharded over "
+                "every rank) or 'node' (sharded over the ranks of each node, replicated across nodes)"
+            )
         _check_home("param_home", self.param_home)
         _check_home("optim_home", self.optim_home)
         if self.resident and self.param_home != "device":
@@ -113,6 +124,9 @@ class Plan:
     disk_path: str = ""
     """Scratch folder of chunks with optim_home='disk' (each rank's file goes there); `elixir.wrap(disk=...)`
     overrides it, since a folder belongs to a machine rather than to a plan."""
+    nodes: int = 1
+    """The nodes the `world_size` ranks run on (as many ranks on each); chunks with shard_over='node' are
+    sharded over world_size / nodes ranks. `elixir.wrap` checks it against torchrun's environment."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "chunks", tuple(self.chunks))
@@ -128,6 +142,12 @@ class Plan:
                 )
         if self.world_size < 1:
             raise ValueError(f"world_size={self.world_size} must be at least 1")
+        if not isinstance(self.nodes, int) or isinstance(self.nodes, bool) or self.nodes < 1 \
+                or self.world_size % self.nodes:
+            raise ValueError(
+                f"nodes={self.nodes!r} must be a positive int that divides world_size={self.world_size}: every node "
+                "runs the same number of ranks"
+            )
         if not isinstance(self.overlap, bool):
             raise ValueError(f"overlap={self.overlap!r} must be True or False")
         for name in ("grad_accum", "micro_batch_size", "checkpoint_every"):
@@ -153,6 +173,13 @@ class Plan:
                     f"chunk starting with {c.params[0]!r} mixes parameters sharded over different groups "
                     "(group_sizes); chunks never mix groups: split it"
                 )
+            ranks = self.group_sizes.get(c.params[0], self.world_size)
+            if c.shard_over == "node" and ranks % self.nodes:
+                raise ValueError(
+                    f"chunk starting with {c.params[0]!r} is sharded over {ranks} ranks (group_sizes), which do not "
+                    f"spread evenly over {self.nodes} nodes, so shard_over='node' cannot shard it inside each node; "
+                    "use shard_over='world' for it, or an expert-parallel size that divides the ranks per node"
+                )
             for name in c.params:
                 if name in seen:
                     raise ValueError(f"parameter {name!r} is in two chunks; each parameter is in exactly one")
@@ -175,8 +202,9 @@ class Plan:
         return padded_numel(self.chunk_numel, self.world_size)
 
     def chunk_ranks(self, chunk: ChunkPlan) -> int:
-        """How many ranks the chunk is sharded over (its group's size)."""
-        return self.group_sizes.get(chunk.params[0], self.world_size)
+        """How many ranks the chunk is sharded over (its group's size; inside a node for shard_over='node')."""
+        ranks = self.group_sizes.get(chunk.params[0], self.world_size)
+        return ranks // self.nodes if chunk.shard_over == "node" else ranks
 
     def cache_layout(self) -> tuple[int, int]:
         """(blocks, elements per block) the cache really needs: no more blocks than on-demand chunks,
@@ -211,10 +239,13 @@ class Plan:
         overlap: bool = True,
         grad_accum: int = 1,
         disk_path: str = "",
+        shard_over: str = "world",
+        nodes: int | None = None,
     ) -> Plan:
         """The same choices for every chunk. Chunks never mix optimizer groups or frozen parameters;
         pass `optimizer` to chunk by its groups (wrap() splits chunks that mix them anyway).
-        `overlap`, `grad_accum`, `disk_path`: see the fields of the same names."""
+        `overlap`, `grad_accum`, `disk_path`, `shard_over`, `nodes`: see the fields of the same names;
+        `nodes` defaults to torchrun's environment (WORLD_SIZE / LOCAL_WORLD_SIZE), else 1."""
         name = dtype_name(compute_dtype)
         _check_home("param_home", param_home)
         _check_home("optim_home", optim_home)
@@ -222,6 +253,13 @@ class Plan:
             world_size = comm.rank_and_world()[1]
         if chunk_mib <= 0:
             raise ValueError(f"chunk_mib={chunk_mib} must be positive")
+        if shard_over not in SHARD_OVER:
+            raise ValueError(
+                f"shard_over={shard_over!r}: use 'world' (sharded over every rank) or 'node' (sharded over the "
+                "ranks of each node, replicated across nodes)"
+            )
+        if nodes is None:
+            nodes = _default_nodes(world_size)
         itemsize = DTYPES[name].itemsize
         chunk_numel = int(chunk_mib * 2**20) // itemsize
         named = named_parameters(model)
@@ -241,7 +279,8 @@ class Plan:
         chunks = pack_chunks(named, groups, chunk_numel, itemsize)
         return cls(
             chunks=tuple(
-                ChunkPlan(params=tuple(c), resident=resident, param_home=param_home, optim_home=optim_home)
+                ChunkPlan(params=tuple(c), resident=resident, param_home=param_home, optim_home=optim_home,
+                          shard_over=shard_over)
                 for c in chunks
             ),
             chunk_numel=chunk_numel,
@@ -254,6 +293,7 @@ class Plan:
             overlap=overlap,
             grad_accum=grad_accum,
             disk_path=disk_path,
+            nodes=nodes,
         )
 
     # --- checks -----------------------------------------------------------------------------
@@ -295,6 +335,12 @@ class Plan:
     def to_json(self) -> str:
         d = asdict(self)
         d["param_shapes"] = {k: list(v) for k, v in self.param_shapes.items()}
+        # the defaults of the fields of hierarchical sharding are left out: such plans read as before it
+        for c in d["chunks"]:
+            if c["shard_over"] == "world":
+                del c["shard_over"]
+        if d["nodes"] == 1:
+            del d["nodes"]
         return json.dumps(d, indent=1)
 
     @classmethod
@@ -308,13 +354,14 @@ class Plan:
         doc.only(_PLAN_FIELDS)
         chunks = []
         for c in doc.objects("chunks"):
-            c.only(("params", "resident", "param_home", "optim_home"))
+            c.only(("params", "resident", "param_home", "optim_home", "shard_over"))
             params = c.get("params", "list")
             for i, name in enumerate(params):
                 c.check(name, f"{c.path('params')}[{i}]", "str")
             chunks.append(dict(params=tuple(params), resident=c.get("resident", "bool"),
                                param_home=c.get("param_home", "str", default="device", choices=HOMES),
-                               optim_home=c.get("optim_home", "str", default="device", choices=HOMES)))
+                               optim_home=c.get("optim_home", "str", default="device", choices=HOMES),
+                               shard_over=c.get("shard_over", "str", default="world", choices=SHARD_OVER)))
         shapes = doc.obj("param_shapes", default=None)
         for name, shape in (shapes.data.items() if shapes else ()):
             shapes.check(shape, shapes.path(name), "list")
@@ -341,6 +388,7 @@ class Plan:
             micro_batch_size=doc.get("micro_batch_size", "int", least=0, default=0),
             checkpoint_every=doc.get("checkpoint_every", "int", least=0, default=0),
             disk_path=doc.get("disk_path", "str", default=""),
+            nodes=doc.get("nodes", "int", least=1, default=1),
         )
         try:  # what no single field says: parameters in two chunks, a chunk larger than chunk_numel, ...
             plan = cls(chunks=tuple(ChunkPlan(**c) for c in chunks), **values)
@@ -356,17 +404,20 @@ class Plan:
     def summary(self) -> str:
         """One line per distinct placement: how many chunks and bytes live where."""
         rows: dict[tuple, list[int]] = {}
+        nodes = any(c.shard_over == "node" for c in self.chunks)
         for c in self.chunks:
-            key = ("resident" if c.resident else "on demand", c.param_home, c.optim_home)
+            key = ("resident" if c.resident else "on demand", c.param_home, c.optim_home, c.shard_over)
             r = rows.setdefault(key, [0, 0])
             r[0] += 1
             r[1] += self.chunk_used_numel(c)
-        lines = [f"{'chunks':>6}  {'params':>12}  {'gathered':<10} {'param shard':<11} {'optimizer':<9}"]
-        for (res, ph, oh), (n, numel) in rows.items():
-            lines.append(f"{n:>6}  {numel:>12,}  {res:<10} {ph:<11} {oh:<9}")
+        lines = [f"{'chunks':>6}  {'params':>12}  {'gathered':<10} {'param shard':<11} {'optimizer':<9}"
+                 + (" sharded over" if nodes else "")]
+        for (res, ph, oh, over), (n, numel) in rows.items():
+            lines.append(f"{n:>6}  {numel:>12,}  {res:<10} {ph:<11} {oh:<9}" + (f" {over}" if nodes else ""))
         lines.append(
             f"chunk {self.chunk_numel:,} elements, {self.cache_blocks} cache blocks, prefetch "
-            f"{self.prefetch_depth}, {self.compute_dtype}, {self.world_size} rank(s), optimizer "
+            f"{self.prefetch_depth}, {self.compute_dtype}, {self.world_size} rank(s)"
+            + (f" on {self.nodes} nodes" if self.nodes > 1 else "") + ", optimizer "
             + ("inside backward" if self.overlap else "after backward")
         )
         batch = []
@@ -391,6 +442,20 @@ def _numel(shape) -> int:
 
 
 _PLAN_FIELDS = tuple(f.name for f in fields(Plan))
+
+
+def _default_nodes(world_size: int) -> int:
+    """Nodes as torchrun's environment says (WORLD_SIZE / LOCAL_WORLD_SIZE) when it describes a run of
+    `world_size` ranks, else 1."""
+    import os
+
+    try:
+        world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return 1
+    if world != world_size or local < 1 or world % local:
+        return 1
+    return world // local
 
 
 def named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

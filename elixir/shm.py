@@ -60,21 +60,24 @@ class SharedArena:
         self._peers: dict[tuple[int, int], torch.Tensor] = {}  # (rank, segment id) -> mapping
 
     @classmethod
-    def create(cls, group: ChunkGroup) -> SharedArena | None:
-        """Collective over `group`: an arena when every rank can map the others' memory, else None."""
+    def create(cls, group: ChunkGroup, node: int | None = None) -> SharedArena | None:
+        """Collective over `group`: an arena when every rank can map the others' memory, else None.
+        `node`: this rank's node as the launcher numbers them (torchrun's GROUP_RANK), when known: ranks
+        of different nodes never share an arena, even on one host (see [Note: hierarchical sharding] in
+        elixir/parallel/nodes.py)."""
         if group.size == 1 or not hasattr(os, "memfd_create") or dist.get_backend(group.process_group) != "gloo":
             return None
         wanted = os.environ.get("ELIXIR_SHM", "1") != "0"
         probe_fd = os.memfd_create("elixir-probe") if wanted else -1
         if probe_fd >= 0:
             os.ftruncate(probe_fd, 8)
-        me = (socket.gethostname(), _boot_id(), os.getpid(), probe_fd, wanted)
+        me = (socket.gethostname(), _boot_id(), os.getpid(), probe_fd, wanted, node)
         everyone: list = [None] * group.size
         dist.all_gather_object(everyone, me, group=group.process_group)
-        ok = all(e[4] for e in everyone) and len({(e[0], e[1]) for e in everyone}) == 1
+        ok = all(e[4] for e in everyone) and len({(e[0], e[1], e[5]) for e in everyone}) == 1
         if ok:
             try:
-                for r, (_, _, pid, fd, _) in enumerate(everyone):
+                for r, (_, _, pid, fd, _, _) in enumerate(everyone):
                     if r != group.rank:
                         _map(pid, fd, 8)
             except (RuntimeError, OSError):

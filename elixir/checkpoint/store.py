@@ -96,6 +96,8 @@ def save(model, optimizer, path: str, *, extra=None, scheduler=None) -> None:
 
     specs, sources, chunk_docs = [], [], []
     for c in rt.chunks:
+        if not c.group.counts_once:
+            continue  # a replica of a shard another rank writes (see [Note: hierarchical sharding])
         key = f"c{c.index}"
         vals = values_of(c)
         specs.append((f"{key}.values", vals.dtype, tuple(vals.shape)))

@@ -5,7 +5,10 @@ published dimensions, built on the meta device: nothing is allocated) at the giv
 the fastest plan that fits one GPU's memory and its share of the host memory, and prints what lives
 where, the predicted step time, TFLOPS per GPU and the peak bytes per tier. With `--tokens-per-step`
 (the global batch) it also chooses the micro-batch, the accumulation steps and activation
-checkpointing. `--json` writes the plan (loadable with elixir.Plan.from_json) with its prediction;
+checkpointing. `--nodes 2 --gpus 8 --inter-node 4x200Gbps` plans for two nodes of eight GPUs whose links
+between nodes are as given (see `elixir.hardware.parse_link`): the search chooses whether chunks are
+sharded over all 16 GPUs or inside each node (`--shard-over` fixes it). `--json` writes the plan
+(loadable with elixir.Plan.from_json) with its prediction;
 `--plot` draws memory over the step and where each chunk lives.
 """
 
@@ -18,7 +21,7 @@ import time
 
 import torch
 
-from elixir.hardware import Hardware, parse_bytes
+from elixir.hardware import Hardware, parse_bytes, parse_link
 from elixir.models.checkpointing import apply_checkpointing
 from elixir.models.families import build_family, family_names
 from elixir.profile import profile
@@ -45,6 +48,13 @@ def _rate(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{e}; a bandwidth is a size per second, e.g. 6GB/s") from None
 
 
+def _link(text: str) -> tuple[float, float]:
+    try:
+        return parse_link(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -57,7 +67,16 @@ def _positive(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=f"a preset ({', '.join(family_names())}) or a HF config.json path")
-    p.add_argument("--gpus", type=_positive, default=1, help="number of GPUs (ranks) the model data is sharded over")
+    p.add_argument("--gpus", type=_positive, default=1,
+                   help="GPUs (ranks) per node; the model data is sharded over --nodes x --gpus of them")
+    p.add_argument("--nodes", type=_positive, default=1, help="nodes (machines) of --gpus GPUs each")
+    p.add_argument("--inter-node", type=_link, default=None, metavar="LINK",
+                   help="each node's links to the others: a line rate (100Gbps, 4x200Gbps for four NICs) or a "
+                   "link name (ethernet-100g, roce-200g, ib-hdr-200g, ib-ndr-400g, 4xib-hdr-200g, ...); default: "
+                   "the preset's figure for the whole run")
+    p.add_argument("--shard-over", choices=("auto", "world", "node"), default="auto",
+                   help="with several nodes: shard chunks over every GPU (world), inside each node (node), or "
+                   "let the search choose (auto, the default)")
     p.add_argument("--gpu", default=None, help=f"hardware preset ({', '.join(Hardware.preset_names())}); "
                    "default: measure this machine")
     p.add_argument("--calibrate", action="store_true",
@@ -92,15 +111,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--gpu {args.gpu!r} is not a preset; use one of {', '.join(Hardware.preset_names())}")
     if args.prefetch_depth < 0:
         parser.error(f"--prefetch-depth {args.prefetch_depth} must be 0 or more")
+    world = args.gpus * args.nodes
+    if args.inter_node is not None and args.nodes == 1:
+        parser.error("--inter-node describes the links between nodes: give --nodes too (2 or more)")
     if args.tokens_per_step is not None:
         if args.batch_size is not None or args.checkpointing:
             parser.error("--tokens-per-step chooses the micro-batch and checkpointing itself: leave out "
                          "--batch-size and --checkpointing, or leave out --tokens-per-step to fix them")
-        per_step = args.seq_len * args.gpus
+        per_step = args.seq_len * world
         if args.tokens_per_step % per_step:
             lower = max(per_step, args.tokens_per_step // per_step * per_step)
             parser.error(f"--tokens-per-step {args.tokens_per_step} is not a whole number of --seq-len "
-                         f"{args.seq_len} sequences on each of {args.gpus} GPU(s); use a multiple of {per_step}, "
+                         f"{args.seq_len} sequences on each of {world} GPU(s); use a multiple of {per_step}, "
                          f"e.g. {lower}")
     if args.calibrate and args.gpu:
         parser.error(f"--calibrate measures this machine; --gpu {args.gpu} plans for a preset instead: pass one")
@@ -134,15 +156,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          "6GB/s); this hardware has none")
         hw = hw.with_disk(disk_bytes=disk, read_bytes_per_s=read if disk else 0.0,
                           write_bytes_per_s=write if disk else 0.0)
+    if args.inter_node is not None:
+        hw = hw.with_network(inter_node_bytes_per_s=args.inter_node[0], inter_node_latency_s=args.inter_node[1])
+    over = None if args.shard_over == "auto" else args.shard_over
     model.train()
     dtype = DTYPES[args.dtype]
     started = time.perf_counter()
     try:
         if args.tokens_per_step is not None:
             ids = torch.zeros((1, args.seq_len), dtype=torch.long)
-            found = plan_batch(model, {"input_ids": ids, "labels": ids}, hardware=hw, world_size=args.gpus,
+            found = plan_batch(model, {"input_ids": ids, "labels": ids}, hardware=hw, world_size=world,
                                compute_dtype=dtype, prefetch_depth=args.prefetch_depth,
-                               tokens_per_step=args.tokens_per_step)
+                               tokens_per_step=args.tokens_per_step, nodes=args.nodes, shard_over=over)
             plan, pred, prof = found.plan, found.prediction, found.profile
             timing = f"(planned in {time.perf_counter() - started:.1f} s, {found.profiles_traced} profile(s) traced)"
         else:
@@ -152,8 +177,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ids = torch.zeros((batch_size, args.seq_len), dtype=torch.long)
             prof = profile(model, {"input_ids": ids, "labels": ids}, compute_dtype=dtype)
             profiled_s = time.perf_counter() - started
-            plan, pred = search(prof, hw, world_size=args.gpus, compute_dtype=dtype,
-                                prefetch_depth=args.prefetch_depth)
+            plan, pred = search(prof, hw, world_size=world, compute_dtype=dtype,
+                                prefetch_depth=args.prefetch_depth, nodes=args.nodes, shard_over=over)
             plan = dataclasses.replace(plan, use_order=tuple(prof.use_sequence()), predicted=pred.as_dict())
             timing = f"(profiled in {profiled_s:.1f} s, searched in {time.perf_counter() - started - profiled_s:.1f} s)"
     except PlanDoesNotFitError as e:
@@ -170,15 +195,24 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     rule = f"; {factor * params * tokens / pred.step_s / 1e12:.1f} by {factor} x params x tokens" if factor else ""
     checkpointing = ("no activation checkpointing" if not every else "activation checkpointing of every block"
                      if every == 1 else f"activation checkpointing of every {every} blocks")
-    print(f"{args.model}: {params / 1e9:.2f} B parameters; {args.gpus} x {hw.name} "
+    gpus = f"{args.nodes} x {args.gpus}" if args.nodes > 1 else f"{args.gpus}"
+    print(f"{args.model}: {params / 1e9:.2f} B parameters; {gpus} x {hw.name} "
           f"({hw.device_bytes / GiB:.0f} GiB device, {hw.host_bytes / GiB:.0f} GiB host per rank); "
           f"{dtype}, sequences of {args.seq_len} tokens")
     if args.tokens_per_step is not None:
-        print(f"batch               {args.tokens_per_step:,} tokens per step = {args.gpus} GPU(s) x "
+        print(f"batch               {args.tokens_per_step:,} tokens per step = {world} GPU(s) x "
               f"{plan.grad_accum} micro-batch(es) x {micro} sequence(s) x {args.seq_len} tokens (chosen: "
               f"micro-batch {micro}, {plan.grad_accum} accumulation step(s), {checkpointing})")
     else:
         print(f"batch               {micro} x {args.seq_len} per GPU, one micro-batch per step, {checkpointing}")
+    if args.nodes > 1:
+        link = (f"{hw.inter_node_bytes_per_s / 1e9:.1f} GB/s per node between nodes" if hw.inter_node_bytes_per_s
+                else f"{hw.bus_rate(world, across_nodes=True, world_size=world) / 1e9:.1f} GB/s bus bandwidth over "
+                f"all {world} GPUs")
+        layouts = sorted({c.shard_over for c in plan.chunks})
+        how = {"world": "over all GPUs", "node": "inside each node, replicated across nodes"}
+        print(f"sharding            {' and '.join(how[o] for o in layouts)} "
+              f"({'--shard-over ' + args.shard_over if over else 'chosen by the search'}; {link})")
     print(plan.summary())
     print(f"predicted step      {pred.step_s:.3f} s (compute {pred.compute_s:.3f} s, waiting for chunks "
           f"{pred.stall_s:.3f} s, optimizer {pred.optim_s:.3f} s after backward, "
@@ -199,7 +233,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f.write(plan.to_json())
     if args.plot:
         _plot(args.plot, prof, plan, pred, hw)
-    summary = {"step_s": pred.step_s, "tflops_per_gpu": tflops, "tokens_per_s_per_gpu": tokens / pred.step_s,
+    summary = {"shard_over": sorted({c.shard_over for c in plan.chunks}),
+               "step_s": pred.step_s, "tflops_per_gpu": tflops, "tokens_per_s_per_gpu": tokens / pred.step_s,
                "micro_batch_size": micro, "grad_accum": plan.grad_accum, "checkpoint_every": every}
     args._result = {**summary, "plan": json.loads(plan.to_json())}
     return 0

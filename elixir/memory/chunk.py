@@ -58,6 +58,11 @@ class ChunkGroup:
     mean_over: int = 0
     """Reduced gradients are the sum over the group divided by this many ranks; 0: the group's size (a
     mean over the group). Expert-parallel chunks divide by the world size instead (see elixir/parallel)."""
+    replicas: ChunkGroup | None = None
+    """The ranks that hold the same shard as this rank (this rank among them), over which a reduced
+    gradient shard is all-reduced after the reduce-scatter over the group; None: no other rank holds it.
+    A chunk sharded over the ranks of a node is replicated on every node (see [Note: hierarchical
+    sharding] in elixir/parallel/nodes.py)."""
 
     @classmethod
     def single(cls) -> ChunkGroup:
@@ -66,6 +71,12 @@ class ChunkGroup:
     @property
     def grad_divisor(self) -> int:
         return self.mean_over or self.size
+
+    @property
+    def counts_once(self) -> bool:
+        """Whether this rank speaks for its shard in what sums over every rank of the run (the gradient
+        norm, checkpoint files): one replica does, the first one."""
+        return self.replicas is None or self.replicas.rank == 0
 
 
 class ChunkState(enum.Enum):

@@ -365,11 +365,16 @@ class ElixirOptimizer(torch.optim.Optimizer):
         norms, grads = [], []
         for c in self.chunks:
             rec = recs.get(c.index)
+            # a shard held by several ranks (sharded inside nodes) counts once: see [Note: hierarchical
+            # sharding] in elixir/parallel/nodes.py
+            counted = c.group.counts_once
             if rec is not None:
                 same = rec.norm is not None and rec.norm_type == norm_type and not spec.clipped
-                norms.append(rec.norm if same else chunk_norm(spec.gradient_of(rec), norm_type))
+                if counted:
+                    norms.append(rec.norm if same else chunk_norm(spec.gradient_of(rec), norm_type))
             elif c.master.grad is not None:
-                norms.append(chunk_norm(c.master.grad, norm_type))
+                if counted:
+                    norms.append(chunk_norm(c.master.grad, norm_type))
                 grads.append(c.master.grad)
         dev = self._comm_device()
         if norm_type == math.inf:

@@ -125,7 +125,7 @@ class GradReducer:
             end = s.offset + s.numel
         if end < chunk.numel:
             buf[end:].zero_()
-        if chunk.group.size == 1:
+        if chunk.group.size == 1 and (chunk.group.replicas is None or chunk.group.replicas.size == 1):
             if chunk.group.grad_divisor != 1:  # an expert held by this rank alone: mean over the world
                 buf.div_(chunk.group.grad_divisor)
             self._add_to_master(chunk, buf, base)

@@ -21,6 +21,7 @@ from elixir.models.checkpointing import apply_checkpointing
 from elixir.optim import ElixirOptimizer, check_optimizer
 from elixir.optim.ondisk import disk_state_tensors
 from elixir.optim.overlap import STAGING_BUFFERS, Speculation
+from elixir.parallel import nodes
 from elixir.plan import Plan, named_parameters, optimizer_group_of
 from elixir.runtime.hooks import Interceptor
 from elixir.runtime.state import Runtime
@@ -28,6 +29,24 @@ from elixir.shm import SharedArena
 
 _STATE_ATTR = "_elixir_runtime"
 _LAZY_ATTR = "_elixir_lazy"
+
+
+def _node_layout(plan: Plan, process_group, group: ChunkGroup):
+    """The nodes every rank agrees on, for a plan with chunks sharded inside nodes (collective); ValueError
+    when the environment does not describe them, or describes other nodes than the plan's."""
+    if group.size > 1 and process_group is not dist.group.WORLD:
+        raise ValueError(
+            "the plan shards chunks inside nodes (shard_over='node'), which needs the default process group; "
+            "call elixir.wrap without process_group, or use shard_over='world'"
+        )
+    layout = nodes.agreed_node_layout(group)
+    if layout.nodes != plan.nodes:
+        raise ValueError(
+            f"the plan was made for {plan.nodes} node(s) of {plan.world_size // plan.nodes} ranks but this run has "
+            f"{layout.nodes} of {layout.ranks_per_node} (torchrun's LOCAL_WORLD_SIZE); make the plan again with "
+            f"nodes={layout.nodes}"
+        )
+    return layout
 
 
 def _default_plan(model, optimizer, compute_dtype, world_size) -> Plan:
@@ -113,6 +132,16 @@ def wrap(
     # [Note: parallel patterns] (elixir/parallel): the group each parameter is sharded and reduced over
     chunk_group_of = parallel.chunk_groups(model, group)
     chunk_specs = _split_by_group(plan, params, group_of, chunk_group_of)
+    # [Note: hierarchical sharding] (elixir/parallel/nodes.py): nodes from torchrun's environment
+    layout = node_layout = None
+    if any(cp.shard_over == "node" for cp in plan.chunks):
+        layout = _node_layout(plan, process_group, group)
+        node_of = nodes.node_groups(group, layout, {id(g): g for g in chunk_group_of.values()})
+    elif group.size > 1:
+        try:
+            node_layout = nodes.node_layout_from_env(group.size, group.rank)
+        except ValueError:
+            node_layout = None  # said nothing usable; the plan does not need it
     # A model built on the meta device gets chunks without values; elixir.load_pretrained fills them
     # (see checkpoint/weights.py), and forward is refused until it has.
     on_meta = any(p.device.type == "meta" for p in params.values())
@@ -136,6 +165,8 @@ def wrap(
         slots = [ParamSlot(n, params[n], off, params[n].shape, from_meta=n_meta[n]) for n, off in zip(names, offsets)]
         trainable = og is not None
         cgroup = chunk_group_of[id(params[names[0]])]
+        if cp.shard_over == "node":
+            cgroup = node_of[id(cgroup)]
         chunks.append(Chunk(
             index=idx, slots=slots, numel=padded_numel(used, cgroup.size), dtype=dtype, group=cgroup,
             resident=cp.resident, param_home=cp.param_home, optim_home=cp.optim_home,
@@ -153,7 +184,12 @@ def wrap(
 
     tracker = MemoryTracker(device)
     if device.type == "cpu" and group.size > 1:
-        tracker.shared = SharedArena.create(group)  # [Note: shared memory between ranks] (elixir/shm.py)
+        # [Note: shared memory between ranks] (elixir/shm.py), inside a node and never across
+        if layout is not None and layout.nodes > 1:
+            node_group = node_of[id(group)]
+            tracker.shared = SharedArena.create(node_group) if node_group.size > 1 else None
+        else:
+            tracker.shared = SharedArena.create(group, node=node_layout.node_rank if node_layout else None)
     store = None
     if disk_chunks:
         rank, world = comm.rank_and_world()
@@ -293,10 +329,15 @@ def _searched_plan(model, batch, compute_dtype, group: ChunkGroup, loss_fn, hard
     from elixir.hardware import Hardware
     from elixir.search.api import plan as make_plan
 
+    try:  # several nodes (torchrun's environment): the search also weighs sharding inside them
+        layout = nodes.node_layout_from_env(group.size, group.rank) if group.size > 1 else None
+    except ValueError:
+        layout = None
+
     def search() -> Plan:
         return make_plan(
             model, batch, world_size=group.size, compute_dtype=compute_dtype or torch.float32, loss_fn=loss_fn,
-            hardware=hardware,
+            hardware=hardware, nodes=layout.nodes if layout else 1,
         )
 
     if group.size == 1:

@@ -28,6 +28,7 @@ def plan(
     prefetch_depth: int = 2,
     loss_fn=None,
     tokens_per_step: int | None = None,
+    nodes: int = 1,
 ) -> Plan:
     """Profile one training step of `model` on `example_batch` (one rank's batch) on the meta
     device, and return the fastest plan that fits `hardware` (measured and cached when not given).
@@ -39,6 +40,9 @@ def plan(
     training loop feeds `grad_accum` micro-batches of `micro_batch_size` sequences per optimizer step.
     Without it, the example batch is the micro-batch, one per step, without checkpointing.
 
+    `nodes`: the nodes the `world_size` ranks run on (as many on each); with more than one the search also
+    chooses whether chunks are sharded over the world or inside each node (`ChunkPlan.shard_over`).
+
     Raises `PlanDoesNotFitError` (a ValueError) with the bytes needed and available per tier and the
     smallest change that would fit, before anything is allocated."""
     if world_size is None:
@@ -47,13 +51,13 @@ def plan(
     if tokens_per_step is not None:
         return plan_batch(model, example_batch, hardware=hardware, world_size=world_size,
                           compute_dtype=compute_dtype, prefetch_depth=prefetch_depth, loss_fn=loss_fn,
-                          tokens_per_step=tokens_per_step).plan
+                          tokens_per_step=tokens_per_step, nodes=nodes).plan
     prof = profile(model, example_batch, loss_fn, compute_dtype=compute_dtype)
     from elixir.parallel import group_sizes
 
     best, pred = search(prof, hardware, world_size=world_size, compute_dtype=compute_dtype,
                         prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size),
-                        checkpointed=checkpointed_regions(model))
+                        checkpointed=checkpointed_regions(model), nodes=nodes)
     return dataclasses.replace(best, use_order=tuple(prof.use_sequence()),
                                predicted={**pred.as_dict(), "batch_tokens": batch_tokens(example_batch)})
 
@@ -101,6 +105,8 @@ def plan_batch(
     compute_dtype: torch.dtype | str = torch.float32,
     prefetch_depth: int = 2,
     loss_fn=None,
+    nodes: int = 1,
+    shard_over: str | None = None,
 ) -> BatchPlan:
     """`elixir.plan(..., tokens_per_step=...)` with what the search saw: see `plan`.
 
@@ -123,7 +129,8 @@ def plan_batch(
     best, pred = search(trace(0), hardware, world_size=world_size, compute_dtype=compute_dtype,
                         prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size),
                         tokens_per_step=tokens_per_step, seq_len=seq_len, profiled_sequences=1,
-                        checkpoint_profiles={k: functools.partial(trace, k) for k in options})
+                        checkpoint_profiles={k: functools.partial(trace, k) for k in options}, nodes=nodes,
+                        shard_over=shard_over)
     chosen = trace(best.checkpoint_every)
     best = dataclasses.replace(best, use_order=tuple(chosen.use_sequence()),
                                predicted={**pred.as_dict(), "batch_tokens": best.micro_batch_size * seq_len})

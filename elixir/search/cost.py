@@ -117,6 +117,9 @@ class _Chunk:
     (a host chunk in host memory, a disk chunk in its disk region)."""
     trainable: bool = True
     """Some of its parameters receive gradients; a frozen chunk has only its parameter shard."""
+    replicas: int = 1
+    """Nodes that each hold the chunk, sharded inside them (shard_over='node'): its reduced shard is then
+    all-reduced over that many ranks, one per node; 1 for a chunk sharded over the world."""
 
     @property
     def shard(self) -> int:
@@ -145,7 +148,7 @@ def layout(plan: Plan, profile: Profile) -> list[_Chunk]:
             i, c.params, padded_numel(used, ranks), c.resident, c.param_home, c.optim_home, ranks,
             aliased=aliased, derived=trainable and not c.resident and same_home and not aliased,
             speculated=speculated, logged=speculated and c.optim_home in ("host", "disk") and plan.grad_accum == 1,
-            trainable=trainable,
+            trainable=trainable, replicas=plan.nodes if c.shard_over == "node" else 1,
         ))
     return out
 
@@ -209,7 +212,7 @@ def gradients(plan: Plan, chunks: list[_Chunk], arrivals: list[tuple[int, int]])
         seen[c] = 0
         completions.append((i, c))
         ch = chunks[c]
-        if ch.ranks == 1:  # reduced in place (one rank, or an expert group of one)
+        if ch.ranks == 1 and ch.replicas == 1:  # reduced in place (one rank, or an expert group of one)
             if ch.optim_home != "device":
                 held -= 1
             continue
@@ -329,6 +332,52 @@ class _DiskTimeline:
         return done
 
 
+class Network:
+    """What a chunk's collectives cost on a two-level network: links inside a node, and the node's links to
+    the other nodes, which its ranks share (`Hardware.bus_rate`). A ring collective over g ranks moves
+    (g - 1) / g of its bytes per rank in g - 1 steps, each step paying the latency of the slowest link it
+    crosses. See [Note: hierarchical sharding] in elixir/parallel/nodes.py for the two layouts:
+    - world sharding over several nodes: every all-gather and reduce-scatter crosses nodes;
+    - node sharding: gathers and reduce-scatters inside the node, then an all-reduce of the fp32 shard over
+      the nodes (2 (N - 1) / N of the shard per rank, in 2 (N - 1) steps)."""
+
+    def __init__(self, hardware: Hardware, *, world_size: int, nodes: int = 1) -> None:
+        self.hardware = hardware
+        self.world_size = world_size
+        self.nodes = nodes
+        self.ranks_per_node = world_size // nodes
+
+    def _ring_s(self, ranks: int, nbytes: float, *, across: bool, steps: int) -> float:
+        rate = self.hardware.bus_rate(ranks, across_nodes=across, ranks_per_node=self.ranks_per_node,
+                                      world_size=self.world_size)
+        return nbytes / rate + steps * self.hardware.step_latency_s(across)
+
+    def crosses_nodes(self, c: _Chunk) -> bool:
+        """Whether the chunk's all-gathers and reduce-scatters cross nodes (sharded over the world)."""
+        return self.nodes > 1 and c.replicas == 1 and c.ranks > 1
+
+    def gather_s(self, c: _Chunk, nbytes: int) -> float:
+        """An all-gather (or reduce-scatter) of the chunk's `nbytes` over its group."""
+        if c.ranks == 1:
+            return 0.0
+        return self._ring_s(c.ranks, (c.ranks - 1) / c.ranks * nbytes, across=self.crosses_nodes(c),
+                            steps=c.ranks - 1)
+
+    def all_reduce_replicas_s(self, c: _Chunk) -> float:
+        """The all-reduce of a node chunk's fp32 gradient shard over its replicas, one rank per node."""
+        r = c.replicas
+        if r == 1:
+            return 0.0
+        return self._ring_s(r, 2 * (r - 1) / r * c.shard * 4, across=True, steps=2 * (r - 1))
+
+    def reduce_s(self, c: _Chunk) -> float:
+        """Seconds of a chunk's gradient reduction on the communication stream."""
+        return self.gather_s(c, c.numel * 4) + self.all_reduce_replicas_s(c)
+
+    def reduce_collectives(self, c: _Chunk) -> int:
+        return (c.ranks > 1) + (c.replicas > 1)
+
+
 def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
     """Predict one step of `profile` under `plan` on `hardware` (one rank of `plan.world_size`): `profile`
     is one micro-batch, and a step is `plan.grad_accum` of them, the optimizer after (or inside) the last."""
@@ -359,17 +408,14 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     per_collective = _COLLECTIVE_OVERHEAD_S["cpu" if cpu else "gpu"]
     matmul = hardware.matmul_rate(plan.dtype)
     attention = hardware.attention_rate(plan.dtype)
-    coll = hardware.collective_rate(n)
-
-    def coll_of(c: _Chunk) -> float:  # a chunk of a smaller group (expert parallel) runs at that group's rate
-        return coll if c.ranks == n else hardware.collective_rate(c.ranks)
+    network = Network(hardware, world_size=n, nodes=plan.nodes)
     copy_rate = hardware.device_copy_bytes_per_s
 
     def fetch_cost(c: _Chunk) -> tuple[float, float]:
         """(seconds on the compute thread, seconds on the communication stream)."""
         shard_bytes = c.shard * (4 if c.derived else itemsize)  # a derived shard is read from its fp32 master
         move = shard_bytes / (hardware.h2d_bytes_per_s if c.param_home == "host" else copy_rate)
-        gather = (c.ranks - 1) / c.ranks * c.numel * itemsize / coll_of(c) if c.ranks > 1 else 0.0
+        gather = network.gather_s(c, c.numel * itemsize)
         if cpu:
             return move + (per_collective if c.ranks > 1 else 0.0), gather
         return 0.0, move + gather
@@ -472,8 +518,8 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         for c in completed_after.get(i, ()):  # the chunk's gradients are complete: reduce it
             ch = chunks[c]
             # every gradient was copied into the chunk's fp32 buffer as it arrived (see [Note: gradient buffers])
-            t_compute += ch.numel * 4 / copy_rate + (per_collective if ch.ranks > 1 else 0.0)
-            red = (ch.ranks - 1) / ch.ranks * ch.numel * 4 / coll_of(ch) if ch.ranks > 1 else 0.0
+            t_compute += ch.numel * 4 / copy_rate + per_collective * network.reduce_collectives(ch)
+            red = network.reduce_s(ch)
             to_host = ch.shard * 4 / hardware.d2h_bytes_per_s if ch.optim_home != "device" else 0.0
             if ch.logged and len(staged_done) >= STAGING_BUFFERS:  # wait for a staging buffer to come back
                 optim_wait += max(0.0, staged_done[-STAGING_BUFFERS] - t_compute)
@@ -519,7 +565,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         elif itemsize != 4 and not c.derived:
             optim += shard * itemsize / copy_rate
         if c.resident and c.ranks > 1:
-            optim += (c.ranks - 1) / c.ranks * c.numel * itemsize / coll_of(c) + per_collective
+            optim += network.gather_s(c, c.numel * itemsize) + per_collective
     model_device, model_host, model_disk = memory(plan, chunks, grads, gpu=not cpu)
     end_of_disk = disk.t_disk if optimizer else 0.0  # writes behind the last updates
     optim = max(optim, end_of_disk - end_backward)

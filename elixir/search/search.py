@@ -100,8 +100,14 @@ def search(
     profiled_sequences: int = 1,
     checkpoint_profiles: Mapping[int, Profile | Callable[[], Profile]] | None = None,
     checkpointed: list[list[str]] | None = None,
+    nodes: int = 1,
+    shard_over: str | None = None,
 ) -> tuple[Plan, Prediction]:
     """The fastest plan that fits `hardware`'s device and host memory, and its prediction.
+
+    `nodes`: the nodes the `world_size` ranks run on. With more than one, every placement is tried with its
+    chunks sharded over the world and inside each node (see [Note: hierarchical sharding] in
+    elixir/parallel/nodes.py), the network priced by `cost.Network`; `shard_over` fixes one of the two.
 
     `checkpointed`: the parameter names of each block the model itself recomputes in backward (activation
     checkpointing applied before planning): the cache must hold each such block's chunks at once.
@@ -121,7 +127,8 @@ def search(
                 "seq_len and checkpoint_profiles only apply to a batch search; pass tokens_per_step too, "
                 "or leave them out to plan the profiled micro-batch as it is"
             )
-        space = _Space(hardware, world_size, compute_dtype, prefetch_depth, group_sizes, checkpointed)
+        space = _Space(hardware, world_size, compute_dtype, prefetch_depth, group_sizes, checkpointed,
+                       nodes=nodes, shard_over=shard_over)
         best, smallest, _ = space.place(profile)
         if best is None:
             raise _infeasible(smallest, space.device_budget, space.host_budget, world_size, space=space,
@@ -130,7 +137,8 @@ def search(
     return _search_batch(
         profile, hardware, world_size=world_size, compute_dtype=compute_dtype, prefetch_depth=prefetch_depth,
         group_sizes=group_sizes, tokens_per_step=tokens_per_step, seq_len=seq_len,
-        profiled_sequences=profiled_sequences, checkpoint_profiles=checkpoint_profiles or {},
+        profiled_sequences=profiled_sequences, checkpoint_profiles=checkpoint_profiles or {}, nodes=nodes,
+        shard_over=shard_over,
     )
 
 
@@ -138,7 +146,15 @@ class _Space:
     """The placements of one model on one machine: what `search` walks for one profiled micro-batch."""
 
     def __init__(self, hardware: Hardware, world_size: int, compute_dtype, prefetch_depth: int,
-                 group_sizes: dict[str, int] | None, checkpointed: list[list[str]] | None = None) -> None:
+                 group_sizes: dict[str, int] | None, checkpointed: list[list[str]] | None = None, *,
+                 nodes: int = 1, shard_over: str | None = None) -> None:
+        if not isinstance(nodes, int) or nodes < 1 or world_size % nodes:
+            raise ValueError(f"nodes={nodes!r} must be a positive int that divides world_size={world_size}")
+        if shard_over not in (None, "world", "node"):
+            raise ValueError(f"shard_over={shard_over!r}: use 'world', 'node', or None to choose")
+        self.nodes = nodes
+        # the layouts tried: sharding inside nodes only where there are several
+        self.overs = [shard_over] if shard_over else ["world", "node"] if nodes > 1 else ["world"]
         self.hardware = hardware
         self.checkpointed = [list(r) for r in checkpointed or ()]  # blocks the model recomputes itself
         self.world_size = world_size
@@ -171,9 +187,15 @@ class _Space:
             fewest = max([_ops_chunks(profile, chunk_of) + 1] + [len({chunk_of[n] for n in r}) for r in regions])
             yield chunk_numel, names, min(len(names), fewest)
 
-    def _base(self, profile: Profile, chunk_numel: int, names, **batch) -> Plan:
+    def _over(self, names: tuple[str, ...], over: str) -> str:
+        """`over` for a chunk, except a chunk whose group does not spread evenly over the nodes (expert
+        parallel with an ep_size that does not divide the ranks per node): the world."""
+        ranks = self.group_sizes.get(names[0], self.world_size)
+        return over if ranks % self.nodes == 0 else "world"
+
+    def _base(self, profile: Profile, chunk_numel: int, names, over: str = "world", **batch) -> Plan:
         return Plan(
-            chunks=tuple(ChunkPlan(params=c, resident=True) for c in names),
+            chunks=tuple(ChunkPlan(params=c, resident=True, shard_over=self._over(c, over)) for c in names),
             chunk_numel=chunk_numel,
             cache_blocks=0,
             prefetch_depth=self.prefetch_depth,
@@ -181,6 +203,7 @@ class _Space:
             world_size=self.world_size,
             param_shapes=dict(profile.param_shapes),
             group_sizes=self.group_sizes,
+            nodes=self.nodes,
             **batch,
         )
 
@@ -251,8 +274,13 @@ class _Space:
                     best = (plan, pred)
             return pred
 
-        for chunk_numel, names, min_blocks in self._layouts(profile, batch.get("checkpoint_every", 0)):
-            base = self._base(profile, chunk_numel, names, **batch)
+        layouts = [(layout, over) for layout in self._layouts(profile, batch.get("checkpoint_every", 0))
+                   for over in self.overs]
+        for (chunk_numel, names, min_blocks), over in layouts:
+            base = self._base(profile, chunk_numel, names, over, **batch)
+
+            def this_layout(plan: Plan, chunk_numel=chunk_numel, base=base) -> bool:
+                return plan.chunk_numel == chunk_numel and plan.chunks[0].shard_over == base.chunks[0].shard_over
 
             def level(k: int, lvl: int, blocks: int, names=names, base=base) -> Plan:
                 chunks = []
@@ -268,7 +296,7 @@ class _Space:
                         choice = dict(resident=False, param_home="host", optim_home="device" if moved else "host")
                     else:  # every shard on the host, the optimizer of k chunks on disk
                         choice = dict(resident=False, param_home="host", optim_home="disk" if moved else "host")
-                    chunks.append(ChunkPlan(params=c, **choice))
+                    chunks.append(ChunkPlan(params=c, shard_over=base.chunks[i].shard_over, **choice))
                 uses_cache = any(not c.resident for c in chunks)
                 return dataclasses.replace(base, chunks=tuple(chunks), cache_blocks=blocks if uses_cache else 0)
 
@@ -289,8 +317,8 @@ class _Space:
                         else:
                             lo = mid + 1
                     consider(level(lo, lvl, blocks))
-                if best is not None and best[0].chunk_numel == chunk_numel:
-                    break  # a cheaper level already fits at this chunk size
+                if best is not None and this_layout(best[0]):
+                    break  # a cheaper level already fits at this chunk size and layout
             else:
                 # L4: when the host is what overflows, give the device's spare room to optimizer states:
                 # the largest k whose device memory still fits (device memory grows with k, host falls)
@@ -304,7 +332,7 @@ class _Space:
                         else:
                             hi = mid - 1
                     consider(level(lo, 4, blocks))
-                if self.disk_budget and (best is None or best[0].chunk_numel != chunk_numel):
+                if self.disk_budget and (best is None or not this_layout(best[0])):
                     # L5: the host still overflows: the optimizer of the fewest chunks that makes it fit on disk
                     for blocks in sorted({min_blocks, min_blocks + 2}):
                         blocks = min(blocks, len(names))
@@ -372,6 +400,8 @@ def _search_batch(
     seq_len: int | None,
     profiled_sequences: int,
     checkpoint_profiles: Mapping[int, Profile | Callable[[], Profile]],
+    nodes: int = 1,
+    shard_over: str | None = None,
 ) -> tuple[Plan, Prediction]:
     for name, value in (("tokens_per_step", tokens_per_step), ("seq_len", seq_len),
                         ("profiled_sequences", profiled_sequences)):
@@ -389,7 +419,7 @@ def _search_batch(
             f"of {world_size} rank(s); use a multiple of {per_step}, e.g. {lower} or {lower + per_step}"
         )
     sequences = tokens_per_step // per_step  # per rank and step
-    space = _Space(hardware, world_size, compute_dtype, prefetch_depth, group_sizes)
+    space = _Space(hardware, world_size, compute_dtype, prefetch_depth, group_sizes, nodes=nodes, shard_over=shard_over)
     divisors = _divisors(sequences)
     options = [0, *sorted(checkpoint_profiles, reverse=True)]  # more recomputation later: every block last
     best: _Tried | None = None

@@ -35,7 +35,8 @@ __all__ = ["INTER_NODE_LINKS", "Hardware", "cache_dir", "parse_bytes", "parse_li
 
 # 2: attention_flops; AdamW on buffers beyond the last-level cache; Linear-layer GEMMs
 # 3: CPU collectives as the runtime runs them (all-to-alls, shared memory between ranks of one host)
-_FORMAT_VERSION = 3
+# 4: the costs of running operators (per operator, interception, per fetch, memory-bound operators)
+_FORMAT_VERSION = 4
 GiB = 2**30
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,6 +156,24 @@ class Hardware:
     (a collective over more ranks than a node's runs at `collective_rate` of its size)."""
     inter_node_latency_s: float = 0.0
     """Latency of one step of a ring collective between nodes (InfiniBand a few microseconds, Ethernet tens)."""
+    op_overhead_s: float = 0.0
+    """Seconds every operator of a training step costs beyond its kernel: Python between operators, module
+    calls, dispatch, autograd's bookkeeping, a kernel launch. `measure()` times it as one forward and backward
+    of a tiny transformer (where kernels take next to nothing) divided by its operators. 0: the cost model's
+    default (4 us on a CPU, 6 us on a GPU)."""
+    eager_bytes_per_s: float = 0.0
+    """Bytes per second that memory-bound operators (elementwise, normalisation, softmax, reductions, cat) read
+    and write, counted as the profile counts them (see [Note: what a memory-bound operator costs] in
+    elixir/profile/trace.py). 0: `device_copy_bytes_per_s`."""
+    interception_op_s: float = 0.0
+    """Seconds every operator costs on top of `op_overhead_s` while Elixir intercepts parameter uses (a plan
+    with on-demand chunks: the torch-function mode, module hooks and saved-tensor hooks of
+    elixir/runtime/hooks.py). `measure()` times a tiny transformer wrapped with one on-demand chunk that never
+    leaves the cache against the same model all resident. 0: not charged."""
+    fetch_overhead_s: float = 0.0
+    """Seconds of the runtime's own work per chunk fetch (cache bookkeeping, eviction and prefetch choices) on
+    the compute thread, beyond the copy and the collective: `measure()` times the tiny transformer with many
+    small on-demand chunks against one. 0: not charged."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -201,6 +220,11 @@ class Hardware:
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
                     and math.isfinite(value)):
                 raise ValueError(f"Hardware.{what}={value!r} must be a finite number >= 0 (0: not modelled)")
+        for what in ("op_overhead_s", "eager_bytes_per_s", "interception_op_s", "fetch_overhead_s"):
+            value = getattr(self, what)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+                    and math.isfinite(value)):
+                raise ValueError(f"Hardware.{what}={value!r} must be a finite number >= 0 (0: the default)")
         for world, rate in self.collective_bytes_per_s.items():
             if not (isinstance(world, int) and world >= 2 and rate > 0 and math.isfinite(rate)):
                 raise ValueError(
@@ -350,7 +374,8 @@ class Hardware:
         data["device_type"] = doc.get("device_type", "str", default="cuda", choices=("cuda", "cpu"))
         data["disk_bytes"] = doc.get("disk_bytes", "int", least=0, default=0)
         for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s", "intra_node_latency_s",
-                     "inter_node_bytes_per_s", "inter_node_latency_s"):
+                     "inter_node_bytes_per_s", "inter_node_latency_s", "op_overhead_s", "eager_bytes_per_s",
+                     "interception_op_s", "fetch_overhead_s"):
             data[what] = doc.get(what, "number", least=0, default=0.0)
         try:  # what no single field says (a disk size without a bandwidth, an unknown dtype)
             return cls(**data)
@@ -795,6 +820,115 @@ def _attention_flops(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     return (sdpa_flop_count(shape, shape, shape) + sdpa_backward_flop_count(shape, shape, shape, shape)) / seconds
 
 
+def _op_overhead_s(device: torch.device, sync, min_total_s: float) -> float:
+    """Seconds per operator of a training step's forward and backward, beyond the kernels: a tiny transformer
+    (2 blocks of width 32, 16 tokens), whose kernels take next to nothing, timed whole and divided by the
+    operators the profiler counts in it. The per-operator cost of eager PyTorch in this process, with the
+    Python of module calls around it."""
+    from elixir.profile import profile
+
+    model, batch = _tiny_transformer(device)
+    ops = len(profile(model, batch).ops)
+
+    def step():
+        model(**batch).loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return _seconds(step, sync, min_total_s=min_total_s) / ops
+
+
+def _tiny_transformer(device: torch.device, n_layer: int = 2):
+    """(model, batch) of a transformer so small that its kernels take next to nothing: what remains of its
+    step is the cost of running operators at all."""
+    from elixir.models import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=n_layer, n_head=2, n_embd=32)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        model = GPT(cfg).to(device).train()
+        x = torch.randint(0, cfg.vocab_size, (1, cfg.block_size), device=device)
+    return model, {"input_ids": x, "labels": x}
+
+
+def _runtime_overheads(device: torch.device, sync, min_total_s: float) -> tuple[float, float]:
+    """(seconds per operator of parameter interception, seconds per chunk fetch of the runtime's own work):
+    a tiny transformer wrapped three ways, all resident, one on-demand chunk that stays in the cache (every
+    use intercepted, nothing fetched in a step) and many small on-demand chunks through a small cache."""
+    import copy
+
+    from elixir.plan import Plan
+    from elixir.profile import profile
+    from elixir.runtime.wrap import memory_stats, wrap
+
+    base, batch = _tiny_transformer(device, n_layer=4)
+    ops = len(profile(base, batch).ops)
+    chunk_mib = sum(p.numel() for p in base.parameters()) * 4 / 2**20
+    largest_mib = max(p.numel() for p in base.parameters()) * 4 / 2**20
+
+    def timed(**plan_kw) -> tuple[float, float]:
+        model = copy.deepcopy(base)
+        optim = torch.optim.SGD(model.parameters(), lr=0.0)
+        model, optim = wrap(model, optim, plan=Plan.uniform(model, optimizer=optim, **plan_kw), device=device)
+
+        def step():
+            model(**batch).loss.backward()
+            optim.zero_grad()
+
+        step()
+        before = memory_stats(model)["gathers"]
+        step()
+        fetches = memory_stats(model)["gathers"] - before
+        seconds = _seconds(step, sync, min_total_s=min_total_s)
+        return seconds, fetches
+
+    resident, _ = timed(chunk_mib=2 * chunk_mib, resident=True)
+    cached, cached_fetches = timed(chunk_mib=2 * chunk_mib, resident=False, cache_blocks=2)
+    small, small_fetches = timed(chunk_mib=largest_mib, resident=False, cache_blocks=4)
+    per_fetch = max(0.0, (small - cached) / max(small_fetches - cached_fetches, 1))
+    per_op = max(0.0, (cached - resident - cached_fetches * per_fetch) / ops)
+    return per_op, per_fetch
+
+
+def _eager_bytes_per_s(device: torch.device, sync, min_total_s: float, op_overhead_s: float, *, numel: int) -> float:
+    """Bytes per second of memory-bound operators, as the profile counts them (see [Note: what a memory-bound
+    operator costs] in elixir/profile/trace.py): the forward and backward of a transformer block's operators
+    without matmuls (layer norm, GELU, a residual add, softmax, a concatenation, a sum) on `numel`-element
+    activations, less the per-operator overhead."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from elixir.profile.trace import moved_bytes
+
+    width = 256
+    x = torch.randn(numel // width, width, device=device, requires_grad=True)
+    w = torch.ones(width, device=device, requires_grad=True)
+    b = torch.zeros(width, device=device, requires_grad=True)
+
+    def step():
+        y = F.layer_norm(x, (width,), w, b)
+        y = F.gelu(y) + x
+        z = torch.softmax(y, dim=-1)
+        torch.cat([z, y], dim=-1).mul(0.5).sum().backward()
+        x.grad = w.grad = b.grad = None
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops += 1
+            self.bytes += moved_bytes(func, args, kwargs or {}, out)
+            return out
+
+    with Count() as count:
+        step()
+    seconds = _seconds(step, sync, min_total_s=min_total_s)
+    return count.bytes / max(seconds - count.ops * op_overhead_s, seconds / 4)
+
+
 def _adamw_elems_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> float:
     param = torch.zeros(numel, device=device, requires_grad=True)
     param.grad = torch.randn(numel, device=device)
@@ -915,7 +1049,11 @@ def _measure(quick: bool) -> Hardware:
             matmul[str(dtype).removeprefix("torch.")] = rate
     attention_flops: dict[str, float] = {}
     for name in matmul:
-        rate = _attention_flops(device, getattr(torch, name), attention, sync, min_total_s=min_total_s)
+        # a dtype whose GEMMs run at under a quarter of the best (bf16 on a CPU without AMX or AVX512-BF16) is
+        # timed on a smaller shape: a few repetitions of the full one would take seconds, for a rate no plan uses
+        slow = matmul[name] < max(matmul.values()) / 4
+        shape = (attention[0] // 2, attention[1], attention[2] // 2, attention[3]) if slow else attention
+        rate = _attention_flops(device, getattr(torch, name), shape, sync, min_total_s=min_total_s)
         if rate is not None:
             attention_flops[name] = rate
 
@@ -929,6 +1067,12 @@ def _measure(quick: bool) -> Hardware:
     d2h = _copy_bytes_per_s(host, on_device, sync, min_total_s)
     device_copy = _copy_bytes_per_s(other_on_device, on_device, sync, min_total_s)
     del host, on_device, other_on_device
+
+    # steps of milliseconds: a fifth of the time gives tens of repetitions, enough for their minimum
+    op_overhead = _op_overhead_s(device, sync, min_total_s / 5)
+    interception, fetch_overhead = _runtime_overheads(device, sync, min_total_s / 5)
+    eager = _eager_bytes_per_s(device, sync, min_total_s / 5, op_overhead, numel=(2**18 if quick else 2**20) * (
+        16 if on_gpu else 1))
 
     device_optim = _adamw_elems_per_s(device, adam_numel, sync, min_total_s)
     host_optim = _adamw_elems_per_s(torch.device("cpu"), adam_numel if not on_gpu else adam_numel // 8,
@@ -947,4 +1091,8 @@ def _measure(quick: bool) -> Hardware:
         host_optim_elems_per_s=host_optim,
         device_copy_bytes_per_s=device_copy,
         attention_flops=attention_flops,
+        op_overhead_s=op_overhead,
+        eager_bytes_per_s=eager,
+        interception_op_s=interception,
+        fetch_overhead_s=fetch_overhead,
     )

@@ -183,3 +183,35 @@ def test_frozen_parameters_cost_no_optimizer_memory_and_match_the_runtime():
     all_trained = simulate(elixir.profile(GPT(GPTConfig.preset("tiny", vocab_size=64, bias=False)),
                                           {"input_ids": x, "labels": x}), plan, hw)
     assert pred.model_device_bytes < all_trained.model_device_bytes
+
+
+def test_measured_overheads_are_charged_per_operator_and_per_fetch():
+    # two ops of 1 ms on two on-demand chunks fetched serially (0.5 ms each, no prefetch): 3 ms plus overheads
+    names = ["p0", "p1"]
+    prof = hand_profile(names, [])
+    plan = hand_plan(names, blocks=2, depth=0)
+    hw = gpu(op_overhead_s=0.1 * MS, interception_op_s=0.05 * MS, fetch_overhead_s=0.2 * MS)
+    # per op: 0.1 (operator) + 0.05 (interception: the plan has on-demand chunks); per fetch 0.2 on the issuing
+    # thread before the copy: 2 x (0.2 + 0.5 + 1 + 0.15) = 3.7 ms
+    assert simulate(prof, plan, hw).step_s == pytest.approx(3.7 * MS, abs=1e-7)
+    # all resident: no interception and no fetch, only the operator overhead: 2 x (1 + 0.1)
+    resident = hand_plan(names, blocks=0, depth=0, resident=True, param_home="device")
+    assert simulate(prof, resident, hw).step_s == pytest.approx(2.2 * MS, abs=1e-7)
+    # a record without measured overheads keeps the built-in default per operator and charges nothing else
+    assert simulate(prof, plan, gpu()).step_s == pytest.approx(3 * MS + 2 * OVERHEAD, abs=1e-7)
+
+
+def test_memory_bound_operators_cost_the_bytes_they_move():
+    # one operator without FLOPs that reads and writes 8 MB, at 4 GB/s of memory-bound operators: 2 ms; a profile
+    # made before moved bytes were recorded charges twice its output bytes at the copy rate instead
+    op = OpRecord("aten.add.Tensor", "forward", ("p0",), 0, 0, 0, 4_000_000, 8_000_000)
+    prof = dataclasses.replace(hand_profile(["p0"], []), ops=[op], forward_flops=0, total_flops=0)
+    plan = hand_plan(["p0"], blocks=0, depth=0, resident=True, param_home="device")
+    hw = dataclasses.replace(gpu(op_overhead_s=1e-9, eager_bytes_per_s=4e9), device_copy_bytes_per_s=1e10)
+    grad_copy = NUMEL * 4 / 1e10  # the gradient into the chunk's buffer once backward is done with it
+    assert simulate(prof, plan, hw).step_s == pytest.approx(2 * MS + 1e-9 + grad_copy, rel=1e-6)
+    old = dataclasses.replace(prof, ops=[dataclasses.replace(op, moved_bytes=None)])
+    # without a measured rate, the moved bytes at the copy rate: 8 MB at 10 GB/s
+    no_rate = dataclasses.replace(hw, eager_bytes_per_s=0.0)
+    assert simulate(prof, plan, no_rate).step_s == pytest.approx(0.8 * MS + 1e-9 + grad_copy, rel=1e-6)
+    assert simulate(old, plan, hw).step_s == pytest.approx(2 * MS + 1e-9 + grad_copy, rel=1e-6)

@@ -266,3 +266,31 @@ def test_opt_30b_dimensions_profile_fast_and_small():
     # 2022, in 16-bit), plus the fp32 logits of the loss.
     per_layer = 34 * 1024 * 7168
     assert 0.7 * 48 * per_layer < prof.peak_activation_bytes < 48 * per_layer + 4 * 1024 * 50272 * 4
+
+
+def test_grouped_matrix_products_and_memory_bound_operators_are_counted():
+    from elixir.profile.trace import _grouped_mm_flop, moved_bytes
+
+    meta = dict(device="meta")
+    # tokens (10, 4) through 3 experts (3, 4, 5): every token row meets one (4, 5) matrix
+    a, b = torch.empty(10, 4, **meta), torch.empty(3, 4, 5, **meta)
+    assert _grouped_mm_flop(a, b, out_val=torch.empty(10, 5, **meta)) == 2 * 10 * 4 * 5
+    # the weight gradient: (6, 12) x (12, 7) ragged on the 12, one (6, 7) output per group: 2 x 6 x 7 x 12
+    a, b = torch.empty(6, 12, **meta), torch.empty(12, 7, **meta)
+    assert _grouped_mm_flop(a, b, out_val=torch.empty(3, 6, 7, **meta)) == 2 * 6 * 7 * 12
+    x, y = torch.empty(4, 8), torch.empty(4, 8)
+    aten = torch.ops.aten
+    assert moved_bytes(aten.add.Tensor, (x, y), {}, x + y) == 3 * 4 * 8 * 4  # two read, one written
+    assert moved_bytes(aten.add_.Tensor, (x, y), {}, x) == 3 * 4 * 8 * 4  # in place: x read and written
+    assert moved_bytes(aten.view.default, (x, [32]), {}, x.view(32)) == 0  # a view moves nothing
+
+
+def test_profiles_of_the_previous_format_still_read():
+    prof = profile(tiny_gpt(), gpt_batch())
+    data = json.loads(prof.to_json())
+    data["format_version"] = 1
+    data["ops"] = [row[:7] for row in data["ops"]]
+    old = Profile.from_json(json.dumps(data))
+    assert [op.moved_bytes for op in old.ops] == [None] * len(prof.ops)
+    assert [op.flops for op in old.ops] == [op.flops for op in prof.ops]
+    assert Profile.from_json(prof.to_json()).ops == prof.ops

@@ -77,17 +77,29 @@ from elixir.plan import DTYPES, dtype_name
 
 __all__ = ["OpRecord", "Profile", "profile"]
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _PHASES = ("forward", "backward")
 
 _aten = torch.ops.aten
 # torch's FLOP formulas, plus the fused CPU attention kernels the tracer uses (see [Note: attention on the
 # meta device]); their leading arguments are those of the CUDA kernels' formulas.
+def _grouped_mm_flop(a: Tensor, b: Tensor, *args, out_val: Tensor | None = None, **kwargs) -> int:
+    """FLOPs of torch._grouped_mm (Hugging Face's MoE experts run on it; torch has no formula for it). Every
+    row of the ragged operand meets one group's matrix: 2 x the output's elements x the contracted size,
+    except when both operands are 2-D (ragged on the contracted dimension: the weight gradient), where the
+    groups split the contracted size: 2 x one group's output x the whole contracted size."""
+    if a.dim() == 2 and b.dim() == 2:
+        return 2 * a.shape[0] * b.shape[1] * a.shape[1]
+    return 2 * out_val.numel() * a.shape[-1]
+
+
 _FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
     **flop_registry,
     _aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flop,
 }
+if hasattr(_aten, "_grouped_mm"):
+    _FLOP_FORMULAS[_aten._grouped_mm] = _grouped_mm_flop
 
 
 @dataclass(slots=True)
@@ -107,8 +119,10 @@ class OpRecord:
     live_grad_bytes: int = 0
     """Bytes of parameter gradients (`.grad`) alive right after the operator."""
     out_bytes: int = 0
-    """Bytes of the storages the operator created (its outputs that are not views): what a memory-bound
-    operator writes."""
+    """Bytes of the storages the operator created (its outputs that are not views)."""
+    moved_bytes: int | None = None
+    """Bytes the operator reads and writes: its tensor arguments and outputs, 0 for a view (see
+    [Note: what a memory-bound operator costs]); None in profiles made before it was recorded."""
 
 
 @dataclass
@@ -205,7 +219,8 @@ class Profile:
             return dataclasses.replace(self, ops=list(self.ops))
         ops = [
             OpRecord(op.name, op.phase, op.params, round(op.flops * factor), round(op.live_activation_bytes * factor),
-                     op.live_grad_bytes, round(op.out_bytes * factor))
+                     op.live_grad_bytes, round(op.out_bytes * factor),
+                     None if op.moved_bytes is None else round(op.moved_bytes * factor))
             for op in self.ops
         ]
         forward_flops = sum(op.flops for op in ops if op.phase == "forward")
@@ -250,10 +265,11 @@ class Profile:
 
     def to_json(self) -> str:
         """The profile as JSON; operators as compact rows [name, phase, params, flops, activation bytes,
-        gradient bytes, output bytes]."""
+        gradient bytes, output bytes, moved bytes]."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["ops"] = [
-            [op.name, op.phase, list(op.params), op.flops, op.live_activation_bytes, op.live_grad_bytes, op.out_bytes]
+            [op.name, op.phase, list(op.params), op.flops, op.live_activation_bytes, op.live_grad_bytes, op.out_bytes,
+             op.moved_bytes]
             for op in self.ops
         ]
         data["param_shapes"] = {name: list(shape) for name, shape in self.param_shapes.items()}
@@ -264,13 +280,13 @@ class Profile:
     def from_json(cls, text: str) -> Profile:
         data = json.loads(text)
         version = data.pop("format_version", None)
-        if version != _FORMAT_VERSION:
+        if version not in (1, _FORMAT_VERSION) or isinstance(version, bool):
             raise ValueError(
-                f"profile format_version={version!r}, this elixir reads {_FORMAT_VERSION}; profile the model again"
+                f"profile format_version={version!r}, this elixir reads 1 to {_FORMAT_VERSION}; profile the model again"
             )
-        data["ops"] = [
-            OpRecord(name, phase, tuple(params), flops, act, grad, out)
-            for name, phase, params, flops, act, grad, out in data["ops"]
+        data["ops"] = [  # version 1 rows have no moved bytes
+            OpRecord(row[0], row[1], tuple(row[2]), *row[3:7], row[7] if len(row) > 7 else None)
+            for row in data["ops"]
         ]
         data["param_shapes"] = {name: tuple(shape) for name, shape in data["param_shapes"].items()}
         data["all_to_all"] = [tuple(t) for t in data.get("all_to_all", ())]
@@ -420,9 +436,24 @@ class _StepTracer(TorchDispatchMode):
         self.peak_activation_bytes = max(self.peak_activation_bytes, self.activation_bytes)
         self.peak_grad_bytes = max(self.peak_grad_bytes, self.grad_bytes)
         self.ops.append(
-            OpRecord(name, self.phase, tuple(params), flops, self.activation_bytes, self.grad_bytes, out_bytes)
+            OpRecord(name, self.phase, tuple(params), flops, self.activation_bytes, self.grad_bytes, out_bytes,
+                     moved_bytes(func, args, kwargs, out))
         )
         return out
+
+
+# [Note: what a memory-bound operator costs]
+# An operator without FLOPs by the formulas (elementwise, normalisation, softmax, reductions, copies, cat) is
+# bound by memory: it reads its inputs and writes its outputs once. `moved_bytes` counts both, by the tensors'
+# sizes (a view argument counts the elements it spans, not its base; an in-place operator's output is its input,
+# read and written). A view operator moves nothing: it only makes a new tensor header. The cost model divides
+# these bytes by a rate `Hardware.measure()` times on such operators counted the same way (see
+# `eager_bytes_per_s` in elixir/hardware.py), and adds the per-operator overhead to every operator.
+def moved_bytes(func, args, kwargs, out) -> int:
+    """Bytes operator `func` reads and writes given its arguments and result; 0 for a view operator."""
+    if getattr(func, "is_view", False):
+        return 0
+    return sum(t.numel() * t.element_size() for t in _tensors_in(args, kwargs) + _tensors_in(out))
 
 
 def _tensors_in(*trees) -> list[Tensor]:

@@ -45,8 +45,9 @@ from elixir.profile import Profile
 
 # AdamW keeps two fp32 states per element
 _STATE_BYTES = 8
-# every operator: a fixed launch / dispatch cost (eager PyTorch; on the 2-core CPU of BENCHMARKS.md a tiny
-# GPT's forward and backward take ~4.5 us per aten operator)
+# every operator: a fixed launch / dispatch cost where the hardware record has no measured one
+# (`Hardware.op_overhead_s`; eager PyTorch on the 2-core CPU of BENCHMARKS.md: ~4 us per aten operator of a
+# chain of small ones, ~10 us per operator of a tiny transformer's step with the Python of its modules)
 _OP_OVERHEAD_S = {"cpu": 4e-6, "gpu": 6e-6}
 # every chunk collective of several CPU ranks (gloo): its signals' thread hand-offs and the ranks' skew, on the
 # compute thread. On the 2-core CPU of BENCHMARKS.md a 10.8M GPT on 2 ranks ran at 0.888 of the
@@ -404,12 +405,15 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     n = plan.world_size
     itemsize = plan.dtype.itemsize
     cpu = hardware.device_type == "cpu"
-    overhead = _OP_OVERHEAD_S["cpu" if cpu else "gpu"]
+    overhead = hardware.op_overhead_s or _OP_OVERHEAD_S["cpu" if cpu else "gpu"]
+    if any(not c.resident for c in chunks):  # every parameter use is intercepted (elixir/runtime/hooks.py)
+        overhead += hardware.interception_op_s
     per_collective = _COLLECTIVE_OVERHEAD_S["cpu" if cpu else "gpu"]
     matmul = hardware.matmul_rate(plan.dtype)
     attention = hardware.attention_rate(plan.dtype)
     network = Network(hardware, world_size=n, nodes=plan.nodes)
     copy_rate = hardware.device_copy_bytes_per_s
+    eager_rate = hardware.eager_bytes_per_s or copy_rate
 
     def fetch_cost(c: _Chunk) -> tuple[float, float]:
         """(seconds on the compute thread, seconds on the communication stream)."""
@@ -417,8 +421,8 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         move = shard_bytes / (hardware.h2d_bytes_per_s if c.param_home == "host" else copy_rate)
         gather = network.gather_s(c, c.numel * itemsize)
         if cpu:
-            return move + (per_collective if c.ranks > 1 else 0.0), gather
-        return 0.0, move + gather
+            return move + (per_collective if c.ranks > 1 else 0.0) + hardware.fetch_overhead_s, gather
+        return hardware.fetch_overhead_s, move + gather
 
     # the on-demand use sequence with positions, for Belady and prefetch
     seq: list[int] = []
@@ -480,7 +484,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             cached.discard(victim)
         on_compute, on_comm = fetch_cost(chunks[c])
         t_compute += on_compute
-        start = max(t_comm, now)
+        start = max(t_comm, now + on_compute)  # the issuing thread's part first (on a CPU: the copy)
         t_comm = start + on_comm
         comm_busy += on_comm
         ready[c] = t_comm
@@ -512,8 +516,8 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             disk.start(start)  # the update inside backward reads disk regions ahead from here
         if op.flops:
             op_s = op.flops / (attention if "attention" in op.name else matmul)
-        else:  # memory-bound: writes its outputs, reads about as much
-            op_s = op.out_bytes * 2 / copy_rate
+        else:  # memory-bound: see [Note: what a memory-bound operator costs] in elixir/profile/trace.py
+            op_s = (op.out_bytes * 2 if op.moved_bytes is None else op.moved_bytes) / eager_rate
         t_compute = start + op_s + overhead
         for c in completed_after.get(i, ()):  # the chunk's gradients are complete: reduce it
             ch = chunks[c]

@@ -37,6 +37,7 @@ __all__ = ["INTER_NODE_LINKS", "Hardware", "cache_dir", "parse_bytes", "parse_li
 # 3: CPU collectives as the runtime runs them (all-to-alls, shared memory between ranks of one host)
 # 4: the costs of running operators (per operator, interception, per fetch, memory-bound operators)
 _FORMAT_VERSION = 4
+_DISK_FORMAT_VERSION = 3  # the disk cache's own format: unchanged since version 3 of the hardware record
 GiB = 2**30
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,7 +442,7 @@ def measure_disk(folder: str, *, cache: bool = True, quick: bool = False, refres
             return cached
     read, write = _disk_bytes_per_s(folder, (64 if quick else 256) * 2**20)
     if cache and not _machine_busy():
-        _write_cache(path, json.dumps({"format_version": _FORMAT_VERSION, "folder": os.path.abspath(folder),
+        _write_cache(path, json.dumps({"format_version": _DISK_FORMAT_VERSION, "folder": os.path.abspath(folder),
                                        "read_bytes_per_s": read, "write_bytes_per_s": write}))
     return read, write
 
@@ -461,8 +462,8 @@ def _read_disk_cache(path: Path) -> tuple[float, float] | None:
     try:
         doc = Fields(load_json(text, str(path)), str(path))
         version = doc.data.get("format_version")
-        if version != _FORMAT_VERSION or isinstance(version, bool):
-            raise ValueError(f"format_version={version!r}, this elixir reads {_FORMAT_VERSION}")
+        if version != _DISK_FORMAT_VERSION or isinstance(version, bool):
+            raise ValueError(f"format_version={version!r}, this elixir reads {_DISK_FORMAT_VERSION}")
         doc.get("folder", "str", default="")
         return float(doc.get("read_bytes_per_s", "number", above=0)), float(doc.get("write_bytes_per_s", "number",
                                                                                    above=0))

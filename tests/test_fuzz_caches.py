@@ -18,7 +18,8 @@ from elixir.hardware import Hardware
 from fuzzing import byte_flips, check_reader, digests, dotted, examples, flipped, mutations, sha256, truncation_points
 
 OPTIONAL = ("collective_bytes_per_s", "device_type", "disk_bytes", "disk_read_bytes_per_s", "disk_write_bytes_per_s",
-            "attention_flops")
+            "attention_flops", "intra_node_latency_s", "inter_node_bytes_per_s", "inter_node_latency_s",
+            "op_overhead_s", "eager_bytes_per_s", "interception_op_s", "fetch_overhead_s")
 """Fields of a hardware file with a default."""
 
 
@@ -31,8 +32,9 @@ def caches(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz-caches")
     hw = dataclasses.replace(Hardware.preset("H100-80GB"), attention_flops={"bfloat16": 4e14})
     (folder / "hardware.json").write_text(hw.to_json())
-    (folder / "disk.json").write_text(json.dumps({"format_version": hardware._FORMAT_VERSION, "folder": "/scratch",
-                                                  "read_bytes_per_s": 6.3e9, "write_bytes_per_s": 3.4e9}))
+    (folder / "disk.json").write_text(json.dumps({"format_version": hardware._DISK_FORMAT_VERSION,
+                                                  "folder": "/scratch", "read_bytes_per_s": 6.3e9,
+                                                  "write_bytes_per_s": 3.4e9}))
     return folder
 
 

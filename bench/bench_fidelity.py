@@ -33,9 +33,10 @@ must agree (checked).
     python bench/bench_fidelity.py --models all --seq-len 128 --reps 5 --json out.json   # as in BENCHMARKS.md
     python bench/bench_fidelity.py --models all --batch-size 4 --seq-len 128 --nproc 2
 
-With --nproc N > 1 the script re-launches itself under torch.distributed.run (gloo, one thread per rank unless
---threads says otherwise): it waits for quiet before the launch; the ranks do not wait between repetitions
-(each counts the other as busy). Rank 0 prints and writes the JSON; a step's time is the slowest rank's.
+With --nproc N > 1 every plan runs as N spawned processes that form a gloo group of their own on a free port
+(one thread per rank unless --threads says otherwise); the calibration runs as N ranks too. The script waits for
+quiet before it starts and between repetitions; a step's time is the slowest rank's, and rank 0's loss and memory
+counters are reported.
 """
 
 from __future__ import annotations

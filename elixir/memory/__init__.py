@@ -2,17 +2,20 @@
 
 from elixir.memory.cache import Block, BlockCache
 from elixir.memory.chunk import Chunk, ChunkGroup, ChunkState, pack_offsets
-from elixir.memory.schedule import EvictionSchedule
+from elixir.memory.schedule import REDUCTIONS_IN_FLIGHT, CacheView, EvictionSchedule, use_order
 from elixir.memory.tracker import TIERS, MemoryTracker
 
 __all__ = [
+    "REDUCTIONS_IN_FLIGHT",
     "TIERS",
     "Block",
     "BlockCache",
+    "CacheView",
     "Chunk",
     "ChunkGroup",
     "ChunkState",
     "EvictionSchedule",
     "MemoryTracker",
     "pack_offsets",
+    "use_order",
 ]

@@ -1,19 +1,64 @@
-"""The eviction schedule: the order in which a step uses chunks, and who to evict.
+"""The eviction schedule: the order in which a step uses chunks, who to evict and what to prefetch.
 
 The order is recorded during the first forward and backward (or given by a profile). While the
 run follows it, the victim is the chunk whose next use is farthest away (Belady's rule, optimal
 for a known sequence). When the run leaves the order (data-dependent control flow) the schedule
 falls back to least-recently-used until the next step starts: never crash because the model did
 something the recorded step did not.
+
+[Note: one policy for the runtime and the cost model]
+The runtime (elixir/runtime/state.py) and the cost model (elixir/search/cost.py) make the same
+decisions through this module: `EvictionSchedule.victim` chooses whom a fetch evicts,
+`EvictionSchedule.prefetch` which chunks start fetching ahead and when a prefetch may displace a
+cached chunk, and `REDUCTIONS_IN_FLIGHT` how many gradient reductions run behind backward. The
+runtime drives the policy with its block cache; the cost model replays the profiled order through a
+`CacheView` of its own, so a prediction follows the same schedule as the step it predicts.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 # how far ahead a use may be found in the order before the run counts as having left it
 _RESYNC_WINDOW = 64
+
+REDUCTIONS_IN_FLIGHT = 2
+"""Gradient reductions (reduce-scatters, each holding a whole-chunk fp32 buffer) left in flight during
+backward before the oldest is waited for."""
+
+
+class CacheView(Protocol):
+    """What the policy asks of a cache of blocks, chunks named by their index."""
+
+    def is_cached(self, chunk: int) -> bool:
+        """Whether the chunk holds a block (gathered, or being gathered)."""
+
+    def has_free_block(self) -> bool: ...
+
+    def evictable(self) -> list[int]:
+        """Chunks in blocks that nothing uses now (unpinned)."""
+
+    def last_use(self, chunk: int) -> int:
+        """When the chunk was last used (a counter that grows with every use)."""
+
+    def evict(self, chunk: int) -> None: ...
+
+    def start_prefetch(self, chunk: int) -> None:
+        """Start fetching the chunk into a free block."""
+
+
+def use_order(names: Iterable[str], chunk_of: Mapping[str, int]) -> list[int]:
+    """The chunks of a sequence of parameter uses, in order, consecutive repeats removed; names that
+    `chunk_of` lacks (resident chunks' parameters) are skipped."""
+    order: list[int] = []
+    for name in names:
+        c = chunk_of.get(name)
+        if c is not None and (not order or order[-1] != c):
+            order.append(c)
+    return order
 
 
 class EvictionSchedule:
@@ -85,6 +130,31 @@ class EvictionSchedule:
             return math.inf
         i = bisect.bisect_right(pos, self.cursor)
         return pos[i] if i < len(pos) else math.inf
+
+    def victim(self, candidates: list[int], last_use) -> int:
+        """Whom to evict of `candidates` (chunk indices): on the order, the one used again farthest ahead
+        (Belady), the least recently used (`last_use(chunk)`) among those not used again; off the order,
+        the least recently used."""
+        if self.on_order:
+            return max(candidates, key=lambda c: (self.next_use(c), -last_use(c)))
+        return min(candidates, key=last_use)
+
+    def prefetch(self, cache: CacheView, depth: int) -> None:
+        """Start fetching the next `depth` distinct chunks of the order that `cache` does not hold, into free
+        blocks, or in place of a chunk whose next use comes later (Belady: a prefetch never displaces a
+        chunk needed sooner than the one fetched). Stops at the first chunk that finds no room."""
+        for c in self.upcoming(depth):
+            if cache.is_cached(c):
+                continue
+            if not cache.has_free_block():
+                candidates = cache.evictable()
+                if not candidates:
+                    return
+                victim = self.victim(candidates, cache.last_use)
+                if self.next_use(victim) <= self.next_use(c):
+                    return
+                cache.evict(victim)
+            cache.start_prefetch(c)
 
     def upcoming(self, count: int) -> list[int]:
         """The next `count` distinct chunks in the order after the cursor."""

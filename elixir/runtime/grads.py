@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from elixir import accel, comm
-from elixir.memory import Chunk, MemoryTracker
+from elixir.memory import REDUCTIONS_IN_FLIGHT, Chunk, MemoryTracker
 
 
 class GradReducer:
@@ -35,7 +35,7 @@ class GradReducer:
         self._grad_buffer_numel = max(c.numel for c in chunks)
         self.grad_buffers = 0  # pooled gradient buffers made so far (see [Note: gradient buffers])
         # reduce-scatters left in flight during backward, each holding a full-chunk fp32 buffer
-        self.max_reductions_in_flight = 2
+        self.max_reductions_in_flight = REDUCTIONS_IN_FLIGHT
         self.first_backward_counts: dict[int, int] | None = None
         self._kept_host_grads: dict[int, torch.Tensor] = {}  # chunk index -> kept host gradient buffer (pinned on CUDA)
         self._copying: dict[int, object] = {}  # id(pooled buffer) -> CUDA event: its copy to the host is done

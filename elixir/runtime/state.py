@@ -51,6 +51,7 @@ class Runtime:
         self.device = device
         self.prefetch_depth = prefetch_depth
         self.schedule = EvictionSchedule()
+        self._blocks = _Blocks(self)  # the cache as the schedule's prefetch sees it
         self.gathers = 0
         self.fetch_wait_s = 0.0  # host time in fetches a use waited for (see `acquire`)
         self.blocks_used_peak = 0
@@ -274,9 +275,8 @@ class Runtime:
                 self.evict(b.chunk)
 
     def _victim(self, candidates: list[Chunk]) -> Chunk:
-        if self.schedule.on_order:
-            return max(candidates, key=lambda c: (self.schedule.next_use(c.index), -c.last_use))
-        return min(candidates, key=lambda c: c.last_use)
+        chunks = self.chunks
+        return chunks[self.schedule.victim([c.index for c in candidates], lambda i: chunks[i].last_use)]
 
     def _free_block(self, chunk: Chunk):
         block = self.cache.take()
@@ -313,23 +313,7 @@ class Runtime:
         return self.cache.take()
 
     def _prefetch(self) -> None:
-        by_index = self.chunks
-        for idx in self.schedule.upcoming(self.prefetch_depth):
-            c = by_index[idx]
-            if c.state is ChunkState.GATHERED:
-                continue
-            block = self.cache.take()
-            if block is None:
-                candidates = [b.chunk for b in self.cache.blocks if b.chunk.pins == 0]
-                if not candidates:
-                    return
-                victim = self._victim(candidates)
-                # Belady: only displace a chunk that is needed later than the one fetched
-                if self.schedule.next_use(victim.index) <= self.schedule.next_use(idx):
-                    return
-                self.evict(victim)
-                block = self.cache.take()
-            self._gather(c, block, prefetch=True)
+        self.schedule.prefetch(self._blocks, self.prefetch_depth)
 
     def enter_backward(self) -> None:
         """Called by every backward-time event; the first one of a backward sets up its end."""
@@ -412,6 +396,34 @@ class Runtime:
             **(self.disk.stats() if self.disk is not None else
                {"disk_reads": 0, "disk_writes": 0, "disk_bytes_read": 0, "disk_bytes_written": 0}),
         }
+
+
+class _Blocks:
+    """The runtime's block cache as a `CacheView` of the eviction schedule's policy: pins decide what may be
+    evicted, and a prefetch gathers asynchronously into a free block."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def is_cached(self, chunk: int) -> bool:
+        return self.runtime.chunks[chunk].state is ChunkState.GATHERED
+
+    def has_free_block(self) -> bool:
+        cache = self.runtime.cache
+        return cache.num_used < cache.num_blocks
+
+    def evictable(self) -> list[int]:
+        return [b.chunk.index for b in self.runtime.cache.blocks if b.chunk is not None and b.chunk.pins == 0]
+
+    def last_use(self, chunk: int) -> int:
+        return self.runtime.chunks[chunk].last_use
+
+    def evict(self, chunk: int) -> None:
+        self.runtime.evict(self.runtime.chunks[chunk])
+
+    def start_prefetch(self, chunk: int) -> None:
+        rt = self.runtime
+        rt._gather(rt.chunks[chunk], rt.cache.take(), prefetch=True)
 
 
 def _casts_across(chunk: Chunk) -> bool:

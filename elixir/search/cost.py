@@ -30,14 +30,14 @@ also those of gradients accumulated over several micro-batches).
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from elixir.hardware import Hardware
 from elixir.memory.chunk import pack_offsets, padded_numel
 from elixir.memory.disk import ALIGN, DISK_BUFFERS, region_bytes
+from elixir.memory.schedule import REDUCTIONS_IN_FLIGHT, EvictionSchedule, use_order
 from elixir.optim.ondisk import READ_AHEAD
 from elixir.optim.overlap import STAGING_BUFFERS
 from elixir.plan import Plan
@@ -55,8 +55,6 @@ _OP_OVERHEAD_S = {"cpu": 4e-6, "gpu": 6e-6}
 # per step for 52 more collectives, ~1.5 ms each. On GPUs NCCL's launches are asynchronous and cost
 # microseconds: not modelled.
 _COLLECTIVE_OVERHEAD_S = {"cpu": 1.5e-3, "gpu": 0.0}
-# reduce-scatters left in flight by the runtime (see Runtime.max_reductions_in_flight)
-_REDUCTIONS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -193,7 +191,7 @@ def gradients(plan: Plan, chunks: list[_Chunk], arrivals: list[tuple[int, int]])
     when its last one has arrived. On one rank the reduction is the buffer itself: a chunk whose optimizer
     lives on the device adopts it as its gradient until `zero_grad` (no copy), one on the host copies it out
     and gives it back. On several ranks every buffer is reduce-scattered into a new shard and comes back once
-    its reduction is finished, with up to `_REDUCTIONS_IN_FLIGHT` left in flight; the shard stays as the
+    its reduction is finished, with up to `REDUCTIONS_IN_FLIGHT` left in flight; the shard stays as the
     gradient (optimizer on the device) or is copied to the host and freed when that reduction finishes.
     The pool never shrinks: its size is the most buffers held at once."""
     need: dict[int, int] = {}
@@ -220,7 +218,7 @@ def gradients(plan: Plan, chunks: list[_Chunk], arrivals: list[tuple[int, int]])
         shard_bytes += ch.numel // ch.ranks * 4
         shard_peak = max(shard_peak, shard_bytes)
         in_flight.append(c)
-        if len(in_flight) > _REDUCTIONS_IN_FLIGHT:
+        if len(in_flight) > REDUCTIONS_IN_FLIGHT:
             done = chunks[in_flight.pop(0)]
             held -= 1
             if done.optim_home != "device":
@@ -297,6 +295,7 @@ class _DiskTimeline:
         self.busy = 0.0
         self.started = False
         self.next = 0  # index in `order` of the next region to read
+        self.after_busy = 0.0  # the disk's busy time in the optimizer step after backward (`_optimizer_after`)
 
     def _read_next(self) -> None:
         if self.next < len(self.order):
@@ -395,6 +394,102 @@ def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
     )
 
 
+@dataclass
+class _Clocks:
+    """Where each thread and stream of the step has got to (seconds from the step's start)."""
+
+    compute: float = 0.0
+    """The compute thread (stream): operators, and on a CPU the copies it makes itself."""
+    comm: float = 0.0
+    """The communication stream: fetches' copies and all-gathers, reductions."""
+    comm_busy: float = 0.0
+    stall: float = 0.0
+    """Compute's waits for fetches."""
+    worker: float = 0.0
+    """The optimizer's worker thread (updates inside backward: host chunks; every chunk on a CPU)."""
+    side: float = 0.0
+    """The device optimizer's side stream on a GPU."""
+    optim_wait: float = 0.0
+    """Backward's waits for a staging buffer of the worker."""
+
+
+class _FetchReplay:
+    """The block cache of on-demand chunks over one micro-batch, driven by the runtime's own eviction schedule
+    and prefetch policy (see [Note: one policy for the runtime and the cost model] in
+    elixir/memory/schedule.py): a `CacheView` whose fetches are charged on the clocks, as `fetch_cost` says
+    (seconds on the issuing thread, then on the communication stream). The chunks an operator uses are
+    pinned (not evictable) while it fetches them."""
+
+    def __init__(self, order: list[int], blocks: int, prefetch_depth: int,
+                 fetch_cost: Callable[[int], tuple[float, float]], clocks: _Clocks) -> None:
+        self.schedule = EvictionSchedule()
+        self.schedule.set_order(order)
+        self.schedule.start_forward()
+        self.blocks = blocks
+        self.prefetch_depth = prefetch_depth
+        self.fetch_cost = fetch_cost
+        self.clocks = clocks
+        self.held: set[int] = set()
+        self.ready: dict[int, float] = {}  # chunk -> when its fetch lands
+        self.pinned: set[int] = set()
+        self.fetches = 0
+        self._uses = 0
+        self._last_use: dict[int, int] = {}
+
+    # CacheView
+    def is_cached(self, chunk: int) -> bool:
+        return chunk in self.held
+
+    def has_free_block(self) -> bool:
+        return len(self.held) < self.blocks
+
+    def evictable(self) -> list[int]:
+        return [c for c in self.held if c not in self.pinned]
+
+    def last_use(self, chunk: int) -> int:
+        return self._last_use.get(chunk, 0)
+
+    def evict(self, chunk: int) -> None:
+        self.held.discard(chunk)
+
+    def start_prefetch(self, chunk: int) -> None:
+        self._start(chunk)
+
+    def _start(self, chunk: int) -> None:
+        clocks = self.clocks
+        on_compute, on_comm = self.fetch_cost(chunk)
+        clocks.compute += on_compute
+        start = max(clocks.comm, clocks.compute)  # the issuing thread's part first (on a CPU: the copy)
+        clocks.comm = start + on_comm
+        clocks.comm_busy += on_comm
+        self.ready[chunk] = clocks.comm
+        self.held.add(chunk)
+        self.fetches += 1
+
+    def use(self, chunks: list[int]) -> float:
+        """An operator uses `chunks` (in order; may be empty): fetch those not cached, prefetch ahead, and
+        return when the operator can start (its chunks have landed)."""
+        clocks = self.clocks
+        self.pinned = set()
+        for c in chunks:
+            self._uses += 1
+            self._last_use[c] = self._uses
+            self.schedule.use(c)
+            self.pinned.add(c)
+            if c not in self.held:
+                if not self.has_free_block():
+                    candidates = self.evictable()
+                    if not candidates:
+                        continue  # every block in use: the runtime grows its cache (not charged)
+                    self.evict(self.schedule.victim(candidates, self.last_use))
+                self._start(c)
+        if chunks and self.prefetch_depth:
+            self.schedule.prefetch(self, self.prefetch_depth)
+        start = max([clocks.compute] + [self.ready.get(c, 0.0) for c in self.pinned])
+        clocks.stall += start - clocks.compute
+        return start
+
+
 def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer: bool) -> Prediction:
     """One micro-batch's forward and backward, with (`optimizer`) or without the optimizer step."""
     chunks = layout(plan, profile)
@@ -402,21 +497,22 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     for other, first in profile.tied_names.items():
         if first in chunk_of:
             chunk_of[other] = chunk_of[first]
-    n = plan.world_size
+    ondemand_of = {name: c for name, c in chunk_of.items() if not chunks[c].resident}
     itemsize = plan.dtype.itemsize
     cpu = hardware.device_type == "cpu"
     overhead = hardware.op_overhead_s or _OP_OVERHEAD_S["cpu" if cpu else "gpu"]
-    if any(not c.resident for c in chunks):  # every parameter use is intercepted (elixir/runtime/hooks.py)
+    if ondemand_of:  # every parameter use is intercepted (elixir/runtime/hooks.py)
         overhead += hardware.interception_op_s
     per_collective = _COLLECTIVE_OVERHEAD_S["cpu" if cpu else "gpu"]
     matmul = hardware.matmul_rate(plan.dtype)
     attention = hardware.attention_rate(plan.dtype)
-    network = Network(hardware, world_size=n, nodes=plan.nodes)
+    network = Network(hardware, world_size=plan.world_size, nodes=plan.nodes)
     copy_rate = hardware.device_copy_bytes_per_s
     eager_rate = hardware.eager_bytes_per_s or copy_rate
 
-    def fetch_cost(c: _Chunk) -> tuple[float, float]:
+    def fetch_cost(index: int) -> tuple[float, float]:
         """(seconds on the compute thread, seconds on the communication stream)."""
+        c = chunks[index]
         shard_bytes = c.shard * (4 if c.derived else itemsize)  # a derived shard is read from its fp32 master
         move = shard_bytes / (hardware.h2d_bytes_per_s if c.param_home == "host" else copy_rate)
         gather = network.gather_s(c, c.numel * itemsize)
@@ -424,32 +520,11 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             return move + (per_collective if c.ranks > 1 else 0.0) + hardware.fetch_overhead_s, gather
         return hardware.fetch_overhead_s, move + gather
 
-    # the on-demand use sequence with positions, for Belady and prefetch
-    seq: list[int] = []
-    op_pos: list[list[int]] = []
-    for op in profile.ops:
-        mine = []
-        for name in op.params:
-            c = chunk_of.get(name)
-            if c is None or chunks[c].resident:
-                continue
-            if not seq or seq[-1] != c:
-                seq.append(c)
-            mine.append(len(seq) - 1)
-        op_pos.append(mine)
-    positions: dict[int, list[int]] = {}
-    for i, c in enumerate(seq):
-        positions.setdefault(c, []).append(i)
-
-    def next_use(c: int, cursor: int) -> float:
-        pos = positions.get(c, [])
-        j = bisect.bisect_right(pos, cursor)
-        return pos[j] if j < len(pos) else math.inf
-
-    grads = gradients(plan, chunks, grad_arrivals(profile, chunks, chunk_of))
-    completed_after: dict[int, list[int]] = {}  # operator index -> chunks whose gradient is complete after it
-    for k, c in grads.completions:
-        completed_after.setdefault(max(k - 1, 0), []).append(c)
+    def op_seconds(op) -> float:
+        if op.flops:
+            return op.flops / (attention if "attention" in op.name else matmul)
+        # memory-bound: see [Note: what a memory-bound operator costs] in elixir/profile/trace.py
+        return (op.out_bytes * 2 if op.moved_bytes is None else op.moved_bytes) / eager_rate
 
     def update_s(c: _Chunk) -> float:
         rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s
@@ -458,96 +533,90 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             seconds += c.shard * itemsize / hardware.h2d_bytes_per_s
         return seconds
 
-    t_compute = t_comm = comm_busy = stall = 0.0
+    grads = gradients(plan, chunks, grad_arrivals(profile, chunks, chunk_of))
+    completed_after: dict[int, list[int]] = {}  # operator index -> chunks whose gradient is complete after it
+    for k, c in grads.completions:
+        completed_after.setdefault(max(k - 1, 0), []).append(c)
+
+    clocks = _Clocks()
+    cache = _FetchReplay(use_order((n for op in profile.ops for n in op.params), ondemand_of), plan.cache_blocks,
+                         plan.prefetch_depth, fetch_cost, clocks)
     # [Note: the step inside backward] (elixir/optim/overlap.py): speculated chunks are updated on a
     # worker (host chunks; on the CPU every chunk) or a side stream (device chunks on a GPU) as soon as
     # their gradient is reduced; a host chunk's gradient waits for one of the staging buffers first
-    t_worker = t_side = optim_wait = 0.0
     staged_done: list[float] = []  # when each staged host update finished (its buffer came back)
     disk = _DiskTimeline(plan, chunks, hardware, [c for _, c in grads.completions])
-    ready: dict[int, float] = {}
-    cached: set[int] = set()
-    fetches = 0
-    blocks = plan.cache_blocks
 
-    def fetch(c: int, cursor: int, now: float, *, demand: bool, protect: set[int]) -> bool:
-        nonlocal t_comm, comm_busy, fetches, t_compute
-        if c in cached:
-            return True
-        if len(cached) >= blocks:
-            victims = [v for v in cached if v not in protect]
-            if not victims:
-                return False
-            victim = max(victims, key=lambda v: next_use(v, cursor))
-            if not demand and next_use(victim, cursor) <= next_use(c, cursor):
-                return False
-            cached.discard(victim)
-        on_compute, on_comm = fetch_cost(chunks[c])
-        t_compute += on_compute
-        start = max(t_comm, now + on_compute)  # the issuing thread's part first (on a CPU: the copy)
-        t_comm = start + on_comm
-        comm_busy += on_comm
-        ready[c] = t_comm
-        cached.add(c)
-        fetches += 1
-        return True
+    def reduce(ch: _Chunk) -> None:
+        """The chunk's gradients are complete: reduce it, and update it inside backward if it is speculated."""
+        # every gradient was copied into the chunk's fp32 buffer as it arrived (see [Note: gradient buffers])
+        clocks.compute += ch.numel * 4 / copy_rate + per_collective * network.reduce_collectives(ch)
+        red = network.reduce_s(ch)
+        to_host = ch.shard * 4 / hardware.d2h_bytes_per_s if ch.optim_home != "device" else 0.0
+        if ch.logged and len(staged_done) >= STAGING_BUFFERS:  # wait for a staging buffer to come back
+            clocks.optim_wait += max(0.0, staged_done[-STAGING_BUFFERS] - clocks.compute)
+            clocks.compute = max(clocks.compute, staged_done[-STAGING_BUFFERS])
+        if cpu:  # a synchronous copy on the compute thread
+            clocks.compute += to_host
+        else:
+            red += to_host
+        clocks.comm = max(clocks.comm, clocks.compute) + red
+        clocks.comm_busy += red
+        if ch.speculated and optimizer:
+            if ch.optim_home == "disk":
+                clocks.worker = disk.update(ch, max(clocks.worker, clocks.comm, clocks.compute), update_s(ch))
+            elif cpu or ch.optim_home == "host":
+                clocks.worker = max(clocks.worker, clocks.comm, clocks.compute) + update_s(ch)
+            else:
+                clocks.side = max(clocks.side, clocks.comm) + update_s(ch)
+            if ch.logged:
+                staged_done.append(clocks.worker)
 
     for i, op in enumerate(profile.ops):
-        cursor = -1
-        need: set[int] = set()
-        for pos in op_pos[i]:
-            cursor = pos
-            c = seq[pos]
-            need.add(c)
-            fetch(c, pos, t_compute, demand=True, protect=need)
-        if cursor >= 0 and plan.prefetch_depth:
-            upcoming: list[int] = []
-            for c in seq[cursor + 1 :]:
-                if c not in upcoming:
-                    upcoming.append(c)
-                    if len(upcoming) == plan.prefetch_depth:
-                        break
-            for c in upcoming:
-                if not fetch(c, cursor, t_compute, demand=False, protect=need):
-                    break
-        start = max([t_compute] + [ready.get(c, 0.0) for c in need])
-        stall += start - t_compute
+        start = cache.use([ondemand_of[n] for n in op.params if n in ondemand_of])
         if op.phase == "backward" and optimizer and plan.overlap:
             disk.start(start)  # the update inside backward reads disk regions ahead from here
-        if op.flops:
-            op_s = op.flops / (attention if "attention" in op.name else matmul)
-        else:  # memory-bound: see [Note: what a memory-bound operator costs] in elixir/profile/trace.py
-            op_s = (op.out_bytes * 2 if op.moved_bytes is None else op.moved_bytes) / eager_rate
-        t_compute = start + op_s + overhead
-        for c in completed_after.get(i, ()):  # the chunk's gradients are complete: reduce it
-            ch = chunks[c]
-            # every gradient was copied into the chunk's fp32 buffer as it arrived (see [Note: gradient buffers])
-            t_compute += ch.numel * 4 / copy_rate + per_collective * network.reduce_collectives(ch)
-            red = network.reduce_s(ch)
-            to_host = ch.shard * 4 / hardware.d2h_bytes_per_s if ch.optim_home != "device" else 0.0
-            if ch.logged and len(staged_done) >= STAGING_BUFFERS:  # wait for a staging buffer to come back
-                optim_wait += max(0.0, staged_done[-STAGING_BUFFERS] - t_compute)
-                t_compute = max(t_compute, staged_done[-STAGING_BUFFERS])
-            if cpu:  # a synchronous copy on the compute thread
-                t_compute += to_host
-            else:
-                red += to_host
-            start_r = max(t_comm, t_compute)
-            t_comm = start_r + red
-            comm_busy += red
-            if ch.speculated and optimizer:
-                if ch.optim_home == "disk":
-                    t_worker = disk.update(ch, max(t_worker, t_comm, t_compute), update_s(ch))
-                elif cpu or ch.optim_home == "host":
-                    t_worker = max(t_worker, t_comm, t_compute) + update_s(ch)
-                else:
-                    t_side = max(t_side, t_comm) + update_s(ch)
-                if ch.logged:
-                    staged_done.append(t_worker)
-    end_backward = max(t_compute, t_comm, t_worker, t_side)
+        clocks.compute = start + op_seconds(op) + overhead
+        for c in completed_after.get(i, ()):
+            reduce(chunks[c])
+    end_backward = max(clocks.compute, clocks.comm, clocks.worker, clocks.side)
 
-    optim = 0.0  # after backward, on the main thread
-    later_on_disk = [c for c in chunks if optimizer and c.trainable and c.optim_home == "disk" and not c.speculated]
+    optim = _optimizer_after(plan, chunks, hardware, network, update_s, end_backward, disk) if optimizer else 0.0
+    model_device, model_host, model_disk = memory(plan, chunks, grads, gpu=not cpu)
+    activations = profile.peak_activation_bytes
+    all_to_all = sum(nbytes / hardware.collective_rate(ranks) for ranks, nbytes in profile.all_to_all)
+    return Prediction(
+        step_s=end_backward + optim + all_to_all,
+        compute_s=clocks.compute - clocks.stall - clocks.optim_wait,
+        stall_s=clocks.stall,
+        comm_busy_s=clocks.comm_busy,
+        optim_s=optim,
+        optim_in_backward_s=sum(update_s(c) for c in chunks if c.speculated) if optimizer else 0.0,
+        optim_wait_s=clocks.optim_wait,
+        fetches=cache.fetches,
+        device_bytes_peak=model_device + activations,
+        host_bytes_peak=model_host,
+        model_disk_bytes=model_disk,
+        disk_busy_s=disk.busy + disk.after_busy if optimizer else 0.0,
+        model_device_bytes=model_device,
+        model_host_bytes=model_host,
+        activation_bytes=activations,
+        flops=profile.total_flops,
+        all_to_all_s=all_to_all,
+    )
+
+
+def _optimizer_after(plan: Plan, chunks: list[_Chunk], hardware: Hardware, network: Network,
+                     update_s: Callable[[_Chunk], float], end_backward: float, disk: _DiskTimeline) -> float:
+    """Seconds of the optimizer step after backward, on the main thread: the updates not made inside backward
+    (disk chunks read ahead and written behind one by one), each master cast into its shard where that lives
+    in another tier or dtype, resident chunks gathered again; at least until the disk has written what the
+    updates inside backward left behind. Records the disk's busy time after backward in `disk.after_busy`."""
+    itemsize = plan.dtype.itemsize
+    cpu = hardware.device_type == "cpu"
+    per_collective = _COLLECTIVE_OVERHEAD_S["cpu" if cpu else "gpu"]
+    optim = 0.0
+    later_on_disk = [c for c in chunks if c.trainable and c.optim_home == "disk" and not c.speculated]
     if later_on_disk:  # read ahead and written behind as the main thread updates them one by one
         after = _DiskTimeline(plan, chunks, hardware, [c.index for c in later_on_disk])
         after.start(end_backward)
@@ -555,7 +624,8 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         for c in later_on_disk:
             done = after.update(c, done, update_s(c))
         optim += max(done, after.t_disk) - end_backward
-    for c in chunks if optimizer else ():
+        disk.after_busy = after.busy
+    for c in chunks:
         shard = c.shard
         if not c.trainable:
             continue  # nothing updated, nothing written back or gathered again
@@ -567,30 +637,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             bw = hardware.h2d_bytes_per_s if c.optim_home == "host" else hardware.d2h_bytes_per_s
             optim += shard * itemsize / bw
         elif itemsize != 4 and not c.derived:
-            optim += shard * itemsize / copy_rate
+            optim += shard * itemsize / hardware.device_copy_bytes_per_s
         if c.resident and c.ranks > 1:
             optim += network.gather_s(c, c.numel * itemsize) + per_collective
-    model_device, model_host, model_disk = memory(plan, chunks, grads, gpu=not cpu)
-    end_of_disk = disk.t_disk if optimizer else 0.0  # writes behind the last updates
-    optim = max(optim, end_of_disk - end_backward)
-    activations = profile.peak_activation_bytes
-    all_to_all = sum(nbytes / hardware.collective_rate(ranks) for ranks, nbytes in profile.all_to_all)
-    return Prediction(
-        step_s=end_backward + optim + all_to_all,
-        compute_s=t_compute - stall - optim_wait,
-        stall_s=stall,
-        comm_busy_s=comm_busy,
-        optim_s=optim,
-        optim_in_backward_s=sum(update_s(c) for c in chunks if c.speculated) if optimizer else 0.0,
-        optim_wait_s=optim_wait,
-        fetches=fetches,
-        device_bytes_peak=model_device + activations,
-        host_bytes_peak=model_host,
-        model_disk_bytes=model_disk,
-        disk_busy_s=disk.busy + (after.busy if later_on_disk else 0.0) if optimizer else 0.0,
-        model_device_bytes=model_device,
-        model_host_bytes=model_host,
-        activation_bytes=activations,
-        flops=profile.total_flops,
-        all_to_all_s=all_to_all,
-    )
+    return max(optim, disk.t_disk - end_backward)  # the writes behind the last updates inside backward

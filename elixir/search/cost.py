@@ -471,10 +471,10 @@ class _FetchReplay:
         return when the operator can start (its chunks have landed)."""
         clocks = self.clocks
         self.pinned = set()
-        for c in chunks:
+        for c in chunks:  # as Runtime.acquire does for each
             self._uses += 1
             self._last_use[c] = self._uses
-            self.schedule.use(c)
+            moved = self.schedule.use(c)
             self.pinned.add(c)
             if c not in self.held:
                 if not self.has_free_block():
@@ -483,8 +483,8 @@ class _FetchReplay:
                         continue  # every block in use: the runtime grows its cache (not charged)
                     self.evict(self.schedule.victim(candidates, self.last_use))
                 self._start(c)
-        if chunks and self.prefetch_depth:
-            self.schedule.prefetch(self, self.prefetch_depth)
+            if moved and self.prefetch_depth:  # the use moved the schedule on: look ahead from there
+                self.schedule.prefetch(self, self.prefetch_depth)
         start = max([clocks.compute] + [self.ready.get(c, 0.0) for c in self.pinned])
         clocks.stall += start - clocks.compute
         return start

@@ -112,7 +112,7 @@ def elixir_system(name, base, plan, args, disk=None, optimizer_step=True) -> Sys
 def deepspeed_system(base, args, folder) -> System:
     """ZeRO-Infinity: ZeRO-3 with the optimizer states on NVMe through DeepSpeed's async I/O."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from elixir import benchmark as B
+    from elixir import bench as B
 
     B.single_process_group(torch.device("cpu"))
     import deepspeed

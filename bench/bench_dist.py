@@ -75,8 +75,8 @@ import torch
 import torch.distributed as dist
 
 import elixir
-from elixir import benchmark as B
-from elixir.benchmark import LR, TORCH_LINEAR, WEIGHT_DECAY, adamw, plain_step
+from elixir import bench as B
+from elixir.bench import LR, TORCH_LINEAR, WEIGHT_DECAY, adamw, plain_step
 from elixir.models import GPT, GPTConfig
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported (in build_deepspeed)
@@ -96,7 +96,7 @@ SYSTEMS = {
     "local": (NO_OFFLOAD, "floor", "floor: plain PyTorch, each rank steps alone on its rows (no communication)"),
 }
 # LR, BETAS, EPS, WEIGHT_DECAY, adamw, plain_step, TORCH_LINEAR and the FSDP2 and DeepSpeed builders are
-# elixir.benchmark's, shared with `elixir bench`: DeepSpeed ZeRO-3 replaces torch.nn.functional.linear
+# elixir.bench's, shared with `elixir bench`: DeepSpeed ZeRO-3 replaces torch.nn.functional.linear
 # process-wide and leaves it so; its builder confines the override to DeepSpeed's own steps.
 
 
@@ -161,7 +161,7 @@ class System:
         self.losses.append(self._step(x).detach())
 
 
-# --- builders (FSDP2 and DeepSpeed as `elixir bench` builds them: elixir/benchmark.py) ---------------
+# --- builders (FSDP2 and DeepSpeed as `elixir bench` builds them: elixir/bench/peers.py) ------------
 
 def build_elixir(name, base, args):
     m = copy.deepcopy(base).train()

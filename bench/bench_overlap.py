@@ -67,7 +67,7 @@ from datetime import datetime, timezone
 import torch
 
 import elixir
-from elixir.benchmark import adamw, build_model, make_batch, num_params
+from elixir.bench import adamw, build_model, make_batch, num_params
 from elixir.hardware import Hardware
 from elixir.search.cost import simulate
 
@@ -84,7 +84,7 @@ PHASES = ("forward", "backward", "step", "zero_grad")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="50m", help="GPT preset or bench model (elixir.benchmark.model_names)")
+    p.add_argument("--model", default="50m", help="GPT preset or bench model (elixir.bench.model_names)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=8,
                    help="tokens per sequence; few tokens make the host AdamW large next to the compute")

@@ -60,9 +60,9 @@ def test_bench_relaunches_itself_on_two_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_deepspeed_missing_is_reported_and_the_rest_runs(tmp_path, monkeypatch, capsys):
-    from elixir import benchmark
+    from elixir import bench
 
-    monkeypatch.setattr(benchmark, "deepspeed_available", lambda: False)
+    monkeypatch.setattr(bench, "deepspeed_available", lambda: False)  # where `elixir bench` looks it up
     out = tmp_path / "b.json"
     assert main(["bench", *TINY, "--systems", "elixir,deepspeed", "--json", str(out)]) == 0
     text = capsys.readouterr().out
@@ -131,7 +131,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
 
 @pytest.mark.dist
 def test_importing_the_benchmark_harness_changes_no_warning_filter():
-    script = ("import warnings, torch, elixir; before = list(warnings.filters); import elixir.benchmark; "
+    script = ("import warnings, torch, elixir; before = list(warnings.filters); import elixir.bench; "
               "print([f for f in warnings.filters if f not in before])")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr[-2000:])

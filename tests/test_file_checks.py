@@ -15,10 +15,12 @@ import pytest
 import torch
 
 import elixir
-from elixir import hardware, validation
+from elixir import validation
 from elixir.checkpoint import CheckpointError, export_checkpoint
 from elixir.cli import main
 from elixir.hardware import Hardware
+from elixir.hardware import cache as hardware_cache
+from elixir.hardware import measure as hardware_measure
 from elixir.models.families import build_family, read_config
 
 UNWRITABLE = "/proc/elixir-test/x"  # no process, root included, creates files in /proc
@@ -263,9 +265,9 @@ def test_defaulted_config_fields_are_listed_in_one_warning(tmp_path, capsys):
 ])
 def test_a_damaged_calibration_cache_is_ignored_with_a_warning(tmp_path, monkeypatch, damage):
     monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(hardware, "_machine_busy", lambda: "")
-    monkeypatch.setattr(hardware, "_measure", lambda quick: Hardware.preset("CPU"))
-    path = hardware._cache_path(quick=True)
+    monkeypatch.setattr(hardware_measure, "_machine_busy", lambda: "")
+    monkeypatch.setattr(hardware_measure, "_measure", lambda quick: Hardware.preset("CPU"))
+    path = hardware_cache._cache_path(quick=True)
     path.write_text(damage, errors="surrogateescape")
     with pytest.warns(UserWarning, match=f"ignoring the calibration cache {path}: .*; measuring again") as record:
         assert Hardware.measure(quick=True) == Hardware.preset("CPU")
@@ -274,14 +276,14 @@ def test_a_damaged_calibration_cache_is_ignored_with_a_warning(tmp_path, monkeyp
 
 
 def test_a_damaged_disk_cache_is_ignored_and_an_unwritable_cache_is_only_a_warning(tmp_path, monkeypatch):
-    monkeypatch.setattr(hardware, "_machine_busy", lambda: "")
-    monkeypatch.setattr(hardware, "_disk_bytes_per_s", lambda folder, nbytes: (2e9, 1e9))
+    monkeypatch.setattr(hardware_measure, "_machine_busy", lambda: "")
+    monkeypatch.setattr(hardware_measure, "_disk_bytes_per_s", lambda folder, nbytes: (2e9, 1e9))
     monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path / "cache"))
-    assert hardware.measure_disk(str(tmp_path)) == (2e9, 1e9)
+    assert hardware_measure.measure_disk(str(tmp_path)) == (2e9, 1e9)
     (cached,) = (tmp_path / "cache").glob("disk-*.json")
     cached.write_text('{"format_version": 3, "read_bytes_per_s": -1, "write_bytes_per_s": 1}')
     with pytest.warns(UserWarning, match="field 'read_bytes_per_s' is -1"):
-        assert hardware.measure_disk(str(tmp_path)) == (2e9, 1e9)
+        assert hardware_measure.measure_disk(str(tmp_path)) == (2e9, 1e9)
     monkeypatch.setenv("ELIXIR_CACHE_DIR", UNWRITABLE)
     with pytest.warns(UserWarning, match="cannot write the calibration cache"):
-        assert hardware.measure_disk(str(tmp_path)) == (2e9, 1e9)
+        assert hardware_measure.measure_disk(str(tmp_path)) == (2e9, 1e9)

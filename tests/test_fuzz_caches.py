@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elixir import hardware
 from elixir.hardware import Hardware
+from elixir.hardware import cache as hardware_cache
 from fuzzing import byte_flips, check_reader, digests, dotted, examples, flipped, mutations, sha256, truncation_points
 
 OPTIONAL = ("collective_bytes_per_s", "device_type", "disk_bytes", "disk_read_bytes_per_s", "disk_write_bytes_per_s",
@@ -32,7 +32,7 @@ def caches(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz-caches")
     hw = dataclasses.replace(Hardware.preset("H100-80GB"), attention_flops={"bfloat16": 4e14})
     (folder / "hardware.json").write_text(hw.to_json())
-    (folder / "disk.json").write_text(json.dumps({"format_version": hardware._DISK_FORMAT_VERSION,
+    (folder / "disk.json").write_text(json.dumps({"format_version": hardware_cache._DISK_FORMAT_VERSION,
                                                   "folder": "/scratch", "read_bytes_per_s": 6.3e9,
                                                   "write_bytes_per_s": 3.4e9}))
     return folder
@@ -57,8 +57,8 @@ def _through_cache(read, path):
 
 
 READERS = {
-    "hardware.json": ("hardware calibration cache", hardware._read_cache),
-    "disk.json": ("disk calibration cache", hardware._read_disk_cache),
+    "hardware.json": ("hardware calibration cache", hardware_cache._read_cache),
+    "disk.json": ("disk calibration cache", hardware_cache._read_disk_cache),
 }
 
 
@@ -124,5 +124,5 @@ def test_caches_of_random_bytes(caches, data):
 
 
 def test_the_cache_files_are_valid(caches):
-    assert _through_cache(hardware._read_cache, caches / "hardware.json").name == "H100-80GB"
-    assert _through_cache(hardware._read_disk_cache, caches / "disk.json") == (6.3e9, 3.4e9)
+    assert _through_cache(hardware_cache._read_cache, caches / "hardware.json").name == "H100-80GB"
+    assert _through_cache(hardware_cache._read_disk_cache, caches / "disk.json") == (6.3e9, 3.4e9)

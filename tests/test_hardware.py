@@ -8,8 +8,9 @@ import re
 import pytest
 import torch
 
-from elixir import hardware
 from elixir.hardware import Hardware, cache_dir, parse_bytes
+from elixir.hardware import cache as hardware_cache
+from elixir.hardware import measure as hardware_measure
 
 GiB = 2**30
 
@@ -114,7 +115,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_measure_quick_and_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(hardware, "_machine_busy", lambda: "")  # the suite's own load must not decide
+    monkeypatch.setattr(hardware_measure, "_machine_busy", lambda: "")  # the suite's own load must not decide
     hw = Hardware.measure(quick=True)
     assert hw.name.startswith("measured")
     assert hw.matmul_flops["float32"] > 0 and hw.matmul_flops.get("bfloat16", 1.0) > 0
@@ -145,22 +146,23 @@ def test_a_process_with_other_threads_does_not_use_the_cache(monkeypatch, tmp_pa
     ranks on the machine. Another thread count finds no cache and measures its own rates."""
     monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))
     threads = torch.get_num_threads()
-    one = hardware._cache_path(quick=True)
+    one = hardware_cache._cache_path(quick=True)
     assert f"-{threads}threads" in one.name and f"-torch{torch.__version__.split('+')[0]}" in one.name
     try:
         torch.set_num_threads(threads + 1)
-        other = hardware._cache_path(quick=True)
+        other = hardware_cache._cache_path(quick=True)
     finally:
         torch.set_num_threads(threads)
     assert other != one and f"-{threads + 1}threads" in other.name
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert hardware._cache_path(quick=True) not in (one, other)
+    assert hardware_cache._cache_path(quick=True) not in (one, other)
 
 
 @pytest.mark.slow
 def test_rates_measured_on_a_busy_machine_are_not_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(hardware, "_machine_busy", lambda: "load average 7.0 with 1 rank(s) of this job on 2 core(s)")
+    monkeypatch.setattr(hardware_measure, "_machine_busy",
+                        lambda: "load average 7.0 with 1 rank(s) of this job on 2 core(s)")
     with pytest.warns(UserWarning, match="busy.*not cached"):
         hw = Hardware.measure(quick=True)
     assert hw.matmul_flops["float32"] > 0

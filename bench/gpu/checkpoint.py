@@ -19,7 +19,7 @@ import gpubench as G
 import torch
 
 import elixir
-from elixir import benchmark as B
+from elixir import bench as B
 
 STEPS = 6
 

@@ -18,7 +18,7 @@ from functools import partial
 import gpubench as G
 
 import elixir
-from elixir import benchmark as B
+from elixir import bench as B
 
 CURVE_POINT_S = 8.0
 """Seconds of timed steps a point aims at (at the predicted step time)."""

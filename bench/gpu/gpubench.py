@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import torch
 
 import elixir
-from elixir import benchmark as B
+from elixir import bench as B
 from elixir.hardware import Hardware
 
 GiB = 2**30
@@ -85,7 +85,7 @@ def vocab_of(model: torch.nn.Module) -> int:
 
 def freeze_gc() -> None:
     """Keep what the imports made (torch's and transformers' millions of objects) out of every later garbage
-    collection: elixir.benchmark collects before each build and repetition, which takes 0.3 s a time on a small
+    collection: elixir.bench collects before each build and repetition, which takes 0.3 s a time on a small
     CPU otherwise. A meta-device OPT is built first, so that transformers' lazily imported modules are in."""
     import gc
 
@@ -308,7 +308,7 @@ def accumulating_step(model: torch.nn.Module, micro_batch: int, backward: Callab
 
 
 def build_pytorch(base: torch.nn.Module, device, micro_batch: int) -> B.System:
-    """Plain PyTorch on the whole device, as elixir.benchmark.build_pytorch's bf16 system: a bf16 copy
+    """Plain PyTorch on the whole device, as elixir.bench.build_pytorch's bf16 system: a bf16 copy
     computes, fp32 masters hold the weights AdamW updates; each micro-batch's gradients are added into the
     masters' fp32 gradients (accumulating in bf16 would round them), which torch's clip_grad_norm_ clips."""
     master = copy.deepcopy(base).to(device).train()
@@ -349,7 +349,7 @@ def clip_local_(params, max_norm: float) -> torch.Tensor:
 
 
 def build_fsdp2_offload(base: torch.nn.Module, device, micro_batch: int, checkpoint_every: int) -> B.System:
-    """elixir.benchmark.build_fsdp2 with offload (CPUOffloadPolicy, pinned on CUDA; bf16 compute, fp32
+    """elixir.bench.build_fsdp2 with offload (CPUOffloadPolicy, pinned on CUDA; bf16 compute, fp32
     reduction; AdamW on the host) and activation checkpointing of every `checkpoint_every`-th block (0: none)
     applied before sharding. Gradients accumulate in FSDP2's fp32 host shards, reduced every micro-batch."""
     from elixir.models import apply_checkpointing
@@ -410,8 +410,8 @@ def allocation_counters(device: torch.device, model: torch.nn.Module | None = No
 def measure(system: str, build: Callable[[], B.System], x: torch.Tensor, *, args, n_params: int, reps: int,
             warmup: int, checkpoint_every: int = 0, stop_at: float | None = None) -> tuple[dict | None, str | None]:
     """Build one system and warm it up, then `reps` timed steps on the global batch `x` (one per repetition,
-    medians), by elixir.benchmark's meters. Returns (its row, None) or (None, why it did not run). The row adds
-    to elixir.benchmark's: the counters of allocation_counters per timed step, grad norms, host bytes per
+    medians), by elixir.bench's meters. Returns (its row, None) or (None, why it did not run). The row adds
+    to elixir.bench's: the counters of allocation_counters per timed step, grad norms, host bytes per
     parameter, peak reserved device memory, hardware TFLOPS (8 x params x tokens when every block recomputes
     its forward) and, for Elixir, elixir.step_stats over the timed steps."""
     device = x.device

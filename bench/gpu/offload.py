@@ -33,7 +33,7 @@ from functools import partial
 import gpubench as G
 
 import elixir
-from elixir import benchmark as B
+from elixir import bench as B
 
 ACTIVATION_SHARE = 0.8
 """FSDP2's activations may fill this share of the cap; its gathered blocks and the allocator take the rest."""

@@ -22,7 +22,7 @@ import gpubench as G
 import torch
 
 import elixir
-from elixir import benchmark as B
+from elixir import bench as B
 
 STEPS = 5
 RTOL = {"fp32": 1e-4, "bf16": 1e-2}

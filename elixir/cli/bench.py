@@ -56,7 +56,7 @@ def _int_at_least(minimum: int, flag: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from elixir.benchmark import DEFAULT_SYSTEMS
+    from elixir.bench import DEFAULT_SYSTEMS
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
@@ -90,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Every bad value ends in parser.error (one line, exit status 2) before anything is built."""
-    from elixir.benchmark import DEFAULT_SYSTEMS, SYSTEMS, model_limits
+    from elixir.bench import DEFAULT_SYSTEMS, SYSTEMS, model_limits
 
     overrides = {k: v for k in ("n_layer", "n_embd", "n_head") if (v := getattr(args, k)) is not None}
     try:
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import elixir
     from elixir import accel, comm
-    from elixir import benchmark as B
+    from elixir import bench as B
     from elixir.hardware import Hardware
 
     started = time.perf_counter()

@@ -448,7 +448,7 @@ class _StepTracer(TorchDispatchMode):
 # sizes (a view argument counts the elements it spans, not its base; an in-place operator's output is its input,
 # read and written). A view operator moves nothing: it only makes a new tensor header. The cost model divides
 # these bytes by a rate `Hardware.measure()` times on such operators counted the same way (see
-# `eager_bytes_per_s` in elixir/hardware.py), and adds the per-operator overhead to every operator.
+# `eager_bytes_per_s` in elixir/hardware/record.py), and adds the per-operator overhead to every operator.
 def moved_bytes(func, args, kwargs, out) -> int:
     """Bytes operator `func` reads and writes given its arguments and result; 0 for a view operator."""
     if getattr(func, "is_view", False):

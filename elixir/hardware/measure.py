@@ -1,0 +1,438 @@
+"""Calibration of the machine at hand: `Hardware.measure()` and `measure_disk`, and the timings they make.
+
+Each rate of the record is timed as the runtime does the work it stands for (GEMMs of a Linear layer's
+training step, fused attention, AdamW, copies between buffers kept apart, the collectives of the runtime,
+operators of a tiny transformer), taking the shortest of repeated runs (`_seconds`). A busy machine's
+figures are used but not cached (`_machine_busy`). What a CPU-only machine's "device" is: see the
+docstring of elixir/hardware/__init__.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from elixir import comm
+from elixir.hardware.cache import (
+    _cache_path,
+    _disk_cache_path,
+    _disk_cache_text,
+    _read_cache,
+    _read_disk_cache,
+    _write_cache,
+)
+from elixir.hardware.machine import _device, _device_label, _local_ranks
+from elixir.hardware.record import Hardware
+
+
+def _machine_busy() -> str:
+    """Why the CPU is too busy to calibrate on, or "" when it is quiet: the 1-minute load average,
+    less this job's own ranks on this machine, above half of the cores this process may use."""
+    if not hasattr(os, "getloadavg"):
+        return ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    own = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    load = os.getloadavg()[0]
+    if load - own > 0.5 * cores:
+        return f"load average {load:.1f} with {own} rank(s) of this job on {cores} core(s)"
+    return ""
+
+
+def measure_machine(*, cache: bool, quick: bool, refresh: bool, disk: str | None) -> Hardware:
+    """`Hardware.measure()` (see its docstring): the cached calibration of this machine, or a new one."""
+    path = _cache_path(quick)
+    cached = _read_cache(path) if cache and not refresh else None
+    world = comm.rank_and_world()[1]
+    usable = cached is not None and (world == 1 or world in cached.collective_bytes_per_s)
+    if world > 1:
+        usable = comm.every_rank(usable, comm.world_group(), device=_device(),
+                                 what="all-reduce of the calibration cache checks")
+    if usable:
+        assert cached is not None
+        return cached if disk is None else _with_measured_disk(cached, disk, cache, quick, refresh)
+    busy = _machine_busy()
+    hardware = _measure(quick)
+    if busy:
+        # rates measured while other work competes for the machine are low; using them for this run
+        # is the best there is, but a cache would hand them to every later run
+        warnings.warn(
+            f"Hardware.measure(): the machine is busy ({busy}); the measured rates are used but not cached. "
+            "Measure again on a quiet machine (Hardware.measure(refresh=True)) for figures later runs can trust",
+            stacklevel=3,
+        )
+        cache = False
+    if cached is not None:  # keep the collective figures of other world sizes
+        merged = {**cached.collective_bytes_per_s, **hardware.collective_bytes_per_s}
+        hardware = dataclasses.replace(hardware, collective_bytes_per_s=dict(sorted(merged.items())))
+    if cache:
+        _write_cache(path, hardware.to_json())
+    return hardware if disk is None else _with_measured_disk(hardware, disk, cache, quick, refresh)
+
+
+def measure_disk(folder: str, *, cache: bool = True, quick: bool = False, refresh: bool = False) -> tuple[float, float]:
+    """(read, write) bytes/s of large sequential O_DIRECT transfers in `folder` (the whole machine's: ranks
+    share it), as the disk tier does them. Cached per filesystem in cache_dir() like the other rates. The folder
+    is made if it does not exist (it is the scratch folder the disk tier is about to use)."""
+    os.makedirs(folder, exist_ok=True)
+    path = _disk_cache_path(folder, quick)
+    if cache and not refresh:
+        cached = _read_disk_cache(path)
+        if cached is not None:
+            return cached
+    read, write = _disk_bytes_per_s(folder, (64 if quick else 256) * 2**20)
+    if cache and not _machine_busy():
+        _write_cache(path, _disk_cache_text(folder, read, write))
+    return read, write
+
+
+def _with_measured_disk(hardware: Hardware, folder: str, cache: bool, quick: bool, refresh: bool) -> Hardware:
+    read, write = measure_disk(folder, cache=cache, quick=quick, refresh=refresh)
+    st = os.statvfs(folder)
+    ranks = _local_ranks()
+    return hardware.with_disk(disk_bytes=st.f_bavail * st.f_frsize // ranks, read_bytes_per_s=read / ranks,
+                              write_bytes_per_s=write / ranks)
+
+
+def _seconds(fn: Callable[[], object], sync: Callable[[], None], *, min_total_s: float, max_reps: int = 50) -> float:
+    """Shortest seconds of `fn` after one warm-up run, over runs repeated until `min_total_s` has passed (at
+    least 3): the machine's rate, not its neighbours' load (these machines are shared and noisy)."""
+    fn()
+    sync()
+    times: list[float] = []
+    while len(times) < 3 or (sum(times) < min_total_s and len(times) < max_reps):
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def _matmul_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], sync, *, min_total_s: float,
+                  slow_s: float, give_up_below: float = 0.0) -> float | None:
+    """Best FLOP/s over the three GEMMs of a square Linear layer's training step (y = x w^T + b, dx = dy w,
+    dw = dy^T x: transposed operands and fresh outputs, as autograd runs them) of growing size; growing stops
+    before a size whose runs would take well over `slow_s`. None when the device cannot multiply in `dtype`,
+    or does it below `give_up_below` (float16 GEMM on most CPUs is scalar code: the smallest size says so)."""
+    best = 0.0
+    for n in sizes:
+        try:
+            x, w, dy = (torch.randn(n, n, device=device).to(dtype) for _ in range(3))
+            b = torch.randn(n, device=device).to(dtype)
+
+            def linear(x=x, w=w, dy=dy, b=b):
+                torch.addmm(b, x, w.t())
+                torch.mm(dy, w)
+                torch.mm(dy.t(), x)
+
+            seconds = _seconds(linear, sync, min_total_s=min_total_s)
+        except RuntimeError:
+            return None
+        best = max(best, 3 * 2 * n**3 / seconds)
+        if best < give_up_below:
+            return None
+        if seconds * 8 > 4 * slow_s:  # the next size does 8x the work
+            break
+    return best or None
+
+
+def _attention_flops(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int], sync, *,
+                     min_total_s: float) -> float | None:
+    """FLOP/s of a causal `scaled_dot_product_attention` forward and backward of (batch, heads, tokens, head
+    size) `shape`, by torch.utils.flop_counter's formulas (those the profile counts); None if it cannot run."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    try:
+        q, k, v = (torch.randn(shape, device=device).to(dtype).requires_grad_() for _ in range(3))
+        grad = torch.randn(shape, device=device).to(dtype)
+
+        def step():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+        seconds = _seconds(step, sync, min_total_s=min_total_s)
+    except RuntimeError:
+        return None
+    return (sdpa_flop_count(shape, shape, shape) + sdpa_backward_flop_count(shape, shape, shape, shape)) / seconds
+
+
+def _op_overhead_s(device: torch.device, sync, min_total_s: float) -> float:
+    """Seconds per operator of a training step's forward and backward, beyond the kernels: a tiny transformer
+    (2 blocks of width 32, 16 tokens), whose kernels take next to nothing, timed whole and divided by the
+    operators the profiler counts in it. The per-operator cost of eager PyTorch in this process, with the
+    Python of module calls around it."""
+    from elixir.profile import profile
+
+    model, batch = _tiny_transformer(device)
+    ops = len(profile(model, batch).ops)
+
+    def step():
+        model(**batch).loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return _seconds(step, sync, min_total_s=min_total_s) / ops
+
+
+def _tiny_transformer(device: torch.device, n_layer: int = 2):
+    """(model, batch) of a transformer so small that its kernels take next to nothing: what remains of its
+    step is the cost of running operators at all."""
+    from elixir.models import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=n_layer, n_head=2, n_embd=32)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        model = GPT(cfg).to(device).train()
+        x = torch.randint(0, cfg.vocab_size, (1, cfg.block_size), device=device)
+    return model, {"input_ids": x, "labels": x}
+
+
+def _runtime_overheads(device: torch.device, sync, min_total_s: float) -> tuple[float, float]:
+    """(seconds per operator of parameter interception, seconds per chunk fetch of the runtime's own work):
+    a tiny transformer wrapped three ways, all resident, one on-demand chunk that stays in the cache (every
+    use intercepted, nothing fetched in a step) and many small on-demand chunks through a small cache."""
+    import copy
+
+    from elixir.plan import Plan
+    from elixir.profile import profile
+    from elixir.runtime.wrap import memory_stats, wrap
+
+    base, batch = _tiny_transformer(device, n_layer=4)
+    ops = len(profile(base, batch).ops)
+    chunk_mib = sum(p.numel() for p in base.parameters()) * 4 / 2**20
+    largest_mib = max(p.numel() for p in base.parameters()) * 4 / 2**20
+
+    def timed(**plan_kw) -> tuple[float, float]:
+        model = copy.deepcopy(base)
+        optim = torch.optim.SGD(model.parameters(), lr=0.0)
+        model, optim = wrap(model, optim, plan=Plan.uniform(model, optimizer=optim, **plan_kw), device=device)
+
+        def step():
+            model(**batch).loss.backward()
+            optim.zero_grad()
+
+        step()
+        before = memory_stats(model)["gathers"]
+        step()
+        fetches = memory_stats(model)["gathers"] - before
+        seconds = _seconds(step, sync, min_total_s=min_total_s)
+        return seconds, fetches
+
+    resident, _ = timed(chunk_mib=2 * chunk_mib, resident=True)
+    cached, cached_fetches = timed(chunk_mib=2 * chunk_mib, resident=False, cache_blocks=2)
+    small, small_fetches = timed(chunk_mib=largest_mib, resident=False, cache_blocks=4)
+    per_fetch = max(0.0, (small - cached) / max(small_fetches - cached_fetches, 1))
+    per_op = max(0.0, (cached - resident - cached_fetches * per_fetch) / ops)
+    return per_op, per_fetch
+
+
+def _eager_bytes_per_s(device: torch.device, sync, min_total_s: float, op_overhead_s: float, *, numel: int) -> float:
+    """Bytes per second of memory-bound operators, as the profile counts them (see [Note: what a memory-bound
+    operator costs] in elixir/profile/trace.py): the forward and backward of a transformer block's operators
+    without matmuls (layer norm, GELU, a residual add, softmax, a concatenation, a sum) on `numel`-element
+    activations, less the per-operator overhead."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from elixir.profile.trace import moved_bytes
+
+    width = 256
+    x = torch.randn(numel // width, width, device=device, requires_grad=True)
+    w = torch.ones(width, device=device, requires_grad=True)
+    b = torch.zeros(width, device=device, requires_grad=True)
+
+    def step():
+        y = F.layer_norm(x, (width,), w, b)
+        y = F.gelu(y) + x
+        z = torch.softmax(y, dim=-1)
+        torch.cat([z, y], dim=-1).mul(0.5).sum().backward()
+        x.grad = w.grad = b.grad = None
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops += 1
+            self.bytes += moved_bytes(func, args, kwargs or {}, out)
+            return out
+
+    with Count() as count:
+        step()
+    seconds = _seconds(step, sync, min_total_s=min_total_s)
+    return count.bytes / max(seconds - count.ops * op_overhead_s, seconds / 4)
+
+
+def _adamw_elems_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> float:
+    param = torch.zeros(numel, device=device, requires_grad=True)
+    param.grad = torch.randn(numel, device=device)
+    try:
+        optim = torch.optim.AdamW([param], lr=1e-3, fused=True)
+        optim.step()
+    except RuntimeError:  # no fused kernel for this device: the default implementation
+        optim = torch.optim.AdamW([param], lr=1e-3)
+    return numel / _seconds(optim.step, sync, min_total_s=min_total_s)
+
+
+def _copy_bytes_per_s(dst: torch.Tensor, src: torch.Tensor, sync, min_total_s: float) -> float:
+    non_blocking = dst.is_cuda != src.is_cuda
+    return src.numel() * src.element_size() / _seconds(
+        lambda: dst.copy_(src, non_blocking=non_blocking), sync, min_total_s=min_total_s
+    )
+
+
+def _collective_bytes_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> dict[int, float]:
+    import torch.distributed as dist
+
+    if comm.rank_and_world()[1] < 2:
+        return {}
+    from elixir.comm import all_gather, reduce_scatter_mean
+    from elixir.memory.chunk import ChunkGroup
+    from elixir.shm import SharedArena
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    group = ChunkGroup(dist.group.WORLD, rank, world)
+    numel -= numel % world
+    # the buffers the runtime communicates from: in shared memory where ranks share a host (elixir/shm.py)
+    arena = SharedArena.create(group) if device.type == "cpu" else None
+    full = arena.empty(numel, torch.float32) if arena is not None else torch.zeros(numel, device=device)
+    n = numel // world
+    own = full[rank * n : (rank + 1) * n]
+    shard = torch.zeros(n, device=device)
+    nbytes = full.numel() * full.element_size()
+    gather = _seconds(lambda: all_gather(full, own, group, arena=arena), sync, min_total_s=min_total_s)
+    scatter = _seconds(lambda: reduce_scatter_mean(shard, full, group, arena=arena), sync, min_total_s=min_total_s)
+    # Ranks time slightly different runs; the slowest decides a collective's time.
+    slowest = torch.tensor([gather, scatter], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    bus = (world - 1) / world * nbytes
+    return {world: bus / float(slowest.max())}
+
+
+def _disk_bytes_per_s(folder: str, nbytes: int) -> tuple[float, float]:
+    """Write then read `nbytes` in 8 MiB blocks of a temporary file with O_DIRECT (buffered where the
+    filesystem refuses it, then the page cache flatters the read); best of two passes each."""
+    import mmap
+    import tempfile
+
+    block = 8 * 2**20
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(block))
+    fd_tmp, name = tempfile.mkstemp(prefix="elixir-disk-measure-", dir=folder)
+    os.close(fd_tmp)
+    try:
+        try:
+            fd = os.open(name, os.O_RDWR | getattr(os, "O_DIRECT", 0))
+        except OSError:
+            fd = os.open(name, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+            times = {"write": [], "read": []}
+            for _ in range(2):
+                started = time.perf_counter()
+                for off in range(0, nbytes, block):
+                    os.pwrite(fd, buf, off)
+                os.fdatasync(fd)
+                times["write"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                for off in range(0, nbytes, block):
+                    os.preadv(fd, [buf], off)
+                times["read"].append(time.perf_counter() - started)
+        finally:
+            os.close(fd)
+    finally:
+        os.unlink(name)
+    return nbytes / min(times["read"]), nbytes / min(times["write"])
+
+
+def _memory_bytes(device: torch.device) -> tuple[int, int]:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, ram // max(1, torch.cuda.device_count())
+    return ram // 2, ram // 2
+
+
+def _measure(quick: bool) -> Hardware:
+    device = _device()
+    on_gpu = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if on_gpu else (lambda: None)
+    min_total_s = 0.05 if quick else 0.5
+    slow_s = 0.05 if quick else 0.25
+    mib = 2**20
+    # Copies and AdamW on buffers well beyond the last-level cache (a GPU's L2 is 40-50 MiB, a server CPU's L3
+    # up to a few hundred), as the shards of a model are: in-cache figures would flatter both.
+    if on_gpu:
+        sizes, copy_bytes, adam_numel = ((1024, 2048) if quick else (2048, 4096, 8192)), 256 * mib, 2**24
+        attention = (4, 16, 1024, 128) if quick else (8, 16, 2048, 128)
+    else:
+        sizes, copy_bytes, adam_numel = ((256, 512) if quick else (256, 512, 1024)), 64 * mib, 2**23
+        attention = (2, 8, 256, 64) if quick else (4, 8, 512, 64)
+    if quick:
+        copy_bytes, adam_numel = copy_bytes // 4, adam_numel // 4
+
+    matmul: dict[str, float] = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if on_gpu and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            continue
+        # A CPU without AVX512-FP16/AMX runs float16 GEMM as scalar code, ~50x slower: not a real option.
+        give_up_below = 0.25 * max(matmul.values(), default=0.0) if dtype == torch.float16 and not on_gpu else 0.0
+        rate = _matmul_flops(
+            device, dtype, sizes, sync, min_total_s=min_total_s, slow_s=slow_s, give_up_below=give_up_below
+        )
+        if rate is not None:
+            matmul[str(dtype).removeprefix("torch.")] = rate
+    attention_flops: dict[str, float] = {}
+    for name in matmul:
+        # a dtype whose GEMMs run at under a quarter of the best (bf16 on a CPU without AMX or AVX512-BF16) is
+        # timed on a smaller shape: a few repetitions of the full one would take seconds, for a rate no plan uses
+        slow = matmul[name] < max(matmul.values()) / 4
+        shape = (attention[0] // 2, attention[1], attention[2] // 2, attention[3]) if slow else attention
+        rate = _attention_flops(device, getattr(torch, name), shape, sync, min_total_s=min_total_s)
+        if rate is not None:
+            attention_flops[name] = rate
+
+    numel = copy_bytes // 4
+    # Distinct buffers for the two sides, also on a CPU-only machine where both are RAM; pinned staging on a
+    # GPU (only this one buffer, freed on return).
+    host = torch.ones(numel, pin_memory=on_gpu)
+    on_device = torch.ones(numel, device=device)
+    other_on_device = torch.ones(numel, device=device)
+    h2d = _copy_bytes_per_s(on_device, host, sync, min_total_s)
+    d2h = _copy_bytes_per_s(host, on_device, sync, min_total_s)
+    device_copy = _copy_bytes_per_s(other_on_device, on_device, sync, min_total_s)
+    del host, on_device, other_on_device
+
+    # steps of milliseconds: a fifth of the time gives tens of repetitions, enough for their minimum
+    op_overhead = _op_overhead_s(device, sync, min_total_s / 5)
+    interception, fetch_overhead = _runtime_overheads(device, sync, min_total_s / 5)
+    eager = _eager_bytes_per_s(device, sync, min_total_s / 5, op_overhead, numel=(2**18 if quick else 2**20) * (
+        16 if on_gpu else 1))
+
+    device_optim = _adamw_elems_per_s(device, adam_numel, sync, min_total_s)
+    host_optim = _adamw_elems_per_s(torch.device("cpu"), adam_numel if not on_gpu else adam_numel // 8,
+                                    lambda: None, min_total_s)
+    device_bytes, host_bytes = _memory_bytes(device)
+    return Hardware(
+        name=f"measured: {_device_label(device)}",
+        device_type=device.type,
+        device_bytes=device_bytes,
+        host_bytes=host_bytes,
+        matmul_flops=matmul,
+        h2d_bytes_per_s=h2d,
+        d2h_bytes_per_s=d2h,
+        collective_bytes_per_s=_collective_bytes_per_s(device, numel, sync, min_total_s),
+        device_optim_elems_per_s=device_optim,
+        host_optim_elems_per_s=host_optim,
+        device_copy_bytes_per_s=device_copy,
+        attention_flops=attention_flops,
+        op_overhead_s=op_overhead,
+        eager_bytes_per_s=eager,
+        interception_op_s=interception,
+        fetch_overhead_s=fetch_overhead,
+    )

@@ -1,0 +1,372 @@
+"""The `Hardware` record: one rank's view of a machine, as the planner's cost model reads it.
+
+The record itself (its fields, their checks, the lookups the cost model makes, copies with other memory,
+disk or network, and its JSON form) and `parse_bytes`, which reads the human sizes its memory fields
+accept. Presets live in elixir/hardware/presets.py, the calibration of the machine at hand in
+elixir/hardware/measure.py; `Hardware.preset` and `Hardware.measure` reach them when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+# 2: attention_flops; AdamW on buffers beyond the last-level cache; Linear-layer GEMMs
+# 3: CPU collectives as the runtime runs them (all-to-alls, shared memory between ranks of one host)
+# 4: the costs of running operators (per operator, interception, per fetch, memory-bound operators)
+_FORMAT_VERSION = 4
+
+# ---------------------------------------------------------------------------------------------------------------
+# sizes
+
+
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(value: str | int) -> int:
+    """Bytes in a human size: "40GiB" (2**30), "40GB" (10**9), "512MiB", "1.5TiB", "4096" (bytes).
+
+    Accepts B, KB/KiB, MB/MiB, GB/GiB, TB/TiB in any letter case; anything else is a ValueError naming it.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"size {value!r} is negative; give a number of bytes >= 0")
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    unit = match.group(2).upper() if match else None
+    if match is None or (unit or "B") not in _UNITS:
+        raise ValueError(
+            f"cannot read {value!r} as a size; write a number and a unit such as '40GiB', '80GB', '512MiB' "
+            f"(units: {', '.join(u if 'I' not in u else u.replace('I', 'i') for u in _UNITS)})"
+        )
+    return int(float(match.group(1)) * _UNITS[unit or "B"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the record
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    """One rank's machine: memory it may use and the rates of what a training step does."""
+
+    name: str
+    """A preset name ("A100-80GB"), or "measured: <device>" for `measure()`."""
+    device_bytes: int
+    """Device memory of one device (nvidia-smi's memory.total); the planner keeps its own margin for the
+    CUDA context and allocator. On a CPU-only machine: half the RAM."""
+    host_bytes: int
+    """Host memory for one rank: the machine's RAM divided by the devices (ranks) on it. On a CPU-only
+    machine: the other half of the RAM."""
+    matmul_flops: dict[str, float]
+    """FLOP/s that large matmuls achieve, by dtype name ("float32", "bfloat16", "float16"); a dtype the
+    device lacks (or runs uselessly slowly) is absent. float32 is strict FP32 in the presets (PyTorch's default);
+    `measure()` times the GEMMs of a Linear layer's forward and backward as the process runs them (TF32 if it
+    allowed TF32)."""
+    h2d_bytes_per_s: float
+    """Host-to-device copy bandwidth, from pinned staging memory on a GPU."""
+    d2h_bytes_per_s: float
+    """Device-to-host copy bandwidth, into pinned staging memory on a GPU."""
+    collective_bytes_per_s: dict[int, float] = field(default_factory=dict)
+    """Bus bandwidth per device of all-gather / reduce-scatter, by world size, as nccl-tests defines it:
+    (n - 1) / n * gathered bytes / time. Empty when unknown (a single process that was not measured)."""
+    device_optim_elems_per_s: float
+    """Elements per second of a fused AdamW step (fp32 master and states) on the device."""
+    host_optim_elems_per_s: float
+    """Elements per second of a fused AdamW step on the host, for the share of CPU cores one rank has."""
+    device_copy_bytes_per_s: float
+    """Bytes per second copied from one device buffer into another (each byte read once, written once)."""
+    device_type: str = "cuda"
+    """"cuda", or "cpu" for a CPU-only machine, where device and host are the same RAM and copies between
+    them are synchronous (they occupy the compute thread instead of overlapping with it)."""
+    disk_bytes: int = 0
+    """Scratch-disk space for one rank (the disk tier: masters and optimizer states with optim_home="disk");
+    0: no disk tier."""
+    disk_read_bytes_per_s: float = 0.0
+    """Sequential read bandwidth of the scratch disk for one rank (large O_DIRECT transfers)."""
+    disk_write_bytes_per_s: float = 0.0
+    """Sequential write bandwidth of the scratch disk for one rank."""
+    attention_flops: dict[str, float] = field(default_factory=dict)
+    """FLOP/s of fused attention (forward and backward of `scaled_dot_product_attention`, causal, FLOPs by
+    torch.utils.flop_counter's formulas), by dtype name. Absent: the matmul rate. Fused attention also computes
+    a softmax per score and skips masked blocks, so its rate by those formulas differs from a GEMM's (on this
+    CPU ~0.7x); on GPUs FlashAttention-2 reaches roughly the fraction of peak that large GEMMs do, so the presets
+    leave it out."""
+    intra_node_latency_s: float = 0.0
+    """Latency of one step of a ring collective between the devices of a node (NVLink/NVSwitch: a few
+    microseconds); 0: none counted beyond the cost model's fixed cost per collective."""
+    inter_node_bytes_per_s: float = 0.0
+    """Bandwidth of one node's links to the other nodes, all its NICs together, as collectives achieve it:
+    the ranks of a node share it when a collective crosses nodes (see `bus_rate`). 0: one level, as before
+    (a collective over more ranks than a node's runs at `collective_rate` of its size)."""
+    inter_node_latency_s: float = 0.0
+    """Latency of one step of a ring collective between nodes (InfiniBand a few microseconds, Ethernet tens)."""
+    op_overhead_s: float = 0.0
+    """Seconds every operator of a training step costs beyond its kernel: Python between operators, module
+    calls, dispatch, autograd's bookkeeping, a kernel launch. `measure()` times it as one forward and backward
+    of a tiny transformer (where kernels take next to nothing) divided by its operators. 0: the cost model's
+    default (4 us on a CPU, 6 us on a GPU)."""
+    eager_bytes_per_s: float = 0.0
+    """Bytes per second that memory-bound operators (elementwise, normalisation, softmax, reductions, cat) read
+    and write, counted as the profile counts them (see [Note: what a memory-bound operator costs] in
+    elixir/profile/trace.py). 0: `device_copy_bytes_per_s`."""
+    interception_op_s: float = 0.0
+    """Seconds every operator costs on top of `op_overhead_s` while Elixir intercepts parameter uses (a plan
+    with on-demand chunks: the torch-function mode, module hooks and saved-tensor hooks of
+    elixir/runtime/hooks.py). `measure()` times a tiny transformer wrapped with one on-demand chunk that never
+    leaves the cache against the same model all resident. 0: not charged."""
+    fetch_overhead_s: float = 0.0
+    """Seconds of the runtime's own work per chunk fetch (cache bookkeeping, eviction and prefetch choices) on
+    the compute thread, beyond the copy and the collective: `measure()` times the tiny transformer with many
+    small on-demand chunks against one. 0: not charged."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("Hardware.name must not be empty")
+        if self.device_type not in ("cuda", "cpu"):
+            raise ValueError(f"Hardware.device_type={self.device_type!r}; use 'cuda' or 'cpu'")
+        for what in ("device_bytes", "host_bytes"):
+            value = getattr(self, what)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Hardware.{what}={value!r} must be a positive number of bytes (see parse_bytes)")
+        for what in (
+            "h2d_bytes_per_s",
+            "d2h_bytes_per_s",
+            "device_optim_elems_per_s",
+            "host_optim_elems_per_s",
+            "device_copy_bytes_per_s",
+        ):
+            value = getattr(self, what)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"Hardware.{what}={value!r} must be a positive finite rate")
+        if not self.matmul_flops:
+            raise ValueError("Hardware.matmul_flops is empty; give the FLOP/s of at least one dtype, e.g. 'float32'")
+        for dtype, rate in self.matmul_flops.items():
+            if dtype not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"Hardware.matmul_flops has dtype {dtype!r}; use 'float32', 'bfloat16', 'float16'")
+            if not (rate > 0 and math.isfinite(rate)):
+                raise ValueError(f"Hardware.matmul_flops[{dtype!r}]={rate!r} must be a positive finite FLOP/s")
+        for dtype, rate in self.attention_flops.items():
+            if dtype not in ("float32", "bfloat16", "float16") or not (rate > 0 and math.isfinite(rate)):
+                raise ValueError(
+                    f"Hardware.attention_flops[{dtype!r}]={rate!r}: keys are 'float32', 'bfloat16', 'float16', "
+                    "values positive finite FLOP/s"
+                )
+        if not isinstance(self.disk_bytes, int) or isinstance(self.disk_bytes, bool) or self.disk_bytes < 0:
+            raise ValueError(f"Hardware.disk_bytes={self.disk_bytes!r} must be 0 (no disk tier) or a number of bytes")
+        for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s"):
+            value = getattr(self, what)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"Hardware.{what}={value!r} must be a finite rate, 0 when there is no disk")
+            if self.disk_bytes and not value:
+                raise ValueError(f"Hardware.disk_bytes={self.disk_bytes} needs {what} too (e.g. 5e9 for an NVMe)")
+        for what in ("intra_node_latency_s", "inter_node_bytes_per_s", "inter_node_latency_s"):
+            value = getattr(self, what)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+                    and math.isfinite(value)):
+                raise ValueError(f"Hardware.{what}={value!r} must be a finite number >= 0 (0: not modelled)")
+        for what in ("op_overhead_s", "eager_bytes_per_s", "interception_op_s", "fetch_overhead_s"):
+            value = getattr(self, what)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+                    and math.isfinite(value)):
+                raise ValueError(f"Hardware.{what}={value!r} must be a finite number >= 0 (0: the default)")
+        for world, rate in self.collective_bytes_per_s.items():
+            if not (isinstance(world, int) and world >= 2 and rate > 0 and math.isfinite(rate)):
+                raise ValueError(
+                    f"Hardware.collective_bytes_per_s[{world!r}]={rate!r}: keys are world sizes >= 2, values "
+                    "positive bytes/s"
+                )
+
+    def __hash__(self) -> int:  # the dict fields are not hashable; the JSON text is
+        return hash(self.to_json())
+
+    # ---- lookups the cost model uses ----
+
+    def matmul_rate(self, dtype: torch.dtype | str) -> float:
+        """FLOP/s of large matmuls in `dtype`; ValueError when this hardware has no figure for it."""
+        name = str(dtype).removeprefix("torch.")
+        if name not in self.matmul_flops:
+            raise ValueError(
+                f"{self.name} has no matmul rate for {name}; it has {', '.join(self.matmul_flops)}: "
+                "pick one of those as compute dtype"
+            )
+        return self.matmul_flops[name]
+
+    def attention_rate(self, dtype: torch.dtype | str) -> float:
+        """FLOP/s of fused attention in `dtype`: the measured figure, else the matmul rate."""
+        name = str(dtype).removeprefix("torch.")
+        return self.attention_flops.get(name) or self.matmul_rate(name)
+
+    def collective_rate(self, world_size: int) -> float:
+        """Bus bandwidth per device for `world_size` ranks: the figure for that size, else for the nearest
+        larger size measured (bandwidth does not grow with the group), else for the largest. A world of one
+        communicates nothing (infinite rate)."""
+        if world_size < 1:
+            raise ValueError(f"world_size={world_size} must be >= 1")
+        if world_size == 1:
+            return math.inf
+        if not self.collective_bytes_per_s:
+            raise ValueError(
+                f"{self.name} has no collective bandwidth: run Hardware.measure() on every rank after "
+                "torch.distributed is initialised, or use a preset"
+            )
+        larger = [w for w in self.collective_bytes_per_s if w >= world_size]
+        return self.collective_bytes_per_s[min(larger) if larger else max(self.collective_bytes_per_s)]
+
+    def bus_rate(self, group_size: int, *, across_nodes: bool = False, ranks_per_node: int = 0,
+                 world_size: int = 0) -> float:
+        """Bus bandwidth per rank of a collective over `group_size` ranks. Inside a node: `collective_rate`
+        of the group. Across nodes, with `inter_node_bytes_per_s` known: the node's share per rank (its
+        `ranks_per_node` ranks cross at once), capped by the rate inside a node; without it, as before:
+        `collective_rate` of the run's `world_size` (what a preset gives for more ranks than a node has)."""
+        if not across_nodes:
+            return self.collective_rate(group_size)
+        if self.inter_node_bytes_per_s:
+            per_node = max(ranks_per_node, 1)
+            inside = self.collective_rate(min(group_size, per_node)) if per_node > 1 else math.inf
+            return min(inside, self.inter_node_bytes_per_s / per_node)
+        return self.collective_rate(max(world_size, group_size))
+
+    def step_latency_s(self, across_nodes: bool) -> float:
+        """Latency of one ring step of a collective inside a node, or across nodes."""
+        return self.inter_node_latency_s if across_nodes else self.intra_node_latency_s
+
+    def with_network(self, *, inter_node_bytes_per_s: float | None = None, inter_node_latency_s: float | None = None,
+                     intra_node_latency_s: float | None = None) -> Hardware:
+        """A copy with another network between nodes (`parse_link` reads "4x200Gbps", "ib-hdr-200g", ...)."""
+        changes: dict = {}
+        if inter_node_bytes_per_s is not None:
+            changes["inter_node_bytes_per_s"] = float(inter_node_bytes_per_s)
+        if inter_node_latency_s is not None:
+            changes["inter_node_latency_s"] = float(inter_node_latency_s)
+        if intra_node_latency_s is not None:
+            changes["intra_node_latency_s"] = float(intra_node_latency_s)
+        return dataclasses.replace(self, **changes)
+
+    def with_memory(self, *, device_bytes: int | str | None = None, host_bytes: int | str | None = None) -> Hardware:
+        """A copy with other memory sizes (bytes, or human sizes such as "40GiB")."""
+        changes = {}
+        if device_bytes is not None:
+            changes["device_bytes"] = parse_bytes(device_bytes)
+        if host_bytes is not None:
+            changes["host_bytes"] = parse_bytes(host_bytes)
+        return dataclasses.replace(self, **changes)
+
+    def with_disk(self, *, disk_bytes: int | str | None = None, read_bytes_per_s: float | None = None,
+                  write_bytes_per_s: float | None = None) -> Hardware:
+        """A copy with another scratch disk (bytes or a human size; bandwidths in bytes/s)."""
+        changes: dict = {}
+        if disk_bytes is not None:
+            changes["disk_bytes"] = parse_bytes(disk_bytes) if isinstance(disk_bytes, str) else int(disk_bytes)
+        if read_bytes_per_s is not None:
+            changes["disk_read_bytes_per_s"] = float(read_bytes_per_s)
+        if write_bytes_per_s is not None:
+            changes["disk_write_bytes_per_s"] = float(write_bytes_per_s)
+        return dataclasses.replace(self, **changes)
+
+    # ---- presets ----
+
+    @staticmethod
+    def preset_names() -> tuple[str, ...]:
+        from elixir.hardware.presets import _PRESETS
+
+        return tuple(_PRESETS)
+
+    @classmethod
+    def preset(cls, name: str) -> Hardware:
+        """Datasheet figures times realistic achieved fractions for a named machine (one rank's view)."""
+        from elixir.hardware.presets import _PRESETS
+
+        if name not in _PRESETS:
+            raise ValueError(f"unknown hardware preset {name!r}; the presets are: {', '.join(_PRESETS)}")
+        return _PRESETS[name]()
+
+    # ---- JSON ----
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["collective_bytes_per_s"] = {str(w): r for w, r in self.collective_bytes_per_s.items()}
+        data["format_version"] = _FORMAT_VERSION
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, source: str = "hardware JSON") -> Hardware:
+        """The record `to_json` wrote; every field is checked for presence, type and range (see [Note:
+        untrusted files] in elixir/validation.py), and a ValueError names `source`, the field and what was
+        expected."""
+        from elixir.validation import Fields, load_json
+
+        doc = Fields(load_json(text, source, what="measure again"), source)
+        version = doc.data.get("format_version")
+        if version != _FORMAT_VERSION or isinstance(version, bool):
+            raise ValueError(f"{source}: hardware format_version={version!r}, this elixir reads {_FORMAT_VERSION}; "
+                             "measure again")
+        doc.only(("format_version", *_HARDWARE_FIELDS))
+        data = {"name": doc.get("name", "str")}
+        for what in ("device_bytes", "host_bytes"):
+            data[what] = doc.get(what, "int", least=1)
+        for what in ("h2d_bytes_per_s", "d2h_bytes_per_s", "device_optim_elems_per_s", "host_optim_elems_per_s",
+                     "device_copy_bytes_per_s"):
+            data[what] = doc.get(what, "number", above=0)
+        for what in ("matmul_flops", "attention_flops"):
+            rates = doc.obj(what, default=None) if what == "attention_flops" else doc.obj(what)
+            for dtype in (rates.data if rates else ()):
+                rates.get(dtype, "number", above=0)
+            data[what] = dict(rates.data) if rates else {}
+        collective = doc.obj("collective_bytes_per_s", default=None)
+        data["collective_bytes_per_s"] = {}
+        for world in (collective.data if collective else ()):
+            rate = collective.get(world, "number", above=0)
+            if not world.isdigit() or int(world) < 2:
+                raise collective.fail(collective.path(world), "is not a world size; keys are world sizes >= 2")
+            data["collective_bytes_per_s"][int(world)] = rate
+        data["device_type"] = doc.get("device_type", "str", default="cuda", choices=("cuda", "cpu"))
+        data["disk_bytes"] = doc.get("disk_bytes", "int", least=0, default=0)
+        for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s", "intra_node_latency_s",
+                     "inter_node_bytes_per_s", "inter_node_latency_s", "op_overhead_s", "eager_bytes_per_s",
+                     "interception_op_s", "fetch_overhead_s"):
+            data[what] = doc.get(what, "number", least=0, default=0.0)
+        try:  # what no single field says (a disk size without a bandwidth, an unknown dtype)
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    # ---- measurement ----
+
+    @classmethod
+    def measure(cls, cache: bool = True, *, quick: bool = False, refresh: bool = False,
+                disk: str | None = None) -> Hardware:
+        """Calibrate the rates on this machine (a few seconds; `quick` takes about one, less precisely).
+        `disk`: a scratch folder for the disk tier; its free space and sequential read and write
+        bandwidth are measured too (see `measure_disk`), and shared by the ranks on this machine.
+
+        With `cache`, the result is read from, or written to,
+        cache_dir()/hardware-<host>-<device>-torch<version>-<threads>threads.json (see `_cache_path` in
+        elixir/hardware/cache.py), with
+        `-<n>ranks` before `.json` when n ranks of the job share the machine (`refresh` measures again and
+        overwrites it). When torch.distributed is initialised every rank must call this together: the
+        collectives are measured over the world group, and a cache without that world size on any rank makes
+        every rank measure.
+        """
+        from elixir.hardware.measure import measure_machine
+
+        return measure_machine(cache=cache, quick=quick, refresh=refresh, disk=disk)
+
+
+_HARDWARE_FIELDS = tuple(f.name for f in dataclasses.fields(Hardware))

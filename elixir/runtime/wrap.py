@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from elixir import accel, comm, parallel
-from elixir.memory import BlockCache, Chunk, ChunkGroup, MemoryTracker, pack_offsets
+from elixir.memory import BlockCache, Chunk, ChunkGroup, MemoryTracker, pack_offsets, use_order
 from elixir.memory.chunk import ParamSlot, empty_like_shape, padded_numel
 from elixir.memory.disk import DiskStore, check_scratch_folder, region_bytes
 from elixir.models.checkpointing import apply_checkpointing
@@ -210,9 +210,9 @@ def wrap(
     runtime = Runtime(chunks, cache, tracker, device, prefetch_depth=plan.prefetch_depth, world=group, disk=store)
     if plan.use_order and cache is not None:
         # the profiled order drives eviction and prefetch from the first step
-        by_name = {s.name: c for c in chunks for s in c.slots}
-        ondemand_uses = [by_name[n] for n in plan.use_order if n in by_name and not by_name[n].resident]
-        runtime.schedule.set_order([c.index for c in ondemand_uses])
+        # the same order the cost model replays (see [Note: one policy for the runtime and the cost model])
+        ondemand_of = {s.name: c.index for c in chunks if not c.resident for s in c.slots}
+        runtime.schedule.set_order(use_order(plan.use_order, ondemand_of))
     meta_buffers = set()
     for mod_name, mod in model.named_modules():
         for name, b in list(mod._buffers.items()):

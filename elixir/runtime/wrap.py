@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -120,33 +121,57 @@ def wrap(
             f"compute_dtype={compute_dtype} but the plan computes in {plan.compute_dtype}; "
             "make the plan with the dtype you want, or leave compute_dtype out"
         )
+    layout = _validate(model, optimizer, plan, device, group, process_group, disk)
+    runtime = _build_runtime(layout, plan, device, group)
+    return model, _install(model, optimizer, plan, layout, runtime, nonfinite, _into)
+
+
+@dataclass
+class _Layout:
+    """What `wrap` checked and decided before allocating anything: the chunks (described, not yet
+    materialized), their groups and the disk tier's folder."""
+
+    params: dict
+    chunks: list[Chunk]
+    node_layout: object
+    """The nodes ([Note: hierarchical sharding]): the plan's when chunks shard over nodes, else torchrun's
+    environment's when it says one, else None."""
+    node_of: dict | None
+    """id(group) -> the group of its ranks inside this node, when chunks shard over nodes."""
+    on_meta: bool
+    overlap: bool
+    disk_chunks: list[Chunk]
+    disk_folder: str | None = None
+    state_tensors: int = 0
+    log_dtype: torch.dtype | None = None
+
+
+def _validate(model, optimizer, plan: Plan, device: torch.device, group: ChunkGroup, process_group,
+              disk: str | None) -> _Layout:
+    """Every check of `wrap` (see its docstring), and the chunks described; allocates nothing."""
     plan.check_model(model, group.size)
     if plan.checkpoint_every:
         apply_checkpointing(model, plan.checkpoint_every)
     check_optimizer(optimizer, model)
     accel.check_dtype(device, plan.dtype)
 
-    named = named_parameters(model)
-    params = dict(named)
+    params = dict(named_parameters(model))
     group_of = optimizer_group_of(model, optimizer)
     # [Note: parallel patterns] (elixir/parallel): the group each parameter is sharded and reduced over
     chunk_group_of = parallel.chunk_groups(model, group)
     chunk_specs = _split_by_group(plan, params, group_of, chunk_group_of)
     # [Note: hierarchical sharding] (elixir/parallel/nodes.py): nodes from torchrun's environment
-    layout = node_layout = None
+    node_layout = node_of = None
     if any(cp.shard_over == "node" for cp in plan.chunks):
-        layout = _node_layout(plan, process_group, group)
-        node_of = nodes.node_groups(group, layout, {id(g): g for g in chunk_group_of.values()})
+        node_layout = _node_layout(plan, process_group, group)
+        node_of = nodes.node_groups(group, node_layout, {id(g): g for g in chunk_group_of.values()})
     elif group.size > 1:
         try:
             node_layout = nodes.node_layout_from_env(group.size, group.rank)
         except ValueError:
             node_layout = None  # said nothing usable; the plan does not need it
-    # A model built on the meta device gets chunks without values; elixir.load_pretrained fills them
-    # (see checkpoint/weights.py), and forward is refused until it has.
-    on_meta = any(p.device.type == "meta" for p in params.values())
 
-    # Check the cache against the modules before allocating anything.
+    # the cache against the modules
     ondemand_names = {n for spec in chunk_specs if not spec[1].resident for n in spec[0]}
     fake_chunk_of = {id(params[n]): i for i, spec in enumerate(chunk_specs) for n in spec[0] if n in ondemand_names}
     need, where = _max_chunks_per_module(model, fake_chunk_of)
@@ -157,62 +182,78 @@ def wrap(
         )
 
     dtype = plan.dtype
-    n_meta = {n: p.device.type == "meta" for n, p in params.items()}
     chunks: list[Chunk] = []
     for idx, (names, cp, og) in enumerate(chunk_specs):
         numels = [params[n].numel() for n in names]
         offsets, used = pack_offsets(numels, dtype.itemsize)
-        slots = [ParamSlot(n, params[n], off, params[n].shape, from_meta=n_meta[n]) for n, off in zip(names, offsets)]
-        trainable = og is not None
+        slots = [ParamSlot(n, params[n], off, params[n].shape, from_meta=params[n].device.type == "meta")
+                 for n, off in zip(names, offsets)]
         cgroup = chunk_group_of[id(params[names[0]])]
         if cp.shard_over == "node":
             cgroup = node_of[id(cgroup)]
         chunks.append(Chunk(
             index=idx, slots=slots, numel=padded_numel(used, cgroup.size), dtype=dtype, group=cgroup,
             resident=cp.resident, param_home=cp.param_home, optim_home=cp.optim_home,
-            trainable=trainable, optim_group=og,
+            trainable=og is not None, optim_group=og,
         ))
-    overlap = plan.overlap and _overlap_supported(optimizer)
-    disk_chunks = [c for c in chunks if c.trainable and c.optim_home == "disk"]
-    if disk_chunks:  # [Note: the disk tier] (elixir/memory/disk.py): checked before anything is allocated
-        folder = disk if disk is not None else plan.disk_path
-        state_tensors = disk_state_tensors(type(optimizer), optimizer.param_groups)
-        log_dtype = dtype if overlap and plan.grad_accum == 1 else None
-        need = sum(region_bytes(c.shard_numel, state_tensors, log_dtype.itemsize if log_dtype else 0)
-                   for c in disk_chunks)
-        check_scratch_folder(folder, need)
+    # A model built on the meta device gets chunks without values; elixir.load_pretrained fills them
+    # (see checkpoint/weights.py), and forward is refused until it has.
+    on_meta = any(p.device.type == "meta" for p in params.values())
+    layout = _Layout(params, chunks, node_layout, node_of, on_meta=on_meta,
+                     overlap=plan.overlap and _overlap_supported(optimizer),
+                     disk_chunks=[c for c in chunks if c.trainable and c.optim_home == "disk"])
+    if layout.disk_chunks:  # [Note: the disk tier] (elixir/memory/disk.py)
+        layout.disk_folder = disk if disk is not None else plan.disk_path
+        layout.state_tensors = disk_state_tensors(type(optimizer), optimizer.param_groups)
+        layout.log_dtype = dtype if layout.overlap and plan.grad_accum == 1 else None
+        log_bytes = layout.log_dtype.itemsize if layout.log_dtype else 0
+        check_scratch_folder(layout.disk_folder, sum(region_bytes(c.shard_numel, layout.state_tensors, log_bytes)
+                                                     for c in layout.disk_chunks))
+    return layout
 
+
+def _build_runtime(layout: _Layout, plan: Plan, device: torch.device, group: ChunkGroup) -> Runtime:
+    """Allocate the chunks' memory in their tiers, the cache and the disk tier's file; the runtime over them."""
+    chunks, dtype = layout.chunks, plan.dtype
     tracker = MemoryTracker(device)
     if device.type == "cpu" and group.size > 1:
         # [Note: shared memory between ranks] (elixir/shm.py), inside a node and never across
-        if layout is not None and layout.nodes > 1:
-            node_group = node_of[id(group)]
+        if layout.node_of is not None and layout.node_layout.nodes > 1:
+            node_group = layout.node_of[id(group)]
             tracker.shared = SharedArena.create(node_group) if node_group.size > 1 else None
-        else:
-            tracker.shared = SharedArena.create(group, node=node_layout.node_rank if node_layout else None)
+        else:  # the node from torchrun's environment, when it says one
+            node = layout.node_layout.node_rank if layout.node_layout and layout.node_of is None else None
+            tracker.shared = SharedArena.create(group, node=node)
     store = None
-    if disk_chunks:
+    if layout.disk_chunks:
         rank, world = comm.rank_and_world()
-        store = DiskStore(folder, disk_chunks, tracker, rank=rank, world=world, state_tensors=state_tensors,
-                          log_dtype=log_dtype, pin=device.type == "cuda")
-    if on_meta:
-        _off_meta(params.values(), device, dtype)
+        store = DiskStore(layout.disk_folder, layout.disk_chunks, tracker, rank=rank, world=world,
+                          state_tensors=layout.state_tensors, log_dtype=layout.log_dtype, pin=device.type == "cuda")
+    if layout.on_meta:
+        _off_meta(layout.params.values(), device, dtype)
     for chunk in chunks:
         _materialize(chunk, tracker, store)
 
     cache = None
-    if ondemand_names:
+    ondemand_chunks = [c for c in chunks if not c.resident]
+    if ondemand_chunks:
         # no more blocks than on-demand chunks, none larger than the largest of them
-        ondemand_chunks = [c for c in chunks if not c.resident]
         cache = BlockCache(
             min(plan.cache_blocks, len(ondemand_chunks)), max(c.numel for c in ondemand_chunks), dtype, tracker
         )
     runtime = Runtime(chunks, cache, tracker, device, prefetch_depth=plan.prefetch_depth, world=group, disk=store)
     if plan.use_order and cache is not None:
-        # the profiled order drives eviction and prefetch from the first step
-        # the same order the cost model replays (see [Note: one policy for the runtime and the cost model])
-        ondemand_of = {s.name: c.index for c in chunks if not c.resident for s in c.slots}
+        # the profiled order drives eviction and prefetch from the first step: the order the cost model
+        # replays (see [Note: one policy for the runtime and the cost model] in elixir/memory/schedule.py)
+        ondemand_of = {s.name: c.index for c in ondemand_chunks for s in c.slots}
         runtime.schedule.set_order(use_order(plan.use_order, ondemand_of))
+    return runtime
+
+
+def _install(model, optimizer, plan: Plan, layout: _Layout, runtime: Runtime, nonfinite: str,
+             into: ElixirOptimizer | None) -> ElixirOptimizer:
+    """Move the buffers, install the hooks and the optimizer, and mark the model wrapped."""
+    device, chunks = runtime.device, layout.chunks
     meta_buffers = set()
     for mod_name, mod in model.named_modules():
         for name, b in list(mod._buffers.items()):
@@ -228,9 +269,9 @@ def wrap(
     ondemand = {pid: c for pid, c in chunk_of.items() if not c.resident}
     _install_grad_hooks(runtime, chunks)
     interceptor = Interceptor(runtime, model, ondemand) if ondemand else None
-    optim_kwargs = dict(overlap=overlap, grad_accum=plan.grad_accum, nonfinite=nonfinite)
-    if _into is not None:
-        elixir_optim = _into
+    optim_kwargs = dict(overlap=layout.overlap, grad_accum=plan.grad_accum, nonfinite=nonfinite)
+    if into is not None:
+        elixir_optim = into
         elixir_optim.attach(optimizer, chunks, runtime, **optim_kwargs)
     else:
         elixir_optim = ElixirOptimizer(optimizer, chunks, runtime, **optim_kwargs)
@@ -246,14 +287,15 @@ def wrap(
         staged = [c.shard_numel for c in chunks if c.trainable and c.optim_home == "host"]
     if staged:
         runtime.grads.make_staging(STAGING_BUFFERS, max(staged))
-    wrap_state = _WrapState(plan, runtime, interceptor, elixir_optim, needs_weights=on_meta, meta_buffers=meta_buffers)
+    wrap_state = _WrapState(plan, runtime, interceptor, elixir_optim, needs_weights=layout.on_meta,
+                            meta_buffers=meta_buffers)
     setattr(model, _STATE_ATTR, wrap_state)
-    if on_meta:
+    if layout.on_meta:
         model.register_forward_pre_hook(_refuse_forward_without_weights, with_kwargs=True)
     if ondemand:
         model._register_state_dict_hook(_full_values_in_state_dict)
         model._register_load_state_dict_pre_hook(_refuse_load_state_dict, with_module=True)
-    return model, elixir_optim
+    return elixir_optim
 
 
 def _before_forward(runtime, speculation):

@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
-from dist import run_ranks
+from dist import run_ranks, train_ranks
 
 import elixir
-from helpers import assert_close_rel, batches, build, loss_of, make_plan
+from helpers import assert_close_rel, batches, build, make_plan
 
 STEPS = 4
 EPS, LR = 1e-6, 1e-3  # as in test_distributed: the comparison across world sizes is about the runtime
@@ -28,17 +28,8 @@ def _setup(kind, dtype=torch.float32):
 
 
 def _steps(model, opt, data, rank, world):
-    losses = []
-    for x in data:
-        loss = loss_of(model, x.chunk(world)[rank])
-        opt.backward(loss)
-        opt.step()
-        opt.zero_grad()
-        total = loss.detach().float().clone()
-        if world > 1:
-            torch.distributed.all_reduce(total)
-        losses.append(total.item() / world)
-    return losses
+    """The global batches' losses of training on this rank's rows, backward through the optimizer."""
+    return train_ranks(model, opt, data, rank, world, opt_backward=True)[0]
 
 
 def _resume_exact(rank, world, path):

@@ -332,7 +332,6 @@ def test_elixir_plan_puts_optimizer_states_on_disk_when_the_host_is_short(capsys
     assert "disk" in text.split("chunk ")[0] and "scratch disk" in text and "busy" in text
 
 
-@pytest.mark.slow
 def test_elixir_train_with_the_optimizer_on_disk(tmp_path):
     from elixir.cli import main
 

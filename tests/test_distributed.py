@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from dist import run_ranks
+from dist import run_ranks, train_one_process, train_ranks
 
 import elixir
 from elixir.models import GPT, GPTConfig
@@ -45,40 +45,17 @@ def build_model(family):
 def _parity(rank, world, family, kind, accumulate, clip):
     model = build_model(family)
     data = batches(STEPS, batch=8)
-    ref = copy.deepcopy(model)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, eps=EPS, fused=True)
-    ref_losses, ref_norms = [], []
-    for x in data:
-        loss = loss_of(ref, x)
-        loss.backward()
-        if clip:
-            ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5).item())
-        ref_opt.step()
-        ref_opt.zero_grad()
-        ref_losses.append(loss.item())
+    clip = 0.5 if clip else None
+    ref_losses, ref_params, ref_norms = train_one_process(model, data, lr=LR, eps=EPS, clip=clip)
 
     m = copy.deepcopy(model)
     opt = torch.optim.AdamW(m.parameters(), lr=LR, eps=EPS, fused=True)
     m, opt = elixir.wrap(m, opt, plan=make_plan(m, kind, opt))
-    losses, norms = [], []
-    for x in data:
-        local = x.chunk(world)[rank]  # this rank's rows of the global batch
-        micro = local.chunk(2) if accumulate else [local]
-        total = torch.zeros(())
-        for part in micro:
-            loss = loss_of(m, part) / len(micro)
-            loss.backward()
-            total += loss.detach()
-        if clip:
-            norms.append(opt.clip_grad_norm_(0.5).item())
-        opt.step()
-        opt.zero_grad()
-        torch.distributed.all_reduce(total)
-        losses.append(total.item() / world)
+    losses, norms = train_ranks(m, opt, data, rank, world, micro_batches=2 if accumulate else 1, clip=clip)
     params = elixir.full_state_dict(m)
     assert_close_rel(losses, ref_losses, 1e-5)
-    assert_params_close(params, {n: p.detach() for n, p in ref.named_parameters()}, 1e-5)
-    if clip:
+    assert_params_close(params, ref_params, 1e-5)
+    if clip is not None:
         assert_close_rel(norms, ref_norms, 1e-5)
 
 

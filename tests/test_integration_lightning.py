@@ -227,15 +227,15 @@ def test_auto_plan_profiles_the_training_step(runs, clean_process):
 
     one, _ = runs
     module = LitGPT()  # its training_step logs: the meta-device profile of it must not
-    losses = fit(ElixirStrategy(hardware=Hardware.preset("CPU")), 1, module=module, validate=True,
-                 num_sanity_val_steps=1)
+    strategy = ElixirStrategy(hardware=Hardware.preset("CPU"))
+    losses = fit(strategy, 1, module=module, validate=True, num_sanity_val_steps=1)
     # the batch the planner drew did not move the sampler's shuffling: the same steps as DDP's
     assert_close_rel(losses, one["trainer_ddp"], REL)
     # validation ran before training (the sanity check, on the first batch) and after each epoch
     x = data()[: batch_size(1)]
     assert_close_rel(module.val_losses[:1], [build_gpt()(input_ids=x, labels=x).loss.item()], 1e-6)
     assert len(module.val_losses) == 1 + EPOCHS * STEPS_PER_EPOCH
-    step_module, _ = module.__dict__["_elixir_step_module"]
+    step_module = strategy.model  # the wrapped module the strategy trains
     assert elixir.memory_stats(step_module)["num_chunks"] > 0
     full = elixir.full_state_dict(step_module)
     state = module.state_dict()  # the LightningModule's own names, full values
@@ -253,10 +253,10 @@ def test_a_plan_or_a_plan_file(runs, given, tmp_path, clean_process):
         path = tmp_path / "plan.json"
         path.write_text(plan.to_json())
         plan = str(path)
-    losses = fit(ElixirStrategy(plan=plan), 1, module=module, epochs=1)
+    strategy = ElixirStrategy(plan=plan)
+    losses = fit(strategy, 1, module=module, epochs=1)
     assert_close_rel(losses, one["trainer_ddp"][:STEPS_PER_EPOCH], REL)
-    step_module, _ = module.__dict__["_elixir_step_module"]
-    assert elixir.runtime_of(step_module).cache is not None  # the plan's on-demand chunks, not "auto"'s
+    assert elixir.runtime_of(strategy.model).cache is not None  # the plan's on-demand chunks, not "auto"'s
 
 
 def test_bf16_mixed_computes_in_bf16_with_fp32_masters(runs, clean_process):
@@ -265,9 +265,9 @@ def test_bf16_mixed_computes_in_bf16_with_fp32_masters(runs, clean_process):
     bf16_plan = lambda m, o: host_plan(m, o, torch.bfloat16)  # noqa: E731
     with pytest.raises(ValueError, match="the plan computes in float32"):  # a plan in another dtype is refused
         fit(ElixirStrategy(plan=host_plan), 1, precision="bf16-mixed", epochs=1)
-    losses = fit(ElixirStrategy(plan=bf16_plan), 1, module=module, precision="bf16-mixed", epochs=1)
-    step_module, optimizer = module.__dict__["_elixir_step_module"]
-    runtime = elixir.runtime_of(step_module)
+    strategy = ElixirStrategy(plan=bf16_plan)
+    losses = fit(strategy, 1, module=module, precision="bf16-mixed", epochs=1)
+    runtime = elixir.runtime_of(strategy.model)
     assert {c.dtype for c in runtime.chunks} == {torch.bfloat16}
     assert {c.master.dtype for c in runtime.chunks if c.master is not None} == {torch.float32}
     # bf16 rounds the forward: the losses are the fp32 ones to bf16's precision

@@ -126,4 +126,5 @@ def test_muon_is_refused_before_anything_is_allocated():
     opt = torch.optim.Muon(model.parameters())
     with pytest.raises(ValueError, match="orthogonalizes"):
         elixir.wrap(model, opt)  # plan="auto": refused at wrap, not at the first forward
-    assert not hasattr(model, "_elixir_lazy")
+    with pytest.raises(ValueError, match="not wrapped"):  # nothing left pending for the first forward either
+        elixir.plan_of(model)

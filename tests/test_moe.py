@@ -15,8 +15,7 @@ import dataclasses
 
 import pytest
 import torch
-import torch.distributed as dist
-from dist import run_ranks
+from dist import run_ranks, train_one_process, train_ranks
 
 import elixir
 from elixir.models import GPT, GPTConfig
@@ -112,20 +111,6 @@ def make_plan(model, kind: str, optimizer) -> elixir.Plan:
 NO_CLIP = 1e9
 
 
-def train_reference(model, data):
-    ref = copy.deepcopy(model)
-    opt = torch.optim.AdamW(ref.parameters(), lr=LR, eps=EPS, fused=True)
-    losses, norms = [], []
-    for x in data:
-        loss = loss_of(ref, x)
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), NO_CLIP).item())
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, {n: p.detach().clone() for n, p in ref.named_parameters()}, norms
-
-
 def train_expert_parallel(model, data, rank, world, ep_size, kind, clip=NO_CLIP, micro_batches=1):
     kind, _, checkpointing = kind.partition("+")
     m = expert_parallel(copy.deepcopy(model), ep_size)
@@ -133,25 +118,14 @@ def train_expert_parallel(model, data, rank, world, ep_size, kind, clip=NO_CLIP,
         m.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(m.parameters(), lr=LR, eps=EPS, fused=True)
     m, opt = elixir.wrap(m, opt, plan=make_plan(m, kind, opt))
-    losses, norms = [], []
-    for x in data:
-        total = torch.zeros(())
-        for part in x.chunk(world)[rank].chunk(micro_batches):  # this rank's rows of the global batch
-            loss = loss_of(m, part) / micro_batches
-            loss.backward()
-            total += loss.detach()
-        norms.append(opt.clip_grad_norm_(clip).item())
-        opt.step()
-        opt.zero_grad()
-        dist.all_reduce(total)
-        losses.append(total.item() / world)
+    losses, norms = train_ranks(m, opt, data, rank, world, micro_batches=micro_batches, clip=clip)
     return losses, elixir.full_state_dict(m), norms, m
 
 
 def _parity(rank, world, family, cases):
     model = BUILDERS[family]()
     data = batches(STEPS, batch=8)
-    ref_losses, ref_params, ref_norms = train_reference(model, data)
+    ref_losses, ref_params, ref_norms = train_one_process(model, data, lr=LR, eps=EPS, clip=NO_CLIP)
     for ep_size, kind in cases:
         losses, params, norms, _ = train_expert_parallel(model, data, rank, world, ep_size, kind)
         assert_close_rel(losses, ref_losses, 1e-5)
@@ -182,19 +156,12 @@ def test_hf_moe_matches_hf_training(family):
 def _clip(rank, world):
     model = moe_gpt()
     data = batches(STEPS, batch=8)
-    ref = copy.deepcopy(model)
-    opt = torch.optim.AdamW(ref.parameters(), lr=LR, eps=EPS, fused=True)
-    ref_norms = []
-    for x in data:
-        loss_of(ref, x).backward()
-        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5).item())
-        opt.step()
-        opt.zero_grad()
+    _, ref_params, ref_norms = train_one_process(model, data, lr=LR, eps=EPS, clip=0.5)
     # two micro-batches per step: expert gradients accumulate before the reduction like dense ones
     _, params, norms, _ = train_expert_parallel(model, data, rank, world, 2, "resident", clip=0.5, micro_batches=2)
     # the norm counts every expert once: over all ranks, not over one chunk group
     assert_close_rel(norms, ref_norms, 1e-5)
-    assert_params_close(params, {n: p.detach() for n, p in ref.named_parameters()}, 1e-5)
+    assert_params_close(params, ref_params, 1e-5)
 
 
 @pytest.mark.dist
@@ -370,20 +337,6 @@ def test_planner_predicts_the_memory_of_expert_parallel_chunks(world):
     run_ranks(_planned, world, 2)
 
 
-def _train_steps(m, opt, data, rank, world):
-    losses = []
-    for x in data:
-        loss = loss_of(m, x.chunk(world)[rank])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        total = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / world)
-    return losses
-
-
 def _wrapped(ep_size, kind):
     m = expert_parallel(moe_gpt(), ep_size)
     opt = torch.optim.AdamW(m.parameters(), lr=LR, eps=EPS)
@@ -393,13 +346,13 @@ def _wrapped(ep_size, kind):
 def _save_and_resume(rank, world, path):
     data = batches(4, batch=8)
     m, opt = _wrapped(2, "experts_host")
-    _train_steps(m, opt, data[:2], rank, world)
+    train_ranks(m, opt, data[:2], rank, world)
     elixir.checkpoint.save(m, opt, path)
-    after = _train_steps(m, opt, data[2:], rank, world)
+    after = train_ranks(m, opt, data[2:], rank, world)[0]
     values = elixir.full_state_dict(m)
     m2, opt2 = _wrapped(2, "experts_host")
     elixir.checkpoint.load(m2, opt2, path)
-    assert _train_steps(m2, opt2, data[2:], rank, world) == after  # the same world: bit for bit
+    assert train_ranks(m2, opt2, data[2:], rank, world)[0] == after  # the same world: bit for bit
     if rank == 0:
         torch.save((after, values), path + ".expected.pt")
 
@@ -412,5 +365,5 @@ def test_checkpoints_name_every_expert_once_and_reshard(tmp_path):
     after, values = torch.load(path + ".expected.pt")
     m, opt = _wrapped(1, "resident")
     elixir.checkpoint.load(m, opt, path)
-    assert_close_rel(_train_steps(m, opt, batches(4, batch=8)[2:], 0, 1), after, 1e-5)
+    assert_close_rel(train_ranks(m, opt, batches(4, batch=8)[2:], 0, 1)[0], after, 1e-5)
     assert_params_close(elixir.full_state_dict(m), values, 1e-5)

@@ -17,7 +17,6 @@ FAMILIES = ("gpt", "gpt2", "opt", "llama")
 STEPS = 5
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("plan_kind", PLANS)
 def test_fp32_matches_pytorch(family, plan_kind):
@@ -35,7 +34,6 @@ def test_fp32_matches_pytorch(family, plan_kind):
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("family", ("gpt", "llama"))
 def test_low_precision_is_placement_independent(family, dtype):

@@ -45,7 +45,11 @@ def test_every_chunk_evicted_between_forward_and_backward():
         assert rt.cache.num_used == 0
         for b in rt.cache.blocks:
             b.buffer.fill_(float("nan"))
-        rt.cache._free.reverse()  # hand blocks out in another order: chunks land in other blocks
+        # hand blocks out in another order: chunks land in other blocks (the free blocks are a stack: taking
+        # them all and giving them back in that order reverses it)
+        taken = [rt.cache.take() for _ in range(rt.cache.num_blocks)]
+        for block in taken:
+            rt.cache.give_back(block)
         gathers = rt.gathers
         loss.backward()
         after = {b.chunk.index: b.index for b in rt.cache.occupied()}

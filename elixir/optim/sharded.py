@@ -186,8 +186,9 @@ class ElixirOptimizer(torch.optim.Optimizer):
         self.scaler = LossScaler(enabled=chunks[0].dtype == torch.float16)
         self.skipped_steps = 0
         self.steps = 0  # calls of step(), skipped ones included (checkpoints keep it)
-        self._built = True
+        self._built = True  # False while pending (see `pending`)
         self._unscaled = False
+        self._overflow = False  # this step's verdict, once `_unscaled`
         self._state_bytes = {"device": 0, "host": 0}
         groups = []
         for gi, g in enumerate(optimizer.param_groups):
@@ -238,7 +239,7 @@ class ElixirOptimizer(torch.optim.Optimizer):
         self.param_groups[:] = groups
 
     def _require_built(self) -> None:
-        if not getattr(self, "_built", True):
+        if not self._built:
             raise ValueError(
                 "the model has not run a forward yet: with plan='auto' and no example_batch, elixir.wrap "
                 "makes the chunks (and this optimizer's state) at the first forward; run one first"
@@ -321,7 +322,7 @@ class ElixirOptimizer(torch.optim.Optimizer):
         found an inf or NaN: fp16 overflow, or a non-finite gradient in bf16 or fp32 (see `nonfinite`).
         Chunks updated during backward were unscaled and checked by their update."""
         if self._unscaled:
-            return getattr(self, "_overflow", False)
+            return self._overflow
         recs = self._speculated()
         inv = 1.0 / self.scaler.scale
         dev = self._comm_device()
@@ -519,7 +520,7 @@ class ElixirOptimizer(torch.optim.Optimizer):
         self._state_bytes = now
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if not getattr(self, "_built", True):
+        if not self._built:
             return  # no gradients before the first forward (see `pending`)
         self.runtime.settle_backward()
         spec = self.speculation

@@ -36,9 +36,6 @@ import torch.distributed as dist
 from elixir import comm
 from elixir.memory.chunk import ChunkGroup
 
-SHARD_OVER = ("world", "node")
-"""What a chunk is sharded over: every rank of the run, or the ranks of each node (replicated across nodes)."""
-
 
 @dataclass(frozen=True)
 class NodeLayout:
@@ -52,9 +49,6 @@ class NodeLayout:
     @property
     def world_size(self) -> int:
         return self.nodes * self.ranks_per_node
-
-    def ranks_of_node(self, node: int) -> list[int]:
-        return list(range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node))
 
 
 def node_layout_from_env(world_size: int, rank: int, env=None) -> NodeLayout | None:
@@ -179,11 +173,3 @@ def _ranks_of(group: ChunkGroup, world: ChunkGroup) -> tuple[int, ...]:
     if group.process_group is world.process_group:
         return tuple(range(world.size))
     return tuple(dist.get_process_group_ranks(group.process_group))
-
-
-def check_shard_over(value, what: str = "shard_over") -> None:
-    if value not in SHARD_OVER:
-        raise ValueError(
-            f"{what}={value!r}: use 'world' (sharded over every rank) or 'node' (sharded over the ranks of each "
-            "node, replicated across nodes)"
-        )

@@ -410,10 +410,6 @@ class Job:
     """Called as on_step(step) after each step's update (and its save and evaluation, if any): a probe for
     tools that watch a run (bench/soak.py); None in `elixir train`."""
 
-    @property
-    def train_batches(self):
-        return self.data.train
-
 
 def lr_factor(step: int, steps: int, *, warmup: int | None = None, schedule: str = "cosine",
               min_ratio: float = 0.1) -> float:

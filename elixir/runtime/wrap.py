@@ -511,6 +511,8 @@ class _WrapState:
 
 
 def runtime_of(model: torch.nn.Module) -> Runtime:
+    """The `Runtime` of a model that `elixir.wrap` wrapped: its chunks, block cache and eviction schedule
+    (`elixir.memory_stats` reads its counters). ValueError for a model that is not wrapped."""
     return state_of(model).runtime
 
 

@@ -15,14 +15,20 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from elixir import comm
-from elixir.memory.chunk import pack_offsets, padded_numel
+from elixir.memory.chunk import pack_offsets, padded_numel, shape_numel
+from elixir.memory.tracker import TIERS
 
-HOMES = ("device", "host", "disk")
+HOMES = TIERS
+"""Memory tiers: where a chunk's parameter shard, or its master and optimizer states, live (the tiers whose
+bytes `MemoryTracker` counts)."""
 SHARD_OVER = ("world", "node")
 """What a chunk is sharded over (see [Note: hierarchical sharding] in elixir/parallel/nodes.py)."""
-"""Memory tiers: where a chunk's parameter shard, or its master and optimizer states, live."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+"""Compute dtypes by canonical name."""
+DTYPE_FLAGS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The same dtypes by the short names the command line takes."""
+_DTYPE_ALIASES = {**{flag: name for flag, d in DTYPE_FLAGS.items() for name, e in DTYPES.items() if d == e},
+                  "half": "float16"}
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -217,7 +223,7 @@ class Plan:
     def chunk_used_numel(self, chunk: ChunkPlan) -> int:
         if not self.param_shapes:
             return 0
-        numels = [_numel(self.param_shapes[n]) for n in chunk.params]
+        numels = [shape_numel(self.param_shapes[n]) for n in chunk.params]
         return pack_offsets(numels, self.dtype.itemsize)[1]
 
     # --- construction -----------------------------------------------------------------------
@@ -433,12 +439,6 @@ class Plan:
             lines.append(", ".join(batch))
         return "\n".join(lines)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 _PLAN_FIELDS = tuple(f.name for f in fields(Plan))

@@ -18,6 +18,7 @@ import struct
 
 import torch
 
+from elixir.memory.chunk import shape_numel
 from elixir.validation import Fields, json_type, load_json, shown
 
 _CODES = {
@@ -51,7 +52,7 @@ class StreamWriter:
                 raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be written to safetensors")
             if name in header:
                 raise ValueError(f"tensor name {name!r} appears twice")
-            nbytes = _numel(shape) * dtype.itemsize
+            nbytes = shape_numel(shape) * dtype.itemsize
             header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._order.append((name, dtype, tuple(shape), nbytes))
             offset += nbytes
@@ -155,7 +156,7 @@ class Reader:
             raise fields.fail(f"{name}.data_offsets", f"is {shown(offsets)}; expected [begin, end]")
         begin = fields.check(offsets[0], f"{name}.data_offsets[0]", "int", least=0)
         end = fields.check(offsets[1], f"{name}.data_offsets[1]", "int", least=begin)
-        if end - begin != _numel(shape) * _DTYPES[code].itemsize or self._data_start + end > size:
+        if end - begin != shape_numel(shape) * _DTYPES[code].itemsize or self._data_start + end > size:
             raise CheckpointError(
                 f"{path}: tensor {name!r} lies beyond the end of the file ({size} bytes) or has a wrong size; "
                 "the file is truncated or damaged"
@@ -173,7 +174,7 @@ class Reader:
         if name not in self.tensors:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
         dtype, shape, begin, _ = self.tensors[name]
-        numel = _numel(shape)
+        numel = shape_numel(shape)
         stop = numel if stop is None else stop
         assert 0 <= start <= stop <= numel, f"{name!r}: range [{start}, {stop}) outside its {numel} elements"
         out = torch.empty(stop - start, dtype=dtype)
@@ -199,9 +200,3 @@ def file_digest(path: str) -> tuple[int, str]:
             size += len(piece)
     return size, h.hexdigest()
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -19,6 +19,7 @@ import zipfile
 import torch
 
 from elixir.checkpoint.files import CheckpointError, Reader, file_digest
+from elixir.memory.chunk import shape_numel
 from elixir.validation import Fields, plain_file_name, read_json_file, shown
 
 FORMAT = "elixir-checkpoint"
@@ -151,7 +152,7 @@ def check_slot_shapes(manifest: dict, mpath: str) -> None:
     for r, docs in enumerate(manifest["ranks"]):
         for i, doc in enumerate(docs):
             for j, (name, _, numel, flat) in enumerate(doc["slots"]):
-                total = _numel(shapes[name])
+                total = shape_numel(shapes[name])
                 if flat + numel > total:
                     raise CheckpointError(
                         f"{mpath}: field 'ranks[{r}][{i}].slots[{j}]' holds elements [{flat}, {flat + numel}) of "
@@ -184,7 +185,7 @@ def check_rank_file(reader: Reader, docs: list[dict], mpath: str, *, states: boo
         for tensor, kind in wanted:
             if tensor not in reader.tensors:
                 raise CheckpointError(f"{reader.path}: has no tensor {tensor!r}, which {mpath} lists")
-            numel = _numel(reader.shape(tensor))
+            numel = shape_numel(reader.shape(tensor))
             if kind == "sharded" and numel != doc["shard_numel"]:
                 raise CheckpointError(
                     f"{reader.path}: tensor {tensor!r} has {numel} elements, {mpath} says shard_numel "
@@ -337,9 +338,3 @@ def _same_kind(current, saved) -> bool:
         return isinstance(saved, str)
     return True  # a kind JSON cannot hold was not saved as itself; nothing to compare
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -34,6 +34,7 @@ from elixir.checkpoint.manifest import (
     verify_file,
 )
 from elixir.checkpoint.store import save
+from elixir.memory.chunk import shape_numel
 from elixir.plan import DTYPES, dtype_name
 from elixir.runtime.wrap import runtime_of, state_of
 from elixir.validation import (
@@ -99,7 +100,7 @@ def _write_folder(tmp: str, specs, it, dtype: torch.dtype, config_json: str | No
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for n, s in specs:
-        nbytes = _numel(s) * dtype.itemsize
+        nbytes = shape_numel(s) * dtype.itemsize
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -114,7 +115,7 @@ def _write_folder(tmp: str, specs, it, dtype: torch.dtype, config_json: str | No
         _stream(writer, it, len(group))
         written.append(fname)
     if len(groups) > 1:
-        total = sum(_numel(s) * dtype.itemsize for _, s in specs)
+        total = sum(shape_numel(s) * dtype.itemsize for _, s in specs)
         index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, g in zip(names, groups) for n, _ in g}}
         with open(os.path.join(tmp, INDEX), "w") as f:
             json.dump(index, f, indent=2)
@@ -161,15 +162,9 @@ def _stream(writer: StreamWriter, tensors, count: int) -> None:
     writer.close()
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
 
 def _numel_all(shapes) -> int:
-    return sum(_numel(s) for s in shapes)
+    return sum(shape_numel(s) for s in shapes)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -241,7 +236,7 @@ def check_output(path: str, nbytes: int) -> None:
 
 def _output_bytes(shapes, buffers: dict, dtype: torch.dtype) -> int:
     """Bytes of the exported tensors (headers aside): the size the output path must have room for."""
-    return sum(_numel(s) for s in shapes) * dtype.itemsize + sum(b.numel() * b.element_size() for b in buffers.values())
+    return _numel_all(shapes) * dtype.itemsize + sum(b.numel() * b.element_size() for b in buffers.values())
 
 
 def _check_output_on_rank0(path: str, nbytes: int, rt) -> None:
@@ -287,7 +282,7 @@ def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
     index = PieceIndex(manifest, mpath)
     shapes = manifest["model"]["shapes"]
     for name, shape in shapes.items():  # every tensor whole: a manifest that lost a slot must not export holes
-        index.check_covered(name, 0, _numel(shape), mpath)
+        index.check_covered(name, 0, shape_numel(shape), mpath)
     check_output(path, _numel_all(shapes.values()) * dtype.itemsize)  # before any work
     files = {p[2] for pieces in index.pieces.values() for p in pieces}
     for name in sorted(set(manifest["files"]) | files | {COMMON}):  # what it reads is listed, and unaltered
@@ -311,7 +306,7 @@ def export_checkpoint(ckpt: str, path: str, *, dtype=torch.float32,
 
     def tensors():
         for n in order:
-            yield n, index.read_range(readers, n, 0, _numel(shapes[n]), "values").view(shapes[n])
+            yield n, index.read_range(readers, n, 0, shape_numel(shapes[n]), "values").view(shapes[n])
         yield from buffers.items()
 
     config_json = None
@@ -546,7 +541,7 @@ class _StackedExperts:
         per = 1
         for d in self._shape[1:]:
             per *= d
-        stop = _numel(self._shape) if stop is None else stop
+        stop = shape_numel(self._shape) if stop is None else stop
         out = []
         for e in range(start // per, -(-stop // per)):
             block = torch.cat([r.read_tensor(n).reshape(-1) for r, n in self.parts[e]])  # one expert

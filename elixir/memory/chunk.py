@@ -16,6 +16,7 @@ its chunk gathered (see runtime/hooks.py).
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,11 @@ def pack_offsets(numels: list[int], itemsize: int, align_bytes: int = ALIGN_BYTE
         offsets.append(end)
         end += n
     return offsets, end
+
+
+def shape_numel(shape) -> int:
+    """Elements of a tensor of `shape` (a torch.Size, or a list of ints read from a file)."""
+    return math.prod(int(d) for d in shape)
 
 
 def padded_numel(numel: int, group_size: int) -> int:

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import torch
 
 import elixir
+from elixir.plan import DTYPE_FLAGS
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.01
 TORCH_LINEAR = torch.nn.functional.linear
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {flag: DTYPE_FLAGS[flag] for flag in ("fp32", "bf16")}  # the dtypes every compared system runs
 
 NO_OFFLOAD, OFFLOAD = "no offload", "offload"
 SYSTEMS = {

@@ -15,8 +15,9 @@ import sys
 
 from elixir.checkpoint.manifest import MANIFEST
 from elixir.hardware import parse_bytes
+from elixir.plan import DTYPE_FLAGS
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = tuple(DTYPE_FLAGS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

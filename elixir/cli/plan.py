@@ -24,12 +24,13 @@ import torch
 from elixir.hardware import Hardware, parse_bytes, parse_link
 from elixir.models.checkpointing import apply_checkpointing
 from elixir.models.families import build_family, family_names
+from elixir.plan import DTYPE_FLAGS
 from elixir.profile import profile
 from elixir.search import PlanDoesNotFitError, search
 from elixir.search.api import plan_batch
 from elixir.validation import check_output_file, require_package
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = DTYPE_FLAGS
 GiB = 2**30
 
 

@@ -32,6 +32,14 @@ class CacheTooSmallError(RuntimeError):
 class Runtime:
     """Chunks and their movement between tiers and the cache. One per wrapped model."""
 
+    # what `stats` reports (elixir.memory_stats), also of a model not planned yet (all zero)
+    STAT_KEYS = (
+        "device_bytes", "device_bytes_peak", "host_bytes", "host_bytes_peak", "gathers", "fetch_wait_s", "evictions",
+        "num_chunks", "cache_blocks", "cache_bytes", "cache_blocks_used", "cache_blocks_used_peak",
+        "left_profiled_order", "grad_buffer_bytes", "host_grad_bytes", "disk_bytes", "disk_reads", "disk_writes",
+        "disk_bytes_read", "disk_bytes_written",
+    )
+
     def __init__(
         self,
         chunks: list[Chunk],

@@ -523,20 +523,12 @@ def plan_of(model: torch.nn.Module):
     return state_of(model).plan
 
 
-_STAT_KEYS = (
-    "device_bytes", "device_bytes_peak", "host_bytes", "host_bytes_peak", "gathers", "fetch_wait_s", "evictions",
-    "num_chunks", "cache_blocks", "cache_bytes", "cache_blocks_used", "cache_blocks_used_peak", "left_profiled_order",
-    "grad_buffer_bytes", "host_grad_bytes", "disk_bytes", "disk_reads", "disk_writes", "disk_bytes_read",
-    "disk_bytes_written",
-)
-
-
 def memory_stats(model: torch.nn.Module) -> dict:
     """Model data as Elixir counts it: bytes per tier now and at peak, chunk fetches so far and the seconds
     uses waited for them (`fetch_wait_s`, host clock). Before
     the first forward of a model that plans on it, nothing is allocated yet: every counter is 0."""
     if hasattr(model, _LAZY_ATTR):
-        return dict.fromkeys(_STAT_KEYS, 0) | {"left_profiled_order": False}
+        return dict.fromkeys(Runtime.STAT_KEYS, 0) | {"left_profiled_order": False}
     return runtime_of(model).stats()
 
 

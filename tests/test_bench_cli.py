@@ -104,15 +104,22 @@ def test_gpu_benchmark_dry_run(tmp_path):
     # the curve's 8k-128k tokens per step are 1-16 sequences of 16 tokens in the dry run
     curve = [f"| c curve {t} tokens/step |" for t in (16, 32, 64, 128, 256)]
     for row in ("| 0 parity fp32 |", "| 0 parity bf16 |", "| 0b checkpoint |", "| b opt-2.7b bf16 8x16", "| plans |",
-                *curve):
+                "| d fidelity |", *curve):
         assert row in text, row
     for bad in ("MISMATCH", "DIFFER", "missing", "not run", "not measured", "Traceback"):
         assert bad not in text, bad
     figures = json.loads((tmp_path / "summary.json").read_text())["figures"]
     assert {"b_elixir_over_pytorch", "b_elixir_over_fsdp2_offload", "b_elixir_step_measured_over_predicted",
             "b_elixir_host_bytes_per_param", *(f"c_{t}_tflops" for t in (16, 32, 64, 128, 256))} <= set(figures)
-    for stage in ("hardware", "parity", "checkpoint", "plans", "curve"):
+    for stage in ("hardware", "parity", "checkpoint", "plans", "curve", "fidelity"):
         assert (tmp_path / f"{stage}.json").exists(), stage
+    # the fidelity stage: every model under every plan (the searched one where a plan fits), memory exact
+    fidelity = json.loads((tmp_path / "fidelity.json").read_text())
+    assert fidelity["skipped"] == {} and {"d_median_error", "d_worst_error"} <= set(figures)
+    assert {r["model"] for r in fidelity["rows"]} == {"llama", "neox", "opt", "qwen2", "mixtral"}
+    for r in fidelity["rows"]:
+        assert r["predicted_device_bytes"] == r["measured_device_bytes"] > 0, r
+        assert r["predicted_s"] > 0 and len(r["step_s"]) == 5, r
     rows = {s: json.loads((tmp_path / f"offload-{s}.json").read_text()) for s in ("pytorch", "fsdp2-offload", "elixir")}
     # every retry ran: PyTorch's smaller micro-batch, Elixir's plan for less memory, FSDP2 with checkpointing
     for s, stage in rows.items():

@@ -1,6 +1,7 @@
 """The end of the GPU benchmark: one short table from the stages' JSON files in --out.
 
-Reads parity.json, checkpoint.json, plans.json, offload-{pytorch,fsdp2-offload,elixir}.json and curve.json
+Reads parity.json, checkpoint.json, plans.json, offload-{pytorch,fsdp2-offload,elixir}.json, curve.json and
+fidelity.json
 (whichever exist: a stage that crashed or ran out of its time box is reported as missing), prints the summary
 table and writes it, with the figures behind it, to summary.json. Ratios of throughput between the offload
 stage's systems are of medians measured in separate processes (one system each: they cannot share the GPU's
@@ -161,6 +162,19 @@ def main() -> int:
         rows.append(("c curve", "Elixir over global batches", "stage missing (see curve.log)"))
     for tokens, why in (curve or {}).get("skipped", {}).items():
         rows.append((f"c curve {int(tokens):,} tokens/step", "not measured", why))
+    # (d) the planner's fidelity on small Hugging Face families
+    fidelity = load(args.out, "fidelity")
+    if fidelity and fidelity.get("rows"):
+        worst = max(fidelity["rows"], key=lambda r: abs(r["time_ratio"] - 1))
+        exact = sum(r["predicted_device_bytes"] == r["measured_device_bytes"] for r in fidelity["rows"])
+        figures["d_median_error"], figures["d_worst_error"] = fidelity["median_error"], fidelity["worst_error"]
+        rows.append(("d fidelity", "step predicted / measured over plans: median and worst error; device bytes "
+                     "exact", f"{fidelity['median_error']:.1%}, {fidelity['worst_error']:.1%} ({worst['model']} "
+                     f"{worst['plan']}: {worst['time_ratio']:.2f}) over {len(fidelity['rows'])} plans; "
+                     f"{exact} of {len(fidelity['rows'])} exact"
+                     + (f"; skipped: {', '.join(fidelity['skipped'])}" if fidelity.get("skipped") else "")))
+    else:
+        rows.append(("d fidelity", "the planner's word on small HF models", why_missing(fidelity, "fidelity")))
     if plans:
         took = [p["plan_s"] for p in plans["points"]]
         rows.append(("plans", "the planner's searches for (b) and (c), in parallel beside the GPU stages",

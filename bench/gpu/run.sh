@@ -10,10 +10,12 @@
 #                           PyTorch eager with the whole GPU; Elixir's plan, then FSDP2 + CPUOffloadPolicy,
 #                           both with the GPU capped at half the model data
 #   stage c  curve.py       Elixir alone under that cap at 8k, 16k, 32k and 128k tokens per step
+#   stage d  fidelity.py    the planner's predicted step and memory against measured ones, on five small
+#                           Hugging Face families under four plans each (bench/bench_fidelity.py's report)
 #   report   report.py      the summary table
 #
 # Each stage runs under its own time box (timeout) and stops starting repetitions at 80% of it: the
-# foreground boxes add up to 415 s, and waiting for the plans stage at most 20 s more (its box less those of
+# foreground boxes add up to 505 s, and waiting for the plans stage at most 20 s more (its box less those of
 # the two stages beside it). Logs and JSON go to $OUT. Exit status 0 when every stage finished and the
 # losses matched.
 #
@@ -78,6 +80,7 @@ cat "$OUT/plans.log"
 stage offload-elixir 80 bench/gpu/offload.py --system elixir || failed=1
 stage offload-fsdp2 85 bench/gpu/offload.py --system fsdp2-offload || failed=1
 stage curve 130 bench/gpu/curve.py || failed=1
+stage fidelity 90 bench/gpu/fidelity.py || failed=1
 # shellcheck disable=SC2086
 python bench/gpu/report.py --out "$OUT" $DRY | tee "$OUT/summary.md"
 echo "total $((SECONDS - started)) s; logs and JSON in $OUT"

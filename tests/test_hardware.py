@@ -155,7 +155,12 @@ def test_a_process_with_other_threads_does_not_use_the_cache(monkeypatch, tmp_pa
         torch.set_num_threads(threads)
     assert other != one and f"-{threads + 1}threads" in other.name
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert hardware_cache._cache_path(quick=True) not in (one, other)
+    two_ranks = hardware_cache._cache_path(quick=True)
+    assert two_ranks not in (one, other)
+    # the same two ranks on this machine in a job of two such nodes: a calibration of both levels, apart
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    two_nodes = hardware_cache._cache_path(quick=True)
+    assert two_nodes != two_ranks and two_nodes.name.endswith("-2ranks-2nodes-quick.json")
 
 
 @pytest.mark.slow

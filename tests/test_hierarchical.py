@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -300,6 +301,57 @@ def test_one_process_runs_a_node_plan_as_one_node():
     loss_of(m, batches(1)[0]).backward()
     opt.step()
     assert all(c.group.size == 1 for c in elixir.runtime_of(m).chunks)
+
+
+# --- the calibration: both levels measured on several nodes ------------------------------------------
+
+
+def _measured(rank, world, folder, results):
+    from elixir.hardware import Hardware, measure
+
+    cpu, sync = torch.device("cpu"), (lambda: None)
+    os.environ["ELIXIR_CACHE_DIR"] = str(folder)
+    measure._machine_busy = lambda: ""  # the suite's own load must not decide whether the figures are cached
+    _as_torchrun(rank, world)
+    two = measure._collective_figures(cpu, 2**16, sync, 0.02)
+    hw = Hardware.measure(quick=True)
+    again = Hardware.measure(quick=True)  # read back from the cache of a two-node calibration
+    # the same processes launched as one node of four: one level, as before
+    os.environ.update(LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", LOCAL_RANK=str(rank))
+    one = measure._collective_figures(cpu, 2**16, sync, 0.02)
+    results.put((rank, two, one, hw.to_json(), again.to_json()))
+
+
+@pytest.mark.dist
+def test_measure_on_two_nodes_times_the_links_inside_and_between_nodes(tmp_path):
+    """Four ranks as two nodes of two: the collectives inside a node (their own rate and latency) and across
+    nodes (the node's links and their latency) are measured, the same figures on every rank, and cached
+    apart from a one-node calibration. On localhost both levels are the same loopback, so neither is
+    asserted to be slower."""
+    from elixir.hardware import Hardware
+
+    q = mp.get_context("spawn").SimpleQueue()
+    run_ranks(_measured, 4, tmp_path, q)
+    rows = sorted((q.get() for _ in range(4)), key=lambda r: r[0])
+    _, two, one, measured, again = rows[0]
+    assert all(r[1] == two and r[2] == one for r in rows)  # the slowest rank's times: every rank alike
+    network = ("intra_node_latency_s", "inter_node_bytes_per_s", "inter_node_latency_s")
+    for name in network:
+        assert 0 < two[name] < math.inf, name
+    assert sorted(two["collective_bytes_per_s"]) == [2, 4]  # inside a node, and over the world
+    assert all(0 < r < math.inf for r in two["collective_bytes_per_s"].values())
+    # one node: the world's rate alone, the network left to the one-level defaults
+    assert list(one) == ["collective_bytes_per_s"] and list(one["collective_bytes_per_s"]) == [4]
+    one_level = Hardware.preset("CPU")
+    hw = Hardware.from_json(measured)
+    for name in network:
+        assert getattr(hw, name) > 0 and getattr(one_level, name) == 0, name
+    assert sorted(hw.collective_bytes_per_s) == [2, 4]
+    across = hw.bus_rate(4, across_nodes=True, ranks_per_node=2, world_size=4)
+    assert across == min(hw.collective_rate(2), hw.inter_node_bytes_per_s / 2)
+    assert Hardware.from_json(again) == hw
+    files = [f.name for f in tmp_path.glob("hardware-*.json")]
+    assert len(files) == 1 and files[0].endswith("-2ranks-2nodes-quick.json"), files
 
 
 # --- the planner: a two-level network ----------------------------------------------------------------

@@ -18,7 +18,7 @@ Where each part lives:
 - presets.py: the presets and the links between nodes (`INTER_NODE_LINKS`, `parse_link`);
 - measure.py: `Hardware.measure()`'s calibration and `measure_disk`;
 - cache.py: where the calibration caches live (`cache_dir`) and reading and writing them;
-- machine.py: which device and how many ranks of the job this machine has.
+- machine.py: which device and how many ranks of the job this machine has, and how many nodes the job spans.
 """
 
 from elixir.hardware.cache import cache_dir

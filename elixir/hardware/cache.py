@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from elixir.hardware.machine import _device, _device_label, _local_ranks
+from elixir.hardware.machine import _device, _device_label, _local_ranks, _nodes
 from elixir.hardware.record import Hardware
 
 _DISK_FORMAT_VERSION = 3  # the disk cache's own format: unchanged since version 3 of the hardware record
@@ -33,16 +33,18 @@ def cache_dir() -> Path:
 
 
 def _cache_path(quick: bool) -> Path:
-    """One cache file per machine, device, torch version, threads per process and number of ranks sharing the
-    machine: everything that changes the measured rates. Ranks measure together, so on a CPU each sees its
-    share of the cores (and on a GPU server its share of the host's bandwidth for the host AdamW rate); a
-    process with one thread computes at about half the rate of one with two on two cores, and the host AdamW
-    and copies too. A process that differs in any of them finds no cache and measures its own rates (a few
-    seconds), rather than scaling another process's by a guessed factor."""
+    """One cache file per machine, device, torch version, threads per process, number of ranks sharing the
+    machine and number of nodes: everything that changes the measured rates. Ranks measure together, so on a
+    CPU each sees its share of the cores (and on a GPU server its share of the host's bandwidth for the host
+    AdamW rate); a process with one thread computes at about half the rate of one with two on two cores, and
+    the host AdamW and copies too. A job on several nodes also measures the links between them (`-<n>nodes`),
+    which a job on one never has. A process that differs in any of them finds no cache and measures its own
+    rates (a few seconds), rather than scaling another process's by a guessed factor."""
     host = re.sub(r"[^A-Za-z0-9.-]+", "-", socket.gethostname()) or "host"
-    ranks = _local_ranks()
+    ranks, nodes = _local_ranks(), _nodes()
     version = re.sub(r"[^A-Za-z0-9.]+", "-", torch.__version__)
-    suffix = (f"-{ranks}ranks" if ranks > 1 else "") + ("-quick" if quick else "")
+    suffix = (f"-{ranks}ranks" if ranks > 1 else "") + (f"-{nodes}nodes" if nodes > 1 else "") + (
+        "-quick" if quick else "")
     return cache_dir() / (f"hardware-{host}-{_device_label(_device())}-torch{version}-"
                           f"{torch.get_num_threads()}threads{suffix}.json")
 

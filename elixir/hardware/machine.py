@@ -30,3 +30,10 @@ def _local_ranks() -> int:
         return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
     except (KeyError, ValueError):
         return comm.rank_and_world()[1]
+
+
+def _nodes() -> int:
+    """Nodes the job runs on: its ranks over those on this machine (torchrun's WORLD_SIZE over
+    LOCAL_WORLD_SIZE) when that divides evenly, else 1."""
+    world, local = comm.launched_world_size(), _local_ranks()
+    return world // local if world > local and world % local == 0 else 1

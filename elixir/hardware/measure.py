@@ -26,7 +26,7 @@ from elixir.hardware.cache import (
     _read_disk_cache,
     _write_cache,
 )
-from elixir.hardware.machine import _device, _device_label, _local_ranks
+from elixir.hardware.machine import _device, _device_label, _local_ranks, _nodes
 from elixir.hardware.record import Hardware
 
 
@@ -48,7 +48,8 @@ def measure_machine(*, cache: bool, quick: bool, refresh: bool, disk: str | None
     path = _cache_path(quick)
     cached = _read_cache(path) if cache and not refresh else None
     world = comm.rank_and_world()[1]
-    usable = cached is not None and (world == 1 or world in cached.collective_bytes_per_s)
+    usable = cached is not None and (world == 1 or world in cached.collective_bytes_per_s) and (
+        _nodes() == 1 or cached.inter_node_bytes_per_s > 0)
     if world > 1:
         usable = comm.every_rank(usable, comm.world_group(), device=_device(),
                                  what="all-reduce of the calibration cache checks")
@@ -287,32 +288,124 @@ def _copy_bytes_per_s(dst: torch.Tensor, src: torch.Tensor, sync, min_total_s: f
     )
 
 
-def _collective_bytes_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> dict[int, float]:
+def _collective_seconds(fn: Callable[[], object], sync, world, *, min_total_s: float, max_reps: int = 50) -> float:
+    """`_seconds` for a collective: every rank of `world` (a ChunkGroup of the whole job) runs `fn` the same
+    number of times, so that no rank waits in a collective the others have left (a rank's own sum of times
+    would decide differently from its peers'). The count comes from the slowest rank's warm-up run; the
+    result is the slowest rank's shortest run after it."""
+    import math
+
+    started = time.perf_counter()
+    fn()  # the warm-up, timed only for the count
+    sync()
+    first = _slowest([time.perf_counter() - started], world)[0]
+    reps = min(max_reps, max(3, math.ceil(min_total_s / max(first, 1e-9))))
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return _slowest([min(times)], world)[0]
+
+
+def _slowest(seconds: list[float], world) -> list[float]:
+    """Each of `seconds`, the largest over the ranks of `world` (ranks time slightly different runs; the
+    slowest decides a collective's time)."""
     import torch.distributed as dist
 
+    t = torch.tensor(seconds, dtype=torch.float64, device=_device() if _device().type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=world.process_group)
+    return t.tolist()
+
+
+def _collective_figures(device: torch.device, numel: int, sync, min_total_s: float) -> dict:
+    """The Hardware fields of communication: `collective_bytes_per_s` of the world's all-gather and
+    reduce-scatter, and when the job spans several nodes (as every rank agrees from torchrun's environment,
+    see elixir/parallel/nodes.py) the two levels of `Hardware.bus_rate` too: the collectives inside a node
+    (`collective_bytes_per_s` of the node's ranks, `intra_node_latency_s`) and across nodes
+    (`inter_node_bytes_per_s`, `inter_node_latency_s`). {} for a single process. Collective over the world:
+    every rank makes the same groups and collectives in the same order."""
     if comm.rank_and_world()[1] < 2:
         return {}
+    from elixir.parallel.nodes import agreed_node_layout
+
+    world = comm.world_group()
+    try:  # the same answer on every rank: a launch that says nothing usable is measured as one node
+        layout = agreed_node_layout(world)
+    except ValueError:
+        layout = None
+    if layout is None or layout.nodes == 1:
+        return {"collective_bytes_per_s": _collective_bytes_per_s(device, world, numel, sync, min_total_s)}
+    # about the time of one node's calibration in all: half the time and a quarter of the bytes for the
+    # world's collectives (across nodes they share no memory, so they run slower than one node's), half the
+    # time for the two levels
+    rates = _collective_bytes_per_s(device, world, numel // 4, sync, min_total_s / 2, node=layout.node_rank)
+    network = _network_figures(device, world, layout, numel, sync, min_total_s / 2)
+    network["collective_bytes_per_s"] = dict(sorted({**network["collective_bytes_per_s"], **rates}.items()))
+    return network
+
+
+def _collective_bytes_per_s(device: torch.device, group, numel: int, sync, min_total_s: float,
+                            node: int | None = None) -> dict[int, float]:
+    """Bus bandwidth per rank of the runtime's all-gather and reduce-scatter over `group`, the slower of
+    the two, by the group's size; `node`: this rank's node (ranks of different nodes share no memory)."""
     from elixir.comm import all_gather, reduce_scatter_mean
-    from elixir.memory.chunk import ChunkGroup
     from elixir.shm import SharedArena
 
-    world, rank = dist.get_world_size(), dist.get_rank()
-    group = ChunkGroup(dist.group.WORLD, rank, world)
-    numel -= numel % world
+    size, rank = group.size, group.rank
+    numel -= numel % size
     # the buffers the runtime communicates from: in shared memory where ranks share a host (elixir/shm.py)
-    arena = SharedArena.create(group) if device.type == "cpu" else None
+    arena = SharedArena.create(group, node=node) if device.type == "cpu" else None
     full = arena.empty(numel, torch.float32) if arena is not None else torch.zeros(numel, device=device)
-    n = numel // world
+    n = numel // size
     own = full[rank * n : (rank + 1) * n]
     shard = torch.zeros(n, device=device)
     nbytes = full.numel() * full.element_size()
-    gather = _seconds(lambda: all_gather(full, own, group, arena=arena), sync, min_total_s=min_total_s)
-    scatter = _seconds(lambda: reduce_scatter_mean(shard, full, group, arena=arena), sync, min_total_s=min_total_s)
-    # Ranks time slightly different runs; the slowest decides a collective's time.
-    slowest = torch.tensor([gather, scatter], dtype=torch.float64, device=device)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    bus = (world - 1) / world * nbytes
-    return {world: bus / float(slowest.max())}
+    world = comm.world_group()
+    gather = _collective_seconds(lambda: all_gather(full, own, group, arena=arena), sync, world,
+                                 min_total_s=min_total_s)
+    scatter = _collective_seconds(lambda: reduce_scatter_mean(shard, full, group, arena=arena), sync, world,
+                                  min_total_s=min_total_s)
+    bus = (size - 1) / size * nbytes
+    return {size: bus / max(gather, scatter)}
+
+
+def _network_figures(device: torch.device, world, layout, numel: int, sync, min_total_s: float) -> dict:
+    """The two levels of a job on `layout.nodes` nodes, timed over the groups that chunks sharded inside nodes
+    use (`nodes.node_groups`, made once; see [Note: hierarchical sharding]), every node and every replica
+    group at once, as a training step runs them:
+    - inside a node: the all-gather and reduce-scatter of the node's ranks (its `collective_bytes_per_s`
+      entry) and a one-element all-gather, whose time per ring step is `intra_node_latency_s`;
+    - across nodes: the all-reduce of a node shard's fp32 gradient over its replicas (one rank per node),
+      every local rank's at once, so that the node's ranks share its links as `Hardware.bus_rate` says:
+      `inter_node_bytes_per_s` is the node's total, its ranks' bus bandwidths together; a one-element
+      all-reduce's time per ring step (2 (N - 1) of them) is `inter_node_latency_s`.
+    Each of the five timings (the node's all-gather, its reduce-scatter, the replicas' all-reduce and the
+    two one-element collectives) gets a fifth of `min_total_s`, on buffers half the world's."""
+    from elixir.comm import all_gather, all_reduce_sum
+    from elixir.parallel.nodes import node_groups
+
+    budget = min_total_s / 5
+    mine = node_groups(world, layout, {id(world): world})[id(world)]
+    inside = dataclasses.replace(mine, mean_over=1, replicas=None)
+    across = mine.replicas
+    out: dict = {"collective_bytes_per_s": {}}
+    per_node, nodes = layout.ranks_per_node, layout.nodes
+    if per_node > 1:
+        out["collective_bytes_per_s"] = _collective_bytes_per_s(device, inside, numel // 2, sync, budget,
+                                                                node=layout.node_rank)
+        one, few = torch.zeros(1, device=device), torch.zeros(per_node, device=device)
+        tiny = _collective_seconds(lambda: all_gather(few, one, inside), sync, world, min_total_s=budget)
+        out["intra_node_latency_s"] = tiny / (per_node - 1)
+    shard = torch.zeros(max(1, numel // per_node // 2), device=device)
+    reduce = _collective_seconds(lambda: all_reduce_sum(shard, across), sync, world, min_total_s=budget)
+    bus = 2 * (nodes - 1) / nodes * shard.numel() * shard.element_size() / reduce
+    out["inter_node_bytes_per_s"] = bus * per_node
+    one = torch.zeros(1, device=device)
+    tiny = _collective_seconds(lambda: all_reduce_sum(one, across), sync, world, min_total_s=budget)
+    out["inter_node_latency_s"] = tiny / (2 * (nodes - 1))
+    return out
 
 
 def _disk_bytes_per_s(folder: str, nbytes: int) -> tuple[float, float]:
@@ -426,7 +519,7 @@ def _measure(quick: bool) -> Hardware:
         matmul_flops=matmul,
         h2d_bytes_per_s=h2d,
         d2h_bytes_per_s=d2h,
-        collective_bytes_per_s=_collective_bytes_per_s(device, numel, sync, min_total_s),
+        **_collective_figures(device, numel, sync, min_total_s),
         device_optim_elems_per_s=device_optim,
         host_optim_elems_per_s=host_optim,
         device_copy_bytes_per_s=device_copy,

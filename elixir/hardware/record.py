@@ -110,13 +110,17 @@ class Hardware:
     leave it out."""
     intra_node_latency_s: float = 0.0
     """Latency of one step of a ring collective between the devices of a node (NVLink/NVSwitch: a few
-    microseconds); 0: none counted beyond the cost model's fixed cost per collective."""
+    microseconds); 0: none counted beyond the cost model's fixed cost per collective. `measure()` on several
+    nodes times it (a one-element all-gather over a node's ranks, per ring step); on one node it stays 0."""
     inter_node_bytes_per_s: float = 0.0
     """Bandwidth of one node's links to the other nodes, all its NICs together, as collectives achieve it:
     the ranks of a node share it when a collective crosses nodes (see `bus_rate`). 0: one level, as before
-    (a collective over more ranks than a node's runs at `collective_rate` of its size)."""
+    (a collective over more ranks than a node's runs at `collective_rate` of its size). `measure()` on several
+    nodes times it: the all-reduce over one rank per node that chunks sharded inside nodes make, every local
+    rank's at once, its ranks' bus bandwidths added up."""
     inter_node_latency_s: float = 0.0
-    """Latency of one step of a ring collective between nodes (InfiniBand a few microseconds, Ethernet tens)."""
+    """Latency of one step of a ring collective between nodes (InfiniBand a few microseconds, Ethernet tens);
+    `measure()` on several nodes times a one-element all-reduce over one rank per node, per ring step."""
     op_overhead_s: float = 0.0
     """Seconds every operator of a training step costs beyond its kernel: Python between operators, module
     calls, dispatch, autograd's bookkeeping, a kernel launch. `measure()` times it as one forward and backward
@@ -359,10 +363,13 @@ class Hardware:
         With `cache`, the result is read from, or written to,
         cache_dir()/hardware-<host>-<device>-torch<version>-<threads>threads.json (see `_cache_path` in
         elixir/hardware/cache.py), with
-        `-<n>ranks` before `.json` when n ranks of the job share the machine (`refresh` measures again and
-        overwrites it). When torch.distributed is initialised every rank must call this together: the
-        collectives are measured over the world group, and a cache without that world size on any rank makes
-        every rank measure.
+        `-<n>ranks` before `.json` when n ranks of the job share the machine, and `-<m>nodes` when the job
+        spans m nodes (`refresh` measures again and overwrites it). When torch.distributed is initialised
+        every rank must call this together: the collectives are measured over the world group, and a cache
+        without that world size on any rank makes every rank measure. On several nodes (torchrun's
+        LOCAL_WORLD_SIZE below its WORLD_SIZE) both levels of the network are measured too: the collectives
+        inside a node (`collective_bytes_per_s` of its ranks, `intra_node_latency_s`) and across nodes
+        (`inter_node_bytes_per_s`, `inter_node_latency_s`), in the same time as one node's calibration.
         """
         from elixir.hardware.measure import measure_machine
 

@@ -22,7 +22,9 @@ Nodes are read from torchrun's environment: `LOCAL_WORLD_SIZE` ranks per node, t
 ranks [n * L, (n + 1) * L). Every rank's view is gathered and checked alike before any group is made, so
 an inconsistent launch is the same ValueError on every rank, not a hang. Expert-parallel chunks shard
 inside the node over the ranks of their expert-data-parallel group there (expert-parallel groups are
-consecutive ranks, so they lie inside a node when ep_size divides the ranks per node).
+consecutive ranks, so they lie inside a node when ep_size divides the ranks per node). `Hardware.measure()`
+on several nodes times the collectives inside a node and across nodes over the same groups (`node_groups`,
+made once per layout).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ def plan(
     loss_fn=None,
     tokens_per_step: int | None = None,
     nodes: int = 1,
+    shard_over: str | None = None,
 ) -> Plan:
     """Profile one training step of `model` on `example_batch` (one rank's batch) on the meta
     device, and return the fastest plan that fits `hardware` (measured and cached when not given).
@@ -41,7 +42,8 @@ def plan(
     Without it, the example batch is the micro-batch, one per step, without checkpointing.
 
     `nodes`: the nodes the `world_size` ranks run on (as many on each); with more than one the search also
-    chooses whether chunks are sharded over the world or inside each node (`ChunkPlan.shard_over`).
+    chooses whether chunks are sharded over the world or inside each node (`ChunkPlan.shard_over`);
+    `shard_over` ("world" or "node") fixes that choice instead.
 
     Raises `PlanDoesNotFitError` (a ValueError) with the bytes needed and available per tier and the
     smallest change that would fit, before anything is allocated."""
@@ -51,13 +53,13 @@ def plan(
     if tokens_per_step is not None:
         return plan_batch(model, example_batch, hardware=hardware, world_size=world_size,
                           compute_dtype=compute_dtype, prefetch_depth=prefetch_depth, loss_fn=loss_fn,
-                          tokens_per_step=tokens_per_step, nodes=nodes).plan
+                          tokens_per_step=tokens_per_step, nodes=nodes, shard_over=shard_over).plan
     prof = profile(model, example_batch, loss_fn, compute_dtype=compute_dtype)
     from elixir.parallel import group_sizes
 
     best, pred = search(prof, hardware, world_size=world_size, compute_dtype=compute_dtype,
                         prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size),
-                        checkpointed=checkpointed_regions(model), nodes=nodes)
+                        checkpointed=checkpointed_regions(model), nodes=nodes, shard_over=shard_over)
     return dataclasses.replace(best, use_order=tuple(prof.use_sequence()),
                                predicted={**pred.as_dict(), "batch_tokens": batch_tokens(example_batch)})
 

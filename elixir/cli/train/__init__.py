@@ -32,7 +32,16 @@ from elixir import accel, comm
 from elixir.checkpoint.weights import HF_FILES
 from elixir.cli.train.flags import CONFIG_FILE, add_arguments, layer_defaults, resolved_config
 from elixir.cli.train.metrics import Progress, Reporters, clock, memory_fields
-from elixir.cli.train.prepare import JOB_FLAGS, Job, build, check_args, hf_files, lr_factor
+from elixir.cli.train.prepare import (
+    JOB_FLAGS,
+    Job,
+    build,
+    check_args,
+    hf_files,
+    layout_line,
+    lr_factor,
+    shard_layout,
+)
 from elixir.preempt import EXIT_PREEMPTED, Preemption
 
 __all__ = ["Job", "add_arguments", "build", "check_args", "evaluate", "layer_defaults", "loop", "lr_factor", "run",
@@ -85,7 +94,8 @@ def evaluate(job: Job, args: argparse.Namespace) -> float:
 def train(args: argparse.Namespace, out: TextIO | None = None) -> dict:
     """Run the job that `args` describes; returns the final losses and throughput:
     {"train_loss", "val_loss", "tokens_per_s", "steps", "elapsed_s", "skipped_steps", "step_s",
-    "predicted_step_s", ...}. Prints to `out` (default stdout) on rank 0 unless `args.quiet`."""
+    "predicted_step_s", "shard_over" (the plan's layout: world, node or mixed), "nodes", ...}. Prints to
+    `out` (default stdout) on rank 0 unless `args.quiet`."""
     check_args(args)
     job = build(args)
     return loop(job, args, out)
@@ -108,6 +118,8 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
         with open(os.path.join(args.out, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=1)
     progress.line(job.plan.summary())
+    if job.world_size > 1:
+        progress.line(layout_line(job.plan, getattr(args, "shard_over", "auto")))
     progress.line(
         f"model {args.model}: {job.num_params:,} parameters, {args.dtype}, {job.world_size} rank(s) on "
         f"{job.device.type}; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens"
@@ -257,6 +269,8 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
         "rollbacks": stats["rollbacks"],
         "step_s": measured_step_s,
         "predicted_step_s": pred.get("step_s"),
+        "shard_over": shard_layout(job.plan),
+        "nodes": job.plan.nodes,
     }
     if stats["speculated_steps"]:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(stats["rollback_reasons"].items()))

@@ -22,6 +22,7 @@ from elixir.models import GPTConfig
 
 DTYPES = ("fp32", "bf16", "fp16")
 HOMES = ("device", "host")
+SHARD_OVER = ("auto", "world", "node")
 SCHEDULES = ("cosine", "linear", "constant")
 REPORTERS = ("tensorboard", "wandb")
 MIN_CHUNK_MIB = 32.0
@@ -273,6 +274,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--disk", metavar="DIR", default=None,
         help="scratch folder for masters and optimizer states on disk (--optim-home disk, or chosen by the planner): "
         "one preallocated file per rank, deleted at the end of the run",
+    )
+    plan.add_argument(
+        "--shard-over", default="auto", choices=SHARD_OVER,
+        help="on several nodes: shard every chunk over all ranks (world), or over the ranks of each node and "
+        "replicate it across nodes (node: gathers stay inside a node, gradients cross nodes once per step); auto: "
+        "the planner chooses per plan, world for a hand plan (default: auto)",
     )
     plan.add_argument(
         "--prefetch-depth", type=_int_at_least(0, "--prefetch-depth"), metavar="N", default=None,

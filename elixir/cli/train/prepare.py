@@ -200,6 +200,7 @@ def _check_plan_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--dtype {args.dtype}, but --plan {args.plan!r} computes in {dtype}; leave --dtype out")
         args.dtype = dtype
         args._plan = plan
+    _check_shard_over(args)
     if args.batch_size is None:
         args.batch_size = 8
     if args.grad_accum is None:
@@ -232,6 +233,96 @@ def _check_plan_args(args: argparse.Namespace) -> None:
                     raise ValueError("must be above 0")
             except ValueError as e:
                 raise ValueError(f"--{flag.replace('_', '-')} {value!r}: {e}; e.g. 20GiB") from None
+
+
+def shard_layout(plan: elixir.Plan) -> str:
+    """How `plan` shards its chunks: "world", "node" (every chunk inside each node), or "mixed" (some chunks
+    inside nodes, others, such as expert chunks whose ranks do not spread evenly over the nodes, over the
+    world)."""
+    overs = {c.shard_over for c in plan.chunks}
+    return overs.pop() if len(overs) == 1 else "mixed"
+
+
+def layout_line(plan: elixir.Plan, requested: str) -> str:
+    """What `elixir train` prints under the plan's summary: where the chunks are sharded, and who chose it."""
+    ranks = plan.world_size
+    per_node = ranks // plan.nodes
+    layout = shard_layout(plan)
+    where = f" of {plan.nodes} nodes" if plan.nodes > 1 else ""
+    if layout == "world":
+        text = f"layout: every chunk sharded over all {ranks} ranks{where}"
+    elif layout == "node":
+        text = (f"layout: every chunk sharded over the {per_node} ranks of each node, replicated across "
+                f"{plan.nodes} nodes")
+    else:
+        inside = sum(c.shard_over == "node" for c in plan.chunks)
+        text = (f"layout: {inside} chunk(s) sharded over the {per_node} ranks of each node and replicated across "
+                f"{plan.nodes} nodes, {len(plan.chunks) - inside} over all {ranks} ranks")
+    return text + (f" (--shard-over {requested})" if requested != "auto" else "")
+
+
+def _launch_environment() -> dict:
+    """The environment the process group will be made from: torchrun's, or Slurm's read as torchrun's
+    (as `elixir.init_distributed` does), before the group exists."""
+    env = dict(os.environ)
+    try:
+        slurm = "WORLD_SIZE" not in env and int(env.get("SLURM_NTASKS", "1")) > 1
+    except ValueError:
+        slurm = False
+    if slurm:
+        try:
+            env.update(comm.slurm_environment(env))
+        except (KeyError, ValueError):
+            pass  # init_distributed names what is missing
+    return env
+
+
+def _check_shard_over(args: argparse.Namespace) -> None:
+    """--shard-over against the --plan file and against the nodes this launch describes (torchrun's
+    environment): ValueError naming the value and the fix, before the process group or anything else."""
+    over = args.shard_over
+    plan = getattr(args, "_plan", None)
+    if plan is not None and over != "auto":
+        layout = shard_layout(plan)
+        if (over == "node") != (layout in ("node", "mixed")):
+            said = {"world": "over all ranks", "node": "inside each node", "mixed": "partly inside each node"}[layout]
+            raise ValueError(
+                f"--shard-over {over}, but --plan {args.plan!r} shards its chunks {said}; leave --shard-over out (the "
+                f"plan file decides), or make the plan again with elixir plan --shard-over {over}"
+            )
+    if over != "node":
+        return
+    env = _launch_environment()
+    fix = ("use --shard-over world (or auto), or launch several nodes: torchrun --nnodes N --nproc-per-node G "
+           "on each")
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world <= 1:
+        raise ValueError(f"--shard-over node shards chunks over the ranks of each node, but this is one process; {fix}")
+    from elixir.parallel.nodes import node_layout_from_env
+
+    try:
+        rank = int(env["RANK"]) if "RANK" in env else int(env["GROUP_RANK"]) * int(env["LOCAL_WORLD_SIZE"]) + int(
+            env["LOCAL_RANK"])
+    except (KeyError, ValueError):
+        rank = 0  # node_layout_from_env names the variable that is missing or not a number
+    try:
+        layout = node_layout_from_env(world, rank, env)
+    except ValueError as e:
+        raise ValueError(f"--shard-over node: {e}") from None
+    if layout is None:
+        raise ValueError(
+            f"--shard-over node: the launch of {world} ranks does not say which node each runs on (no "
+            "LOCAL_WORLD_SIZE): launch with torchrun, which sets it with LOCAL_RANK and GROUP_RANK, or use "
+            "--shard-over world (or auto)"
+        )
+    if layout.nodes == 1:
+        raise ValueError(
+            f"--shard-over node: all {world} ranks run on one node (LOCAL_WORLD_SIZE={layout.ranks_per_node}, "
+            f"WORLD_SIZE={world}), where sharding inside the node is sharding over all ranks; {fix}"
+        )
 
 
 def _check_moe_args(args: argparse.Namespace) -> None:
@@ -485,8 +576,34 @@ def _uniform_plan(args: argparse.Namespace, model: torch.nn.Module, optim, dtype
         resident=args.resident if args.resident is not None else True, param_home=args.param_home or "device",
         optim_home=args.optim_home or "device", compute_dtype=dtype,
         prefetch_depth=args.prefetch_depth if args.prefetch_depth is not None else 2, optimizer=optim,
-        grad_accum=args.grad_accum,
+        grad_accum=args.grad_accum, shard_over="world" if args.shard_over == "auto" else args.shard_over,
     )
+
+
+def _searched_plan(args: argparse.Namespace, model, example, dtype: torch.dtype, hardware, rank: int,
+                   world_size: int) -> elixir.Plan:
+    """The planner's plan with the layout --shard-over fixes, as `elixir.wrap(plan="auto")` searches it
+    otherwise: rank 0 searches, every rank takes its plan (or its reason for none)."""
+    from elixir.parallel.nodes import node_layout_from_env
+
+    layout = node_layout_from_env(world_size, rank) if world_size > 1 else None
+    box = None
+    if rank == 0:
+        try:
+            plan = elixir.plan(model, example, hardware=hardware, world_size=world_size, compute_dtype=dtype,
+                               nodes=layout.nodes if layout else 1, shard_over=args.shard_over)
+            box = ("plan", plan.to_json())
+        except ValueError as e:
+            box = ("error", str(e))
+            failure = e
+    if world_size > 1:
+        box = comm.broadcast_object(box, 0, comm.world_group(),
+                                    what=f"broadcast of rank 0's plan (--shard-over {args.shard_over})")
+    if box[0] == "error":
+        if rank == 0:
+            raise failure
+        raise ValueError(f"rank 0 found no plan: {box[1]}")
+    return elixir.Plan.from_json(box[1])
 
 
 def build(args: argparse.Namespace) -> Job:
@@ -541,8 +658,14 @@ def build(args: argparse.Namespace) -> Job:
                 f"{', '.join(hardware.matmul_flops)}), so the planner cannot time a plan; use one of those, or make "
                 "the plan by hand (--resident, or --on-demand ...)"
             )
-        model, optim = elixir.wrap(model, optim, plan="auto", device=device, disk=args.disk, compute_dtype=dtype,
-                                   example_batch=example, hardware=hardware, nonfinite=args.nonfinite)
+        if args.shard_over == "auto":
+            model, optim = elixir.wrap(model, optim, plan="auto", device=device, disk=args.disk,
+                                       compute_dtype=dtype, example_batch=example, hardware=hardware,
+                                       nonfinite=args.nonfinite)
+        else:
+            plan = _searched_plan(args, model, example, dtype, hardware, rank, world_size)
+            model, optim = elixir.wrap(model, optim, plan=plan, device=device, disk=args.disk,
+                                       nonfinite=args.nonfinite)
     plan = elixir.plan_of(model)
     prediction = dict(plan.predicted)
     if not prediction:

@@ -137,3 +137,16 @@ def test_the_model_after_a_failed_load_is_unchanged_and_trains(tmp_path):
     assert opt.steps == 2
     ref = copy.deepcopy(before)
     assert _train_step(model, opt, x[2]) > 0 and ref.keys() == elixir.full_state_dict(model).keys()
+
+
+def test_shard_over_is_checked_and_applies_to_searched_plans_only():
+    model = build("gpt")
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="shard_over='nodes'.*'auto', 'world' or 'node'"):
+        elixir.wrap(model, opt, shard_over="nodes")
+    with pytest.raises(ValueError, match="shard_over='node' chooses the layout of a searched plan"):
+        elixir.wrap(model, opt, plan=make_plan(model, "resident", opt), shard_over="node")
+    x = batches(1)[0]
+    wrapped, _ = elixir.wrap(model, opt, example_batch={"input_ids": x, "labels": x}, shard_over="world",
+                             hardware=Hardware.preset("A100-40GB"), device="cpu")
+    assert {c.shard_over for c in elixir.plan_of(wrapped).chunks} == {"world"}

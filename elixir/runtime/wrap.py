@@ -23,7 +23,7 @@ from elixir.optim import ElixirOptimizer, check_optimizer
 from elixir.optim.ondisk import disk_state_tensors
 from elixir.optim.overlap import STAGING_BUFFERS, Speculation
 from elixir.parallel import nodes
-from elixir.plan import Plan, named_parameters, optimizer_group_of
+from elixir.plan import SHARD_OVER, Plan, named_parameters, optimizer_group_of
 from elixir.runtime.hooks import Interceptor
 from elixir.runtime.state import Runtime
 from elixir.shm import SharedArena
@@ -75,6 +75,7 @@ def wrap(
     hardware=None,
     disk: str | None = None,
     nonfinite: str = "error",
+    shard_over: str = "auto",
     _into: ElixirOptimizer | None = None,
 ) -> tuple[torch.nn.Module, ElixirOptimizer]:
     """Manage `model`'s parameters in chunks placed by `plan`; return (model, optimizer).
@@ -87,6 +88,9 @@ def wrap(
 
     `disk`: the scratch folder of chunks whose plan puts their optimizer on disk (default: the plan's
     `disk_path`); each rank keeps one preallocated file there while the model lives.
+
+    `shard_over`: with plan="auto" on several nodes, "world" or "node" fixes how the searched plan shards
+    its chunks (see [Note: hierarchical sharding] in elixir/parallel/nodes.py); "auto" lets the search choose.
 
     `nonfinite`: what a NaN or inf gradient does in bf16 and fp32 (fp16 skips overflowing steps by its loss
     scaling): "error" (default) refuses the step and raises `elixir.NonFiniteError` naming it and the first
@@ -107,13 +111,20 @@ def wrap(
     else:
         group = ChunkGroup.single()
 
+    if shard_over not in ("auto", *SHARD_OVER):
+        raise ValueError(f"shard_over={shard_over!r}: use 'auto', 'world' or 'node'")
     if isinstance(plan, str):
         if plan != "auto":
             raise ValueError(f"plan={plan!r}: pass an elixir.Plan or 'auto'")
         if example_batch is None:
             return _wrap_on_first_forward(model, optimizer, compute_dtype, device, process_group, group, loss_fn,
-                                          hardware, disk, nonfinite)
-        plan = _searched_plan(model, example_batch, compute_dtype, group, loss_fn, hardware)
+                                          hardware, disk, nonfinite, shard_over)
+        plan = _searched_plan(model, example_batch, compute_dtype, group, loss_fn, hardware, shard_over)
+    elif shard_over != "auto":
+        raise ValueError(
+            f"shard_over={shard_over!r} chooses the layout of a searched plan (plan='auto'); this plan carries its "
+            "own (ChunkPlan.shard_over): make it with the layout you want, or leave shard_over out"
+        )
     elif not isinstance(plan, Plan):
         raise ValueError(f"plan must be an elixir.Plan or 'auto', not {type(plan).__name__}")
     elif compute_dtype is not None and _dtype(compute_dtype) != plan.dtype:
@@ -365,7 +376,7 @@ def _refuse_load_state_dict(model, state_dict, prefix, *args):
     )
 
 
-def _searched_plan(model, batch, compute_dtype, group: ChunkGroup, loss_fn, hardware) -> Plan:
+def _searched_plan(model, batch, compute_dtype, group: ChunkGroup, loss_fn, hardware, shard_over: str = "auto") -> Plan:
     """elixir.plan for this model and batch; on several ranks, rank 0's result for every rank (the
     measured hardware, and so the search, may differ a little between ranks)."""
     from elixir.hardware import Hardware
@@ -380,6 +391,7 @@ def _searched_plan(model, batch, compute_dtype, group: ChunkGroup, loss_fn, hard
         return make_plan(
             model, batch, world_size=group.size, compute_dtype=compute_dtype or torch.float32, loss_fn=loss_fn,
             hardware=hardware, nodes=layout.nodes if layout else 1,
+            shard_over=None if shard_over == "auto" else shard_over,
         )
 
     if group.size == 1:
@@ -421,7 +433,7 @@ class _Pending:
 
 
 def _wrap_on_first_forward(model, optimizer, compute_dtype, device, process_group, group, loss_fn, hardware,
-                           disk=None, nonfinite="error"):
+                           disk=None, nonfinite="error", shard_over="auto"):
     check_optimizer(optimizer, model)
     if compute_dtype is not None:
         accel.check_dtype(device, _dtype(compute_dtype))
@@ -430,7 +442,7 @@ def _wrap_on_first_forward(model, optimizer, compute_dtype, device, process_grou
         optimizer,
         dict(compute_dtype=compute_dtype, device=device, process_group=process_group, disk=disk, nonfinite=nonfinite,
              _into=pending),
-        dict(compute_dtype=compute_dtype, group=group, loss_fn=loss_fn, hardware=hardware),
+        dict(compute_dtype=compute_dtype, group=group, loss_fn=loss_fn, hardware=hardware, shard_over=shard_over),
     )
     state.handle = model.register_forward_pre_hook(_plan_on_first_forward, prepend=True, with_kwargs=True)
     setattr(model, _LAZY_ATTR, state)
@@ -444,7 +456,8 @@ def _finish_pending(model, batch) -> None:
     state.handle.remove()
     bk = state.batch_kwargs
     if batch is not None:
-        plan = _searched_plan(model, batch, bk["compute_dtype"], bk["group"], bk["loss_fn"], bk["hardware"])
+        plan = _searched_plan(model, batch, bk["compute_dtype"], bk["group"], bk["loss_fn"], bk["hardware"],
+                              bk["shard_over"])
     else:
         dtype = bk["compute_dtype"] and _dtype(bk["compute_dtype"])
         plan = _default_plan(model, state.optimizer, dtype, bk["group"].size)

@@ -580,32 +580,6 @@ def _uniform_plan(args: argparse.Namespace, model: torch.nn.Module, optim, dtype
     )
 
 
-def _searched_plan(args: argparse.Namespace, model, example, dtype: torch.dtype, hardware, rank: int,
-                   world_size: int) -> elixir.Plan:
-    """The planner's plan with the layout --shard-over fixes, as `elixir.wrap(plan="auto")` searches it
-    otherwise: rank 0 searches, every rank takes its plan (or its reason for none)."""
-    from elixir.parallel.nodes import node_layout_from_env
-
-    layout = node_layout_from_env(world_size, rank) if world_size > 1 else None
-    box = None
-    if rank == 0:
-        try:
-            plan = elixir.plan(model, example, hardware=hardware, world_size=world_size, compute_dtype=dtype,
-                               nodes=layout.nodes if layout else 1, shard_over=args.shard_over)
-            box = ("plan", plan.to_json())
-        except ValueError as e:
-            box = ("error", str(e))
-            failure = e
-    if world_size > 1:
-        box = comm.broadcast_object(box, 0, comm.world_group(),
-                                    what=f"broadcast of rank 0's plan (--shard-over {args.shard_over})")
-    if box[0] == "error":
-        if rank == 0:
-            raise failure
-        raise ValueError(f"rank 0 found no plan: {box[1]}")
-    return elixir.Plan.from_json(box[1])
-
-
 def build(args: argparse.Namespace) -> Job:
     """Tokenizer, data, model, plan, optimizer, schedule and checkpoint. Raises ValueError for values that
     only the data or the model can show wrong (a field missing, text too short, chunks too small, ...)."""
@@ -658,14 +632,9 @@ def build(args: argparse.Namespace) -> Job:
                 f"{', '.join(hardware.matmul_flops)}), so the planner cannot time a plan; use one of those, or make "
                 "the plan by hand (--resident, or --on-demand ...)"
             )
-        if args.shard_over == "auto":
-            model, optim = elixir.wrap(model, optim, plan="auto", device=device, disk=args.disk,
-                                       compute_dtype=dtype, example_batch=example, hardware=hardware,
-                                       nonfinite=args.nonfinite)
-        else:
-            plan = _searched_plan(args, model, example, dtype, hardware, rank, world_size)
-            model, optim = elixir.wrap(model, optim, plan=plan, device=device, disk=args.disk,
-                                       nonfinite=args.nonfinite)
+        model, optim = elixir.wrap(model, optim, plan="auto", device=device, disk=args.disk, compute_dtype=dtype,
+                                   example_batch=example, hardware=hardware, nonfinite=args.nonfinite,
+                                   shard_over=args.shard_over)
     plan = elixir.plan_of(model)
     prediction = dict(plan.predicted)
     if not prediction:

@@ -70,8 +70,15 @@ def measure_machine(*, cache: bool, quick: bool, refresh: bool, disk: str | None
     if cached is not None:  # keep the collective figures of other world sizes
         merged = {**cached.collective_bytes_per_s, **hardware.collective_bytes_per_s}
         hardware = dataclasses.replace(hardware, collective_bytes_per_s=dict(sorted(merged.items())))
+    if world > 1:
+        # one calibration for the job: rank 0's. The ranks' own compute figures differ by their neighbours' load,
+        # and ranks sharing a cache file would otherwise each write theirs, the last writer winning
+        hardware = Hardware.from_json(comm.broadcast_object(hardware.to_json(), 0, comm.world_group(),
+                                                            what="broadcast of rank 0's calibration"))
     if cache:
         _write_cache(path, hardware.to_json())
+    if world > 1:  # every rank's cache file is written before any rank reads it again
+        comm.every_rank(True, comm.world_group(), device=_device(), what="all-reduce after writing the calibration")
     return hardware if disk is None else _with_measured_disk(hardware, disk, cache, quick, refresh)
 
 

@@ -60,12 +60,8 @@ def _read_cache(path: Path) -> Hardware | None:
     """The cached calibration, or None when there is none. A cache is a file like any other (see [Note:
     untrusted files] in elixir/validation.py): damaged or of another format version, it is ignored with
     a one-line warning, and the machine is measured again (and the cache replaced)."""
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        _ignore_cache(path, e.strerror or str(e))
+    text = _read_bytes(path)
+    if text is None:
         return None
     try:
         return Hardware.from_json(text, source=str(path))
@@ -101,12 +97,8 @@ def _read_disk_cache(path: Path) -> tuple[float, float] | None:
     version, it is ignored with a one-line warning, as `_read_cache` does."""
     from elixir.validation import Fields, load_json
 
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        _ignore_cache(path, e.strerror or str(e))
+    text = _read_bytes(path)
+    if text is None:
         return None
     try:
         doc = Fields(load_json(text, str(path)), str(path))
@@ -125,3 +117,14 @@ def _disk_cache_text(folder: str, read: float, write: float) -> str:
     """What the disk cache of `folder` holds (written by `_write_cache`, read by `_read_disk_cache`)."""
     return json.dumps({"format_version": _DISK_FORMAT_VERSION, "folder": os.path.abspath(folder),
                        "read_bytes_per_s": read, "write_bytes_per_s": write})
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    """A cache file's bytes; None when there is none, or (with a one-line warning) when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        _ignore_cache(path, e.strerror or str(e))
+        return None

@@ -19,9 +19,10 @@ import os
 
 from elixir.data import FORMATS, PACKINGS
 from elixir.models import GPTConfig
+from elixir.plan import DTYPE_FLAGS, HOMES
 
-DTYPES = ("fp32", "bf16", "fp16")
-HOMES = ("device", "host")
+DTYPES = tuple(DTYPE_FLAGS)
+PARAM_HOMES = tuple(h for h in HOMES if h != "disk")  # parameter shards live on the device or the host
 SHARD_OVER = ("auto", "world", "node")
 SCHEDULES = ("cosine", "linear", "constant")
 REPORTERS = ("tensorboard", "wandb")
@@ -263,11 +264,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="hand plan: gather chunks into the device cache only when used",
     )
     plan.add_argument(
-        "--param-home", default=None, choices=HOMES,
+        "--param-home", default=None, choices=PARAM_HOMES,
         help="hand plan: where each rank's parameter shard lives between uses; host needs --on-demand (device)",
     )
     plan.add_argument(
-        "--optim-home", default=None, choices=(*HOMES, "disk"),
+        "--optim-home", default=None, choices=HOMES,
         help="hand plan: where fp32 masters and optimizer states live and update; disk needs --disk (device)",
     )
     plan.add_argument(

@@ -44,8 +44,9 @@ from elixir.data import (
 )
 from elixir.data.records import fingerprint as data_fingerprint
 from elixir.models import GPT, GPTConfig
+from elixir.plan import DTYPE_FLAGS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = DTYPE_FLAGS
 JOB_FLAGS = ("model", "batch_size", "seq_len", "seed", "grad_accum", "data", "tokenizer", "byte_tokens", "format",
              "text_field", "messages_field", "prompt_field", "response_field", "train_on_prompt", "packing",
              "val_fraction")

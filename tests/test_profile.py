@@ -283,6 +283,9 @@ def test_grouped_matrix_products_and_memory_bound_operators_are_counted():
     assert moved_bytes(aten.add.Tensor, (x, y), {}, x + y) == 3 * 4 * 8 * 4  # two read, one written
     assert moved_bytes(aten.add_.Tensor, (x, y), {}, x) == 3 * 4 * 8 * 4  # in place: x read and written
     assert moved_bytes(aten.view.default, (x, [32]), {}, x.view(32)) == 0  # a view moves nothing
+    # aliases without being a view to autograd: nothing moves either; a copy does
+    assert moved_bytes(aten._unsafe_view.default, (x, [32]), {}, aten._unsafe_view.default(x, [32])) == 0
+    assert moved_bytes(aten.clone.default, (x,), {}, x.clone()) == 2 * 4 * 8 * 4
 
 
 def test_profiles_of_the_previous_format_still_read():

@@ -19,7 +19,8 @@ import torch
 # 2: attention_flops; AdamW on buffers beyond the last-level cache; Linear-layer GEMMs
 # 3: CPU collectives as the runtime runs them (all-to-alls, shared memory between ranks of one host)
 # 4: the costs of running operators (per operator, interception, per fetch, memory-bound operators)
-_FORMAT_VERSION = 4
+# 5: memory-bound operators whose outputs alias their inputs (aten._unsafe_view) move no bytes
+_FORMAT_VERSION = 5
 
 # ---------------------------------------------------------------------------------------------------------------
 # sizes

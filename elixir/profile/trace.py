@@ -230,11 +230,21 @@ class _StepTracer(TorchDispatchMode):
 # read and written). A view operator moves nothing: it only makes a new tensor header. The cost model divides
 # these bytes by a rate `Hardware.measure()` times on such operators counted the same way (see
 # `eager_bytes_per_s` in elixir/hardware/record.py), and adds the per-operator overhead to every operator.
+# Some operators alias without being views to autograd (`aten._unsafe_view`, which every reshape of a
+# non-contiguous gradient and many matmul outputs go through): an operator that mutates nothing and whose
+# outputs all share an input's storage moves nothing either.
 def moved_bytes(func, args, kwargs, out) -> int:
-    """Bytes operator `func` reads and writes given its arguments and result; 0 for a view operator."""
+    """Bytes operator `func` reads and writes given its arguments and result; 0 for a view operator, or one
+    whose outputs alias its inputs without writing them."""
     if getattr(func, "is_view", False):
         return 0
-    return sum(t.numel() * t.element_size() for t in _tensors_in(args, kwargs) + _tensors_in(out))
+    inputs, outputs = _tensors_in(args, kwargs), _tensors_in(out)
+    schema = getattr(func, "_schema", None)
+    if outputs and schema is not None and not schema.is_mutable:
+        held = {_storage_key(t) for t in inputs} - {None}
+        if all(_storage_key(t) in held for t in outputs):
+            return 0
+    return sum(t.numel() * t.element_size() for t in inputs + outputs)
 
 
 def _tensors_in(*trees) -> list[Tensor]:

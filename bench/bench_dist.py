@@ -76,13 +76,12 @@ import torch.distributed as dist
 
 import elixir
 from elixir import bench as B
-from elixir.bench import LR, TORCH_LINEAR, WEIGHT_DECAY, adamw, plain_step
+from elixir.bench import LR, NO_OFFLOAD, OFFLOAD, TORCH_LINEAR, WEIGHT_DECAY, adamw, plain_step
 from elixir.models import GPT, GPTConfig
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported (in build_deepspeed)
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
-NO_OFFLOAD, OFFLOAD = "no offload", "offload"
 SYSTEMS = {
     # name: (setting, family, description)
     "elixir-resident": (NO_OFFLOAD, "elixir", "Elixir, chunks resident (ZeRO-2-like), homes on device"),

@@ -126,6 +126,9 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
     assert hw.attention_flops and all(rate > 0 for rate in hw.attention_flops.values())
     # the costs of running operators at all: microseconds per operator, a fetch's bookkeeping under a second
     assert 0 < hw.op_overhead_s < 1e-3 and 0 < hw.eager_bytes_per_s < math.inf
+    # memory-bound operators at three sizes, each moving more bytes per operator than the last
+    assert len(hw.eager_rates) == 3 and all(0 < rate < math.inf for rate in hw.eager_rates.values())
+    assert hw.eager_rate(1) == hw.eager_rates[min(hw.eager_rates)]
     assert 0 <= hw.interception_op_s < 1e-3 and 0 <= hw.fetch_overhead_s < 1.0
     assert hw.collective_bytes_per_s == {}  # a single process: nothing to measure
     assert hw.device_type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -215,6 +215,12 @@ def test_memory_bound_operators_cost_the_bytes_they_move():
     no_rate = dataclasses.replace(hw, eager_bytes_per_s=0.0)
     assert simulate(prof, plan, no_rate).step_s == pytest.approx(0.8 * MS + 1e-9 + grad_copy, rel=1e-6)
     assert simulate(old, plan, hw).step_s == pytest.approx(2 * MS + 1e-9 + grad_copy, rel=1e-6)
+    # rates measured by size: 8 MB sits halfway (in the logarithm) between 2 MB at 8 GB/s and 32 MB at 4 GB/s,
+    # so it moves at 6 GB/s; below and above the sizes measured, the nearest rate
+    by_size = dataclasses.replace(hw, eager_rates={2_000_000: 8e9, 32_000_000: 4e9})
+    assert by_size.eager_rate(8_000_000) == pytest.approx(6e9)
+    assert by_size.eager_rate(1_000) == 8e9 and by_size.eager_rate(10**9) == 4e9
+    assert simulate(prof, plan, by_size).step_s == pytest.approx(8e6 / 6e9 + 1e-9 + grad_copy, rel=1e-6)
 
 
 @pytest.mark.parametrize("family,blocks,depth", [

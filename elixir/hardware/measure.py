@@ -238,11 +238,12 @@ def _runtime_overheads(device: torch.device, sync, min_total_s: float) -> tuple[
     return per_op, per_fetch
 
 
-def _eager_bytes_per_s(device: torch.device, sync, min_total_s: float, op_overhead_s: float, *, numel: int) -> float:
-    """Bytes per second of memory-bound operators, as the profile counts them (see [Note: what a memory-bound
-    operator costs] in elixir/profile/trace.py): the forward and backward of a transformer block's operators
-    without matmuls (layer norm, GELU, a residual add, softmax, a concatenation, a sum) on `numel`-element
-    activations, less the per-operator overhead."""
+def _eager_bytes_per_s(device: torch.device, sync, min_total_s: float, op_overhead_s: float, *,
+                       numel: int) -> tuple[float, float]:
+    """(bytes per second, bytes moved per operator) of memory-bound operators, as the profile counts them (see
+    [Note: what a memory-bound operator costs] in elixir/profile/trace.py): the forward and backward of a
+    transformer block's operators without matmuls (layer norm, GELU, a residual add, softmax, a concatenation,
+    a sum) on `numel`-element activations, less the per-operator overhead."""
     import torch.nn.functional as F
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -274,7 +275,7 @@ def _eager_bytes_per_s(device: torch.device, sync, min_total_s: float, op_overhe
     with Count() as count:
         step()
     seconds = _seconds(step, sync, min_total_s=min_total_s)
-    return count.bytes / max(seconds - count.ops * op_overhead_s, seconds / 4)
+    return count.bytes / max(seconds - count.ops * op_overhead_s, seconds / 4), count.bytes / count.ops
 
 
 def _adamw_elems_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> float:
@@ -511,8 +512,15 @@ def _measure(quick: bool) -> Hardware:
     # steps of milliseconds: a fifth of the time gives tens of repetitions, enough for their minimum
     op_overhead = _op_overhead_s(device, sync, min_total_s / 5)
     interception, fetch_overhead = _runtime_overheads(device, sync, min_total_s / 5)
-    eager = _eager_bytes_per_s(device, sync, min_total_s / 5, op_overhead, numel=(2**18 if quick else 2**20) * (
-        16 if on_gpu else 1))
+    # memory-bound operators at several sizes: in the caches and streaming from memory (`Hardware.eager_rates`);
+    # `eager_bytes_per_s` stays the figure of 2**20-element activations (2**24 on a GPU)
+    scale = 16 if on_gpu else 1
+    eager_rates, eager = {}, 0.0
+    for numel in ((2**16, 2**18, 2**20) if quick else (2**16, 2**18, 2**20, 2**22)):
+        rate, per_op = _eager_bytes_per_s(device, sync, min_total_s / 10, op_overhead, numel=numel * scale)
+        eager_rates[int(per_op)] = rate
+        if numel == 2**20:
+            eager = rate
 
     device_optim = _adamw_elems_per_s(device, adam_numel, sync, min_total_s)
     host_optim = _adamw_elems_per_s(torch.device("cpu"), adam_numel if not on_gpu else adam_numel // 8,
@@ -533,6 +541,7 @@ def _measure(quick: bool) -> Hardware:
         attention_flops=attention_flops,
         op_overhead_s=op_overhead,
         eager_bytes_per_s=eager,
+        eager_rates=eager_rates,
         interception_op_s=interception,
         fetch_overhead_s=fetch_overhead,
     )

@@ -20,7 +20,8 @@ import torch
 # 3: CPU collectives as the runtime runs them (all-to-alls, shared memory between ranks of one host)
 # 4: the costs of running operators (per operator, interception, per fetch, memory-bound operators)
 # 5: memory-bound operators whose outputs alias their inputs (aten._unsafe_view) move no bytes
-_FORMAT_VERSION = 5
+# 6: memory-bound operators' rate by the bytes one moves (`eager_rates`)
+_FORMAT_VERSION = 6
 
 # ---------------------------------------------------------------------------------------------------------------
 # sizes
@@ -131,6 +132,11 @@ class Hardware:
     """Bytes per second that memory-bound operators (elementwise, normalisation, softmax, reductions, cat) read
     and write, counted as the profile counts them (see [Note: what a memory-bound operator costs] in
     elixir/profile/trace.py). 0: `device_copy_bytes_per_s`."""
+    eager_rates: dict[int, float] = field(default_factory=dict)
+    """Bytes per second of memory-bound operators by the bytes one operator moves (reads and writes), from
+    calibrations at several tensor sizes: operators on tensors that stay in the caches run several times faster
+    than on tensors that stream from memory (on the 2-core CPU of BENCHMARKS.md ~15 GB/s at 1 MiB moved per
+    operator, ~6 GB/s at 64 MiB). `eager_rate` interpolates it. Empty: `eager_bytes_per_s` for every size."""
     interception_op_s: float = 0.0
     """Seconds every operator costs on top of `op_overhead_s` while Elixir intercepts parameter uses (a plan
     with on-demand chunks: the torch-function mode, module hooks and saved-tensor hooks of
@@ -191,6 +197,13 @@ class Hardware:
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
                     and math.isfinite(value)):
                 raise ValueError(f"Hardware.{what}={value!r} must be a finite number >= 0 (0: the default)")
+        for nbytes, rate in self.eager_rates.items():
+            if not (isinstance(nbytes, int) and not isinstance(nbytes, bool) and nbytes >= 1
+                    and isinstance(rate, (int, float)) and rate > 0 and math.isfinite(rate)):
+                raise ValueError(
+                    f"Hardware.eager_rates[{nbytes!r}]={rate!r}: keys are bytes moved per operator (ints >= 1), "
+                    "values positive finite bytes/s"
+                )
         for world, rate in self.collective_bytes_per_s.items():
             if not (isinstance(world, int) and world >= 2 and rate > 0 and math.isfinite(rate)):
                 raise ValueError(
@@ -217,6 +230,21 @@ class Hardware:
         """FLOP/s of fused attention in `dtype`: the measured figure, else the matmul rate."""
         name = str(dtype).removeprefix("torch.")
         return self.attention_flops.get(name) or self.matmul_rate(name)
+
+    def eager_rate(self, nbytes: float) -> float:
+        """Bytes per second of a memory-bound operator that moves `nbytes` (reads and writes): `eager_rates`
+        interpolated linearly in the logarithm of the size, held at its ends beyond the sizes measured;
+        `eager_bytes_per_s` (else `device_copy_bytes_per_s`) without them."""
+        if not self.eager_rates:
+            return self.eager_bytes_per_s or self.device_copy_bytes_per_s
+        points = sorted(self.eager_rates.items())
+        if nbytes <= points[0][0]:
+            return points[0][1]
+        for (b0, r0), (b1, r1) in zip(points, points[1:]):
+            if nbytes <= b1:
+                t = math.log(nbytes / b0) / math.log(b1 / b0)
+                return r0 + t * (r1 - r0)
+        return points[-1][1]
 
     def collective_rate(self, world_size: int) -> float:
         """Bus bandwidth per device for `world_size` ranks: the figure for that size, else for the nearest
@@ -307,6 +335,7 @@ class Hardware:
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["collective_bytes_per_s"] = {str(w): r for w, r in self.collective_bytes_per_s.items()}
+        data["eager_rates"] = {str(b): r for b, r in self.eager_rates.items()}
         data["format_version"] = _FORMAT_VERSION
         return json.dumps(data, indent=2)
 
@@ -341,6 +370,13 @@ class Hardware:
             if not world.isdigit() or int(world) < 2:
                 raise collective.fail(collective.path(world), "is not a world size; keys are world sizes >= 2")
             data["collective_bytes_per_s"][int(world)] = rate
+        eager = doc.obj("eager_rates", default=None)
+        data["eager_rates"] = {}
+        for nbytes in (eager.data if eager else ()):
+            rate = eager.get(nbytes, "number", above=0)
+            if not nbytes.isdigit() or int(nbytes) < 1:
+                raise eager.fail(eager.path(nbytes), "is not a size; keys are bytes moved per operator >= 1")
+            data["eager_rates"][int(nbytes)] = rate
         data["device_type"] = doc.get("device_type", "str", default="cuda", choices=("cuda", "cpu"))
         data["disk_bytes"] = doc.get("disk_bytes", "int", least=0, default=0)
         for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s", "intra_node_latency_s",

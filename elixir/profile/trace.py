@@ -228,8 +228,9 @@ class _StepTracer(TorchDispatchMode):
 # bound by memory: it reads its inputs and writes its outputs once. `moved_bytes` counts both, by the tensors'
 # sizes (a view argument counts the elements it spans, not its base; an in-place operator's output is its input,
 # read and written). A view operator moves nothing: it only makes a new tensor header. The cost model divides
-# these bytes by a rate `Hardware.measure()` times on such operators counted the same way (see
-# `eager_bytes_per_s` in elixir/hardware/record.py), and adds the per-operator overhead to every operator.
+# these bytes by a rate `Hardware.measure()` times on such operators counted the same way, at several sizes (see
+# `eager_rates` in elixir/hardware/record.py: an operator whose tensors stay in the caches runs several times
+# faster than one streaming from memory), and adds the per-operator overhead to every operator.
 # Some operators alias without being views to autograd (`aten._unsafe_view`, which every reshape of a
 # non-contiguous gradient and many matmul outputs go through): an operator that mutates nothing and whose
 # outputs all share an input's storage moves nothing either.

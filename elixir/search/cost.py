@@ -508,7 +508,6 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     attention = hardware.attention_rate(plan.dtype)
     network = Network(hardware, world_size=plan.world_size, nodes=plan.nodes)
     copy_rate = hardware.device_copy_bytes_per_s
-    eager_rate = hardware.eager_bytes_per_s or copy_rate
 
     def fetch_cost(index: int) -> tuple[float, float]:
         """(seconds on the compute thread, seconds on the communication stream)."""
@@ -524,7 +523,8 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         if op.flops:
             return op.flops / (attention if "attention" in op.name else matmul)
         # memory-bound: see [Note: what a memory-bound operator costs] in elixir/profile/trace.py
-        return (op.out_bytes * 2 if op.moved_bytes is None else op.moved_bytes) / eager_rate
+        moved = op.out_bytes * 2 if op.moved_bytes is None else op.moved_bytes
+        return moved / hardware.eager_rate(moved) if moved else 0.0
 
     def update_s(c: _Chunk) -> float:
         rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s

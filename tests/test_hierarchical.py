@@ -51,8 +51,11 @@ def _model() -> GPT:
 
 
 def _plan(model, kind: str, opt, shard_over: str) -> elixir.Plan:
+    """`make_plan`'s plan on 2 nodes, every chunk sharded over `shard_over`; "alternate": every other chunk
+    inside the nodes, the rest over the world."""
     plan = make_plan(model, kind, opt)
-    chunks = tuple(dataclasses.replace(c, shard_over=shard_over) for c in plan.chunks)
+    chunks = tuple(dataclasses.replace(c, shard_over=("node" if i % 2 else "world") if shard_over == "alternate"
+                                       else shard_over) for i, c in enumerate(plan.chunks))
     return dataclasses.replace(plan, chunks=chunks, nodes=2)
 
 
@@ -77,14 +80,14 @@ def _parity(rank, world):
     _as_torchrun(rank, world)
     model = _model()
     data = batches(STEPS, batch=8)
-    for kind in ("resident", "on_demand", "host", "mixed"):
+    for kind, over in [(k, "node") for k in ("resident", "on_demand", "host", "mixed")] + [("mixed", "alternate")]:
         w = _train(model, kind, "world", data, rank, world, same_batch=True)
-        n = _train(model, kind, "node", data, rank, world, same_batch=True)
-        assert w[0] == n[0], (kind, w[0], n[0])
-        assert all(torch.equal(w[2][k], n[2][k]) for k in w[2]), kind
-    for kind in ("on_demand", "host"):
+        n = _train(model, kind, over, data, rank, world, same_batch=True)
+        assert w[0] == n[0], (kind, over, w[0], n[0])
+        assert all(torch.equal(w[2][k], n[2][k]) for k in w[2]), (kind, over)
+    for kind, over in (("on_demand", "node"), ("host", "node"), ("host", "alternate")):
         w = _train(model, kind, "world", data, rank, world, same_batch=False, clip=True)
-        n = _train(model, kind, "node", data, rank, world, same_batch=False, clip=True)
+        n = _train(model, kind, over, data, rank, world, same_batch=False, clip=True)
         assert_close_rel(n[0], w[0], 1e-6)
         assert_close_rel(n[1], w[1], 1e-6)  # the norm counts each replicated shard once
         assert_params_close(n[2], w[2], 1e-6)
@@ -429,6 +432,29 @@ def test_the_search_shards_inside_nodes_when_the_link_between_them_is_slow():
     assert plan.nodes == 2 and {c.shard_over for c in plan.chunks} == {"node"}
     world, world_pred = search(prof, slow, world_size=4, nodes=2, shard_over="world")
     assert {c.shard_over for c in world.chunks} == {"world"} and world_pred.step_s > pred.step_s
+    assert elixir.Plan.from_json(plan.to_json()) == plan
+
+
+def test_the_search_mixes_layouts_when_the_host_has_no_room_for_every_node_shard():
+    from elixir.hardware import Hardware
+    from elixir.search import PlanDoesNotFitError, search
+    from elixir.search.search import DEVICE_MARGIN, HOST_MARGIN
+
+    model = _model()
+    x = batches(1)[0]
+    prof = elixir.profile(model, {"input_ids": x, "labels": x})
+    params = sum(p.numel() for p in model.parameters())
+    slow = Hardware.preset("A100-80GB").with_network(inter_node_bytes_per_s=1e6, inter_node_latency_s=1e-3)
+    # the device holds the activations and 6 bytes per parameter, the host 4: every chunk sharded inside the
+    # nodes does not fit, every chunk over the world does, and waits on the slow link
+    tight = dataclasses.replace(slow, device_bytes=int((prof.peak_activation_bytes + 6 * params) / DEVICE_MARGIN),
+                                host_bytes=int(4 * params / HOST_MARGIN))
+    with pytest.raises(PlanDoesNotFitError):
+        search(prof, tight, world_size=4, nodes=2, shard_over="node")
+    world, world_pred = search(prof, tight, world_size=4, nodes=2, shard_over="world")
+    plan, pred = search(prof, tight, world_size=4, nodes=2)
+    assert {c.shard_over for c in plan.chunks} == {"world", "node"}
+    assert pred.step_s < world_pred.step_s
     assert elixir.Plan.from_json(plan.to_json()) == plan
 
 

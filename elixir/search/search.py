@@ -142,6 +142,20 @@ def search(
     )
 
 
+# [Note: the layout per chunk]
+# On several nodes each chunk is sharded over the world or inside its node (see [Note: hierarchical sharding]
+# in elixir/parallel/nodes.py). Node sharding keeps gathers and reduce-scatters off the link between nodes but
+# holds `nodes` times the shard per rank (parameters, master, optimizer states, on the device or the host).
+# The placement levels below move the first k chunks (in order of use) one step down (optimizer to the host,
+# off residency, shard to the host); the layouts tried say what the moved chunks and the others are sharded
+# over: the same for all (world or node), or the moved ones inside nodes and the others over the world, or
+# the reverse. A mixed layout wins where neither plain one fits well: with the host short of room for node
+# shards, node-sharding the chunks whose states live on the host costs more host memory than the world
+# layout, so only some can be; with the device short, the chunks left resident are world-sharded to make
+# room. Moving a chunk then also changes its sharding, so memory need not fall with k: for a mixed layout
+# both ends of the range of k that fits are tried (`fitting_ends`). A greedy pass that flipped single chunks
+# of the fastest plan found nothing: the memory a flip frees is only worth something once the placement
+# search spends it.
 class _Space:
     """The placements of one model on one machine: what `search` walks for one profiled micro-batch."""
 
@@ -153,8 +167,12 @@ class _Space:
         if shard_over not in (None, "world", "node"):
             raise ValueError(f"shard_over={shard_over!r}: use 'world', 'node', or None to choose")
         self.nodes = nodes
-        # the layouts tried: sharding inside nodes only where there are several
-        self.overs = [shard_over] if shard_over else ["world", "node"] if nodes > 1 else ["world"]
+        # the layouts tried, as (what the moved chunks are sharded over, what the others are): sharding inside
+        # nodes only where there are several; see [Note: the layout per chunk]
+        if shard_over or nodes == 1:
+            self.overs = [(shard_over or "world",) * 2]
+        else:
+            self.overs = [("world", "world"), ("node", "node"), ("node", "world"), ("world", "node")]
         self.hardware = hardware
         self.checkpointed = [list(r) for r in checkpointed or ()]  # blocks the model recomputes itself
         self.world_size = world_size
@@ -255,8 +273,10 @@ class _Space:
         fits = self.fits
         device_budget = self.device_budget
 
-        def consider(plan: Plan) -> Prediction:
-            nonlocal best, smallest, leanest
+        best_layout = None  # (chunk size, overs) of `best`
+
+        def consider(plan: Plan, layout=None) -> Prediction:
+            nonlocal best, smallest, leanest, best_layout
             pred = self.memory_only(profile, plan)  # no replay of the step for a plan that does not fit
             if fits(pred):
                 pred = simulate(profile, plan, self.hardware)
@@ -271,18 +291,44 @@ class _Space:
                 leanest = (plan, pred)
             if fits(pred):
                 if best is None or pred.step_s < best[1].step_s:
-                    best = (plan, pred)
+                    best, best_layout = (plan, pred), layout
             return pred
+
+        def fitting_ends(level, n: int) -> None:
+            """Both ends of the k (of `n`) whose plans `level(k)` fit, for a mixed layout: moving a chunk
+            also changes what it is sharded over, so memory need not fall with k (node sharding holds more
+            per rank); the ks that fit are taken to be one interval, found from a scan of powers of two."""
+            ks = sorted({1, n} | {2**j for j in range(n.bit_length()) if 2**j < n}
+                        | {n - 2**j for j in range(n.bit_length()) if 0 < n - 2**j})
+            fit = [k for k in ks if fits(consider(*level(k)))]
+            if not fit:
+                return
+            lo, hi = max([k for k in ks if k < fit[0]], default=0) + 1, fit[0]
+            while lo < hi:  # the smallest k that fits
+                mid = (lo + hi) // 2
+                if fits(consider(*level(mid))):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            lo, hi = fit[-1], min([k for k in ks if k > fit[-1]], default=n + 1) - 1
+            while lo < hi:  # the largest
+                mid = (lo + hi + 1) // 2
+                if fits(consider(*level(mid))):
+                    lo = mid
+                else:
+                    hi = mid - 1
 
         layouts = [(layout, over) for layout in self._layouts(profile, batch.get("checkpoint_every", 0))
                    for over in self.overs]
-        for (chunk_numel, names, min_blocks), over in layouts:
-            base = self._base(profile, chunk_numel, names, over, **batch)
+        for (chunk_numel, names, min_blocks), (moved_over, kept_over) in layouts:
+            base = self._base(profile, chunk_numel, names, kept_over, **batch)
+            here = (chunk_numel, moved_over, kept_over)
+            mixed = moved_over != kept_over
 
-            def this_layout(plan: Plan, chunk_numel=chunk_numel, base=base) -> bool:
-                return plan.chunk_numel == chunk_numel and plan.chunks[0].shard_over == base.chunks[0].shard_over
+            def this_layout(here=here) -> bool:
+                return best_layout == here
 
-            def level(k: int, lvl: int, blocks: int, names=names, base=base) -> Plan:
+            def level(k: int, lvl: int, blocks: int, names=names, base=base, here=here) -> Plan:
                 chunks = []
                 for i, c in enumerate(names):
                     moved = i < k
@@ -296,28 +342,33 @@ class _Space:
                         choice = dict(resident=False, param_home="host", optim_home="device" if moved else "host")
                     else:  # every shard on the host, the optimizer of k chunks on disk
                         choice = dict(resident=False, param_home="host", optim_home="disk" if moved else "host")
-                    chunks.append(ChunkPlan(params=c, shard_over=base.chunks[i].shard_over, **choice))
+                    over = self._over(c, here[1] if moved else here[2])
+                    chunks.append(ChunkPlan(params=c, shard_over=over, **choice))
                 uses_cache = any(not c.resident for c in chunks)
-                return dataclasses.replace(base, chunks=tuple(chunks), cache_blocks=blocks if uses_cache else 0)
+                return dataclasses.replace(base, chunks=tuple(chunks), cache_blocks=blocks if uses_cache else 0), here
 
-            if fits(consider(base)):
+            # a mixed layout's base (no chunk moved) is the plain layout of its other chunks, tried already
+            if not mixed and fits(consider(base, here)):
                 continue  # all resident fits: nothing slower at this chunk size can win on memory
             for lvl in (1, 2, 3):
                 block_options = [0] if lvl == 1 else sorted({min_blocks, min_blocks + 2, 2 * min_blocks + 2})
                 for blocks in block_options:
                     blocks = min(blocks, len(names)) if lvl > 1 else 0
+                    if mixed:
+                        fitting_ends(lambda k, lvl=lvl, blocks=blocks: level(k, lvl, blocks), len(names))
+                        continue
                     # smallest k that fits: memory falls monotonically with k
                     lo, hi = 1, len(names)
-                    if not fits(consider(level(hi, lvl, blocks))):
+                    if not fits(consider(*level(hi, lvl, blocks))):
                         continue
                     while lo < hi:
                         mid = (lo + hi) // 2
-                        if fits(consider(level(mid, lvl, blocks))):
+                        if fits(consider(*level(mid, lvl, blocks))):
                             hi = mid
                         else:
                             lo = mid + 1
-                    consider(level(lo, lvl, blocks))
-                if best is not None and this_layout(best[0]):
+                    consider(*level(lo, lvl, blocks))
+                if best is not None and this_layout():
                     break  # a cheaper level already fits at this chunk size and layout
             else:
                 # L4: when the host is what overflows, give the device's spare room to optimizer states:
@@ -327,25 +378,25 @@ class _Space:
                     lo, hi = 0, len(names)
                     while lo < hi:
                         mid = (lo + hi + 1) // 2
-                        if consider(level(mid, 4, blocks)).device_bytes_peak <= device_budget:
+                        if consider(*level(mid, 4, blocks)).device_bytes_peak <= device_budget:
                             lo = mid
                         else:
                             hi = mid - 1
-                    consider(level(lo, 4, blocks))
-                if self.disk_budget and (best is None or not this_layout(best[0])):
+                    consider(*level(lo, 4, blocks))
+                if self.disk_budget and (best is None or not this_layout()):
                     # L5: the host still overflows: the optimizer of the fewest chunks that makes it fit on disk
                     for blocks in sorted({min_blocks, min_blocks + 2}):
                         blocks = min(blocks, len(names))
                         lo, hi = 1, len(names)
-                        if not fits(consider(level(hi, 5, blocks))):
+                        if not fits(consider(*level(hi, 5, blocks))):
                             continue
                         while lo < hi:
                             mid = (lo + hi) // 2
-                            if fits(consider(level(mid, 5, blocks))):
+                            if fits(consider(*level(mid, 5, blocks))):
                                 hi = mid
                             else:
                                 lo = mid + 1
-                        consider(level(lo, 5, blocks))
+                        consider(*level(lo, 5, blocks))
         return best, smallest, leanest
 
 

@@ -22,8 +22,8 @@ Targets: step time within 10% of the measurement (--time-target), device bytes w
 shared: the script waits for the 1-minute load average to fall below --max-load and for other jobs to use under
 --max-busy of the CPUs before it measures, waits again before every repetition while other jobs are busy
 (--max-wait-s of waiting in all), and prints what other jobs used during each repetition (the machine's busy
-time less the plans' own processes'). It calibrates `Hardware.measure(refresh=True)` at the start, in a process
-like the plans' (threads, ranks), on the quiet machine,
+time less the plans' own processes'). It calibrates `Hardware.measure(refresh=True)` right before each model's plans
+run (--calibrate once: at the start only), in a process like the plans' (threads, ranks), on the quiet machine,
 again if other jobs took the CPUs meanwhile (--cached-hardware reads the cache instead: every elixir process
 on the machine shares it, measured under whatever load there was).
 Every plan computes the same fp32 math from the same weights on the same batch, so the losses of all plans
@@ -86,8 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="device memory for the searched plan, as a fraction of the all-resident plan's "
                         "predicted device bytes (model data and activations)")
     p.add_argument("--cached-hardware", action="store_true",
-                   help="use the cached Hardware.measure() instead of calibrating again (refresh=True) at the start; "
+                   help="use the cached Hardware.measure() instead of calibrating again (refresh=True); "
                         "the cache is shared with every elixir process on the machine, whatever its load was")
+    p.add_argument("--calibrate", choices=("per-model", "once"), default="per-model",
+                   help="calibrate right before each model's plans run (this VM's speed drifts by 15-30%% within "
+                        "minutes), or once at the start")
     p.add_argument("--max-load", type=float, default=2.0,
                    help="before measuring, wait until the 1-minute load average is below this")
     p.add_argument("--max-busy", type=float, default=0.25,
@@ -449,24 +452,33 @@ def main(argv=None) -> int:
     quiet = Quiet(args.max_load, args.max_busy, args.max_wait_s)
     busy_before = quiet.wait(check_load=True)
     load_before = os.getloadavg()[0]
-    if args.cached_hardware:
-        hw, busy_calibrating = Hardware.measure(), None
-    else:
-        while True:  # calibrate now, while the machine is quiet; again if other jobs took the CPUs meanwhile
-            watch = OthersWatch().start()
-            hw, own_cpu_s = calibrate(args, world)
-            busy_calibrating = max(0.0, watch.stop() - own_cpu_s / watch.capacity_s)
-            if busy_calibrating < args.max_busy or quiet.waited_s >= quiet.budget:
-                break
-            say(f"other jobs used {busy_calibrating:.0%} of the CPUs while calibrating: again")
-            quiet.wait(check_load=False)
-    say(f"hardware: {hw.name}: matmul fp32 {hw.matmul_flops['float32'] / 1e9:.0f} GFLOP/s, copy "
-        f"{hw.device_copy_bytes_per_s / 1e9:.1f} GB/s, memory-bound operators {hw.eager_bytes_per_s / 1e9:.1f} GB/s, "
-        f"AdamW {hw.device_optim_elems_per_s / 1e9:.2f} G elements/s"
-        + "".join(f", {k} {getattr(hw, k) * 1e6:.2f} us" for k in OVERHEAD_FIELDS if hasattr(hw, k)))
+    def calibrated() -> tuple[Hardware, float | None]:
+        if args.cached_hardware:
+            hw, busy_calibrating = Hardware.measure(), None
+        else:
+            while True:  # calibrate now, while the machine is quiet; again if other jobs took the CPUs meanwhile
+                watch = OthersWatch().start()
+                hw, own_cpu_s = calibrate(args, world)
+                busy_calibrating = max(0.0, watch.stop() - own_cpu_s / watch.capacity_s)
+                if busy_calibrating < args.max_busy or quiet.waited_s >= quiet.budget:
+                    break
+                say(f"other jobs used {busy_calibrating:.0%} of the CPUs while calibrating: again")
+                quiet.wait(check_load=False)
+        say(f"hardware: {hw.name}: matmul fp32 {hw.matmul_flops['float32'] / 1e9:.0f} GFLOP/s, copy "
+            f"{hw.device_copy_bytes_per_s / 1e9:.1f} GB/s, memory-bound operators "
+            + ", ".join(f"{r / 1e9:.1f} GB/s at {b / 1e6:.1f} MB" for b, r in sorted(hw.eager_rates.items()))
+            + f", AdamW {hw.device_optim_elems_per_s / 1e9:.2f} G elements/s"
+            + "".join(f", {k} {getattr(hw, k) * 1e6:.2f} us" for k in OVERHEAD_FIELDS if hasattr(hw, k)))
+        return hw, busy_calibrating
 
     rows: list[dict] = []
+    calibrations: list[dict] = []
+    hw = None
     for name in models:
+        if hw is None or args.calibrate == "per-model":
+            hw, busy_calibrating = calibrated()
+            calibrations.append({"before_model": name, "hardware": json.loads(hw.to_json()),
+                                 "others_busy_calibrating": busy_calibrating})
         rows += measure_model(name, args, hw, quiet, world, say)
 
     say("")
@@ -498,10 +510,9 @@ def main(argv=None) -> int:
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
                         "ranks": world, "torch": torch.__version__},
-            "hardware": json.loads(hw.to_json()),
+            "calibrations": calibrations,
             "config": vars(args),
-            "load_before": load_before, "others_busy_before": busy_before,
-            "others_busy_calibrating": busy_calibrating, "waited_s": quiet.waited_s,
+            "load_before": load_before, "others_busy_before": busy_before, "waited_s": quiet.waited_s,
             "rows": rows,
             "median_time_error": statistics.median(errors), "worst_time_error": abs(worst["time_ratio"] - 1),
             "time_ok": time_ok, "memory_ok": mem_ok, "losses_ok": losses_ok,

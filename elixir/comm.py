@@ -401,6 +401,20 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_nodes(world_size: int | None = None) -> int:
+    """Nodes the job runs on: its world size (`launched_world_size`) over the ranks on this machine (torchrun's
+    LOCAL_WORLD_SIZE) when that divides evenly, else 1; also 1 when `world_size` is given and the job's differs
+    (a plan made for another run)."""
+    world = launched_world_size()
+    try:
+        local = int(os.environ["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return 1
+    if world_size is not None and world != world_size:
+        return 1
+    return world // local if 1 <= local < world and world % local == 0 else 1
+
+
 def world_group() -> ChunkGroup:
     """Every rank of the job as a group (a group of one when no process group is initialised)."""
     rank, world = rank_and_world()

@@ -265,7 +265,7 @@ class Plan:
                 "ranks of each node, replicated across nodes)"
             )
         if nodes is None:
-            nodes = _default_nodes(world_size)
+            nodes = comm.launched_nodes(world_size)
         itemsize = DTYPES[name].itemsize
         chunk_numel = int(chunk_mib * 2**20) // itemsize
         named = named_parameters(model)
@@ -442,20 +442,6 @@ class Plan:
 
 
 _PLAN_FIELDS = tuple(f.name for f in fields(Plan))
-
-
-def _default_nodes(world_size: int) -> int:
-    """Nodes as torchrun's environment says (WORLD_SIZE / LOCAL_WORLD_SIZE) when it describes a run of
-    `world_size` ranks, else 1."""
-    import os
-
-    try:
-        world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
-    except (KeyError, ValueError):
-        return 1
-    if world != world_size or local < 1 or world % local:
-        return 1
-    return world // local
 
 
 def named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

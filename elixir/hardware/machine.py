@@ -33,7 +33,5 @@ def _local_ranks() -> int:
 
 
 def _nodes() -> int:
-    """Nodes the job runs on: its ranks over those on this machine (torchrun's WORLD_SIZE over
-    LOCAL_WORLD_SIZE) when that divides evenly, else 1."""
-    world, local = comm.launched_world_size(), _local_ranks()
-    return world // local if world > local and world % local == 0 else 1
+    """Nodes the job runs on (`comm.launched_nodes`)."""
+    return comm.launched_nodes()

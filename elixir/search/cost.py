@@ -519,12 +519,17 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             return move + (per_collective if c.ranks > 1 else 0.0) + hardware.fetch_overhead_s, gather
         return hardware.fetch_overhead_s, move + gather
 
+    memory_bound_s: dict[int, float] = {}  # by bytes moved: a step repeats a few sizes over and over
+
     def op_seconds(op) -> float:
         if op.flops:
             return op.flops / (attention if "attention" in op.name else matmul)
         # memory-bound: see [Note: what a memory-bound operator costs] in elixir/profile/trace.py
         moved = op.out_bytes * 2 if op.moved_bytes is None else op.moved_bytes
-        return moved / hardware.eager_rate(moved) if moved else 0.0
+        seconds = memory_bound_s.get(moved)
+        if seconds is None:
+            seconds = memory_bound_s[moved] = moved / hardware.eager_rate(moved) if moved else 0.0
+        return seconds
 
     def update_s(c: _Chunk) -> float:
         rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s

@@ -17,8 +17,9 @@ counted on this machine, and what the planner predicts for real clusters.
    It also checks that both layouts end with the same losses (relative 1e-6: fp32 sums in another order).
 2. Predicted (`--what-if`): `elixir plan`'s search for OPT-13B and Llama-3-8B on 2 x 8 A100-80GB, over
    one 100 Gb/s Ethernet link per node (ethernet-100g) and over 4 x 200 Gb/s InfiniBand HDR per node
-   (4xib-hdr-200g): world sharding, node sharding and the layout the search picks, the global batch
-   --tokens-per-step in sequences of --seq-len, predicted TFLOPS per GPU.
+   (4xib-hdr-200g), and OPT-30B on 2 x 8 A100-40GB with 24 or 32 GiB of host memory per GPU: world sharding,
+   node sharding and the layout the search picks (per chunk), the global batch --tokens-per-step in
+   sequences of --seq-len, predicted TFLOPS per GPU.
 
     python bench/bench_nodes.py --nproc 4 --ranks-per-node 2 --steps 3
     python bench/bench_nodes.py --what-if --json nodes.json
@@ -181,38 +182,60 @@ def counted(args) -> dict:
     return {"rows": rows, "ok": not bad}
 
 
-WHAT_IF = [("opt-13b", "ethernet-100g"), ("opt-13b", "4xib-hdr-200g"), ("llama-3-8b", "ethernet-100g"),
-           ("llama-3-8b", "4xib-hdr-200g")]
+WHAT_IF = [("opt-13b", "ethernet-100g", "A100-80GB", None), ("opt-13b", "4xib-hdr-200g", "A100-80GB", None),
+           ("llama-3-8b", "ethernet-100g", "A100-80GB", None), ("llama-3-8b", "4xib-hdr-200g", "A100-80GB", None),
+           # short of host memory: 24 GiB per GPU holds OPT-30B's host-side states sharded over the world, not
+           # sharded inside a node (twice as much per rank); see [Note: the layout per chunk]
+           ("opt-30b", "ethernet-100g", "A100-40GB", "24GiB"), ("opt-30b", "4xib-hdr-200g", "A100-40GB", "24GiB"),
+           ("opt-30b", "4xib-hdr-200g", "A100-40GB", "32GiB")]
 
 
 def what_if(args) -> list[dict]:
     from elixir.hardware import Hardware, parse_link
     from elixir.models.families import build_family
+    from elixir.search import PlanDoesNotFitError
     from elixir.search.api import plan_batch
 
     rows = []
-    for model_name, link in WHAT_IF:
+    models = {}
+    for model_name, link, gpu, host in WHAT_IF:
         rate, latency = parse_link(link)
-        hw = Hardware.preset("A100-80GB").with_network(inter_node_bytes_per_s=rate, inter_node_latency_s=latency)
-        model = build_family(model_name).train()
+        hw = Hardware.preset(gpu).with_network(inter_node_bytes_per_s=rate, inter_node_latency_s=latency)
+        if host:
+            hw = hw.with_memory(host_bytes=host)
+        if model_name not in models:
+            models = {model_name: build_family(model_name).train()}  # one model alive at a time
+        model = models[model_name]
         ids = torch.zeros((1, args.seq_len), dtype=torch.long)
-        row = {"model": model_name, "link": link, "inter_node_GBps": rate / 1e9}
+        row = {"model": model_name, "link": link, "inter_node_GBps": rate / 1e9, "gpu": gpu,
+               "host_per_gpu": host or f"{hw.host_bytes / 2**30:.0f}GiB"}
         for over in ("world", "node", None):
-            found = plan_batch(model, {"input_ids": ids, "labels": ids}, hardware=hw, world_size=16,
-                               compute_dtype=torch.bfloat16, tokens_per_step=args.tokens_per_step, nodes=2,
-                               shard_over=over)
-            plan, pred = found.plan, found.prediction
             key = over or "searched"
-            row[key] = {"tflops_per_gpu": pred.flops / pred.step_s / 1e12, "step_s": pred.step_s,
+            try:
+                found = plan_batch(model, {"input_ids": ids, "labels": ids}, hardware=hw, world_size=16,
+                                   compute_dtype=torch.bfloat16, tokens_per_step=args.tokens_per_step, nodes=2,
+                                   shard_over=over)
+            except PlanDoesNotFitError as e:
+                row[key] = {"fits": False, "error": str(e).splitlines()[0]}
+                continue
+            plan, pred = found.plan, found.prediction
+            row[key] = {"fits": True, "tflops_per_gpu": pred.flops / pred.step_s / 1e12, "step_s": pred.step_s,
                         "stall_s": pred.stall_s, "shard_over": sorted({c.shard_over for c in plan.chunks}),
+                        "node_chunks": sum(c.shard_over == "node" for c in plan.chunks),
                         "micro_batch": plan.micro_batch_size, "grad_accum": plan.grad_accum,
                         "checkpoint_every": plan.checkpoint_every,
                         "resident": sum(c.resident for c in plan.chunks), "chunks": len(plan.chunks),
                         "optim_host": sum(c.optim_home == "host" for c in plan.chunks)}
         rows.append(row)
-        print(f"{model_name:<11} {link:<14} world {row['world']['tflops_per_gpu']:6.1f}  node "
-              f"{row['node']['tflops_per_gpu']:6.1f}  searched {row['searched']['tflops_per_gpu']:6.1f} "
-              f"({'/'.join(row['searched']['shard_over'])}) TFLOPS per GPU", flush=True)
+
+        def cell(r):
+            if not r["fits"]:
+                return "does not fit"
+            layout = "/".join(r["shard_over"]) if len(r["shard_over"]) == 1 else \
+                f"{r['node_chunks']} of {r['chunks']} chunks node"
+            return f"{r['tflops_per_gpu']:.1f} ({r['step_s']:.1f} s, {layout})"
+        print(f"{model_name:<11} {link:<14} {gpu} host {row['host_per_gpu']}: world {cell(row['world'])}  node "
+              f"{cell(row['node'])}  searched {cell(row['searched'])} TFLOPS per GPU", flush=True)
     return rows
 
 

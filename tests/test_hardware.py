@@ -97,6 +97,12 @@ def test_with_memory_and_validation():
     assert measured.attention_rate("bfloat16") == 1e14 and Hardware.from_json(measured.to_json()) == measured
     with pytest.raises(ValueError, match="attention_flops"):
         dataclasses.replace(hw, attention_flops={"bfloat16": 0.0})
+    # so do an MoE layer's grouped products
+    assert hw.grouped_mm_rate(torch.bfloat16) == hw.matmul_rate(torch.bfloat16)
+    grouped = dataclasses.replace(hw, grouped_mm_flops={"bfloat16": 2e14})
+    assert grouped.grouped_mm_rate("bfloat16") == 2e14 and Hardware.from_json(grouped.to_json()) == grouped
+    with pytest.raises(ValueError, match="grouped_mm_flops"):
+        dataclasses.replace(hw, grouped_mm_flops={"float8": 1e14})
     with pytest.raises(ValueError, match="no collective bandwidth"):
         Hardware.preset("CPU").collective_rate(2)
     data = json.loads(hw.to_json())
@@ -124,6 +130,8 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
         assert 0 < rate < math.inf
     assert hw.device_bytes > 0 and hw.host_bytes > 0
     assert hw.attention_flops and all(rate > 0 for rate in hw.attention_flops.values())
+    if hasattr(torch, "_grouped_mm"):
+        assert hw.grouped_mm_flops and all(rate > 0 for rate in hw.grouped_mm_flops.values())
     # the costs of running operators at all: microseconds per operator, a fetch's bookkeeping under a second
     assert 0 < hw.op_overhead_s < 1e-3 and 0 < hw.eager_bytes_per_s < math.inf
     # memory-bound operators at three sizes, each moving more bytes per operator than the last

@@ -223,6 +223,21 @@ def test_memory_bound_operators_cost_the_bytes_they_move():
     assert simulate(prof, plan, by_size).step_s == pytest.approx(8e6 / 6e9 + 1e-9 + grad_copy, rel=1e-6)
 
 
+def test_grouped_products_run_at_their_own_rate():
+    # an MoE layer's torch._grouped_mm of 2 GFLOPs at its measured 1 TFLOP/s: 2 ms, where a GEMM of as many
+    # FLOPs takes 1 ms at the matmul rate of 2 TFLOP/s; without a measured figure, the matmul rate
+    grouped = OpRecord("aten._grouped_mm.default", "forward", ("p0",), 2_000_000_000, 0, 0, 4_000_000, 8_000_000)
+    gemm = dataclasses.replace(grouped, name="aten.mm.default")
+    hw = dataclasses.replace(gpu(op_overhead_s=1e-9), matmul_flops={"float32": 2e12}, device_copy_bytes_per_s=1e10)
+    plan = hand_plan(["p0"], blocks=0, depth=0, resident=True, param_home="device")
+    grad_copy = NUMEL * 4 / 1e10
+    for op, measured, seconds in ((grouped, {"float32": 1e12}, 2 * MS), (gemm, {"float32": 1e12}, 1 * MS),
+                                  (grouped, {}, 1 * MS)):
+        prof = dataclasses.replace(hand_profile(["p0"], []), ops=[op], forward_flops=op.flops, total_flops=op.flops)
+        timed = dataclasses.replace(hw, grouped_mm_flops=measured)
+        assert simulate(prof, plan, timed).step_s == pytest.approx(seconds + 1e-9 + grad_copy, rel=1e-6)
+
+
 @pytest.mark.parametrize("family,blocks,depth", [
     *[("llama", b, d) for b in (2, 3) for d in (0, 2)],
     *[("gpt", b, 0) for b in (2, 4)],

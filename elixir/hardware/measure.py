@@ -278,6 +278,46 @@ def _eager_bytes_per_s(device: torch.device, sync, min_total_s: float, op_overhe
     return count.bytes / max(seconds - count.ops * op_overhead_s, seconds / 4), count.bytes / count.ops
 
 
+def _grouped_mm_flops(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int], sync, *,
+                      min_total_s: float) -> float | None:
+    """FLOP/s of a `torch._grouped_mm` forward and backward as a Mixture-of-Experts layer runs it: (tokens,
+    experts, in, out) `shape`, the tokens split evenly over the experts, each expert's weight stored (out, in)
+    and used transposed; FLOPs by the profile's formula (elixir/profile/trace.py). None if it cannot run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from elixir.profile.trace import _grouped_mm_flop
+
+    grouped = getattr(torch.ops.aten, "_grouped_mm", None)
+    if grouped is None:
+        return None
+    tokens, experts, n_in, n_out = shape
+    try:
+        x = torch.randn(tokens, n_in, device=device).to(dtype).requires_grad_()
+        w = torch.randn(experts, n_out, n_in, device=device).to(dtype).requires_grad_()
+        offs = torch.arange(1, experts + 1, device=device, dtype=torch.int32) * (tokens // experts)
+        grad = torch.randn(tokens, n_out, device=device).to(dtype)
+
+        def step():
+            torch._grouped_mm(x, w.transpose(-2, -1), offs=offs).backward(grad)
+            x.grad = w.grad = None
+
+        class Count(TorchDispatchMode):
+            flops = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func is grouped.default:
+                    Count.flops += _grouped_mm_flop(*args, out_val=out, **(kwargs or {}))
+                return out
+
+        with Count():
+            step()
+        seconds = _seconds(step, sync, min_total_s=min_total_s)
+    except (RuntimeError, NotImplementedError):
+        return None
+    return Count.flops / seconds if Count.flops else None
+
+
 def _adamw_elems_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> float:
     param = torch.zeros(numel, device=device, requires_grad=True)
     param.grad = torch.randn(numel, device=device)
@@ -497,6 +537,15 @@ def _measure(quick: bool) -> Hardware:
         rate = _attention_flops(device, getattr(torch, name), shape, sync, min_total_s=min_total_s)
         if rate is not None:
             attention_flops[name] = rate
+    # MoE experts: tokens split over 4 experts, Mixtral's shapes at a tenth of their width on a CPU
+    grouped_shape = (8192, 8, 1024, 4096) if on_gpu else (1024, 4, 256, 1024)
+    grouped_mm_flops: dict[str, float] = {}
+    for name in matmul:
+        if matmul[name] < max(matmul.values()) / 4:
+            continue  # a dtype no plan computes in (see above): the matmul rate stands in
+        rate = _grouped_mm_flops(device, getattr(torch, name), grouped_shape, sync, min_total_s=min_total_s / 5)
+        if rate is not None:
+            grouped_mm_flops[name] = rate
 
     numel = copy_bytes // 4
     # Distinct buffers for the two sides, also on a CPU-only machine where both are RAM; pinned staging on a
@@ -539,6 +588,7 @@ def _measure(quick: bool) -> Hardware:
         host_optim_elems_per_s=host_optim,
         device_copy_bytes_per_s=device_copy,
         attention_flops=attention_flops,
+        grouped_mm_flops=grouped_mm_flops,
         op_overhead_s=op_overhead,
         eager_bytes_per_s=eager,
         eager_rates=eager_rates,

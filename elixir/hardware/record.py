@@ -20,7 +20,7 @@ import torch
 # 3: CPU collectives as the runtime runs them (all-to-alls, shared memory between ranks of one host)
 # 4: the costs of running operators (per operator, interception, per fetch, memory-bound operators)
 # 5: memory-bound operators whose outputs alias their inputs (aten._unsafe_view) move no bytes
-# 6: memory-bound operators' rate by the bytes one moves (`eager_rates`)
+# 6: memory-bound operators' rate by the bytes one moves (`eager_rates`); `grouped_mm_flops`
 _FORMAT_VERSION = 6
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,6 +110,10 @@ class Hardware:
     a softmax per score and skips masked blocks, so its rate by those formulas differs from a GEMM's (on this
     CPU ~0.7x); on GPUs FlashAttention-2 reaches roughly the fraction of peak that large GEMMs do, so the presets
     leave it out."""
+    grouped_mm_flops: dict[str, float] = field(default_factory=dict)
+    """FLOP/s of `torch._grouped_mm` (the experts of Hugging Face's MoE models), forward and backward, FLOPs as
+    the profile counts them, by dtype name. Absent: the matmul rate. On a CPU the products of the groups run one
+    by one on the experts' transposed weights (on the 2-core CPU of BENCHMARKS.md ~0.7x the Linear rate)."""
     intra_node_latency_s: float = 0.0
     """Latency of one step of a ring collective between the devices of a node (NVLink/NVSwitch: a few
     microseconds); 0: none counted beyond the cost model's fixed cost per collective. `measure()` on several
@@ -173,12 +177,13 @@ class Hardware:
                 raise ValueError(f"Hardware.matmul_flops has dtype {dtype!r}; use 'float32', 'bfloat16', 'float16'")
             if not (rate > 0 and math.isfinite(rate)):
                 raise ValueError(f"Hardware.matmul_flops[{dtype!r}]={rate!r} must be a positive finite FLOP/s")
-        for dtype, rate in self.attention_flops.items():
-            if dtype not in ("float32", "bfloat16", "float16") or not (rate > 0 and math.isfinite(rate)):
-                raise ValueError(
-                    f"Hardware.attention_flops[{dtype!r}]={rate!r}: keys are 'float32', 'bfloat16', 'float16', "
-                    "values positive finite FLOP/s"
-                )
+        for what in ("attention_flops", "grouped_mm_flops"):
+            for dtype, rate in getattr(self, what).items():
+                if dtype not in ("float32", "bfloat16", "float16") or not (rate > 0 and math.isfinite(rate)):
+                    raise ValueError(
+                        f"Hardware.{what}[{dtype!r}]={rate!r}: keys are 'float32', 'bfloat16', 'float16', "
+                        "values positive finite FLOP/s"
+                    )
         if not isinstance(self.disk_bytes, int) or isinstance(self.disk_bytes, bool) or self.disk_bytes < 0:
             raise ValueError(f"Hardware.disk_bytes={self.disk_bytes!r} must be 0 (no disk tier) or a number of bytes")
         for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s"):
@@ -230,6 +235,11 @@ class Hardware:
         """FLOP/s of fused attention in `dtype`: the measured figure, else the matmul rate."""
         name = str(dtype).removeprefix("torch.")
         return self.attention_flops.get(name) or self.matmul_rate(name)
+
+    def grouped_mm_rate(self, dtype: torch.dtype | str) -> float:
+        """FLOP/s of `torch._grouped_mm` in `dtype`: the measured figure, else the matmul rate."""
+        name = str(dtype).removeprefix("torch.")
+        return self.grouped_mm_flops.get(name) or self.matmul_rate(name)
 
     def eager_rate(self, nbytes: float) -> float:
         """Bytes per second of a memory-bound operator that moves `nbytes` (reads and writes): `eager_rates`
@@ -358,8 +368,8 @@ class Hardware:
         for what in ("h2d_bytes_per_s", "d2h_bytes_per_s", "device_optim_elems_per_s", "host_optim_elems_per_s",
                      "device_copy_bytes_per_s"):
             data[what] = doc.get(what, "number", above=0)
-        for what in ("matmul_flops", "attention_flops"):
-            rates = doc.obj(what, default=None) if what == "attention_flops" else doc.obj(what)
+        for what in ("matmul_flops", "attention_flops", "grouped_mm_flops"):
+            rates = doc.obj(what) if what == "matmul_flops" else doc.obj(what, default=None)
             for dtype in (rates.data if rates else ()):
                 rates.get(dtype, "number", above=0)
             data[what] = dict(rates.data) if rates else {}

@@ -506,6 +506,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     per_collective = _COLLECTIVE_OVERHEAD_S["cpu" if cpu else "gpu"]
     matmul = hardware.matmul_rate(plan.dtype)
     attention = hardware.attention_rate(plan.dtype)
+    grouped = hardware.grouped_mm_rate(plan.dtype)
     network = Network(hardware, world_size=plan.world_size, nodes=plan.nodes)
     copy_rate = hardware.device_copy_bytes_per_s
 
@@ -523,7 +524,8 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
 
     def op_seconds(op) -> float:
         if op.flops:
-            return op.flops / (attention if "attention" in op.name else matmul)
+            return op.flops / (attention if "attention" in op.name else grouped if "grouped_mm" in op.name
+                               else matmul)
         # memory-bound: see [Note: what a memory-bound operator costs] in elixir/profile/trace.py
         moved = op.out_bytes * 2 if op.moved_bytes is None else op.moved_bytes
         seconds = memory_bound_s.get(moved)

@@ -23,7 +23,8 @@ shared: the script waits for the 1-minute load average to fall below --max-load 
 --max-busy of the CPUs before it measures, waits again before every repetition while other jobs are busy
 (--max-wait-s of waiting in all), and prints what other jobs used during each repetition (the machine's busy
 time less the plans' own processes'). It calibrates `Hardware.measure(refresh=True)` right before each model's plans
-run (--calibrate once: at the start only), in a process like the plans' (threads, ranks), on the quiet machine,
+run (--calibrate once: at the start only; per-rep: before every repetition, each repetition's steps compared
+with the prediction under its own calibration), in a process like the plans' (threads, ranks), on the quiet machine,
 again if other jobs took the CPUs meanwhile (--cached-hardware reads the cache instead: every elixir process
 on the machine shares it, measured under whatever load there was).
 Every plan computes the same fp32 math from the same weights on the same batch, so the losses of all plans
@@ -88,9 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cached-hardware", action="store_true",
                    help="use the cached Hardware.measure() instead of calibrating again (refresh=True); "
                         "the cache is shared with every elixir process on the machine, whatever its load was")
-    p.add_argument("--calibrate", choices=("per-model", "once"), default="per-model",
+    p.add_argument("--calibrate", choices=("per-rep", "per-model", "once"), default="per-model",
                    help="calibrate right before each model's plans run (this VM's speed drifts by 15-30%% within "
-                        "minutes), or once at the start")
+                        "minutes), once at the start, or before every repetition (each repetition's steps are "
+                        "then compared with the prediction under its own calibration, and the ratio is the "
+                        "median of those)")
     p.add_argument("--max-load", type=float, default=2.0,
                    help="before measuring, wait until the 1-minute load average is below this")
     p.add_argument("--max-busy", type=float, default=0.25,
@@ -341,7 +344,9 @@ def chunk_sizes(model, resident_mib: float, ondemand_mib: float | None) -> tuple
     return resident_mib, ondemand_mib
 
 
-def measure_model(name: str, args, hw: Hardware, quiet, world: int, say) -> list[dict]:
+def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalibrate=None) -> list[dict]:
+    """The rows of model `name`'s plans; `recalibrate()`, if given, returns a fresh Hardware before every
+    repetition, and each repetition's steps are compared with the prediction under it."""
     base, vocab = build(name, args.seq_len, args.seed)
     n_params = sum(p.numel() for p in base.parameters())
     x = torch.randint(0, vocab, (args.batch_size, args.seq_len))
@@ -392,7 +397,11 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say) -> list
                 r.step()
         busy: list[float] = []
         order = list(runs)
+        preds_by_rep: list[list[float]] = []  # --calibrate per-rep: each plan's prediction before each rep
         for rep in range(args.reps):
+            if recalibrate is not None:
+                rep_hw = recalibrate()
+                preds_by_rep.append([simulate(prof, r.plan, rep_hw).step_s for r in runs])
             quiet.wait(check_load=False)
             watch = OthersWatch().start()
             for r in order:
@@ -406,14 +415,21 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say) -> list
         max_rel = max((abs(a - b) / max(abs(b), 1e-12) for r in runs[1:] for a, b in zip(r.losses, ref)),
                       default=0.0)
         rows = []
-        for r in runs:
+        for i, r in enumerate(runs):
             st = r.stats()
             measured_s = statistics.median(r.step_s)
+            if preds_by_rep:
+                predicted = [p[i] for p in preds_by_rep]
+                predicted_s = statistics.median(predicted)
+                time_ratio = statistics.median(p / m for p, m in zip(predicted, r.step_s))
+            else:
+                predicted, predicted_s, time_ratio = [], r.pred.step_s, r.pred.step_s / measured_s
             rows.append({
                 "model": name, "params": n_params, "ops": len(prof.ops), "ranks": world,
                 "plan": r.name, "description": r.description, "chunks": len(r.plan.chunks),
                 "cache_blocks": st["cache_blocks"],
-                "predicted_s": r.pred.step_s, "measured_s": measured_s, "time_ratio": r.pred.step_s / measured_s,
+                "predicted_s": predicted_s, "measured_s": measured_s, "time_ratio": time_ratio,
+                "predicted_s_per_rep": predicted,
                 "measured_min_s": min(r.step_s), "step_s": r.step_s,
                 "predicted_device_bytes": r.pred.model_device_bytes, "measured_device_bytes": st["device_bytes_peak"],
                 "memory_ratio": r.pred.model_device_bytes / st["device_bytes_peak"],
@@ -474,12 +490,20 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     calibrations: list[dict] = []
     hw = None
+    def calibration(before: str) -> Hardware:
+        hw, busy_calibrating = calibrated()
+        calibrations.append({"before": before, "hardware": json.loads(hw.to_json()),
+                             "others_busy_calibrating": busy_calibrating})
+        return hw
+
     for name in models:
-        if hw is None or args.calibrate == "per-model":
-            hw, busy_calibrating = calibrated()
-            calibrations.append({"before_model": name, "hardware": json.loads(hw.to_json()),
-                                 "others_busy_calibrating": busy_calibrating})
-        rows += measure_model(name, args, hw, quiet, world, say)
+        if hw is None or args.calibrate != "once":
+            hw = calibration(name)
+        recalibrate = None
+        if args.calibrate == "per-rep":
+            reps = iter(range(1, args.reps + 1))
+            recalibrate = lambda name=name, reps=reps: calibration(f"{name} rep {next(reps)}")  # noqa: E731
+        rows += measure_model(name, args, hw, quiet, world, say, recalibrate)
 
     say("")
     say(f"load average (1 min) {load_before:.2f} before; {os.cpu_count()} CPUs; torch {torch.__version__}; "

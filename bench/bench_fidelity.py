@@ -89,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cached-hardware", action="store_true",
                    help="use the cached Hardware.measure() instead of calibrating again (refresh=True); "
                         "the cache is shared with every elixir process on the machine, whatever its load was")
+    p.add_argument("--schedule", choices=("alternate", "sequential"), default="alternate",
+                   help="alternate: the plans take turns, one step each per repetition, in rotating order; "
+                        "sequential: each plan's warm-up and steps back to back, one plan after the other, as a "
+                        "training run takes them (with --calibrate per-rep: a calibration before each plan)")
     p.add_argument("--calibrate", choices=("per-rep", "per-model", "once"), default="per-model",
                    help="calibrate right before each model's plans run (this VM's speed drifts by 15-30%% within "
                         "minutes), once at the start, or before every repetition (each repetition's steps are "
@@ -392,13 +396,27 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
             "thread(s) per rank, every plan in processes of its own")
         for r in runs:
             say(f"  {r.name}: {r.description}; {len(r.plan.chunks)} chunks")
-        for r in runs:
-            for _ in range(args.warmup):
-                r.step()
         busy: list[float] = []
-        order = list(runs)
         preds_by_rep: list[list[float]] = []  # --calibrate per-rep: each plan's prediction before each rep
-        for rep in range(args.reps):
+        if args.schedule == "sequential":  # each plan's steps back to back, as one training run takes them
+            for r in runs:
+                if recalibrate is not None:
+                    r.pred = simulate(prof, r.plan, recalibrate())
+                for _ in range(args.warmup):
+                    r.step()
+                quiet.wait(check_load=False)
+                watch = OthersWatch().start()
+                for _ in range(args.reps):
+                    r.step_s.append(r.step())
+                busy.append(max(0.0, watch.stop() - sum(r.cpu_s[-args.reps:]) / watch.capacity_s))
+                say(f"  {r.name} (other jobs {busy[-1]:.0%} of the CPUs, load {os.getloadavg()[0]:.2f}): "
+                    + " ".join(f"{t:.3f}" for t in r.step_s) + " s")
+        else:
+            for r in runs:
+                for _ in range(args.warmup):
+                    r.step()
+        order = list(runs)
+        for rep in range(args.reps if args.schedule == "alternate" else 0):
             if recalibrate is not None:
                 rep_hw = recalibrate()
                 preds_by_rep.append([simulate(prof, r.plan, rep_hw).step_s for r in runs])

@@ -328,7 +328,8 @@ class _Space:
             def this_layout(here=here) -> bool:
                 return best_layout == here
 
-            def level(k: int, lvl: int, blocks: int, names=names, base=base, here=here) -> Plan:
+            def level(k: int, lvl: int, blocks: int, names=names, base=base, here=here) -> tuple[Plan, tuple]:
+                """The plan with the first k chunks moved down to level `lvl`, and its layout (`here`)."""
                 chunks = []
                 for i, c in enumerate(names):
                     moved = i < k

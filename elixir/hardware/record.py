@@ -113,7 +113,7 @@ class Hardware:
     grouped_mm_flops: dict[str, float] = field(default_factory=dict)
     """FLOP/s of `torch._grouped_mm` (the experts of Hugging Face's MoE models), forward and backward, FLOPs as
     the profile counts them, by dtype name. Absent: the matmul rate. On a CPU the products of the groups run one
-    by one on the experts' transposed weights (on the 2-core CPU of BENCHMARKS.md ~0.7x the Linear rate)."""
+    by one on the experts' transposed weights (on the 2-core CPU of BENCHMARKS.md ~0.77x the Linear rate)."""
     intra_node_latency_s: float = 0.0
     """Latency of one step of a ring collective between the devices of a node (NVLink/NVSwitch: a few
     microseconds); 0: none counted beyond the cost model's fixed cost per collective. `measure()` on several
@@ -139,8 +139,8 @@ class Hardware:
     eager_rates: dict[int, float] = field(default_factory=dict)
     """Bytes per second of memory-bound operators by the bytes one operator moves (reads and writes), from
     calibrations at several tensor sizes: operators on tensors that stay in the caches run several times faster
-    than on tensors that stream from memory (on the 2-core CPU of BENCHMARKS.md ~15 GB/s at 1 MiB moved per
-    operator, ~6 GB/s at 64 MiB). `eager_rate` interpolates it. Empty: `eager_bytes_per_s` for every size."""
+    than on tensors that stream from memory (on the 2-core CPU of BENCHMARKS.md ~23 GB/s at 0.5-2 MB moved per
+    operator, 9-12 GB/s at 7-29 MB). `eager_rate` interpolates it. Empty: `eager_bytes_per_s` for every size."""
     interception_op_s: float = 0.0
     """Seconds every operator costs on top of `op_overhead_s` while Elixir intercepts parameter uses (a plan
     with on-demand chunks: the torch-function mode, module hooks and saved-tensor hooks of

@@ -373,20 +373,10 @@ class Hardware:
             for dtype in (rates.data if rates else ()):
                 rates.get(dtype, "number", above=0)
             data[what] = dict(rates.data) if rates else {}
-        collective = doc.obj("collective_bytes_per_s", default=None)
-        data["collective_bytes_per_s"] = {}
-        for world in (collective.data if collective else ()):
-            rate = collective.get(world, "number", above=0)
-            if not world.isdigit() or int(world) < 2:
-                raise collective.fail(collective.path(world), "is not a world size; keys are world sizes >= 2")
-            data["collective_bytes_per_s"][int(world)] = rate
-        eager = doc.obj("eager_rates", default=None)
-        data["eager_rates"] = {}
-        for nbytes in (eager.data if eager else ()):
-            rate = eager.get(nbytes, "number", above=0)
-            if not nbytes.isdigit() or int(nbytes) < 1:
-                raise eager.fail(eager.path(nbytes), "is not a size; keys are bytes moved per operator >= 1")
-            data["eager_rates"][int(nbytes)] = rate
+        data["collective_bytes_per_s"] = _rates_by_int(doc, "collective_bytes_per_s", 2,
+                                                       "is not a world size; keys are world sizes >= 2")
+        data["eager_rates"] = _rates_by_int(doc, "eager_rates", 1,
+                                            "is not a size; keys are bytes moved per operator >= 1")
         data["device_type"] = doc.get("device_type", "str", default="cuda", choices=("cuda", "cpu"))
         data["disk_bytes"] = doc.get("disk_bytes", "int", least=0, default=0)
         for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s", "intra_node_latency_s",
@@ -421,6 +411,19 @@ class Hardware:
         from elixir.hardware.measure import measure_machine
 
         return measure_machine(cache=cache, quick=quick, refresh=refresh, disk=disk)
+
+
+def _rates_by_int(doc, key: str, least: int, wrong_key: str) -> dict[int, float]:
+    """The optional object `key` of `doc` (validation.Fields): positive rates under keys that are ints >= `least`
+    written as strings; `wrong_key` says what a bad key is not."""
+    obj = doc.obj(key, default=None)
+    rates: dict[int, float] = {}
+    for k in (obj.data if obj else ()):
+        rate = obj.get(k, "number", above=0)
+        if not k.isdigit() or int(k) < least:
+            raise obj.fail(obj.path(k), wrong_key)
+        rates[int(k)] = rate
+    return rates
 
 
 _HARDWARE_FIELDS = tuple(f.name for f in dataclasses.fields(Hardware))

@@ -118,6 +118,14 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir().parts[-2:] == (".cache", "elixir")
 
 
+def _grouped_mm_runs_here() -> bool:
+    try:
+        torch._grouped_mm(torch.ones(16, 8), torch.ones(2, 8, 8), offs=torch.tensor([8, 16], dtype=torch.int32))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 @pytest.mark.slow
 def test_measure_quick_and_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("ELIXIR_CACHE_DIR", str(tmp_path))
@@ -130,7 +138,7 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
         assert 0 < rate < math.inf
     assert hw.device_bytes > 0 and hw.host_bytes > 0
     assert hw.attention_flops and all(rate > 0 for rate in hw.attention_flops.values())
-    if hasattr(torch, "_grouped_mm"):
+    if _grouped_mm_runs_here():  # older torch builds lack it, or its CPU kernel
         assert hw.grouped_mm_flops and all(rate > 0 for rate in hw.grouped_mm_flops.values())
     # the costs of running operators at all: microseconds per operator, a fetch's bookkeeping under a second
     assert 0 < hw.op_overhead_s < 1e-3 and 0 < hw.eager_bytes_per_s < math.inf

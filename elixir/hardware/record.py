@@ -21,7 +21,9 @@ import torch
 # 4: the costs of running operators (per operator, interception, per fetch, memory-bound operators)
 # 5: memory-bound operators whose outputs alias their inputs (aten._unsafe_view) move no bytes
 # 6: memory-bound operators' rate by the bytes one moves (`eager_rates`); `grouped_mm_flops`
-_FORMAT_VERSION = 6
+# 7: every timing is the median of its runs, not the shortest (see [Note: the typical run, not the best] in
+#    elixir/hardware/measure.py): a record of version 6 has every rate 10-25% too high on a noisy machine
+_FORMAT_VERSION = 7
 
 # ---------------------------------------------------------------------------------------------------------------
 # sizes

@@ -239,7 +239,8 @@ def _worker(conn, name: str, seq_len: int, batch_size: int, seed: int, plan_json
             port: int, threads: int, calibrate: bool) -> None:
     """One rank of one plan, in a process of its own (as a user's run would be): builds the model from `seed`,
     wraps it with the plan, then runs a step whenever the parent says so and answers (seconds, loss, own CPU
-    seconds of the step)."""
+    seconds of the step, own CPU seconds since the process started: the collection before the step and the
+    threads' work after the previous answer included)."""
     try:
         torch.set_num_threads(threads)
         if world > 1:
@@ -266,7 +267,8 @@ def _worker(conn, name: str, seq_len: int, batch_size: int, seed: int, plan_json
                 optim.step()
                 optim.zero_grad()
                 seconds = time.perf_counter() - started
-                conn.send((seconds, float(loss.detach()), time.process_time() - cpu))
+                done = time.process_time()
+                conn.send((seconds, float(loss.detach()), done - cpu, done))
             elif cmd == "stats":
                 conn.send(elixir.memory_stats(model))
             else:
@@ -305,6 +307,7 @@ class Run:
         ready = [self._recv(c) for c in self.conns]
         self.hardware_json = ready[0][1]
         self.ready_cpu_s = sum(r[2] for r in ready)  # CPU seconds the ranks took to start (and calibrate)
+        self.process_cpu_s = self.ready_cpu_s  # the ranks' CPU seconds since they started, as of the last answer
 
     def _recv(self, conn):
         answer = conn.recv()
@@ -320,6 +323,7 @@ class Run:
         seconds = max(a[0] for a in answers)  # the step is as long as its slowest rank
         self.losses.append(answers[0][1])
         self.cpu_s.append(sum(a[2] for a in answers))
+        self.process_cpu_s = sum(a[3] for a in answers)
         return seconds
 
     def stats(self) -> dict:
@@ -405,12 +409,16 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
                 for _ in range(args.warmup):
                     r.step()
                 quiet.wait(check_load=False)
-                watch = OthersWatch().start()
+                watch, plan_cpu_s = OthersWatch().start(), r.process_cpu_s
                 for _ in range(args.reps):
                     r.step_s.append(r.step())
-                busy.append(max(0.0, watch.stop() - sum(r.cpu_s[-args.reps:]) / watch.capacity_s))
-                say(f"  {r.name} (other jobs {busy[-1]:.0%} of the CPUs, load {os.getloadavg()[0]:.2f}): "
-                    + " ".join(f"{t:.3f}" for t in r.step_s) + " s")
+                others = watch.stop()
+                plan_cpu_s = r.process_cpu_s - plan_cpu_s
+                outside = (plan_cpu_s - sum(r.cpu_s[-args.reps:])) / watch.capacity_s
+                busy.append(max(0.0, others - plan_cpu_s / watch.capacity_s))
+                say(f"  {r.name} (other jobs {busy[-1]:.0%} of the CPUs, the plan outside its timed steps "
+                    f"{outside:.0%}, load {os.getloadavg()[0]:.2f}): " + " ".join(f"{t:.3f}" for t in r.step_s)
+                    + " s")
         else:
             for r in runs:
                 for _ in range(args.warmup):
@@ -421,13 +429,17 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
                 rep_hw = recalibrate()
                 preds_by_rep.append([simulate(prof, r.plan, rep_hw).step_s for r in runs])
             quiet.wait(check_load=False)
-            watch = OthersWatch().start()
+            watch, plan_cpu_s = OthersWatch().start(), sum(r.process_cpu_s for r in runs)
             for r in order:
                 r.step_s.append(r.step())
-            # the plans' own processes are not "other jobs"
-            busy.append(max(0.0, watch.stop() - sum(r.cpu_s[-1] for r in runs) / watch.capacity_s))
-            say(f"  rep {rep + 1}/{args.reps} (other jobs {busy[-1]:.0%} of the CPUs, load "
-                f"{os.getloadavg()[0]:.2f}): " + "  ".join(f"{r.name} {r.step_s[-1]:.3f} s" for r in runs))
+            others = watch.stop()
+            # the plans' own processes are not "other jobs", before and after their timed steps included
+            plan_cpu_s = sum(r.process_cpu_s for r in runs) - plan_cpu_s
+            outside = (plan_cpu_s - sum(r.cpu_s[-1] for r in runs)) / watch.capacity_s
+            busy.append(max(0.0, others - plan_cpu_s / watch.capacity_s))
+            say(f"  rep {rep + 1}/{args.reps} (other jobs {busy[-1]:.0%} of the CPUs, the plans outside their "
+                f"timed steps {outside:.0%}, load {os.getloadavg()[0]:.2f}): "
+                + "  ".join(f"{r.name} {r.step_s[-1]:.3f} s" for r in runs))
             order = order[1:] + order[:1]
         ref = runs[0].losses
         max_rel = max((abs(a - b) / max(abs(b), 1e-12) for r in runs[1:] for a, b in zip(r.losses, ref)),

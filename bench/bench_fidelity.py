@@ -4,9 +4,11 @@ For each model of --models (default the reference GPT's ~50M preset, fp32, fused
 `--models hf` adds small Llama, GPT-NeoX, OPT, Qwen2 and Mixtral models built from configs, which the cost
 model was not tuned on) and several plans, on one rank or --nproc ranks, the script predicts one step with
 `elixir.search.simulate(profile, plan, Hardware.measure())` and measures it: the
-median step time over several steps after warm-up (plans alternate, one step each per repetition, in rotating
-order, as docs/architecture.md, "How we measure", asks; every plan runs in a process of its own, one per rank,
-as a user's run would, so that no plan's memory or threads are in another's process) and
+median step time over several repetitions after warm-up (plans alternate, in rotating order, as
+docs/architecture.md, "How we measure", asks: in its turn a plan runs --turn-warmup untimed steps, which bring its
+weights and states back into the CPU's caches as a training run finds them, then --turn-steps timed ones, whose
+median is the turn's time; every plan runs in a process of its own, one per rank, as a user's run would, so that
+no plan's memory or threads are in another's process) and
 `elixir.memory_stats(model)["device_bytes_peak"]`, the runtime's peak of model data over the whole run (nothing is
 reset: the cost model predicts the same
 counter, activations excluded). Plans:
@@ -22,9 +24,10 @@ Targets: step time within 10% of the measurement (--time-target), device bytes w
 shared: the script waits for the 1-minute load average to fall below --max-load and for other jobs to use under
 --max-busy of the CPUs before it measures, waits again before every repetition while other jobs are busy
 (--max-wait-s of waiting in all), and prints what other jobs used during each repetition (the machine's busy
-time less the plans' own processes'). It calibrates `Hardware.measure(refresh=True)` right before each model's plans
-run (--calibrate once: at the start only; per-rep: before every repetition, each repetition's steps compared
-with the prediction under its own calibration), in a process like the plans' (threads, ranks), on the quiet machine,
+time less the plans' own processes'). It calibrates `Hardware.measure(refresh=True)` before every repetition and
+compares each repetition's steps with the prediction under its own calibration, the ratio being the median of
+those (this VM's speed drifts by 15-30% within minutes; --calibrate per-model: once before each model's plans run,
+once: at the start only), in a process like the plans' (threads, ranks), on the quiet machine,
 again if other jobs took the CPUs meanwhile (--cached-hardware reads the cache instead: every elixir process
 on the machine shares it, measured under whatever load there was).
 Every plan computes the same fp32 math from the same weights on the same batch, so the losses of all plans
@@ -73,7 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (gloo)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--reps", type=int, default=7, help="repetitions; each runs one step of every plan")
+    p.add_argument("--reps", type=int, default=7, help="repetitions; each runs --turn-steps steps of every plan")
+    p.add_argument("--turn-warmup", type=int, default=1,
+                   help="alternate schedule: untimed steps a plan runs at the start of its turn, which bring its "
+                        "weights and states back into the caches that the other plans' turns took (0: none)")
+    p.add_argument("--turn-steps", type=int, default=3,
+                   help="alternate schedule: timed steps per plan per turn; the turn's time is their median")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per plan before the first repetition")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads per rank (default: 2 on one rank, 1 with several)")
@@ -90,14 +98,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="use the cached Hardware.measure() instead of calibrating again (refresh=True); "
                         "the cache is shared with every elixir process on the machine, whatever its load was")
     p.add_argument("--schedule", choices=("alternate", "sequential"), default="alternate",
-                   help="alternate: the plans take turns, one step each per repetition, in rotating order; "
+                   help="alternate: the plans take turns of --turn-warmup and --turn-steps steps, one turn each "
+                        "per repetition, in rotating order; "
                         "sequential: each plan's warm-up and steps back to back, one plan after the other, as a "
                         "training run takes them (with --calibrate per-rep: a calibration before each plan)")
-    p.add_argument("--calibrate", choices=("per-rep", "per-model", "once"), default="per-model",
-                   help="calibrate right before each model's plans run (this VM's speed drifts by 15-30%% within "
-                        "minutes), once at the start, or before every repetition (each repetition's steps are "
-                        "then compared with the prediction under its own calibration, and the ratio is the "
-                        "median of those)")
+    p.add_argument("--calibrate", choices=("per-rep", "per-model", "once"), default="per-rep",
+                   help="calibrate before every repetition (each repetition's steps are then compared with the "
+                        "prediction under its own calibration, and the ratio is the median of those: this VM's "
+                        "speed drifts by 15-30%% within minutes), right before each model's plans run, or once "
+                        "at the start")
     p.add_argument("--max-load", type=float, default=2.0,
                    help="before measuring, wait until the 1-minute load average is below this")
     p.add_argument("--max-busy", type=float, default=0.25,
@@ -110,11 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rtol", type=float, default=1e-5, help="largest relative loss difference between plans")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
-    for name in ("batch_size", "seq_len", "reps", "threads", "nproc"):
+    for name in ("batch_size", "seq_len", "reps", "threads", "nproc", "turn_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.budget_fraction < 1:
         p.error("--budget-fraction must be between 0 and 1")
+    if args.turn_warmup < 0:
+        p.error("--turn-warmup must be at least 0")
     return args
 
 
@@ -431,11 +442,14 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
             quiet.wait(check_load=False)
             watch, plan_cpu_s = OthersWatch().start(), sum(r.process_cpu_s for r in runs)
             for r in order:
-                r.step_s.append(r.step())
+                for _ in range(args.turn_warmup):
+                    r.step()
+                r.step_s.append(statistics.median(r.step() for _ in range(args.turn_steps)))
             others = watch.stop()
             # the plans' own processes are not "other jobs", before and after their timed steps included
             plan_cpu_s = sum(r.process_cpu_s for r in runs) - plan_cpu_s
-            outside = (plan_cpu_s - sum(r.cpu_s[-1] for r in runs)) / watch.capacity_s
+            turn = args.turn_warmup + args.turn_steps
+            outside = (plan_cpu_s - sum(sum(r.cpu_s[-turn:]) for r in runs)) / watch.capacity_s
             busy.append(max(0.0, others - plan_cpu_s / watch.capacity_s))
             say(f"  rep {rep + 1}/{args.reps} (other jobs {busy[-1]:.0%} of the CPUs, the plans outside their "
                 f"timed steps {outside:.0%}, load {os.getloadavg()[0]:.2f}): "

@@ -524,7 +524,9 @@ def main(argv=None) -> int:
                     break
                 say(f"other jobs used {busy_calibrating:.0%} of the CPUs while calibrating: again")
                 quiet.wait(check_load=False)
-        say(f"hardware: {hw.name}: matmul fp32 {hw.matmul_flops['float32'] / 1e9:.0f} GFLOP/s, copy "
+        by_size = sorted(hw.matmul_by_size.get("float32", {}).items())
+        say(f"hardware: {hw.name}: matmul fp32 {hw.matmul_flops['float32'] / 1e9:.0f} GFLOP/s"
+            + "".join(f", {r / 1e9:.0f} at {f / 1e6:.0f} MFLOP" for f, r in by_size) + ", copy "
             f"{hw.device_copy_bytes_per_s / 1e9:.1f} GB/s, memory-bound operators "
             + ", ".join(f"{r / 1e9:.1f} GB/s at {b / 1e6:.1f} MB" for b, r in sorted(hw.eager_rates.items()))
             + f", AdamW {hw.device_optim_elems_per_s / 1e9:.2f} G elements/s"

@@ -20,7 +20,7 @@ from fuzzing import byte_flips, check_reader, digests, dotted, examples, flipped
 OPTIONAL = ("collective_bytes_per_s", "device_type", "disk_bytes", "disk_read_bytes_per_s", "disk_write_bytes_per_s",
             "attention_flops", "grouped_mm_flops", "intra_node_latency_s", "inter_node_bytes_per_s",
             "inter_node_latency_s", "op_overhead_s", "eager_bytes_per_s", "eager_rates", "interception_op_s",
-            "fetch_overhead_s")
+            "fetch_overhead_s", "matmul_by_size")
 """Fields of a hardware file with a default."""
 
 
@@ -32,7 +32,8 @@ class Ignored(ValueError):
 def caches(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz-caches")
     hw = dataclasses.replace(Hardware.preset("H100-80GB"), attention_flops={"bfloat16": 4e14},
-                             grouped_mm_flops={"bfloat16": 3e14}, eager_rates={2**20: 2e12, 2**26: 3e12})
+                             grouped_mm_flops={"bfloat16": 3e14}, eager_rates={2**20: 2e12, 2**26: 3e12},
+                             matmul_by_size={"bfloat16": {2**31: 4e14, 2**37: 7e14}})
     (folder / "hardware.json").write_text(hw.to_json())
     (folder / "disk.json").write_text(json.dumps({"format_version": hardware_cache._DISK_FORMAT_VERSION,
                                                   "folder": "/scratch", "read_bytes_per_s": 6.3e9,
@@ -73,7 +74,8 @@ def _may_load(name: str, how: str, path: tuple) -> bool:
     return (len(path) == 1 and how == "remove" and path[0] in OPTIONAL
             or len(path) == 2 and how == "remove" and path[0] in ("matmul_flops", "attention_flops",
                                                                    "grouped_mm_flops", "collective_bytes_per_s",
-                                                                   "eager_rates"))
+                                                                   "eager_rates", "matmul_by_size")
+            or len(path) == 3 and how == "remove" and path[0] == "matmul_by_size")
 
 
 @pytest.mark.slow

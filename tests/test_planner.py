@@ -238,6 +238,31 @@ def test_grouped_products_run_at_their_own_rate():
         assert simulate(prof, plan, timed).step_s == pytest.approx(seconds + 1e-9 + grad_copy, rel=1e-6)
 
 
+def test_small_products_run_at_their_size_s_rate():
+    # rates measured by the FLOPs of one product: 1 TFLOP/s at 10 MFLOP, 2 TFLOP/s at 1 GFLOP. A product of
+    # 100 MFLOP sits halfway (in the logarithm) between them, at 1.5 TFLOP/s; one of 1 MFLOP below the smallest
+    # size runs at its rate, one of 10 GFLOP above the largest at its; without the table, matmul_flops throughout
+    hw = dataclasses.replace(gpu(op_overhead_s=1e-9), matmul_flops={"float32": 2e12}, device_copy_bytes_per_s=1e10,
+                             matmul_by_size={"float32": {10**7: 1e12, 10**9: 2e12}})
+    assert hw.matmul_rate("float32", 10**8) == pytest.approx(1.5e12)
+    assert hw.matmul_rate(torch.float32, 10**6) == 1e12 and hw.matmul_rate("float32", 10**10) == 2e12
+    assert hw.matmul_rate("float32") == 2e12  # no size: the large products' rate
+    plan = hand_plan(["p0"], blocks=0, depth=0, resident=True, param_home="device")
+    grad_copy = NUMEL * 4 / 1e10
+    ops = [OpRecord("aten.mm.default", "forward", ("p0",), flops, 0, 0, 0, 0) for flops in (10**8, 10**6, 10**8)]
+    prof = dataclasses.replace(hand_profile(["p0"], []), ops=ops, forward_flops=2 * 10**8 + 10**6,
+                               total_flops=2 * 10**8 + 10**6)
+    expected = 2 * 10**8 / 1.5e12 + 10**6 / 1e12
+    assert simulate(prof, plan, hw).step_s == pytest.approx(expected + 3e-9 + grad_copy, rel=1e-6)
+    flat = dataclasses.replace(hw, matmul_by_size={})
+    assert simulate(prof, plan, flat).step_s == pytest.approx((2 * 10**8 + 10**6) / 2e12 + 3e-9 + grad_copy,
+                                                              rel=1e-6)
+    with pytest.raises(ValueError, match="matmul_by_size"):  # a size table for a dtype without a rate
+        dataclasses.replace(hw, matmul_by_size={"bfloat16": {10**7: 1e12}})
+    with pytest.raises(ValueError, match="FLOPs of one product"):
+        dataclasses.replace(hw, matmul_by_size={"float32": {0: 1e12}})
+
+
 @pytest.mark.parametrize("family,blocks,depth", [
     *[("llama", b, d) for b in (2, 3) for d in (0, 2)],
     *[("gpt", b, 0) for b in (2, 4)],

@@ -134,12 +134,13 @@ def _seconds(fn: Callable[[], object], sync: Callable[[], None], *, min_total_s:
 
 
 def _matmul_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], sync, *, min_total_s: float,
-                  slow_s: float, give_up_below: float = 0.0) -> float | None:
-    """Best FLOP/s over the three GEMMs of a square Linear layer's training step (y = x w^T + b, dx = dy w,
-    dw = dy^T x: transposed operands and fresh outputs, as autograd runs them) of growing size; growing stops
-    before a size whose runs would take well over `slow_s`. None when the device cannot multiply in `dtype`,
-    or does it below `give_up_below` (float16 GEMM on most CPUs is scalar code: the smallest size says so)."""
-    best = 0.0
+                  slow_s: float, give_up_below: float = 0.0) -> tuple[float, dict[int, float]] | None:
+    """(best FLOP/s, FLOP/s by the FLOPs of one product) over the three GEMMs of a square Linear layer's
+    training step (y = x w^T + b, dx = dy w, dw = dy^T x: transposed operands and fresh outputs, as autograd
+    runs them) of growing size; growing stops before a size whose runs would take well over `slow_s`. None when
+    the device cannot multiply in `dtype`, or does it below `give_up_below` (float16 GEMM on most CPUs is scalar
+    code: the smallest size says so)."""
+    best, by_size = 0.0, {}
     for n in sizes:
         try:
             x, w, dy = (torch.randn(n, n, device=device).to(dtype) for _ in range(3))
@@ -153,12 +154,13 @@ def _matmul_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ..
             seconds = _seconds(linear, sync, min_total_s=min_total_s)
         except RuntimeError:
             return None
-        best = max(best, 3 * 2 * n**3 / seconds)
+        by_size[2 * n**3] = 3 * 2 * n**3 / seconds
+        best = max(best, by_size[2 * n**3])
         if best < give_up_below:
             return None
         if seconds * 8 > 4 * slow_s:  # the next size does 8x the work
             break
-    return best or None
+    return (best, by_size) if best else None
 
 
 def _attention_flops(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int], sync, *,
@@ -522,7 +524,8 @@ def _measure(quick: bool) -> Hardware:
     # Copies and AdamW on buffers well beyond the last-level cache (a GPU's L2 is 40-50 MiB, a server CPU's L3
     # up to a few hundred), as the shards of a model are: in-cache figures would flatter both.
     if on_gpu:
-        sizes, copy_bytes, adam_numel = ((1024, 2048) if quick else (2048, 4096, 8192)), 256 * mib, 2**24
+        # from 1024 on: the products of a model a few thousand wide run well below a large product's rate
+        sizes, copy_bytes, adam_numel = ((1024, 2048) if quick else (1024, 2048, 4096, 8192)), 256 * mib, 2**24
         attention = (4, 16, 1024, 128) if quick else (8, 16, 2048, 128)
     else:
         sizes, copy_bytes, adam_numel = ((256, 512) if quick else (256, 512, 1024)), 64 * mib, 2**23
@@ -531,6 +534,7 @@ def _measure(quick: bool) -> Hardware:
         copy_bytes, adam_numel = copy_bytes // 4, adam_numel // 4
 
     matmul: dict[str, float] = {}
+    matmul_by_size: dict[str, dict[int, float]] = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         if on_gpu and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             continue
@@ -540,7 +544,7 @@ def _measure(quick: bool) -> Hardware:
             device, dtype, sizes, sync, min_total_s=min_total_s, slow_s=slow_s, give_up_below=give_up_below
         )
         if rate is not None:
-            matmul[str(dtype).removeprefix("torch.")] = rate
+            matmul[str(dtype).removeprefix("torch.")], matmul_by_size[str(dtype).removeprefix("torch.")] = rate
     attention_flops: dict[str, float] = {}
     for name in matmul:
         # a dtype whose GEMMs run at under a quarter of the best (bf16 on a CPU without AMX or AVX512-BF16) is
@@ -594,6 +598,7 @@ def _measure(quick: bool) -> Hardware:
         device_bytes=device_bytes,
         host_bytes=host_bytes,
         matmul_flops=matmul,
+        matmul_by_size=matmul_by_size,
         h2d_bytes_per_s=h2d,
         d2h_bytes_per_s=d2h,
         **_collective_figures(device, numel, sync, min_total_s),

@@ -22,7 +22,8 @@ import torch
 # 5: memory-bound operators whose outputs alias their inputs (aten._unsafe_view) move no bytes
 # 6: memory-bound operators' rate by the bytes one moves (`eager_rates`); `grouped_mm_flops`
 # 7: every timing is the median of its runs, not the shortest (see [Note: the typical run, not the best] in
-#    elixir/hardware/measure.py): a record of version 6 has every rate 10-25% too high on a noisy machine
+#    elixir/hardware/measure.py): a record of version 6 has every rate 10-25% too high on a noisy machine;
+#    matmuls' rate by the size of one product (`matmul_by_size`)
 _FORMAT_VERSION = 7
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,6 +135,11 @@ class Hardware:
     calls, dispatch, autograd's bookkeeping, a kernel launch. `measure()` times it as one forward and backward
     of a tiny transformer (where kernels take next to nothing) divided by its operators. 0: the cost model's
     default (4 us on a CPU, 6 us on a GPU)."""
+    matmul_by_size: dict[str, dict[int, float]] = field(default_factory=dict)
+    """FLOP/s of matmuls by dtype name and by the FLOPs of one product, from calibrations at several sizes: a
+    small product runs below the rate of a large one (on the 2-core CPU of BENCHMARKS.md ~120-145 GFLOP/s at
+    4-34 MFLOP against ~165 at 0.3-2 GFLOP; on a GPU far more, a product must fill the device). `matmul_rate`
+    interpolates it. Empty (or a dtype absent): `matmul_flops` for every size."""
     eager_bytes_per_s: float = 0.0
     """Bytes per second that memory-bound operators (elementwise, normalisation, softmax, reductions, cat) read
     and write, counted as the profile counts them (see [Note: what a memory-bound operator costs] in
@@ -186,6 +192,17 @@ class Hardware:
                         f"Hardware.{what}[{dtype!r}]={rate!r}: keys are 'float32', 'bfloat16', 'float16', "
                         "values positive finite FLOP/s"
                     )
+        for dtype, sizes in self.matmul_by_size.items():
+            if dtype not in self.matmul_flops or not isinstance(sizes, dict):
+                raise ValueError(f"Hardware.matmul_by_size[{dtype!r}]: keys are dtypes of matmul_flops "
+                                 f"({', '.join(self.matmul_flops)}), values {{FLOPs of one product: FLOP/s}}")
+            for flops, rate in sizes.items():
+                if not (isinstance(flops, int) and not isinstance(flops, bool) and flops >= 1
+                        and isinstance(rate, (int, float)) and rate > 0 and math.isfinite(rate)):
+                    raise ValueError(
+                        f"Hardware.matmul_by_size[{dtype!r}][{flops!r}]={rate!r}: keys are FLOPs of one product "
+                        "(ints >= 1), values positive finite FLOP/s"
+                    )
         if not isinstance(self.disk_bytes, int) or isinstance(self.disk_bytes, bool) or self.disk_bytes < 0:
             raise ValueError(f"Hardware.disk_bytes={self.disk_bytes!r} must be 0 (no disk tier) or a number of bytes")
         for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s"):
@@ -223,15 +240,20 @@ class Hardware:
 
     # ---- lookups the cost model uses ----
 
-    def matmul_rate(self, dtype: torch.dtype | str) -> float:
-        """FLOP/s of large matmuls in `dtype`; ValueError when this hardware has no figure for it."""
+    def matmul_rate(self, dtype: torch.dtype | str, flops: float | None = None) -> float:
+        """FLOP/s of matmuls in `dtype`: of large ones, or of one product of `flops` FLOPs (`matmul_by_size`
+        interpolated linearly in the logarithm of the size, held at its ends beyond the sizes measured);
+        ValueError when this hardware has no figure for the dtype."""
         name = str(dtype).removeprefix("torch.")
         if name not in self.matmul_flops:
             raise ValueError(
                 f"{self.name} has no matmul rate for {name}; it has {', '.join(self.matmul_flops)}: "
                 "pick one of those as compute dtype"
             )
-        return self.matmul_flops[name]
+        sizes = self.matmul_by_size.get(name)
+        if flops is None or not sizes:
+            return self.matmul_flops[name]
+        return _interpolate_log(sorted(sizes.items()), flops)
 
     def attention_rate(self, dtype: torch.dtype | str) -> float:
         """FLOP/s of fused attention in `dtype`: the measured figure, else the matmul rate."""
@@ -249,14 +271,7 @@ class Hardware:
         `eager_bytes_per_s` (else `device_copy_bytes_per_s`) without them."""
         if not self.eager_rates:
             return self.eager_bytes_per_s or self.device_copy_bytes_per_s
-        points = sorted(self.eager_rates.items())
-        if nbytes <= points[0][0]:
-            return points[0][1]
-        for (b0, r0), (b1, r1) in zip(points, points[1:]):
-            if nbytes <= b1:
-                t = math.log(nbytes / b0) / math.log(b1 / b0)
-                return r0 + t * (r1 - r0)
-        return points[-1][1]
+        return _interpolate_log(sorted(self.eager_rates.items()), nbytes)
 
     def collective_rate(self, world_size: int) -> float:
         """Bus bandwidth per device for `world_size` ranks: the figure for that size, else for the nearest
@@ -348,6 +363,7 @@ class Hardware:
         data = dataclasses.asdict(self)
         data["collective_bytes_per_s"] = {str(w): r for w, r in self.collective_bytes_per_s.items()}
         data["eager_rates"] = {str(b): r for b, r in self.eager_rates.items()}
+        data["matmul_by_size"] = {d: {str(f): r for f, r in sizes.items()} for d, sizes in self.matmul_by_size.items()}
         data["format_version"] = _FORMAT_VERSION
         return json.dumps(data, indent=2)
 
@@ -377,6 +393,9 @@ class Hardware:
             data[what] = dict(rates.data) if rates else {}
         data["collective_bytes_per_s"] = _rates_by_int(doc, "collective_bytes_per_s", 2,
                                                        "is not a world size; keys are world sizes >= 2")
+        by_size = doc.obj("matmul_by_size", default=None)
+        data["matmul_by_size"] = {dtype: _rates_by_int(by_size, dtype, 1, "is not a size; keys are FLOPs of one "
+                                                        "product >= 1") for dtype in (by_size.data if by_size else ())}
         data["eager_rates"] = _rates_by_int(doc, "eager_rates", 1,
                                             "is not a size; keys are bytes moved per operator >= 1")
         data["device_type"] = doc.get("device_type", "str", default="cuda", choices=("cuda", "cpu"))
@@ -413,6 +432,18 @@ class Hardware:
         from elixir.hardware.measure import measure_machine
 
         return measure_machine(cache=cache, quick=quick, refresh=refresh, disk=disk)
+
+
+def _interpolate_log(points: list[tuple[int, float]], x: float) -> float:
+    """The rate at size `x` of `points` ((size, rate), sorted by size): linear in the logarithm of the size
+    between two measured sizes, the nearest end's rate beyond them."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, r0), (x1, r1) in zip(points, points[1:]):
+        if x <= x1:
+            t = math.log(x / x0) / math.log(x1 / x0)
+            return r0 + t * (r1 - r0)
+    return points[-1][1]
 
 
 def _rates_by_int(doc, key: str, least: int, wrong_key: str) -> dict[int, float]:

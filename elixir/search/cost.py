@@ -1,8 +1,9 @@
 """The cost model: replay a profiled step under a plan and predict its time and peak memory.
 
 Two streams, as on a GPU: a compute stream runs the profiled operators one after another, each with a
-fixed launch / dispatch cost (FLOPs at the hardware's matmul rate, fused attention at its attention rate,
-operators without FLOPs at its copy bandwidth over the bytes they make); a communication stream runs chunk
+fixed launch / dispatch cost (FLOPs at the hardware's matmul rate for products of their size, fused attention
+at its attention rate, operators without FLOPs at its memory-bound rate for the bytes they move); a
+communication stream runs chunk
 fetches (host->device copies and all-gathers) and gradient reductions. A fetch for a chunk that is not
 cached stalls compute until it lands; prefetches for the next `prefetch_depth` chunks of the profiled order
 start while compute goes on, when a cache block is free or holds a chunk needed later (Belady, as the
@@ -504,7 +505,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     if ondemand_of:  # every parameter use is intercepted (elixir/runtime/hooks.py)
         overhead += hardware.interception_op_s
     per_collective = _COLLECTIVE_OVERHEAD_S["cpu" if cpu else "gpu"]
-    matmul = hardware.matmul_rate(plan.dtype)
+    hardware.matmul_rate(plan.dtype)  # a ValueError that names the dtype, where the hardware has no rate for it
     attention = hardware.attention_rate(plan.dtype)
     grouped = hardware.grouped_mm_rate(plan.dtype)
     network = Network(hardware, world_size=plan.world_size, nodes=plan.nodes)
@@ -521,11 +522,16 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         return hardware.fetch_overhead_s, move + gather
 
     memory_bound_s: dict[int, float] = {}  # by bytes moved: a step repeats a few sizes over and over
+    matmul_s: dict[int, float] = {}  # by FLOPs of one product (`Hardware.matmul_by_size`), likewise
 
     def op_seconds(op) -> float:
         if op.flops:
-            return op.flops / (attention if "attention" in op.name else grouped if "grouped_mm" in op.name
-                               else matmul)
+            if "attention" in op.name or "grouped_mm" in op.name:
+                return op.flops / (attention if "attention" in op.name else grouped)
+            seconds = matmul_s.get(op.flops)
+            if seconds is None:
+                seconds = matmul_s[op.flops] = op.flops / hardware.matmul_rate(plan.dtype, op.flops)
+            return seconds
         # memory-bound: see [Note: what a memory-bound operator costs] in elixir/profile/trace.py
         moved = op.out_bytes * 2 if op.moved_bytes is None else op.moved_bytes
         seconds = memory_bound_s.get(moved)

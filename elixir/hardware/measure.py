@@ -229,7 +229,8 @@ def _runtime_overheads(device: torch.device, sync, min_total_s: float) -> tuple[
     chunk_mib = sum(p.numel() for p in base.parameters()) * 4 / 2**20
     largest_mib = max(p.numel() for p in base.parameters()) * 4 / 2**20
 
-    def timed(**plan_kw) -> tuple[float, float]:
+    def wrapped(**plan_kw):
+        """(one step of the model wrapped under `plan_kw`, the chunks it fetches per step)"""
         model = copy.deepcopy(base)
         optim = torch.optim.SGD(model.parameters(), lr=0.0)
         model, optim = wrap(model, optim, plan=Plan.uniform(model, optimizer=optim, **plan_kw), device=device)
@@ -237,19 +238,32 @@ def _runtime_overheads(device: torch.device, sync, min_total_s: float) -> tuple[
         def step():
             model(**batch).loss.backward()
             optim.zero_grad()
+            sync()
 
         step()
         before = memory_stats(model)["gathers"]
         step()
-        fetches = memory_stats(model)["gathers"] - before
-        seconds = _seconds(step, sync, min_total_s=min_total_s)
-        return seconds, fetches
+        return step, memory_stats(model)["gathers"] - before
 
-    resident, _ = timed(chunk_mib=2 * chunk_mib, resident=True)
-    cached, cached_fetches = timed(chunk_mib=2 * chunk_mib, resident=False, cache_blocks=2)
-    small, small_fetches = timed(chunk_mib=largest_mib, resident=False, cache_blocks=4)
-    per_fetch = max(0.0, (small - cached) / max(small_fetches - cached_fetches, 1))
-    per_op = max(0.0, (cached - resident - cached_fetches * per_fetch) / ops)
+    resident, _ = wrapped(chunk_mib=2 * chunk_mib, resident=True)
+    cached, cached_fetches = wrapped(chunk_mib=2 * chunk_mib, resident=False, cache_blocks=2)
+    small, small_fetches = wrapped(chunk_mib=largest_mib, resident=False, cache_blocks=4)
+    # Both figures are differences between the three models' steps. The three take turns, a step each per round,
+    # and each figure is the median over rounds of the difference within a round: steps a few milliseconds
+    # apart see the same machine, where medians taken model by model would subtract two moments of a machine
+    # whose speed wanders (see [Note: the typical run, not the best]).
+    intercepted, fetching = [], []  # cached less resident; small less cached
+    started = time.perf_counter()
+    while len(fetching) < 5 or (time.perf_counter() - started < 3 * min_total_s and len(fetching) < 50):
+        seconds = []
+        for step in (resident, cached, small):
+            t = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - t)
+        intercepted.append(seconds[1] - seconds[0])
+        fetching.append(seconds[2] - seconds[1])
+    per_fetch = max(0.0, statistics.median(fetching) / max(small_fetches - cached_fetches, 1))
+    per_op = max(0.0, (statistics.median(intercepted) - cached_fetches * per_fetch) / ops)
     return per_op, per_fetch
 
 

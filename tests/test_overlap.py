@@ -95,6 +95,19 @@ def test_bit_identical_when_the_speculation_holds(kind, dtype):
     assert not elixir.step_stats(off[3])["overlap"]
 
 
+def test_the_worker_computes_on_one_thread_on_a_cpu_device():
+    # [Note: one thread for the worker on a CPU device] in elixir/optim/overlap.py: a worker with an OpenMP team
+    # of its own makes the compute thread's team sleep and wake between its parallel regions
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opt = _train(bias_free_gpt(), "mixed", overlap=True, steps=1)[4]
+        assert opt.speculation._worker.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2  # the compute thread keeps its own
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_clip_that_does_not_act_keeps_the_bits():
     model = bias_free_gpt()
     on = _train(model, "mixed", overlap=True, clip=1e6)

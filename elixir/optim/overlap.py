@@ -89,7 +89,19 @@ class Speculation:
         self.records: dict[int, Speculated] = {}  # chunk index -> record, this step
         self.logs = logs  # host chunk index -> rollback log (compute dtype)
         self.grads = optimizer.runtime.grads  # owns the staging buffers
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elixir-optimizer")
+        # [Note: one thread for the worker on a CPU device]
+        # On a CPU-only machine the worker shares the cores with the compute threads. A worker operator that runs
+        # in parallel (a copy of a shard of a few MiB) gives the worker an OpenMP team of its own; with GNU
+        # OpenMP, more teamed threads than cores puts every team in its throttled mode, where a team's threads
+        # sleep between parallel regions, and each of the compute thread's ~1,500 parallel regions per step
+        # then wakes its team through the kernel. Measured on the 2-core CPU of BENCHMARKS.md (Llama, 14
+        # chunks, two with homes on the device and states on the host): ~1,650 voluntary context switches per
+        # step against under 1, and 24-55 ms of the step. The worker's operators therefore run on one thread.
+        # On a GPU the compute thread launches kernels and the worker may use the host's cores (host AdamW).
+        cpu_device = self.device.type != "cuda"
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elixir-optimizer",
+                                          initializer=torch.set_num_threads if cpu_device else None,
+                                          initargs=(1,) if cpu_device else ())
         self._stop_updates = False  # a chunk overflowed: later ones are not updated (worker-side)
         self._retracted: set[int] = set()  # chunks of this backward that got a gradient after their update
         self._counted = False  # this backward counted in speculated_steps

@@ -145,10 +145,10 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
     # memory-bound operators at three sizes, each moving more bytes per operator than the last
     assert len(hw.eager_rates) == 3 and all(0 < rate < math.inf for rate in hw.eager_rates.values())
     assert hw.eager_rate(1) == hw.eager_rates[min(hw.eager_rates)]
-    # matmuls by the size of one product: the quick calibration's two sizes in float32, the best of them the
-    # rate of large products
+    # matmuls by the size of one product: the quick calibration's two sizes in float32 (only the first where it
+    # alone takes long: a slow machine), the best of them the rate of large products
     sizes = hw.matmul_by_size["float32"]
-    assert len(sizes) == 2 and max(sizes.values()) == hw.matmul_flops["float32"]
+    assert 1 <= len(sizes) <= 2 and max(sizes.values()) == hw.matmul_flops["float32"]
     assert hw.matmul_rate("float32", 1) == sizes[min(sizes)]
     assert 0 <= hw.interception_op_s < 1e-3 and 0 <= hw.fetch_overhead_s < 1.0
     assert hw.collective_bytes_per_s == {}  # a single process: nothing to measure

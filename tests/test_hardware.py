@@ -10,6 +10,7 @@ import torch
 
 from elixir.hardware import Hardware, cache_dir, parse_bytes
 from elixir.hardware import cache as hardware_cache
+from elixir.hardware import machine as hardware_machine
 from elixir.hardware import measure as hardware_measure
 
 GiB = 2**30
@@ -152,6 +153,7 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
     assert hw.matmul_rate("float32", 1) == sizes[min(sizes)]
     assert 0 <= hw.interception_op_s < 1e-3 and 0 <= hw.fetch_overhead_s < 1.0
     assert hw.collective_bytes_per_s == {}  # a single process: nothing to measure
+    assert hw.spare_cores == hardware_machine._spare_cores()
     assert hw.device_type == ("cuda" if torch.cuda.is_available() else "cpu")
     if hw.device_type == "cpu":  # device and host are the same RAM, split in two
         assert hw.device_bytes == hw.host_bytes
@@ -185,6 +187,21 @@ def test_a_process_with_other_threads_does_not_use_the_cache(monkeypatch, tmp_pa
     monkeypatch.setenv("WORLD_SIZE", "4")
     two_nodes = hardware_cache._cache_path(quick=True)
     assert two_nodes != two_ranks and two_nodes.name.endswith("-2ranks-2nodes-quick.json")
+
+
+def test_spare_cores_count_the_cores_no_rank_computes_on(monkeypatch):
+    monkeypatch.setattr(hardware_machine, "_cores", lambda: 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert hardware_machine._spare_cores() == 2.0  # (8 - 2 x 2) / 2 per rank
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        assert hardware_machine._spare_cores() == 0.0
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+        assert hardware_machine._spare_cores() == 0.0  # more threads than cores: none, not fewer than none
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

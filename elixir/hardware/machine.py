@@ -35,3 +35,14 @@ def _local_ranks() -> int:
 def _nodes() -> int:
     """Nodes the job runs on (`comm.launched_nodes`)."""
     return comm.launched_nodes()
+
+
+def _cores() -> int:
+    """Cores this process may run on (its affinity mask; else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _spare_cores() -> float:
+    """Cores per rank that no compute thread of the job's ranks on this machine uses (`Hardware.spare_cores`)."""
+    ranks = _local_ranks()
+    return max(0.0, (_cores() - ranks * torch.get_num_threads()) / ranks)

@@ -28,7 +28,7 @@ from elixir.hardware.cache import (
     _read_disk_cache,
     _write_cache,
 )
-from elixir.hardware.machine import _device, _device_label, _local_ranks, _nodes
+from elixir.hardware.machine import _cores, _device, _device_label, _local_ranks, _nodes, _spare_cores
 from elixir.hardware.record import Hardware
 
 
@@ -37,7 +37,7 @@ def _machine_busy() -> str:
     less this job's own ranks on this machine, above half of the cores this process may use."""
     if not hasattr(os, "getloadavg"):
         return ""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = _cores()
     own = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     load = os.getloadavg()[0]
     if load - own > 0.5 * cores:
@@ -626,4 +626,5 @@ def _measure(quick: bool) -> Hardware:
         eager_rates=eager_rates,
         interception_op_s=interception,
         fetch_overhead_s=fetch_overhead,
+        spare_cores=_spare_cores(),
     )

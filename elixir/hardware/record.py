@@ -24,7 +24,8 @@ import torch
 # 7: every timing is the median of its runs, not the shortest (see [Note: the typical run, not the best] in
 #    elixir/hardware/measure.py): a record of version 6 has every rate 10-25% too high on a noisy machine;
 #    matmuls' rate by the size of one product (`matmul_by_size`)
-_FORMAT_VERSION = 7
+# 8: `spare_cores`: whether the optimizer's worker thread has a core of its own on a CPU device
+_FORMAT_VERSION = 8
 
 # ---------------------------------------------------------------------------------------------------------------
 # sizes
@@ -158,6 +159,13 @@ class Hardware:
     """Seconds of the runtime's own work per chunk fetch (cache bookkeeping, eviction and prefetch choices) on
     the compute thread, beyond the copy and the collective: `measure()` times the tiny transformer with many
     small on-demand chunks against one. 0: not charged."""
+    spare_cores: float = 0.0
+    """Cores per rank that no compute thread uses: (cores the process may use - ranks on the machine x
+    torch threads per rank) / ranks, at least 0, as `measure()` finds them. Read on a CPU device only, where the
+    optimizer's worker thread (the step inside backward) computes on the same cores as the model: with a spare
+    core its updates hide behind backward; without one they take their time from the compute threads (see
+    [Note: the worker without a core of its own] in elixir/search/cost.py). On a GPU the model computes on
+    the device and the worker has the host's cores. 0: no spare core."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -216,7 +224,8 @@ class Hardware:
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
                     and math.isfinite(value)):
                 raise ValueError(f"Hardware.{what}={value!r} must be a finite number >= 0 (0: not modelled)")
-        for what in ("op_overhead_s", "eager_bytes_per_s", "interception_op_s", "fetch_overhead_s"):
+        for what in ("op_overhead_s", "eager_bytes_per_s", "interception_op_s", "fetch_overhead_s",
+                     "spare_cores"):
             value = getattr(self, what)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
                     and math.isfinite(value)):
@@ -402,7 +411,7 @@ class Hardware:
         data["disk_bytes"] = doc.get("disk_bytes", "int", least=0, default=0)
         for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s", "intra_node_latency_s",
                      "inter_node_bytes_per_s", "inter_node_latency_s", "op_overhead_s", "eager_bytes_per_s",
-                     "interception_op_s", "fetch_overhead_s"):
+                     "interception_op_s", "fetch_overhead_s", "spare_cores"):
             data[what] = doc.get(what, "number", least=0, default=0.0)
         try:  # what no single field says (a disk size without a bandwidth, an unknown dtype)
             return cls(**data)

@@ -222,6 +222,7 @@ class _Space:
             param_shapes=dict(profile.param_shapes),
             group_sizes=self.group_sizes,
             nodes=self.nodes,
+            overlap=cost.overlap_pays(self.hardware),
             **batch,
         )
 

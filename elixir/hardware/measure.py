@@ -30,6 +30,7 @@ from elixir.hardware.cache import (
 )
 from elixir.hardware.machine import _cores, _device, _device_label, _local_ranks, _nodes, _spare_cores
 from elixir.hardware.record import Hardware
+from elixir.memory.host import keep_freed_host_memory
 
 
 def _machine_busy() -> str:
@@ -47,6 +48,7 @@ def _machine_busy() -> str:
 
 def measure_machine(*, cache: bool, quick: bool, refresh: bool, disk: str | None) -> Hardware:
     """`Hardware.measure()` (see its docstring): the cached calibration of this machine, or a new one."""
+    keep_freed_host_memory()  # measured as the training process will run: [Note: freed host memory is kept]
     path = _cache_path(quick)
     cached = _read_cache(path) if cache and not refresh else None
     world = comm.rank_and_world()[1]

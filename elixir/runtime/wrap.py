@@ -18,6 +18,7 @@ from elixir import accel, comm, parallel
 from elixir.memory import BlockCache, Chunk, ChunkGroup, MemoryTracker, pack_offsets, use_order
 from elixir.memory.chunk import ParamSlot, empty_like_shape, padded_numel
 from elixir.memory.disk import DiskStore, check_scratch_folder, region_bytes
+from elixir.memory.host import keep_freed_host_memory
 from elixir.models.checkpointing import apply_checkpointing
 from elixir.optim import ElixirOptimizer, check_optimizer
 from elixir.optim.ondisk import disk_state_tensors
@@ -226,6 +227,7 @@ def _validate(model, optimizer, plan: Plan, device: torch.device, group: ChunkGr
 def _build_runtime(layout: _Layout, plan: Plan, device: torch.device, group: ChunkGroup) -> Runtime:
     """Allocate the chunks' memory in their tiers, the cache and the disk tier's file; the runtime over them."""
     chunks, dtype = layout.chunks, plan.dtype
+    keep_freed_host_memory()  # [Note: freed host memory is kept] (elixir/memory/host.py)
     tracker = MemoryTracker(device)
     if device.type == "cpu" and group.size > 1:
         # [Note: shared memory between ranks] (elixir/shm.py), inside a node and never across

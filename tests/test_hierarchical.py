@@ -207,7 +207,7 @@ def test_a_checkpoint_resumes_in_the_other_layout(tmp_path):
     run_ranks(_resume_across, 4, str(tmp_path))
 
 
-def _dead_node(rank, world, port, results):
+def _dead_node(rank, world, port, results, survivors):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     _as_torchrun(rank, world)
     torch.set_num_threads(1)
@@ -226,6 +226,9 @@ def _dead_node(rank, world, port, results):
             opt.zero_grad()
     except elixir.CollectiveError as e:
         results.put((rank, "CollectiveError", str(e), time.monotonic() - started))
+        # stay until the other survivor has met its own error too: a rank that left first would take its shared
+        # memory with it, and its node peer would then fail on that instead of on the dead node
+        survivors.wait(timeout=TIMEOUT_S * 6)
         os._exit(0)  # leave without tearing the broken group down
     results.put((rank, "finished", "", time.monotonic() - started))
 
@@ -235,7 +238,8 @@ def test_a_dead_node_is_a_named_error_on_the_other():
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_dead_node, args=(r, 4, port, results)) for r in range(4)]
+    survivors = ctx.Barrier(RANKS_PER_NODE)
+    procs = [ctx.Process(target=_dead_node, args=(r, 4, port, results, survivors)) for r in range(4)]
     for p in procs:
         p.start()
     for p in procs[:RANKS_PER_NODE]:

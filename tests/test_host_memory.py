@@ -1,6 +1,7 @@
 """[Note: freed host memory is kept]: glibc's malloc keeps a step's freed blocks for the next step."""
 
 import ctypes
+import os
 import resource
 import sys
 
@@ -15,6 +16,9 @@ def _glibc():
     libc = ctypes.CDLL(None)
     if not sys.platform.startswith("linux") or not hasattr(libc, "mallinfo2"):
         pytest.skip("needs glibc 2.33 or newer (mallinfo2)")
+    chosen = [v for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if v in os.environ]
+    if chosen or os.environ.get("ELIXIR_KEEP_HOST_MEMORY") == "0":
+        pytest.skip(f"the environment sets malloc itself ({', '.join(chosen) or 'ELIXIR_KEEP_HOST_MEMORY=0'})")
     return libc
 
 

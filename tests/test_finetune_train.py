@@ -44,6 +44,7 @@ def test_fine_tune_chats_metrics_checkpoints_export_and_generate(job_dir, tmp_pa
     text = out.getvalue()
     assert args.dtype == "fp32" and args.lr == 1e-3 and args.weight_decay == 0.0 and args.beta2 == 0.999
     assert "predicted step" in text and "measured" in text and "documents" in text
+    assert "(median of 3)" in text  # steps 2-4, after one warm-up step
     assert math.isfinite(result["train_loss"]) and result["step_s"] > 0 and result["predicted_step_s"] > 0
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
 from collections import deque
@@ -52,7 +53,7 @@ FINAL_LOSS_STEPS = 10
 WARMUP_STEPS = 1
 """Steps before the step time is measured (the first one builds caches and warms the allocator)."""
 MEASURED_STEPS = 5
-"""Steps whose mean time is shown next to the predicted step."""
+"""Steps whose median time is shown next to the predicted step."""
 PREDICTION_SLACK = 1.25
 """Measured over predicted step time (or its inverse) beyond which `elixir train` warns."""
 
@@ -152,6 +153,7 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
     measure_from = job.start_step + WARMUP_STEPS
     measure_to = min(args.steps, measure_from + MEASURED_STEPS)
     t_measure = 0.0
+    step_times: list[float] = []
     if job.start_step:
         progress.line(f"resumed from {args.resume} at step {job.start_step}")
     saved_at = job.start_step
@@ -181,14 +183,17 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
             window_loss += step_loss
             window_steps += 1
 
-            if step in (measure_from, measure_to) and measure_to > measure_from:
+            if measure_from <= step <= measure_to and measure_to > measure_from:
                 accel.synchronize(job.device)
-                if step == measure_from:
-                    t_measure = time.perf_counter()
-                else:
-                    measured_step_s = (time.perf_counter() - t_measure) / (measure_to - measure_from)
+                now = time.perf_counter()
+                if step > measure_from:
+                    step_times.append(now - t_measure)
+                t_measure = now
+                if step == measure_to:  # the median: one slow step (the allocator growing, the machine) is not it
+                    measured_step_s = statistics.median(step_times)
                     progress.line(
-                        f"step time after {WARMUP_STEPS} warm-up step(s): measured {1e3 * measured_step_s:.1f} ms"
+                        f"step time after {WARMUP_STEPS} warm-up step(s): measured {1e3 * measured_step_s:.1f} ms "
+                        f"(median of {len(step_times)})"
                         + (f", predicted {1e3 * pred['step_s']:.1f} ms" if pred else "")
                     )
                     off = measured_step_s / pred["step_s"] if pred and pred.get("step_s") else 1.0

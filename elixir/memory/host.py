@@ -15,11 +15,11 @@ _M_MMAP_THRESHOLD = -3
 # on their way to the host. glibc's malloc serves a large block (above its mmap threshold, 128 KiB to 32 MiB as it
 # adapts) with a fresh mmap and unmaps it when freed, and returns the free top of its heap to the kernel
 # (`M_TRIM_THRESHOLD`). The next step's tensor of the same size then touches fresh pages: one page fault for every 4
-# KiB, each zeroed by the kernel. On the 2-core VM of BENCHMARKS.md a fault cost ~9 us: OPT's 4 MiB logits, their
-# log-softmax and its gradient took 1,024 faults and ~9 ms each, where the same kernels on reused memory take 0.2-0.4
-# ms, and a plain PyTorch step of that model took 450-1,300 faults (median of 10 steps, per process) and 138-178 ms
-# against 130-144 ms without them, three processes of each. How many faults a step takes depends on the allocator's
-# state, so the same step also varied by up to 1.5x. Elixir's cost model charges kernels, not faults.
+# KiB, each zeroed by the kernel. On the 2-core VM of BENCHMARKS.md OPT's 4 MiB logits, their log-softmax and its
+# gradient took 1,024 faults and ~9 ms each, where the same kernels on reused memory take 0.2-0.4 ms; a wrapped OPT
+# step with host chunks took 1,500-4,400 faults, and ran faster without them in 6 of 6 pairs of processes, by 3% at
+# the median and up to 17% (bench/bench_malloc.py). How many faults a step takes depends on the allocator's state, so
+# the same step also varied from run to run. Elixir's cost model charges kernels, not faults.
 #
 # So `wrap` and `Hardware.measure` set glibc's mmap threshold to 1 GiB (32 MiB where an older glibc refuses more) and
 # its trim threshold to the largest value mallopt accepts: freed blocks stay in the process for the next step. It is

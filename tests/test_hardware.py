@@ -161,7 +161,10 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
     files = list(tmp_path.glob("hardware-*-quick.json"))
     assert len(files) == 1
     assert Hardware.from_json(files[0].read_text()) == hw
-    assert Hardware.measure(quick=True) == hw  # read back from the cache, not measured again
+    # the record describes this process's device; a copy read from the file does not know it does
+    assert hw.measured_here and not Hardware.from_json(files[0].read_text()).measured_here
+    cached = Hardware.measure(quick=True)
+    assert cached == hw and cached.measured_here  # read back from the cache, not measured again
     files[0].write_text("{damaged")
     assert Hardware.measure(quick=True).name == hw.name  # a damaged cache is measured again and replaced
     assert Hardware.from_json(files[0].read_text()).name == hw.name
@@ -213,3 +216,19 @@ def test_rates_measured_on_a_busy_machine_are_not_cached(monkeypatch, tmp_path):
         hw = Hardware.measure(quick=True)
     assert hw.matmul_flops["float32"] > 0
     assert list(tmp_path.glob("hardware-*.json")) == []
+
+
+def test_a_model_s_compute_scale_is_never_written_with_the_machine():
+    """`compute_scale` belongs to a model on a machine (elixir/search/block.py), `measured_here` to a process:
+    neither goes into the JSON a calibration cache is made of."""
+    hw = Hardware.preset("CPU").with_compute_scale(1.3)
+    assert hw.compute_scale == 1.3 and hw != Hardware.preset("CPU")
+    doc = json.loads(hw.to_json())
+    assert "compute_scale" not in doc and "measured_here" not in doc
+    again = Hardware.from_json(hw.to_json())
+    assert again.compute_scale == 1.0 and not again.measured_here
+    with pytest.raises(ValueError, match="compute_scale"):
+        Hardware.from_json(hw.to_json().replace('"format_version"', '"compute_scale": 1.3, "format_version"'))
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"Hardware.compute_scale=.*positive finite"):
+            hw.with_compute_scale(bad)

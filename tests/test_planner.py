@@ -201,6 +201,18 @@ def test_measured_overheads_are_charged_per_operator_and_per_fetch():
     assert simulate(prof, plan, gpu()).step_s == pytest.approx(3 * MS + 2 * OVERHEAD, abs=1e-7)
 
 
+def test_the_compute_scale_multiplies_the_operators_not_the_runtime_s_own_work():
+    # the same two ops and fetches as above, the model's operators timed at 1.5x the rates' prediction (see
+    # elixir/search/block.py): per op (1 + 0.1) x 1.5 + 0.05 interception, per fetch 0.2 + 0.5 as before:
+    # 2 x (0.7 + 1.65 + 0.05) = 4.8 ms
+    names = ["p0", "p1"]
+    prof = hand_profile(names, [])
+    hw = gpu(op_overhead_s=0.1 * MS, interception_op_s=0.05 * MS, fetch_overhead_s=0.2 * MS).with_compute_scale(1.5)
+    assert simulate(prof, hand_plan(names, blocks=2, depth=0), hw).step_s == pytest.approx(4.8 * MS, abs=1e-7)
+    resident = hand_plan(names, blocks=0, depth=0, resident=True, param_home="device")
+    assert simulate(prof, resident, hw).step_s == pytest.approx(2 * 1.1 * 1.5 * MS, abs=1e-7)
+
+
 def _cpu(spare_cores):
     """A CPU device whose ops take 1 ms plus 0.1 ms, whose host AdamW takes 0.5 ms per chunk and whose copies
     take next to nothing."""

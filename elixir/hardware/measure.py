@@ -59,7 +59,7 @@ def measure_machine(*, cache: bool, quick: bool, refresh: bool, disk: str | None
                                  what="all-reduce of the calibration cache checks")
     if usable:
         assert cached is not None
-        return cached if disk is None else _with_measured_disk(cached, disk, cache, quick, refresh)
+        return _here(cached if disk is None else _with_measured_disk(cached, disk, cache, quick, refresh))
     busy = _machine_busy()
     hardware = _measure(quick)
     if busy:
@@ -83,7 +83,12 @@ def measure_machine(*, cache: bool, quick: bool, refresh: bool, disk: str | None
         _write_cache(path, hardware.to_json())
     if world > 1:  # every rank's cache file is written before any rank reads it again
         comm.every_rank(True, comm.world_group(), device=_device(), what="all-reduce after writing the calibration")
-    return hardware if disk is None else _with_measured_disk(hardware, disk, cache, quick, refresh)
+    return _here(hardware if disk is None else _with_measured_disk(hardware, disk, cache, quick, refresh))
+
+
+def _here(hardware: Hardware) -> Hardware:
+    """The record, marked as describing the device of this process (`Hardware.measured_here`)."""
+    return dataclasses.replace(hardware, measured_here=True)
 
 
 def measure_disk(folder: str, *, cache: bool = True, quick: bool = False, refresh: bool = False) -> tuple[float, float]:

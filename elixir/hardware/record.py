@@ -166,10 +166,22 @@ class Hardware:
     core its updates hide behind backward; without one they take their time from the compute threads (see
     [Note: the worker without a core of its own] in elixir/search/cost.py). On a GPU the model computes on
     the device and the worker has the host's cores. 0: no spare core."""
+    compute_scale: float = 1.0
+    """The model being planned runs its operators `compute_scale` times as long as the rates above predict:
+    measured by timing one of its blocks on the device (see [Note: one block of the model, timed] in
+    elixir/search/block.py) and set with `with_compute_scale`. A property of a model on a machine, not of the
+    machine: never written to JSON, so a calibration (and its cache) always has 1.0."""
+    measured_here: bool = field(default=False, compare=False)
+    """`Hardware.measure()` made this record (or read it from this machine's cache) in this process: it
+    describes the device at hand, so the planner may time the model's own block on it. Never written to
+    JSON; a record read from a file or a preset has False."""
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("Hardware.name must not be empty")
+        if not (isinstance(self.compute_scale, (int, float)) and 0 < self.compute_scale < math.inf):
+            raise ValueError(f"Hardware.compute_scale={self.compute_scale!r} must be a positive finite number "
+                             "(1.0: the operators take what the rates predict)")
         if self.device_type not in ("cuda", "cpu"):
             raise ValueError(f"Hardware.device_type={self.device_type!r}; use 'cuda' or 'cpu'")
         for what in ("device_bytes", "host_bytes"):
@@ -328,6 +340,10 @@ class Hardware:
             changes["intra_node_latency_s"] = float(intra_node_latency_s)
         return dataclasses.replace(self, **changes)
 
+    def with_compute_scale(self, scale: float) -> Hardware:
+        """A copy whose operators take `scale` times as long as its rates predict (see `compute_scale`)."""
+        return dataclasses.replace(self, compute_scale=float(scale))
+
     def with_memory(self, *, device_bytes: int | str | None = None, host_bytes: int | str | None = None) -> Hardware:
         """A copy with other memory sizes (bytes, or human sizes such as "40GiB")."""
         changes = {}
@@ -370,6 +386,8 @@ class Hardware:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
+        for name in _NOT_WRITTEN:
+            del data[name]
         data["collective_bytes_per_s"] = {str(w): r for w, r in self.collective_bytes_per_s.items()}
         data["eager_rates"] = {str(b): r for b, r in self.eager_rates.items()}
         data["matmul_by_size"] = {d: {str(f): r for f, r in sizes.items()} for d, sizes in self.matmul_by_size.items()}
@@ -468,4 +486,5 @@ def _rates_by_int(doc, key: str, least: int, wrong_key: str) -> dict[int, float]
     return rates
 
 
-_HARDWARE_FIELDS = tuple(f.name for f in dataclasses.fields(Hardware))
+_NOT_WRITTEN = ("compute_scale", "measured_here")  # the model's and the process's, not the machine's
+_HARDWARE_FIELDS = tuple(f.name for f in dataclasses.fields(Hardware) if f.name not in _NOT_WRITTEN)

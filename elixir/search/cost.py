@@ -504,6 +504,39 @@ class _FetchReplay:
 # The replay charges such an update to the compute clock when its gradient is ready, as if the compute thread
 # made it there itself: a lower bound, since the scheduler's sharing of the cores also stalls the compute
 # threads' parallel regions. The search does not choose the overlap there (`overlap_pays`).
+class OperatorTimes:
+    """Seconds one profiled operator takes on `hardware` in `dtype`, the cost of running an operator at all
+    (`Hardware.op_overhead_s`) included, interception and `Hardware.compute_scale` not: what the rates predict.
+    Remembers the sizes it has seen (a step repeats a few over and over)."""
+
+    def __init__(self, hardware: Hardware, dtype) -> None:
+        self.hardware, self.dtype = hardware, dtype
+        hardware.matmul_rate(dtype)  # a ValueError that names the dtype, where the hardware has no rate for it
+        self.attention = hardware.attention_rate(dtype)
+        self.grouped = hardware.grouped_mm_rate(dtype)
+        self.overhead = hardware.op_overhead_s or _OP_OVERHEAD_S["cpu" if hardware.device_type == "cpu" else "gpu"]
+        self.memory_bound_s: dict[int, float] = {}  # by bytes moved
+        self.matmul_s: dict[int, float] = {}  # by FLOPs of one product (`Hardware.matmul_by_size`)
+
+    def __call__(self, op) -> float:
+        return self.kernel(op) + self.overhead
+
+    def kernel(self, op) -> float:
+        if op.flops:
+            if "attention" in op.name or "grouped_mm" in op.name:
+                return op.flops / (self.attention if "attention" in op.name else self.grouped)
+            seconds = self.matmul_s.get(op.flops)
+            if seconds is None:
+                seconds = self.matmul_s[op.flops] = op.flops / self.hardware.matmul_rate(self.dtype, op.flops)
+            return seconds
+        # memory-bound: see [Note: what a memory-bound operator costs] in elixir/profile/trace.py
+        moved = op.out_bytes * 2 if op.moved_bytes is None else op.moved_bytes
+        seconds = self.memory_bound_s.get(moved)
+        if seconds is None:
+            seconds = self.memory_bound_s[moved] = moved / self.hardware.eager_rate(moved) if moved else 0.0
+        return seconds
+
+
 def overlap_pays(hardware: Hardware) -> bool:
     """Whether updating chunks inside backward can hide anything on `hardware`: on a GPU, or on a CPU device
     with a core that no compute thread uses (see [Note: the worker without a core of its own])."""
@@ -521,13 +554,11 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     itemsize = plan.dtype.itemsize
     cpu = hardware.device_type == "cpu"
     worker_core = overlap_pays(hardware)
-    overhead = hardware.op_overhead_s or _OP_OVERHEAD_S["cpu" if cpu else "gpu"]
-    if ondemand_of:  # every parameter use is intercepted (elixir/runtime/hooks.py)
-        overhead += hardware.interception_op_s
+    # the model's operators, as its block was timed on the device (see `Hardware.compute_scale`)
+    scale = hardware.compute_scale
+    intercepted = hardware.interception_op_s if ondemand_of else 0.0  # every parameter use (elixir/runtime/hooks.py)
     per_collective = _COLLECTIVE_OVERHEAD_S["cpu" if cpu else "gpu"]
-    hardware.matmul_rate(plan.dtype)  # a ValueError that names the dtype, where the hardware has no rate for it
-    attention = hardware.attention_rate(plan.dtype)
-    grouped = hardware.grouped_mm_rate(plan.dtype)
+    op_seconds = OperatorTimes(hardware, plan.dtype)  # a ValueError naming the dtype where it has no matmul rate
     network = Network(hardware, world_size=plan.world_size, nodes=plan.nodes)
     copy_rate = hardware.device_copy_bytes_per_s
 
@@ -540,24 +571,6 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         if cpu:
             return move + (per_collective if c.ranks > 1 else 0.0) + hardware.fetch_overhead_s, gather
         return hardware.fetch_overhead_s, move + gather
-
-    memory_bound_s: dict[int, float] = {}  # by bytes moved: a step repeats a few sizes over and over
-    matmul_s: dict[int, float] = {}  # by FLOPs of one product (`Hardware.matmul_by_size`), likewise
-
-    def op_seconds(op) -> float:
-        if op.flops:
-            if "attention" in op.name or "grouped_mm" in op.name:
-                return op.flops / (attention if "attention" in op.name else grouped)
-            seconds = matmul_s.get(op.flops)
-            if seconds is None:
-                seconds = matmul_s[op.flops] = op.flops / hardware.matmul_rate(plan.dtype, op.flops)
-            return seconds
-        # memory-bound: see [Note: what a memory-bound operator costs] in elixir/profile/trace.py
-        moved = op.out_bytes * 2 if op.moved_bytes is None else op.moved_bytes
-        seconds = memory_bound_s.get(moved)
-        if seconds is None:
-            seconds = memory_bound_s[moved] = moved / hardware.eager_rate(moved) if moved else 0.0
-        return seconds
 
     def update_s(c: _Chunk) -> float:
         rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s
@@ -613,7 +626,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         start = cache.use([ondemand_of[n] for n in op.params if n in ondemand_of])
         if op.phase == "backward" and optimizer and plan.overlap:
             disk.start(start)  # the update inside backward reads disk regions ahead from here
-        clocks.compute = start + op_seconds(op) + overhead
+        clocks.compute = start + op_seconds(op) * scale + intercepted
         for c in completed_after.get(i, ()):
             reduce(chunks[c])
     end_backward = max(clocks.compute, clocks.comm, clocks.worker, clocks.side)

@@ -27,7 +27,8 @@ from elixir.models.families import build_family, family_names
 from elixir.plan import DTYPE_FLAGS
 from elixir.profile import profile
 from elixir.search import PlanDoesNotFitError, search
-from elixir.search.api import plan_batch
+from elixir.search.api import plan_batch, timed_block
+from elixir.search.block import BlockInputs
 from elixir.validation import check_output_file, require_package
 
 DTYPES = DTYPE_FLAGS
@@ -176,11 +177,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 apply_checkpointing(model, 1)
             batch_size = args.batch_size or 1
             ids = torch.zeros((batch_size, args.seq_len), dtype=torch.long)
-            prof = profile(model, {"input_ids": ids, "labels": ids}, compute_dtype=dtype)
+            with BlockInputs(model) as block:
+                prof = profile(model, {"input_ids": ids, "labels": ids}, compute_dtype=dtype)
+            hw = timed_block(block, hw, dtype, {})  # this machine's rates: its first block timed here
             profiled_s = time.perf_counter() - started
             plan, pred = search(prof, hw, world_size=world, compute_dtype=dtype,
                                 prefetch_depth=args.prefetch_depth, nodes=args.nodes, shard_over=over)
-            plan = dataclasses.replace(plan, use_order=tuple(prof.use_sequence()), predicted=pred.as_dict())
+            plan = dataclasses.replace(plan, use_order=tuple(prof.use_sequence()),
+                                       predicted={**pred.as_dict(), "compute_scale": hw.compute_scale})
             timing = f"(profiled in {profiled_s:.1f} s, searched in {time.perf_counter() - started - profiled_s:.1f} s)"
     except PlanDoesNotFitError as e:
         print(f"elixir plan: {e}")
@@ -218,6 +222,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"predicted step      {pred.step_s:.3f} s (compute {pred.compute_s:.3f} s, waiting for chunks "
           f"{pred.stall_s:.3f} s, optimizer {pred.optim_s:.3f} s after backward, "
           f"{pred.optim_in_backward_s:.3f} s inside it)")
+    scale = plan.predicted.get("compute_scale", 1.0)
+    if scale != 1.0:
+        print(f"compute scale       {scale:.2f}: the model's first block, timed here, took that many times what the "
+              "calibration's rates predict for its operators; every operator is charged so")
     print(f"throughput per GPU  {tokens / pred.step_s:,.0f} tokens/s, {tflops:.1f} TFLOPS by the profiled FLOPs "
           f"(recomputation included){rule}")
     print(f"peak device         {pred.device_bytes_peak / GiB:.2f} GiB "

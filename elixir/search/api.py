@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from elixir import comm
 from elixir.hardware import Hardware
 from elixir.plan import Plan
 from elixir.profile import Profile, profile
+from elixir.search.block import BlockInputs, compute_scale
 from elixir.search.cost import Prediction
 from elixir.search.search import CHECKPOINT_OPTIONS, search
 
@@ -54,14 +56,27 @@ def plan(
         return plan_batch(model, example_batch, hardware=hardware, world_size=world_size,
                           compute_dtype=compute_dtype, prefetch_depth=prefetch_depth, loss_fn=loss_fn,
                           tokens_per_step=tokens_per_step, nodes=nodes, shard_over=shard_over).plan
-    prof = profile(model, example_batch, loss_fn, compute_dtype=compute_dtype)
     from elixir.parallel import group_sizes
 
+    with BlockInputs(model) as block:
+        prof = profile(model, example_batch, loss_fn, compute_dtype=compute_dtype)
+    hardware = timed_block(block, hardware, compute_dtype, group_sizes(model, world_size))
     best, pred = search(prof, hardware, world_size=world_size, compute_dtype=compute_dtype,
                         prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size),
                         checkpointed=checkpointed_regions(model), nodes=nodes, shard_over=shard_over)
     return dataclasses.replace(best, use_order=tuple(prof.use_sequence()),
-                               predicted={**pred.as_dict(), "batch_tokens": batch_tokens(example_batch)})
+                               predicted={**pred.as_dict(), "batch_tokens": batch_tokens(example_batch),
+                                          "compute_scale": hardware.compute_scale})
+
+
+def timed_block(block: BlockInputs, hardware: Hardware, compute_dtype, groups: dict) -> Hardware:
+    """`hardware` with the compute scale of the model whose first block `block` recorded, where the record
+    describes this device and has none yet (see [Note: one block of the model, timed] in
+    elixir/search/block.py)."""
+    if not hardware.measured_here or hardware.compute_scale != 1.0:
+        return hardware
+    return hardware.with_compute_scale(compute_scale(block, hardware, compute_dtype=compute_dtype,
+                                                     expert_parallel=bool(groups)))
 
 
 def batch_tokens(batch) -> int:
@@ -119,23 +134,27 @@ def plan_batch(
 
     one, seq_len = _one_sequence(example_batch)
     traced: dict[int, Profile] = {}
+    block = BlockInputs(model)
 
     def trace(every: int) -> Profile:
         if every not in traced:
-            with checkpointing(model, every):
+            with checkpointing(model, every), (block if every == 0 else contextlib.nullcontext()):
                 traced[every] = profile(model, one, loss_fn, compute_dtype=compute_dtype)
         return traced[every]
 
     # a model without blocks to checkpoint has only the option without checkpointing
     options = [k for k in CHECKPOINT_OPTIONS if k] if transformer_blocks(model) else []
-    best, pred = search(trace(0), hardware, world_size=world_size, compute_dtype=compute_dtype,
+    first = trace(0)
+    hardware = timed_block(block, hardware, compute_dtype, group_sizes(model, world_size))
+    best, pred = search(first, hardware, world_size=world_size, compute_dtype=compute_dtype,
                         prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size),
                         tokens_per_step=tokens_per_step, seq_len=seq_len, profiled_sequences=1,
                         checkpoint_profiles={k: functools.partial(trace, k) for k in options}, nodes=nodes,
                         shard_over=shard_over)
     chosen = trace(best.checkpoint_every)
     best = dataclasses.replace(best, use_order=tuple(chosen.use_sequence()),
-                               predicted={**pred.as_dict(), "batch_tokens": best.micro_batch_size * seq_len})
+                               predicted={**pred.as_dict(), "batch_tokens": best.micro_batch_size * seq_len,
+                                          "compute_scale": hardware.compute_scale})
     return BatchPlan(best, pred, chosen.scaled(best.micro_batch_size), profiles_traced=len(traced))
 
 

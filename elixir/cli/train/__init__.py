@@ -133,6 +133,8 @@ def loop(job: Job, args: argparse.Namespace, out: TextIO | None = None) -> dict:
             f"predicted step {1e3 * pred['step_s']:.1f} ms on {getattr(job.hardware, 'name', 'this machine')}: "
             f"compute {1e3 * pred['compute_s']:.1f} ms, waiting for chunks {1e3 * pred['stall_s']:.1f} ms, "
             f"optimizer after backward {1e3 * pred['optim_s']:.1f} ms"
+            + (f"; the model's operators at {pred['compute_scale']:.2f}x the calibration's rates (one block timed)"
+               if pred.get("compute_scale", 1.0) != 1.0 else "")
         )
     progress.line("memory: model data as elixir.memory_stats counts it, MiB now/peak")
 

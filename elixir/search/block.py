@@ -1,0 +1,176 @@
+"""Time one block of the model being planned on the device: how much longer its operators take than the
+calibrated rates predict (`Hardware.compute_scale`).
+
+[Note: one block of the model, timed]
+The calibration times operators of its own (square products, a few memory-bound operators, a tiny transformer
+for the cost of running an operator at all) and the cost model charges every profiled operator at those rates.
+A model's own operators can run slower in its step than the calibration's: BENCHMARKS.md found GPT-NeoX's
+blocks (a partial rotary embedding: slices, concatenations and products of a few KiB each) at 1.17-1.24x their
+prediction on the 2-core CPU, while OPT's and Llama's blocks were within 4% of theirs, in the same process
+right after a calibration. Nothing in the calibration knows a model's family, but the model is at hand when
+the plan is made: its first block is run here, forward and backward, on inputs shaped as the profile saw them,
+and the median of its steps over the cost model's prediction for the same operators becomes
+`Hardware.compute_scale`, by which the cost model multiplies every operator's time (the cost of interception
+and the runtime's own work excluded: the calibration measures those on its own).
+
+- The inputs: the first block's arguments are recorded, as meta tensors, by a forward pre-hook while the
+  profile traces the step (`BlockInputs`). For the timing, floating tensors become random ones of their shape
+  and dtype (keeping `requires_grad`), integer ones zeros (valid positions and indices), booleans True; other
+  objects the block was given (a key-value cache) become None.
+- The weights: random ones of the block's shapes and dtypes on the device, through `functional_call`, so a
+  model on the meta device or on the host is neither copied whole nor modified.
+- Skipped (scale 1.0) where a block cannot be run alone: no repeated blocks found, expert-parallel layers
+  (their all-to-alls need every rank), a hardware record that does not describe this device
+  (`Hardware.measured_here` is False: a preset, or a file from elsewhere), a block predicted to take over
+  0.25 s (a large model on a CPU: six runs would hold up the plan), or any error while running it (a warning
+  says which).
+- What it does not see: the operators outside the blocks (embeddings, the head, the loss) keep the rates'
+  prediction, and a block alone, repeated, finds warmer caches than in the step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from elixir.hardware import Hardware
+
+# time spent timing the block: its steps repeat until this much has passed (at least 3, at most 30)
+_MIN_TOTAL_S = 0.3
+_MAX_REPS = 30
+_WARMUP = 3  # the first runs allocate what later ones reuse
+_MAX_RUN_S = 0.25  # a block predicted slower than this is not timed: (3 + 3) runs would hold up the plan
+
+
+class BlockInputs:
+    """Records the arguments of `model`'s first transformer block as the profile traces it: use as a context
+    around `elixir.profile(model, ...)`. `args`/`kwargs` stay None when the model has no blocks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from elixir.models.checkpointing import transformer_blocks
+
+        blocks = transformer_blocks(model)
+        self.block = blocks[0] if blocks else None
+        self.args: tuple | None = None
+        self.kwargs: dict | None = None
+        self._handle = None
+
+    def __enter__(self) -> BlockInputs:
+        if self.block is not None:
+            self._handle = self.block.register_forward_pre_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def _record(self, module, args, kwargs):
+        if self.args is None:  # the first call: a checkpointed block's recomputation calls it again
+            self.args, self.kwargs = args, dict(kwargs)
+
+
+def _real(value: Any, device: torch.device, generator: torch.Generator) -> Any:
+    """A value of the block's recorded arguments made real on `device` (see the Note)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            t = torch.randn(value.shape, generator=generator, dtype=torch.float32).to(device, value.dtype)
+            return t.requires_grad_(value.requires_grad)
+        if value.dtype == torch.bool:
+            return torch.ones(value.shape, dtype=torch.bool, device=device)
+        return torch.zeros(value.shape, dtype=value.dtype, device=device)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return value
+    return None  # an object of the model's own (a cache): the block runs without it
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValueError(f"the block returned {type(output).__name__}, not a tensor or a tuple starting with one")
+
+
+class _Step(nn.Module):
+    """The block's forward and the sum of its output, the loss: what is timed, and profiled."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, args: list, kwargs: dict) -> torch.Tensor:
+        return _first_tensor(self.block(*args, **kwargs)).sum()
+
+
+def compute_scale(recorded: BlockInputs, hardware: Hardware, *, compute_dtype=torch.float32,
+                  device: torch.device | str | None = None, expert_parallel: bool = False) -> float:
+    """`Hardware.compute_scale` for the model whose first block `recorded` saw (see [Note: one block of the
+    model, timed]): the block's measured forward and backward over the cost model's prediction, or 1.0 where
+    it cannot be timed here."""
+    block = recorded.block
+    if block is None or recorded.args is None or expert_parallel or not hardware.measured_here:
+        return 1.0
+    from elixir import accel
+
+    device = torch.device(device) if device is not None else accel.default_device()
+    if device.type != hardware.device_type:
+        return 1.0
+    try:
+        return _compute_scale(recorded, hardware, compute_dtype, device)
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        warnings.warn(f"elixir.plan: could not time one block of the model ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); the step time is predicted "
+                      "from the calibration's rates alone", stacklevel=3)
+        return 1.0
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _compute_scale(recorded: BlockInputs, hardware: Hardware, compute_dtype, device: torch.device) -> float:
+    from elixir.plan import DTYPES, dtype_name
+    from elixir.profile import profile
+    from elixir.search.cost import OperatorTimes
+
+    dtype = DTYPES[dtype_name(compute_dtype)]
+    block = recorded.block
+    g = torch.Generator().manual_seed(0)
+    args = [_real(a, device, g) for a in recorded.args]
+    kwargs = tree_map(lambda v: _real(v, device, g), recorded.kwargs)
+    step = _Step(block)
+    predicted = sum(map(OperatorTimes(hardware, dtype), profile(step, {"args": args, "kwargs": kwargs},
+                                                              loss_fn=lambda loss: loss, compute_dtype=dtype).ops))
+    if not 0 < predicted <= _MAX_RUN_S:  # a block too slow to time here (a large model on a CPU)
+        return 1.0
+    state: dict[str, torch.Tensor] = {}
+    for name, p in block.named_parameters():
+        kind = dtype if p.is_floating_point() else p.dtype
+        w = (torch.randn(p.shape, generator=g) * 0.02).to(device, kind)
+        state[name] = w.requires_grad_(p.requires_grad)
+    for name, b in block.named_buffers():
+        state[name] = torch.zeros(b.shape, dtype=b.dtype, device=device) if b.is_meta else b.to(device)
+    params = [w for w in state.values() if w.requires_grad]
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run() -> None:
+        loss = torch.func.functional_call(step, {f"block.{k}": v for k, v in state.items()}, (args, kwargs))
+        loss.backward()
+        for t in params + inputs:
+            t.grad = None
+        sync()
+
+    for _ in range(_WARMUP):
+        run()
+    times: list[float] = []
+    while len(times) < 3 or (sum(times) < _MIN_TOTAL_S and len(times) < _MAX_REPS):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) / predicted

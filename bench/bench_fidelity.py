@@ -29,7 +29,10 @@ compares each repetition's steps with the prediction under its own calibration, 
 those (this VM's speed drifts by 15-30% within minutes; --calibrate per-model: once before each model's plans run,
 once: at the start only), in a process like the plans' (threads, ranks), on the quiet machine,
 again if other jobs took the CPUs meanwhile (--cached-hardware reads the cache instead: every elixir process
-on the machine shares it, measured under whatever load there was).
+on the machine shares it, measured under whatever load there was). Rank 0 of that process then times the model's
+first block, as `elixir.plan` does, and the prediction uses its compute scale (`Hardware.compute_scale`, see
+[Note: one block of the model, timed] in elixir/search/block.py); the table also gives the ratio the rates alone
+would have (--no-block-timing: the rates alone).
 Every plan computes the same fp32 math from the same weights on the same batch, so the losses of all plans
 must agree (checked).
 
@@ -102,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "per repetition, in rotating order; "
                         "sequential: each plan's warm-up and steps back to back, one plan after the other, as a "
                         "training run takes them (with --calibrate per-rep: a calibration before each plan)")
+    p.add_argument("--block-timing", action=argparse.BooleanOptionalAction, default=True,
+                   help="time each model's first block with the calibration, as elixir.plan does, and predict with "
+                        "its compute scale (the rates-alone ratio is printed beside); with --calibrate once, each "
+                        "model still gets a calibration of its own")
     p.add_argument("--calibrate", choices=("per-rep", "per-model", "once"), default="per-rep",
                    help="calibrate before every repetition (each repetition's steps are then compared with the "
                         "prediction under its own calibration, and the ratio is the median of those: this VM's "
@@ -247,7 +254,7 @@ def _free_port() -> int:
 
 
 def _worker(conn, name: str, seq_len: int, batch_size: int, seed: int, plan_json: str, rank: int, world: int,
-            port: int, threads: int, calibrate: bool) -> None:
+            port: int, threads: int, calibrate: bool, block_of: tuple[str, int, int] | None = None) -> None:
     """One rank of one plan, in a process of its own (as a user's run would be): builds the model from `seed`,
     wraps it with the plan, then runs a step whenever the parent says so and answers (seconds, loss, own CPU
     seconds of the step, own CPU seconds since the process started: the collection before the step and the
@@ -259,13 +266,15 @@ def _worker(conn, name: str, seq_len: int, batch_size: int, seed: int, plan_json
 
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        hw_json = Hardware.measure(refresh=True).to_json() if calibrate else None
+        hw = Hardware.measure(refresh=True) if calibrate else None
+        hw_json = hw.to_json() if hw is not None else None
+        scale = _compute_scale(hw, *block_of) if hw is not None and block_of is not None and rank == 0 else 1.0
         model, vocab = build(name, seq_len, seed)
         g = torch.Generator().manual_seed(seed + 1 + rank)
         x = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
         optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         model, optim = elixir.wrap(model, optim, plan=elixir.Plan.from_json(plan_json))
-        conn.send(("ready", hw_json, time.process_time()))
+        conn.send(("ready", hw_json, time.process_time(), scale))
         while True:
             cmd = conn.recv()
             if cmd == "step":
@@ -292,11 +301,27 @@ def _worker(conn, name: str, seq_len: int, batch_size: int, seed: int, plan_json
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
+def _rates(hw: Hardware) -> Hardware:
+    return hw.with_compute_scale(1.0)
+
+
+def _compute_scale(hw: Hardware, name: str, seq_len: int, batch_size: int) -> float:
+    """`Hardware.compute_scale` of model `name`, as `elixir.plan` times its first block in the training process
+    (see [Note: one block of the model, timed] in elixir/search/block.py)."""
+    from elixir.search.block import BlockInputs, compute_scale
+
+    model, vocab = build(name, seq_len, 0)
+    x = torch.randint(0, vocab, (batch_size, seq_len))
+    with BlockInputs(model) as block:
+        elixir.profile(model, {"input_ids": x, "labels": x})
+    return compute_scale(block, hw)
+
+
 class Run:
     """One plan: its ranks, each a process of its own, stepping when told."""
 
     def __init__(self, name: str, description: str, plan: elixir.Plan, model_name: str, args, world: int,
-                 calibrate: bool = False):
+                 calibrate: bool = False, block_of: tuple[str, int, int] | None = None):
         import multiprocessing as mp
 
         self.name, self.description, self.plan = name, description, plan
@@ -311,12 +336,13 @@ class Run:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, daemon=True, args=(
                 child, model_name, args.seq_len, args.batch_size, args.seed, plan.to_json(), rank, world, port,
-                args.threads, calibrate and rank == 0 if world == 1 else calibrate))
+                args.threads, calibrate and rank == 0 if world == 1 else calibrate, block_of))
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
         ready = [self._recv(c) for c in self.conns]
         self.hardware_json = ready[0][1]
+        self.compute_scale = ready[0][3]
         self.ready_cpu_s = sum(r[2] for r in ready)  # CPU seconds the ranks took to start (and calibrate)
         self.process_cpu_s = self.ready_cpu_s  # the ranks' CPU seconds since they started, as of the last answer
 
@@ -404,7 +430,7 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
     try:
         for plan_name, description, plan in plans:
             run = Run(plan_name, description, plan, name, args, world)
-            run.pred = simulate(prof, plan, hw)
+            run.pred, run.pred_rates = simulate(prof, plan, hw), simulate(prof, plan, _rates(hw))
             runs.append(run)
         say(f"model {name} ({n_params / 1e6:.1f}M params, {len(prof.ops)} operators in the step), batch "
             f"{args.batch_size} x {args.seq_len} per rank, {world} rank(s), fp32, AdamW(fused), {args.threads} "
@@ -413,10 +439,12 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
             say(f"  {r.name}: {r.description}; {len(r.plan.chunks)} chunks")
         busy: list[float] = []
         preds_by_rep: list[list[float]] = []  # --calibrate per-rep: each plan's prediction before each rep
+        rates_by_rep: list[list[float]] = []  # the same from the rates alone (compute scale 1)
         if args.schedule == "sequential":  # each plan's steps back to back, as one training run takes them
             for r in runs:
                 if recalibrate is not None:
-                    r.pred = simulate(prof, r.plan, recalibrate())
+                    rep_hw = recalibrate()
+                    r.pred, r.pred_rates = simulate(prof, r.plan, rep_hw), simulate(prof, r.plan, _rates(rep_hw))
                 for _ in range(args.warmup):
                     r.step()
                 quiet.wait(check_load=False)
@@ -439,6 +467,7 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
             if recalibrate is not None:
                 rep_hw = recalibrate()
                 preds_by_rep.append([simulate(prof, r.plan, rep_hw).step_s for r in runs])
+                rates_by_rep.append([simulate(prof, r.plan, _rates(rep_hw)).step_s for r in runs])
             quiet.wait(check_load=False)
             watch, plan_cpu_s = OthersWatch().start(), sum(r.process_cpu_s for r in runs)
             for r in order:
@@ -466,13 +495,16 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
                 predicted = [p[i] for p in preds_by_rep]
                 predicted_s = statistics.median(predicted)
                 time_ratio = statistics.median(p / m for p, m in zip(predicted, r.step_s))
+                rates_ratio = statistics.median(p[i] / m for p, m in zip(rates_by_rep, r.step_s))
             else:
                 predicted, predicted_s, time_ratio = [], r.pred.step_s, r.pred.step_s / measured_s
+                rates_ratio = r.pred_rates.step_s / measured_s
             rows.append({
                 "model": name, "params": n_params, "ops": len(prof.ops), "ranks": world,
                 "plan": r.name, "description": r.description, "chunks": len(r.plan.chunks),
                 "cache_blocks": st["cache_blocks"],
                 "predicted_s": predicted_s, "measured_s": measured_s, "time_ratio": time_ratio,
+                "rates_time_ratio": rates_ratio, "compute_scale": hw.compute_scale,
                 "predicted_s_per_rep": predicted,
                 "measured_min_s": min(r.step_s), "step_s": r.step_s,
                 "predicted_device_bytes": r.pred.model_device_bytes, "measured_device_bytes": st["device_bytes_peak"],
@@ -490,13 +522,15 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
     return rows
 
 
-def calibrate(args, world: int) -> Hardware:
-    """Hardware.measure(refresh=True) in processes like the plans' (threads, ranks), while the machine is quiet."""
+def calibrate(args, world: int, model: str) -> tuple[Hardware, float]:
+    """Hardware.measure(refresh=True) in processes like the plans' (threads, ranks), while the machine is quiet,
+    with `model`'s compute scale as rank 0 of a training process times it (--block-timing)."""
     small = argparse.Namespace(**{**vars(args), "seq_len": 16, "batch_size": 1})
     plan = elixir.Plan.uniform(build("gpt:tiny", small.seq_len, args.seed)[0], world_size=world)
-    run = Run("calibration", "", plan, "gpt:tiny", small, world, calibrate=True)
+    block_of = (model, args.seq_len, args.batch_size) if args.block_timing else None
+    run = Run("calibration", "", plan, "gpt:tiny", small, world, calibrate=True, block_of=block_of)
     run.close()
-    return Hardware.from_json(run.hardware_json), run.ready_cpu_s
+    return Hardware.from_json(run.hardware_json).with_compute_scale(run.compute_scale), run.ready_cpu_s
 
 
 def main(argv=None) -> int:
@@ -512,13 +546,15 @@ def main(argv=None) -> int:
     quiet = Quiet(args.max_load, args.max_busy, args.max_wait_s)
     busy_before = quiet.wait(check_load=True)
     load_before = os.getloadavg()[0]
-    def calibrated() -> tuple[Hardware, float | None]:
+    def calibrated(model: str) -> tuple[Hardware, float | None]:
         if args.cached_hardware:
             hw, busy_calibrating = Hardware.measure(), None
+            if args.block_timing:
+                hw = hw.with_compute_scale(_compute_scale(hw, model, args.seq_len, args.batch_size))
         else:
             while True:  # calibrate now, while the machine is quiet; again if other jobs took the CPUs meanwhile
                 watch = OthersWatch().start()
-                hw, own_cpu_s = calibrate(args, world)
+                hw, own_cpu_s = calibrate(args, world, model)
                 busy_calibrating = max(0.0, watch.stop() - own_cpu_s / watch.capacity_s)
                 if busy_calibrating < args.max_busy or quiet.waited_s >= quiet.budget:
                     break
@@ -530,39 +566,44 @@ def main(argv=None) -> int:
             f"{hw.device_copy_bytes_per_s / 1e9:.1f} GB/s, memory-bound operators "
             + ", ".join(f"{r / 1e9:.1f} GB/s at {b / 1e6:.1f} MB" for b, r in sorted(hw.eager_rates.items()))
             + f", AdamW {hw.device_optim_elems_per_s / 1e9:.2f} G elements/s"
-            + "".join(f", {k} {getattr(hw, k) * 1e6:.2f} us" for k in OVERHEAD_FIELDS if hasattr(hw, k)))
+            + "".join(f", {k} {getattr(hw, k) * 1e6:.2f} us" for k in OVERHEAD_FIELDS if hasattr(hw, k))
+            + f"; {model}'s block at {hw.compute_scale:.2f}x the rates' prediction")
         return hw, busy_calibrating
 
     rows: list[dict] = []
     calibrations: list[dict] = []
     hw = None
-    def calibration(before: str) -> Hardware:
-        hw, busy_calibrating = calibrated()
+    def calibration(before: str, model: str) -> Hardware:
+        hw, busy_calibrating = calibrated(model)
         calibrations.append({"before": before, "hardware": json.loads(hw.to_json()),
-                             "others_busy_calibrating": busy_calibrating})
+                             "compute_scale": hw.compute_scale, "others_busy_calibrating": busy_calibrating})
         return hw
 
     for name in models:
-        if hw is None or args.calibrate != "once":
-            hw = calibration(name)
+        if hw is None or args.calibrate != "once" or args.block_timing:
+            hw = calibration(name, name)
         recalibrate = None
         if args.calibrate == "per-rep":
             reps = iter(range(1, args.reps + 1))
-            recalibrate = lambda name=name, reps=reps: calibration(f"{name} rep {next(reps)}")  # noqa: E731
+            recalibrate = lambda name=name, reps=reps: calibration(f"{name} rep {next(reps)}", name)  # noqa: E731
         rows += measure_model(name, args, hw, quiet, world, say, recalibrate)
 
     say("")
     say(f"load average (1 min) {load_before:.2f} before; {os.cpu_count()} CPUs; torch {torch.__version__}; "
         f"{world} rank(s) x {args.threads} thread(s); other jobs {busy_before:.0%} before; waited "
         f"{quiet.waited_s:.0f} s for quiet")
-    say("| model | plan | predicted s | measured s (median) | ratio | predicted MiB | measured MiB | ratio |")
-    say("|---|---|---:|---:|---:|---:|---:|---:|")
+    say("| model | plan | predicted s | measured s (median) | ratio | ratio, rates alone | predicted MiB | "
+        "measured MiB | ratio |")
+    say("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         say(f"| {row['model']} | {row['plan']} | {row['predicted_s']:.3f} | {row['measured_s']:.3f} | "
-            f"{row['time_ratio']:.2f} | {row['predicted_device_bytes'] / MiB:,.1f} | "
+            f"{row['time_ratio']:.2f} | {row['rates_time_ratio']:.2f} | {row['predicted_device_bytes'] / MiB:,.1f} | "
             f"{row['measured_device_bytes'] / MiB:,.1f} | {row['memory_ratio']:.3f} |")
     errors = [abs(r["time_ratio"] - 1) for r in rows]
     worst = max(rows, key=lambda r: abs(r["time_ratio"] - 1))
+    rates_errors = [abs(r["rates_time_ratio"] - 1) for r in rows]
+    say(f"from the rates alone (every compute scale 1): median error {statistics.median(rates_errors):.1%}, worst "
+        f"{max(rates_errors):.1%}")
     say(f"step time: median error {statistics.median(errors):.1%}, worst {abs(worst['time_ratio'] - 1):.1%} "
         f"({worst['model']} {worst['plan']}); device bytes: worst "
         f"{max(abs(r['memory_ratio'] - 1) for r in rows):.1%}")

@@ -172,6 +172,8 @@ def main() -> int:
                      "exact", f"{fidelity['median_error']:.1%}, {fidelity['worst_error']:.1%} ({worst['model']} "
                      f"{worst['plan']}: {worst['time_ratio']:.2f}) over {len(fidelity['rows'])} plans; "
                      f"{exact} of {len(fidelity['rows'])} exact"
+                     + (f"; from the rates alone {fidelity['rates_median_error']:.1%}, "
+                        f"{fidelity['rates_worst_error']:.1%}" if "rates_median_error" in fidelity else "")
                      + (f"; skipped: {', '.join(fidelity['skipped'])}" if fidelity.get("skipped") else "")))
     else:
         rows.append(("d fidelity", "the planner's word on small HF models", why_missing(fidelity, "fidelity")))

@@ -60,9 +60,10 @@ def plan(
 
     with BlockInputs(model) as block:
         prof = profile(model, example_batch, loss_fn, compute_dtype=compute_dtype)
-    hardware = timed_block(block, hardware, compute_dtype, group_sizes(model, world_size))
+    groups = group_sizes(model, world_size)
+    hardware = timed_block(block, hardware, compute_dtype, groups)
     best, pred = search(prof, hardware, world_size=world_size, compute_dtype=compute_dtype,
-                        prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size),
+                        prefetch_depth=prefetch_depth, group_sizes=groups,
                         checkpointed=checkpointed_regions(model), nodes=nodes, shard_over=shard_over)
     return dataclasses.replace(best, use_order=tuple(prof.use_sequence()),
                                predicted={**pred.as_dict(), "batch_tokens": batch_tokens(example_batch),
@@ -145,9 +146,10 @@ def plan_batch(
     # a model without blocks to checkpoint has only the option without checkpointing
     options = [k for k in CHECKPOINT_OPTIONS if k] if transformer_blocks(model) else []
     first = trace(0)
-    hardware = timed_block(block, hardware, compute_dtype, group_sizes(model, world_size))
+    groups = group_sizes(model, world_size)
+    hardware = timed_block(block, hardware, compute_dtype, groups)
     best, pred = search(first, hardware, world_size=world_size, compute_dtype=compute_dtype,
-                        prefetch_depth=prefetch_depth, group_sizes=group_sizes(model, world_size),
+                        prefetch_depth=prefetch_depth, group_sizes=groups,
                         tokens_per_step=tokens_per_step, seq_len=seq_len, profiled_sequences=1,
                         checkpoint_profiles={k: functools.partial(trace, k) for k in options}, nodes=nodes,
                         shard_over=shard_over)

@@ -21,6 +21,12 @@ ROLLBACK_REL = 2e-6
 # other way. Multi-step comparisons therefore run in fp32 with test_distributed's conditioning (lr 1e-3,
 # eps 1e-6), where 5 steps measured 1e-6.
 MULTI_STEP_REL = 1e-5
+# After a rollback in one step, a run's later steps start from masters a unit in their last place off, and which
+# units differ varies from run to run with two compute threads beside the worker (with one thread the result is the
+# same every run): test_more_micro_batches_than_planned_roll_back_once_then_learn's fp32 case on the 2-core CPU of
+# BENCHMARKS.md, 13 runs: 4.2e-6 to 9.3e-6 after four steps (4.4e-6 to 5.0e-6 after one), and 1.01e-5 in a CI run,
+# where a rollback that left an update in place would be lr-sized (~1e-2 relative). The bound leaves 3x over that.
+ROLLBACK_MULTI_STEP_REL = 3e-5
 # On several ranks a host chunk's rollback log rounds the reduced (mean) gradient to bf16, and a redo starts
 # from it: the update then differs by up to 2^-9 of the part the clip coefficient changed. Measured at 1.2e-5
 # relative on the parameters after one clipped step on 2 ranks (tiny clip: the whole update changed).
@@ -245,11 +251,11 @@ def test_more_micro_batches_than_planned_roll_back_once_then_learn(kind, dtype):
     optimizer = conditioned if dtype == torch.float32 else sgd
     one = [_train(model, kind, overlap=o, dtype=dtype, accum=2, plan_accum=1, steps=1, optimizer=optimizer)
            for o in (True, False)]
-    _assert_close(*one, MULTI_STEP_REL)
+    _assert_close(*one, ROLLBACK_MULTI_STEP_REL)
     assert elixir.step_stats(one[0][3])["rollback_reasons"] == {"accumulation": 1}
     if dtype == torch.float32:
         on, off = (_train(model, kind, overlap=o, accum=2, plan_accum=1, optimizer=conditioned) for o in (True, False))
-        _assert_close(on, off, MULTI_STEP_REL)
+        _assert_close(on, off, ROLLBACK_MULTI_STEP_REL)
         stats = elixir.step_stats(on[3])
         # step 1 speculated on its first micro-batch and gave it back; steps 2-4 on their second
         assert stats["rollback_reasons"] == {"accumulation": 1} and stats["speculated_steps"] == 4

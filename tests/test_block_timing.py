@@ -50,13 +50,35 @@ def _block_ops(block: BlockInputs) -> int:
                        loss_fn=lambda loss: loss).ops)
 
 
+def _rest_ops(model, x) -> int:
+    """Operators of the model's step with every block passing its input through: the rest of the step."""
+    blocks = list(model.h) if hasattr(model, "h") else list(model.model.layers)
+    for b in blocks:
+        b.forward = lambda hidden, *args, **kwargs: hidden
+    try:
+        return len(profile(model, {"input_ids": x, "labels": x}).ops)
+    finally:
+        for b in blocks:
+            del b.forward
+
+
+def _scale(blocks: int, block_ops: int, rest_ops: int) -> float:
+    """The scale when every timed run takes TICK and every operator is predicted at 1 ms: `blocks` runs of the
+    block and one of the rest of the step, over their predictions."""
+    return (blocks + 1) * TICK / ((blocks * block_ops + rest_ops) * 1e-3)
+
+
 def test_the_first_block_s_inputs_are_recorded_on_the_meta_device():
     model, x = build("gpt"), batches(1)[0]
     block = _recorded(model, x)
     assert block.block is model.h[0] and block.kwargs == {}
     (hidden,) = block.args
     assert hidden.is_meta and hidden.shape == (*x.shape, model.config.n_embd) and hidden.requires_grad
-    assert not model.h[0]._forward_pre_hooks  # the hook went with the context
+    # the model's own call, and what the block gave back
+    assert block.model_args == () and set(block.model_kwargs) == {"input_ids", "labels"}
+    assert block.output.is_meta and block.output.shape == hidden.shape
+    assert not model.h[0]._forward_pre_hooks and not model.h[0]._forward_hooks  # the hooks went with the context
+    assert not model._forward_pre_hooks
     assert BlockInputs(torch.nn.Sequential(torch.nn.Linear(4, 4))).block is None  # no repeated blocks
 
 
@@ -65,10 +87,19 @@ def test_the_scale_is_the_block_s_measured_time_over_its_predicted_one(clock):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     block = _recorded(model, x)
     ops = _block_ops(block)
-    # each run reads the clock twice: TICK seconds; the prediction is `ops` operators of 1 ms, no kernel time
-    assert compute_scale(block, _instant_cpu(), device="cpu") == pytest.approx(TICK / (ops * 1e-3))
-    # random weights of the block's shapes did the work: the model is untouched, and has no gradients
+    # each run reads the clock twice: TICK seconds; the prediction is `ops` operators of 1 ms, no kernel time.
+    # The block stands for each of the model's blocks, and the rest of the step (embeddings, head, loss) is
+    # timed with every block passing its input through
+    scale = compute_scale(block, _instant_cpu(), device="cpu")
+    assert scale == pytest.approx(_scale(len(model.h), ops, _rest_ops(model, x)))
+    # random weights of the model's shapes did the work: the model is untouched, has no gradients, and its blocks
+    # have their own forward again
     assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+    assert not any("forward" in b.__dict__ for b in model.h)
+    # where the rest cannot be rebuilt (a batch that is neither a dict of tensors nor one tensor), the block's
+    # time alone
+    block.model_args = (x, x)
+    assert compute_scale(block, _instant_cpu(), device="cpu") == pytest.approx(TICK / (ops * 1e-3))
 
 
 def test_a_hugging_face_block_runs_without_the_cache_it_was_given(clock):
@@ -80,7 +111,8 @@ def test_a_hugging_face_block_runs_without_the_cache_it_was_given(clock):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # it ran: no warning that it could not
         scale = compute_scale(block, _instant_cpu(), device="cpu")
-    assert scale == pytest.approx(TICK / (_block_ops_without_cache(block) * 1e-3))
+    blocks = len(model.model.layers)
+    assert scale == pytest.approx(_scale(blocks, _block_ops_without_cache(block), _rest_ops(model, x)))
 
 
 def _block_ops_without_cache(block: BlockInputs) -> int:
@@ -139,7 +171,7 @@ def test_plan_predicts_with_the_scale_of_the_model_s_block(clock):
     batch = {"input_ids": x, "labels": x}
     ops = _block_ops(_recorded(model, x))
     plan = elixir.plan(model, batch, hardware=_instant_cpu(), world_size=1)
-    scale = TICK / (ops * 1e-3)
+    scale = _scale(len(model.h), ops, _rest_ops(model, x))
     assert plan.predicted["compute_scale"] == pytest.approx(scale)
     assert plan.predicted["step_s"] == pytest.approx(
         simulate(profile(model, batch), plan, _instant_cpu().with_compute_scale(scale)).step_s)

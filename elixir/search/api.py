@@ -58,7 +58,7 @@ def plan(
                           tokens_per_step=tokens_per_step, nodes=nodes, shard_over=shard_over).plan
     from elixir.parallel import group_sizes
 
-    with BlockInputs(model) as block:
+    with BlockInputs(model, loss_fn) as block:
         prof = profile(model, example_batch, loss_fn, compute_dtype=compute_dtype)
     groups = group_sizes(model, world_size)
     hardware = timed_block(block, hardware, compute_dtype, groups)
@@ -135,7 +135,7 @@ def plan_batch(
 
     one, seq_len = _one_sequence(example_batch)
     traced: dict[int, Profile] = {}
-    block = BlockInputs(model)
+    block = BlockInputs(model, loss_fn)
 
     def trace(every: int) -> Profile:
         if every not in traced:

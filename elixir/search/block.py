@@ -1,5 +1,5 @@
-"""Time one block of the model being planned on the device: how much longer its operators take than the
-calibrated rates predict (`Hardware.compute_scale`).
+"""Time one block of the model being planned on the device, and the rest of its step: how much longer its
+operators take than the calibrated rates predict (`Hardware.compute_scale`).
 
 [Note: one block of the model, timed]
 The calibration times operators of its own (square products, a few memory-bound operators, a tiny transformer
@@ -8,24 +8,37 @@ A model's own operators can run slower in its step than the calibration's: BENCH
 blocks (a partial rotary embedding: slices, concatenations and products of a few KiB each) at 1.17-1.24x their
 prediction on the 2-core CPU, while OPT's and Llama's blocks were within 4% of theirs, in the same process
 right after a calibration. Nothing in the calibration knows a model's family, but the model is at hand when
-the plan is made: its first block is run here, forward and backward, on inputs shaped as the profile saw them,
-and the median of its steps over the cost model's prediction for the same operators becomes
-`Hardware.compute_scale`, by which the cost model multiplies every operator's time (the cost of interception
-and the runtime's own work excluded: the calibration measures those on its own).
+the plan is made: its first block is run here, forward and backward, on inputs shaped as the profile saw them;
+then the rest of the step (the model with every block passing its input through: embeddings, head, loss and
+the model's own Python around its blocks). With B blocks, (B x the block's median time + the rest's) over the
+cost model's prediction for the same operators becomes `Hardware.compute_scale`, by which the cost model
+multiplies every operator's time (the cost of interception and the runtime's own work excluded: the
+calibration measures those on its own).
 
-- The inputs: the first block's arguments are recorded, as meta tensors, by a forward pre-hook while the
-  profile traces the step (`BlockInputs`). For the timing, floating tensors become random ones of their shape
-  and dtype (keeping `requires_grad`), integer ones zeros (valid positions and indices), booleans True; other
-  objects the block was given (a key-value cache) become None.
+- The inputs: the first block's arguments, its output and the model's own arguments (the batch) are recorded,
+  as meta tensors, by hooks while the profile traces the step (`BlockInputs`). For the timing, floating
+  tensors become random ones of their shape and dtype (keeping `requires_grad`), integer ones zeros (valid
+  positions, indices and labels), booleans True; other objects the block was given (a key-value cache) become
+  None.
 - The weights: random ones of the block's shapes and dtypes on the device, through `functional_call`, so a
-  model on the meta device or on the host is neither copied whole nor modified.
+  model on the meta device or on the host is neither copied whole nor modified; for the rest of the step,
+  random ones of every parameter outside the blocks, and the blocks' `forward` is replaced for the time of the
+  runs (put back after, also on an error).
+- Why the rest: on the 2-core CPU the Hugging Face Llama of BENCHMARKS.md ran the rest of its step at 1.8x the
+  rates' prediction (20.6 ms against 11.5: HF's Python around the blocks, the log-softmax over the vocabulary)
+  while its block ran at 1.1-1.2x; GPT-NeoX, OPT and Qwen2 at 1.05-1.3x. A scale from the block alone left
+  Llama's step 8% short in one process; with the rest, the resident plans of the six bench models came within
+  0.93-1.00 of their steps there.
 - Skipped (scale 1.0) where a block cannot be run alone: no repeated blocks found, expert-parallel layers
   (their all-to-alls need every rank), a hardware record that does not describe this device
   (`Hardware.measured_here` is False: a preset, or a file from elsewhere), a block predicted to take over
   0.25 s (a large model on a CPU: six runs would hold up the plan), or any error while running it (a warning
-  says which).
-- What it does not see: the operators outside the blocks (embeddings, the head, the loss) keep the rates'
-  prediction, and a block alone, repeated, finds warmer caches than in the step.
+  says which). The rest alone is left out (the block's own ratio stands) where it cannot run: a batch that was
+  not a dict of tensors or one tensor, a block output of another structure, a rest predicted over 0.25 s, or
+  an error while running it.
+- What it does not see: B copies of the first block stand for all B (a model whose blocks differ, dense and
+  MoE layers in turn, gets the first one's ratio for all), and a block alone, repeated, finds warmer caches
+  than in the step.
 """
 
 from __future__ import annotations
@@ -49,30 +62,46 @@ _MAX_RUN_S = 0.25  # a block predicted slower than this is not timed: (3 + 3) ru
 
 
 class BlockInputs:
-    """Records the arguments of `model`'s first transformer block as the profile traces it: use as a context
-    around `elixir.profile(model, ...)`. `args`/`kwargs` stay None when the model has no blocks."""
+    """Records the arguments of `model`'s first transformer block, and of the model itself, as the profile traces
+    it: use as a context around `elixir.profile(model, ..., loss_fn)`. `args`/`kwargs` stay None when the model
+    has no blocks."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss_fn=None) -> None:
         from elixir.models.checkpointing import transformer_blocks
 
-        blocks = transformer_blocks(model)
-        self.block = blocks[0] if blocks else None
+        self.model, self.loss_fn = model, loss_fn
+        self.blocks = transformer_blocks(model)
+        self.block = self.blocks[0] if self.blocks else None
         self.args: tuple | None = None
         self.kwargs: dict | None = None
-        self._handle = None
+        self.model_args: tuple | None = None  # the model's own call (the batch), for the rest of the step
+        self.model_kwargs: dict | None = None
+        self.output: Any = None  # the first block's output, on the meta device
+        self._handles: list = []
 
     def __enter__(self) -> BlockInputs:
         if self.block is not None:
-            self._handle = self.block.register_forward_pre_hook(self._record, with_kwargs=True)
+            self._handles = [self.block.register_forward_pre_hook(self._record, with_kwargs=True),
+                             self.block.register_forward_hook(self._record_output),
+                             self.model.register_forward_pre_hook(self._record_model, with_kwargs=True)]
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def _record(self, module, args, kwargs):
         if self.args is None:  # the first call: a checkpointed block's recomputation calls it again
             self.args, self.kwargs = args, dict(kwargs)
+
+    def _record_output(self, module, args, output):
+        if self.output is None:
+            self.output = output
+
+    def _record_model(self, module, args, kwargs):
+        if self.model_args is None:
+            self.model_args, self.model_kwargs = args, dict(kwargs)
 
 
 def _real(value: Any, device: torch.device, generator: torch.Generator) -> Any:
@@ -166,11 +195,87 @@ def _compute_scale(recorded: BlockInputs, hardware: Hardware, compute_dtype, dev
             t.grad = None
         sync()
 
+    measured = _median_time(run, _MIN_TOTAL_S)
+    rest = _rest_of_step(recorded, hardware, dtype, device, g, sync)
+    if rest is None:
+        return measured / predicted
+    blocks = len(recorded.blocks)
+    return (blocks * measured + rest[0]) / (blocks * predicted + rest[1])
+
+
+def _median_time(run, min_total_s: float) -> float:
+    """Median seconds of `run()` after `_WARMUP` runs, over at least 3 and at most `_MAX_REPS` runs that
+    together take `min_total_s`."""
     for _ in range(_WARMUP):
         run()
     times: list[float] = []
-    while len(times) < 3 or (sum(times) < _MIN_TOTAL_S and len(times) < _MAX_REPS):
+    while len(times) < 3 or (sum(times) < min_total_s and len(times) < _MAX_REPS):
         started = time.perf_counter()
         run()
         times.append(time.perf_counter() - started)
-    return statistics.median(times) / predicted
+    return statistics.median(times)
+
+
+def _passing_through(output: Any):
+    """A block's forward that returns its input hidden states in the structure of `output`, its own output as
+    the profile saw it: a tensor, or a tuple whose first element is one (the rest None)."""
+    if isinstance(output, torch.Tensor):
+        return lambda hidden, *args, **kwargs: hidden
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        rest = (None,) * (len(output) - 1)
+        return lambda hidden, *args, **kwargs: (hidden, *rest)
+    return None
+
+
+def _rest_of_step(recorded: BlockInputs, hardware: Hardware, dtype, device: torch.device, g: torch.Generator,
+                  sync) -> tuple[float, float] | None:
+    """(measured, predicted) seconds of the model's step with every block passing its input through: the
+    operators outside the blocks and the model's own Python (see the Note); None where that step cannot run
+    here."""
+    from elixir.profile import profile
+    from elixir.profile.trace import _default_loss
+    from elixir.search.cost import OperatorTimes
+
+    model, args, kwargs = recorded.model, recorded.model_args, recorded.model_kwargs
+    forward = _passing_through(recorded.output)
+    if forward is None or args is None or (args and kwargs) or len(args) > 1:
+        return None  # the profile's batch is a dict of tensors or one tensor; nothing else to rebuild it from
+    real = tree_map(lambda v: _real(v, device, g), (list(args), kwargs))
+    batch = real[0][0] if args else real[1]
+    loss_fn = recorded.loss_fn or _default_loss
+    saved = [b.__dict__.get("forward") for b in recorded.blocks]  # a checkpointed block's own forward
+    try:
+        for b in recorded.blocks:
+            b.forward = forward
+        predicted = sum(map(OperatorTimes(hardware, dtype),
+                            profile(model, batch, recorded.loss_fn, compute_dtype=dtype).ops))
+        if not 0 < predicted <= _MAX_RUN_S:
+            return None
+        in_blocks = {id(t) for b in recorded.blocks for t in [*b.parameters(), *b.buffers()]}
+        state: dict[str, torch.Tensor] = {}
+        for name, p in model.named_parameters():
+            if id(p) not in in_blocks:
+                kind = dtype if p.is_floating_point() else p.dtype
+                state[name] = (torch.randn(p.shape, generator=g) * 0.02).to(device, kind).requires_grad_(
+                    p.requires_grad)
+        for name, b in model.named_buffers():
+            if id(b) not in in_blocks:
+                state[name] = torch.zeros(b.shape, dtype=b.dtype, device=device) if b.is_meta else b.to(device)
+        params = [w for w in state.values() if w.requires_grad]
+
+        def run() -> None:
+            output = torch.func.functional_call(model, state, (batch,) if args else (), batch if kwargs else None)
+            loss_fn(output).backward()
+            for t in params:
+                t.grad = None
+            sync()
+
+        return _median_time(run, _MIN_TOTAL_S / 2), predicted
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError):
+        return None  # the blocks' own time stands alone
+    finally:
+        for b, own in zip(recorded.blocks, saved):
+            if own is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = own

@@ -152,6 +152,8 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
     assert 1 <= len(sizes) <= 2 and max(sizes.values()) == hw.matmul_flops["float32"]
     assert hw.matmul_rate("float32", 1) == sizes[min(sizes)]
     assert 0 <= hw.interception_op_s < 1e-3 and 0 <= hw.fetch_overhead_s < 1.0
+    # an optimizer step call's own cost, from AdamW on one element: well under a millisecond
+    assert 0 < hw.optim_step_overhead_s < 1e-2
     assert hw.collective_bytes_per_s == {}  # a single process: nothing to measure
     assert hw.spare_cores == hardware_machine._spare_cores()
     assert hw.device_type == ("cuda" if torch.cuda.is_available() else "cpu")

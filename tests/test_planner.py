@@ -241,6 +241,28 @@ def test_the_update_inside_backward_hides_only_on_a_spare_core():
     assert shared.compute_s == pytest.approx(hidden.compute_s) == pytest.approx(4.4 * MS, abs=1e-7)
 
 
+def test_an_update_checks_its_gradient_and_pays_for_the_step_call():
+    # one resident chunk of 1000 elements, updated after backward at 1e9 elements/s: 1 us; before it, its fp32
+    # gradient is checked for an inf or a NaN, a sum over its 4 kB at 4 GB/s of memory-bound operators: 1 us; and
+    # the optimizer's step call itself costs 100 us (see [Note: the gradient check before an update])
+    names = ["p0"]
+    prof = hand_profile(names, names)
+    plan = dataclasses.replace(hand_plan(names, blocks=0, depth=0, resident=True, param_home="device"),
+                               overlap=False)
+    hw = dataclasses.replace(gpu(eager_bytes_per_s=4e9), device_optim_elems_per_s=1e9, host_optim_elems_per_s=1e9,
+                             optim_step_overhead_s=100e-6)
+    assert simulate(prof, plan, hw).optim_s == pytest.approx(1e-6 + 1e-6 + 100e-6)
+    # fp16 divides by the loss scale, tests and reduces: 14 bytes per element read or written, 3.5 us
+    half = dataclasses.replace(plan, compute_dtype="float16")
+    fp16 = dataclasses.replace(hw, matmul_flops={**hw.matmul_flops, "float16": 1e12})
+    assert simulate(prof, half, fp16).optim_s == pytest.approx(1e-6 + 3.5e-6 + 100e-6)
+    # on the host of a GPU machine the check's 4 bytes per element are their share of the AdamW step's 28; then
+    # the updated master goes up into the device's shard (0.5 ms over the test GPU's host link)
+    on_host = dataclasses.replace(plan, chunks=(ChunkPlan(params=("p0",), resident=True, param_home="device",
+                                                          optim_home="host"),))
+    assert simulate(prof, on_host, hw).optim_s == pytest.approx(1e-6 * (1 + 4 / 28) + 100e-6 + 0.5 * MS)
+
+
 def test_the_search_updates_inside_backward_where_it_can_hide():
     prof = _profile_gpt()
     assert search(prof, Hardware.preset("A100-80GB"))[0].overlap
@@ -259,18 +281,22 @@ def test_memory_bound_operators_cost_the_bytes_they_move():
     plan = hand_plan(["p0"], blocks=0, depth=0, resident=True, param_home="device")
     hw = dataclasses.replace(gpu(op_overhead_s=1e-9, eager_bytes_per_s=4e9), device_copy_bytes_per_s=1e10)
     grad_copy = NUMEL * 4 / 1e10  # the gradient into the chunk's buffer once backward is done with it
-    assert simulate(prof, plan, hw).step_s == pytest.approx(2 * MS + 1e-9 + grad_copy, rel=1e-6)
+    # and the update's check for non-finite gradients: a read of the 4 kB gradient, a memory-bound operator
+    grad_check = NUMEL * 4 / 4e9
+    assert simulate(prof, plan, hw).step_s == pytest.approx(2 * MS + 1e-9 + grad_copy + grad_check, rel=1e-6)
     old = dataclasses.replace(prof, ops=[dataclasses.replace(op, moved_bytes=None)])
     # without a measured rate, the moved bytes at the copy rate: 8 MB at 10 GB/s
     no_rate = dataclasses.replace(hw, eager_bytes_per_s=0.0)
-    assert simulate(prof, plan, no_rate).step_s == pytest.approx(0.8 * MS + 1e-9 + grad_copy, rel=1e-6)
-    assert simulate(old, plan, hw).step_s == pytest.approx(2 * MS + 1e-9 + grad_copy, rel=1e-6)
+    assert simulate(prof, plan, no_rate).step_s == pytest.approx(0.8 * MS + 1e-9 + grad_copy + NUMEL * 4 / 1e10,
+                                                                 rel=1e-6)
+    assert simulate(old, plan, hw).step_s == pytest.approx(2 * MS + 1e-9 + grad_copy + grad_check, rel=1e-6)
     # rates measured by size: 8 MB sits halfway (in the logarithm) between 2 MB at 8 GB/s and 32 MB at 4 GB/s,
     # so it moves at 6 GB/s; below and above the sizes measured, the nearest rate
     by_size = dataclasses.replace(hw, eager_rates={2_000_000: 8e9, 32_000_000: 4e9})
     assert by_size.eager_rate(8_000_000) == pytest.approx(6e9)
     assert by_size.eager_rate(1_000) == 8e9 and by_size.eager_rate(10**9) == 4e9
-    assert simulate(prof, plan, by_size).step_s == pytest.approx(8e6 / 6e9 + 1e-9 + grad_copy, rel=1e-6)
+    assert simulate(prof, plan, by_size).step_s == pytest.approx(8e6 / 6e9 + 1e-9 + grad_copy + NUMEL * 4 / 8e9,
+                                                                 rel=1e-6)
 
 
 def test_grouped_products_run_at_their_own_rate():
@@ -280,12 +306,13 @@ def test_grouped_products_run_at_their_own_rate():
     gemm = dataclasses.replace(grouped, name="aten.mm.default")
     hw = dataclasses.replace(gpu(op_overhead_s=1e-9), matmul_flops={"float32": 2e12}, device_copy_bytes_per_s=1e10)
     plan = hand_plan(["p0"], blocks=0, depth=0, resident=True, param_home="device")
-    grad_copy = NUMEL * 4 / 1e10
+    grad_copy = grad_check = NUMEL * 4 / 1e10  # no memory-bound rate: the gradient's check at the copy rate
     for op, measured, seconds in ((grouped, {"float32": 1e12}, 2 * MS), (gemm, {"float32": 1e12}, 1 * MS),
                                   (grouped, {}, 1 * MS)):
         prof = dataclasses.replace(hand_profile(["p0"], []), ops=[op], forward_flops=op.flops, total_flops=op.flops)
         timed = dataclasses.replace(hw, grouped_mm_flops=measured)
-        assert simulate(prof, plan, timed).step_s == pytest.approx(seconds + 1e-9 + grad_copy, rel=1e-6)
+        assert simulate(prof, plan, timed).step_s == pytest.approx(seconds + 1e-9 + grad_copy + grad_check,
+                                                                   rel=1e-6)
 
 
 def test_small_products_run_at_their_size_s_rate():
@@ -298,15 +325,15 @@ def test_small_products_run_at_their_size_s_rate():
     assert hw.matmul_rate(torch.float32, 10**6) == 1e12 and hw.matmul_rate("float32", 10**10) == 2e12
     assert hw.matmul_rate("float32") == 2e12  # no size: the large products' rate
     plan = hand_plan(["p0"], blocks=0, depth=0, resident=True, param_home="device")
-    grad_copy = NUMEL * 4 / 1e10
+    grad_copy = grad_check = NUMEL * 4 / 1e10  # no memory-bound rate: the gradient's check at the copy rate
     ops = [OpRecord("aten.mm.default", "forward", ("p0",), flops, 0, 0, 0, 0) for flops in (10**8, 10**6, 10**8)]
     prof = dataclasses.replace(hand_profile(["p0"], []), ops=ops, forward_flops=2 * 10**8 + 10**6,
                                total_flops=2 * 10**8 + 10**6)
     expected = 2 * 10**8 / 1.5e12 + 10**6 / 1e12
-    assert simulate(prof, plan, hw).step_s == pytest.approx(expected + 3e-9 + grad_copy, rel=1e-6)
+    assert simulate(prof, plan, hw).step_s == pytest.approx(expected + 3e-9 + grad_copy + grad_check, rel=1e-6)
     flat = dataclasses.replace(hw, matmul_by_size={})
-    assert simulate(prof, plan, flat).step_s == pytest.approx((2 * 10**8 + 10**6) / 2e12 + 3e-9 + grad_copy,
-                                                              rel=1e-6)
+    assert simulate(prof, plan, flat).step_s == pytest.approx(
+        (2 * 10**8 + 10**6) / 2e12 + 3e-9 + grad_copy + grad_check, rel=1e-6)
     with pytest.raises(ValueError, match="matmul_by_size"):  # a size table for a dtype without a rate
         dataclasses.replace(hw, matmul_by_size={"bfloat16": {10**7: 1e12}})
     with pytest.raises(ValueError, match="FLOPs of one product"):

@@ -354,15 +354,24 @@ def _grouped_mm_flops(device: torch.device, dtype: torch.dtype, shape: tuple[int
     return Count.flops / seconds if Count.flops else None
 
 
-def _adamw_elems_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> float:
-    param = torch.zeros(numel, device=device, requires_grad=True)
-    param.grad = torch.randn(numel, device=device)
-    try:
-        optim = torch.optim.AdamW([param], lr=1e-3, fused=True)
-        optim.step()
-    except RuntimeError:  # no fused kernel for this device: the default implementation
-        optim = torch.optim.AdamW([param], lr=1e-3)
-    return numel / _seconds(optim.step, sync, min_total_s=min_total_s)
+def _adamw_elems_per_s(device: torch.device, numel: int, sync, min_total_s: float) -> tuple[float, float]:
+    """(elements per second, seconds per step call beyond its elements) of AdamW: a step on `numel` elements
+    against one on a single element, whose time is the call's own (Python, state lookups, dispatch)."""
+
+    def stepper(n: int):
+        param = torch.zeros(n, device=device, requires_grad=True)
+        param.grad = torch.randn(n, device=device)
+        try:
+            optim = torch.optim.AdamW([param], lr=1e-3, fused=True)
+            optim.step()
+        except RuntimeError:  # no fused kernel for this device: the default implementation
+            optim = torch.optim.AdamW([param], lr=1e-3)
+        return optim.step
+
+    call = _seconds(stepper(1), sync, min_total_s=min_total_s / 10)
+    seconds = _seconds(stepper(numel), sync, min_total_s=min_total_s)
+    # the call's own cost is at most a small part of a step on millions of elements
+    return numel / max(seconds - call, seconds / 2), call
 
 
 def _copy_bytes_per_s(dst: torch.Tensor, src: torch.Tensor, sync, min_total_s: float) -> float:
@@ -609,9 +618,9 @@ def _measure(quick: bool) -> Hardware:
         if numel == 2**20:
             eager = rate
 
-    device_optim = _adamw_elems_per_s(device, adam_numel, sync, min_total_s)
-    host_optim = _adamw_elems_per_s(torch.device("cpu"), adam_numel if not on_gpu else adam_numel // 8,
-                                    lambda: None, min_total_s)
+    device_optim, optim_call = _adamw_elems_per_s(device, adam_numel, sync, min_total_s)
+    host_optim, _ = _adamw_elems_per_s(torch.device("cpu"), adam_numel if not on_gpu else adam_numel // 8,
+                                       lambda: None, min_total_s)
     device_bytes, host_bytes = _memory_bytes(device)
     return Hardware(
         name=f"measured: {_device_label(device)}",
@@ -633,5 +642,6 @@ def _measure(quick: bool) -> Hardware:
         eager_rates=eager_rates,
         interception_op_s=interception,
         fetch_overhead_s=fetch_overhead,
+        optim_step_overhead_s=optim_call,
         spare_cores=_spare_cores(),
     )

@@ -25,7 +25,8 @@ import torch
 #    elixir/hardware/measure.py): a record of version 6 has every rate 10-25% too high on a noisy machine;
 #    matmuls' rate by the size of one product (`matmul_by_size`)
 # 8: `spare_cores`: whether the optimizer's worker thread has a core of its own on a CPU device
-_FORMAT_VERSION = 8
+# 9: `optim_step_overhead_s`: the optimizer's cost per chunk update beyond its elements
+_FORMAT_VERSION = 9
 
 # ---------------------------------------------------------------------------------------------------------------
 # sizes
@@ -159,6 +160,10 @@ class Hardware:
     """Seconds of the runtime's own work per chunk fetch (cache bookkeeping, eviction and prefetch choices) on
     the compute thread, beyond the copy and the collective: `measure()` times the tiny transformer with many
     small on-demand chunks against one. 0: not charged."""
+    optim_step_overhead_s: float = 0.0
+    """Seconds of one optimizer step call beyond its elements (Python, state lookups, dispatch), paid once per
+    chunk update: `measure()` times fused AdamW on one element (on the 2-core CPU of BENCHMARKS.md ~0.1-0.25 ms,
+    as much as 250k elements' update). 0: not charged."""
     spare_cores: float = 0.0
     """Cores per rank that no compute thread uses: (cores the process may use - ranks on the machine x
     torch threads per rank) / ranks, at least 0, as `measure()` finds them. Read on a CPU device only, where the
@@ -237,7 +242,7 @@ class Hardware:
                     and math.isfinite(value)):
                 raise ValueError(f"Hardware.{what}={value!r} must be a finite number >= 0 (0: not modelled)")
         for what in ("op_overhead_s", "eager_bytes_per_s", "interception_op_s", "fetch_overhead_s",
-                     "spare_cores"):
+                     "optim_step_overhead_s", "spare_cores"):
             value = getattr(self, what)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
                     and math.isfinite(value)):
@@ -429,7 +434,7 @@ class Hardware:
         data["disk_bytes"] = doc.get("disk_bytes", "int", least=0, default=0)
         for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s", "intra_node_latency_s",
                      "inter_node_bytes_per_s", "inter_node_latency_s", "op_overhead_s", "eager_bytes_per_s",
-                     "interception_op_s", "fetch_overhead_s", "spare_cores"):
+                     "interception_op_s", "fetch_overhead_s", "optim_step_overhead_s", "spare_cores"):
             data[what] = doc.get(what, "number", least=0, default=0.0)
         try:  # what no single field says (a disk size without a bandwidth, an unknown dtype)
             return cls(**data)

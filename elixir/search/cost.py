@@ -41,7 +41,7 @@ from elixir.memory.disk import ALIGN, DISK_BUFFERS, region_bytes
 from elixir.memory.schedule import REDUCTIONS_IN_FLIGHT, EvictionSchedule, use_order
 from elixir.optim.ondisk import READ_AHEAD
 from elixir.optim.overlap import STAGING_BUFFERS
-from elixir.plan import Plan
+from elixir.plan import Plan, dtype_name
 from elixir.profile import Profile
 
 # AdamW keeps two fp32 states per element
@@ -504,6 +504,21 @@ class _FetchReplay:
 # The replay charges such an update to the compute clock when its gradient is ready, as if the compute thread
 # made it there itself: a lower bound, since the scheduler's sharing of the cores also stalls the compute
 # threads' parallel regions. The search does not choose the overlap there (`overlap_pays`).
+# [Note: the gradient check before an update]
+# Before a chunk is updated its fp32 gradient is checked for an inf or a NaN: one sum over it (fp32, bf16),
+# or, under fp16's loss scaling, a division by the scale, `isfinite` and `any` (about 14 bytes per element
+# read and written). On the 2-core CPU of BENCHMARKS.md the sums of the reference GPT's 50M gradients took
+# 5.2 ms beside 22.3 ms of fused AdamW: ~1.5% of its step, and the optimizer's prediction was 1.4x short of
+# its measured time without it. On the device it is priced as the memory-bound operator it is. A host
+# chunk on a GPU machine is checked by the host's cores, whose memory rate the calibration does not time on
+# its own: there it takes the share of the AdamW step that its bytes are of the step's (a fused AdamW step
+# reads the parameter, gradient and two moments and writes three of them back: 28 bytes per element).
+# The check's handful of small operators (a few tens of microseconds per chunk on the CPU) is not charged; the
+# step call's own cost per chunk is (`Hardware.optim_step_overhead_s`).
+_CHECKED_BYTES_PER_ELEMENT = {False: 4, True: 14}  # by "fp16 with loss scaling"
+_ADAMW_BYTES_PER_ELEMENT = 28
+
+
 class OperatorTimes:
     """Seconds one profiled operator takes on `hardware` in `dtype`, the cost of running an operator at all
     (`Hardware.op_overhead_s`) included, interception and `Hardware.compute_scale` not: what the rates predict.
@@ -572,9 +587,20 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             return move + (per_collective if c.ranks > 1 else 0.0) + hardware.fetch_overhead_s, gather
         return hardware.fetch_overhead_s, move + gather
 
+    loss_scaled = dtype_name(plan.dtype) == "float16"  # the optimizer's LossScaler (elixir/optim/sharded.py)
+
     def update_s(c: _Chunk) -> float:
         rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s
         seconds = c.shard / rate
+        # the check for non-finite gradients first (`ShardedOptimizer._unscale`), where the update runs: on the
+        # device, a memory-bound operator over the gradient; on the host of a GPU machine, its share of the
+        # AdamW step's streams (see [Note: the gradient check before an update])
+        checked = c.shard * _CHECKED_BYTES_PER_ELEMENT[loss_scaled]
+        if c.optim_home == "device" or cpu:
+            seconds += checked / hardware.eager_rate(checked)
+        else:
+            seconds += checked / _ADAMW_BYTES_PER_ELEMENT / rate
+        seconds += hardware.optim_step_overhead_s  # the step call's own work, once per chunk
         if c.optim_home == "disk" and c.param_home == "device" and not cpu:  # it writes its shard on the device
             seconds += c.shard * itemsize / hardware.h2d_bytes_per_s
         return seconds

@@ -173,9 +173,9 @@ class Hardware:
     the device and the worker has the host's cores. 0: no spare core."""
     compute_scale: float = 1.0
     """The model being planned runs its operators `compute_scale` times as long as the rates above predict:
-    measured by timing one of its blocks on the device (see [Note: one block of the model, timed] in
-    elixir/search/block.py) and set with `with_compute_scale`. A property of a model on a machine, not of the
-    machine: never written to JSON, so a calibration (and its cache) always has 1.0."""
+    measured by timing one of its blocks and the rest of its step on the device (see [Note: one block of the
+    model, timed] in elixir/search/block.py) and set with `with_compute_scale`. A property of a model on a
+    machine, not of the machine: never written to JSON, so a calibration (and its cache) always has 1.0."""
     measured_here: bool = field(default=False, compare=False)
     """`Hardware.measure()` made this record (or read it from this machine's cache) in this process: it
     describes the device at hand, so the planner may time the model's own block on it. Never written to

@@ -177,13 +177,7 @@ def _compute_scale(recorded: BlockInputs, hardware: Hardware, compute_dtype, dev
                                                               loss_fn=lambda loss: loss, compute_dtype=dtype).ops))
     if not 0 < predicted <= _MAX_RUN_S:  # a block too slow to time here (a large model on a CPU)
         return 1.0
-    state: dict[str, torch.Tensor] = {}
-    for name, p in block.named_parameters():
-        kind = dtype if p.is_floating_point() else p.dtype
-        w = (torch.randn(p.shape, generator=g) * 0.02).to(device, kind)
-        state[name] = w.requires_grad_(p.requires_grad)
-    for name, b in block.named_buffers():
-        state[name] = torch.zeros(b.shape, dtype=b.dtype, device=device) if b.is_meta else b.to(device)
+    state = _random_state(block, dtype, device, g)
     params = [w for w in state.values() if w.requires_grad]
     inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -201,6 +195,22 @@ def _compute_scale(recorded: BlockInputs, hardware: Hardware, compute_dtype, dev
         return measured / predicted
     blocks = len(recorded.blocks)
     return (blocks * measured + rest[0]) / (blocks * predicted + rest[1])
+
+
+def _random_state(module: nn.Module, dtype, device: torch.device, g: torch.Generator,
+                  leave_out: set[int] = frozenset()) -> dict[str, torch.Tensor]:
+    """Random weights of `module`'s parameter shapes (floating ones in `dtype`, keeping `requires_grad`) and its
+    buffers (zeros where they are on the meta device) on `device`, by name, for `functional_call`; tensors whose
+    id is in `leave_out` keep the module's own."""
+    state: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        if id(p) not in leave_out:
+            kind = dtype if p.is_floating_point() else p.dtype
+            state[name] = (torch.randn(p.shape, generator=g) * 0.02).to(device, kind).requires_grad_(p.requires_grad)
+    for name, b in module.named_buffers():
+        if id(b) not in leave_out:
+            state[name] = torch.zeros(b.shape, dtype=b.dtype, device=device) if b.is_meta else b.to(device)
+    return state
 
 
 def _median_time(run, min_total_s: float) -> float:
@@ -252,15 +262,7 @@ def _rest_of_step(recorded: BlockInputs, hardware: Hardware, dtype, device: torc
         if not 0 < predicted <= _MAX_RUN_S:
             return None
         in_blocks = {id(t) for b in recorded.blocks for t in [*b.parameters(), *b.buffers()]}
-        state: dict[str, torch.Tensor] = {}
-        for name, p in model.named_parameters():
-            if id(p) not in in_blocks:
-                kind = dtype if p.is_floating_point() else p.dtype
-                state[name] = (torch.randn(p.shape, generator=g) * 0.02).to(device, kind).requires_grad_(
-                    p.requires_grad)
-        for name, b in model.named_buffers():
-            if id(b) not in in_blocks:
-                state[name] = torch.zeros(b.shape, dtype=b.dtype, device=device) if b.is_meta else b.to(device)
+        state = _random_state(model, dtype, device, g, leave_out=in_blocks)
         params = [w for w in state.values() if w.requires_grad]
 
         def run() -> None:

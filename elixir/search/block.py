@@ -8,11 +8,11 @@ A model's own operators can run slower in its step than the calibration's: BENCH
 blocks (a partial rotary embedding: slices, concatenations and products of a few KiB each) at 1.17-1.24x their
 prediction on the 2-core CPU, while OPT's and Llama's blocks were within 4% of theirs, in the same process
 right after a calibration. Nothing in the calibration knows a model's family, but the model is at hand when
-the plan is made: its first block is run here, forward and backward, on inputs shaped as the profile saw them;
-then the rest of the step (the model with every block passing its input through: embeddings, head, loss and
-the model's own Python around its blocks). With B blocks, (B x the block's median time + the rest's) over the
-cost model's prediction for the same operators becomes `Hardware.compute_scale`, by which the cost model
-multiplies every operator's time (the cost of interception and the runtime's own work excluded: the
+the plan is made: its first block is run here, forward and backward, on inputs shaped as the profile saw them,
+in turns with the rest of the step (the model with every block passing its input through: embeddings, head,
+loss and the model's own Python around its blocks). With B blocks, (B x the block's median time + the rest's)
+over the cost model's prediction for the same operators becomes `Hardware.compute_scale`, by which the cost
+model multiplies every operator's time (the cost of interception and the runtime's own work excluded: the
 calibration measures those on its own).
 
 - The inputs: the first block's arguments, its output and the model's own arguments (the batch) are recorded,
@@ -43,6 +43,7 @@ calibration measures those on its own).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import warnings
@@ -54,8 +55,9 @@ from torch.utils._pytree import tree_map
 
 from elixir.hardware import Hardware
 
-# time spent timing the block: its steps repeat until this much has passed (at least 3, at most 30)
-_MIN_TOTAL_S = 0.3
+# time spent timing the block and the rest of the step, in turns: rounds repeat until this much has passed (at
+# least 3 rounds, at most 30)
+_MIN_TOTAL_S = 0.6
 _MAX_REPS = 30
 _WARMUP = 3  # the first runs allocate what later ones reuse
 _MAX_RUN_S = 0.25  # a block predicted slower than this is not timed: (3 + 3) runs would hold up the plan
@@ -189,12 +191,13 @@ def _compute_scale(recorded: BlockInputs, hardware: Hardware, compute_dtype, dev
             t.grad = None
         sync()
 
-    measured = _median_time(run, _MIN_TOTAL_S)
     rest = _rest_of_step(recorded, hardware, dtype, device, g, sync)
     if rest is None:
+        (measured,) = _median_times([run], _MIN_TOTAL_S)
         return measured / predicted
+    measured, rest_measured = _median_times([run, rest[0]], _MIN_TOTAL_S)
     blocks = len(recorded.blocks)
-    return (blocks * measured + rest[0]) / (blocks * predicted + rest[1])
+    return (blocks * measured + rest_measured) / (blocks * predicted + rest[1])
 
 
 def _random_state(module: nn.Module, dtype, device: torch.device, g: torch.Generator,
@@ -213,17 +216,24 @@ def _random_state(module: nn.Module, dtype, device: torch.device, g: torch.Gener
     return state
 
 
-def _median_time(run, min_total_s: float) -> float:
-    """Median seconds of `run()` after `_WARMUP` runs, over at least 3 and at most `_MAX_REPS` runs that
-    together take `min_total_s`."""
+def _median_times(runs: list, min_total_s: float) -> list[float]:
+    """Median seconds of each of `runs`, which take turns: `_WARMUP` rounds of one run each, then rounds until
+    there are at least 3 and together they take `min_total_s` (at most `_MAX_REPS` rounds). Runs that take turns
+    see the same moments of a machine whose speed wanders: on the 2-core VM of BENCHMARKS.md a model's block ran
+    at 1.3-1.5x its usual time for a second or so now and then, which a block timed alone, then the rest of the
+    step alone, could each catch whole."""
     for _ in range(_WARMUP):
-        run()
-    times: list[float] = []
-    while len(times) < 3 or (sum(times) < min_total_s and len(times) < _MAX_REPS):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    total = 0.0
+    while len(times[0]) < 3 or (total < min_total_s and len(times[0]) < _MAX_REPS):
+        for run, seconds in zip(runs, times):
+            started = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - started)
+            total += seconds[-1]
+    return [statistics.median(seconds) for seconds in times]
 
 
 def _passing_through(output: Any):
@@ -238,10 +248,10 @@ def _passing_through(output: Any):
 
 
 def _rest_of_step(recorded: BlockInputs, hardware: Hardware, dtype, device: torch.device, g: torch.Generator,
-                  sync) -> tuple[float, float] | None:
-    """(measured, predicted) seconds of the model's step with every block passing its input through: the
-    operators outside the blocks and the model's own Python (see the Note); None where that step cannot run
-    here."""
+                  sync) -> tuple[Any, float] | None:
+    """(a run of the model's step with every block passing its input through: the operators outside the blocks
+    and the model's own Python, see the Note; its predicted seconds), the run tried once; None where that step
+    cannot run here."""
     from elixir.profile import profile
     from elixir.profile.trace import _default_loss
     from elixir.search.cost import OperatorTimes
@@ -253,12 +263,10 @@ def _rest_of_step(recorded: BlockInputs, hardware: Hardware, dtype, device: torc
     real = tree_map(lambda v: _real(v, device, g), (list(args), kwargs))
     batch = real[0][0] if args else real[1]
     loss_fn = recorded.loss_fn or _default_loss
-    saved = [b.__dict__.get("forward") for b in recorded.blocks]  # a checkpointed block's own forward
     try:
-        for b in recorded.blocks:
-            b.forward = forward
-        predicted = sum(map(OperatorTimes(hardware, dtype),
-                            profile(model, batch, recorded.loss_fn, compute_dtype=dtype).ops))
+        with _blocks_passing_through(recorded.blocks, forward):
+            predicted = sum(map(OperatorTimes(hardware, dtype),
+                                profile(model, batch, recorded.loss_fn, compute_dtype=dtype).ops))
         if not 0 < predicted <= _MAX_RUN_S:
             return None
         in_blocks = {id(t) for b in recorded.blocks for t in [*b.parameters(), *b.buffers()]}
@@ -266,17 +274,30 @@ def _rest_of_step(recorded: BlockInputs, hardware: Hardware, dtype, device: torc
         params = [w for w in state.values() if w.requires_grad]
 
         def run() -> None:
-            output = torch.func.functional_call(model, state, (batch,) if args else (), batch if kwargs else None)
-            loss_fn(output).backward()
+            with _blocks_passing_through(recorded.blocks, forward):
+                output = torch.func.functional_call(model, state, (batch,) if args else (), batch if kwargs else None)
+                loss_fn(output).backward()
             for t in params:
                 t.grad = None
             sync()
 
-        return _median_time(run, _MIN_TOTAL_S / 2), predicted
+        run()  # where it fails, here: the blocks' own time stands alone
+        return run, predicted
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError):
-        return None  # the blocks' own time stands alone
+        return None
+
+
+@contextlib.contextmanager
+def _blocks_passing_through(blocks: list[nn.Module], forward):
+    """Every block's `forward` replaced by `forward` inside the context, its own (a checkpointed block's instance
+    attribute, or none) put back after, also on an error."""
+    saved = [b.__dict__.get("forward") for b in blocks]
+    try:
+        for b in blocks:
+            b.forward = forward
+        yield
     finally:
-        for b, own in zip(recorded.blocks, saved):
+        for b, own in zip(blocks, saved):
             if own is None:
                 b.__dict__.pop("forward", None)
             else:

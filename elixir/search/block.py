@@ -32,8 +32,8 @@ calibration measures those on its own).
 - Skipped (scale 1.0) where a block cannot be run alone: no repeated blocks found, expert-parallel layers
   (their all-to-alls need every rank), a hardware record that does not describe this device
   (`Hardware.measured_here` is False: a preset, or a file from elsewhere), a block predicted to take over
-  0.25 s (a large model on a CPU: six runs would hold up the plan), or any error while running it (a warning
-  says which). The rest alone is left out (the block's own ratio stands) where it cannot run: a batch that was
+  0.25 s (a large model on a CPU: seven rounds of it would hold up the plan), or any error while running it (a
+  warning says which). The rest alone is left out (the block's own ratio stands) where it cannot run: a batch that was
   not a dict of tensors or one tensor, a block output of another structure, a rest predicted over 0.25 s, or
   an error while running it.
 - What it does not see: B copies of the first block stand for all B (a model whose blocks differ, dense and
@@ -56,11 +56,11 @@ from torch.utils._pytree import tree_map
 from elixir.hardware import Hardware
 
 # time spent timing the block and the rest of the step, in turns: rounds repeat until this much has passed (at
-# least 3 rounds, at most 30)
-_MIN_TOTAL_S = 0.6
-_MAX_REPS = 30
+# least 3 rounds, at most 100)
+_MIN_TOTAL_S = 2.0
+_MAX_REPS = 100
 _WARMUP = 3  # the first runs allocate what later ones reuse
-_MAX_RUN_S = 0.25  # a block predicted slower than this is not timed: (3 + 3) runs would hold up the plan
+_MAX_RUN_S = 0.25  # a block predicted slower than this is not timed: 3 + 4 rounds would hold up the plan
 
 
 class BlockInputs:
@@ -220,8 +220,11 @@ def _median_times(runs: list, min_total_s: float) -> list[float]:
     """Median seconds of each of `runs`, which take turns: `_WARMUP` rounds of one run each, then rounds until
     there are at least 3 and together they take `min_total_s` (at most `_MAX_REPS` rounds). Runs that take turns
     see the same moments of a machine whose speed wanders: on the 2-core VM of BENCHMARKS.md a model's block ran
-    at 1.3-1.5x its usual time for a second or so now and then, which a block timed alone, then the rest of the
-    step alone, could each catch whole."""
+    at 1.3-1.5x its usual time for one to three seconds now and then, which a block timed alone for 0.3 s, then
+    the rest of the step for 0.15 s, could each catch whole. Over 2 s in turns a spell takes a smaller share of
+    the runs: ten predictions of Qwen2's resident step, each from a timing between its steps in one process,
+    spread 0.127 (standard deviation of the logarithm of predicted over the median step) with 0.6 s of rounds
+    and 0.059 with 2 s; Llama's 0.056 and 0.033."""
     for _ in range(_WARMUP):
         for run in runs:
             run()

@@ -34,7 +34,8 @@ class Runtime:
 
     # what `stats` reports (elixir.memory_stats), also of a model not planned yet (all zero)
     STAT_KEYS = (
-        "device_bytes", "device_bytes_peak", "host_bytes", "host_bytes_peak", "gathers", "fetch_wait_s", "evictions",
+        "device_bytes", "device_bytes_peak", "host_bytes", "host_bytes_peak", "gathers", "fetch_bytes", "fetch_wait_s",
+        "evictions",
         "num_chunks", "cache_blocks", "cache_bytes", "cache_blocks_used", "cache_blocks_used_peak",
         "left_profiled_order", "grad_buffer_bytes", "host_grad_bytes", "disk_bytes", "disk_reads", "disk_writes",
         "disk_bytes_read", "disk_bytes_written",
@@ -61,6 +62,7 @@ class Runtime:
         self.schedule = EvictionSchedule()
         self._blocks = _Blocks(self)  # the cache as the schedule's prefetch sees it
         self.gathers = 0
+        self.fetch_bytes = 0  # bytes of this rank's shards copied into cache blocks (the all-gathers bring the rest)
         self.fetch_wait_s = 0.0  # host time in fetches a use waited for (see `acquire`)
         self.blocks_used_peak = 0
         self.evictions = 0
@@ -207,6 +209,7 @@ class Runtime:
             )
         chunk.bind(full)
         self.gathers += 1
+        self.fetch_bytes += chunk.shard_numel * chunk.dtype.itemsize
         self.blocks_used_peak = max(self.blocks_used_peak, self.cache.num_used)
 
     def _shard_into(self, dst: torch.Tensor, chunk: Chunk, stream=None) -> None:
@@ -390,6 +393,7 @@ class Runtime:
             "host_bytes": t.bytes["host"],
             "host_bytes_peak": t.bytes_peak["host"],
             "gathers": self.gathers,
+            "fetch_bytes": self.fetch_bytes,
             "fetch_wait_s": self.fetch_wait_s,
             "evictions": self.evictions,
             "num_chunks": len(self.chunks),

@@ -208,70 +208,122 @@ def _op_overhead_s(device: torch.device, sync, min_total_s: float) -> float:
     return _seconds(step, sync, min_total_s=min_total_s) / ops
 
 
-def _tiny_transformer(device: torch.device, n_layer: int = 2):
+def _tiny_transformer(device: torch.device, n_layer: int = 2, *, width: int = 32, batch: int = 1, tokens: int = 16):
     """(model, batch) of a transformer so small that its kernels take next to nothing: what remains of its
-    step is the cost of running operators at all."""
+    step is the cost of running operators at all. `width`, `batch` and `tokens` make it larger (see
+    `_runtime_overheads`)."""
     from elixir.models import GPT, GPTConfig
 
-    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=n_layer, n_head=2, n_embd=32)
+    cfg = GPTConfig(vocab_size=64, block_size=tokens, n_layer=n_layer, n_head=2, n_embd=width)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         model = GPT(cfg).to(device).train()
-        x = torch.randint(0, cfg.vocab_size, (1, cfg.block_size), device=device)
+        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
     return model, {"input_ids": x, "labels": x}
 
 
-def _runtime_overheads(device: torch.device, sync, min_total_s: float) -> tuple[float, float]:
-    """(seconds per operator of parameter interception, seconds per chunk fetch of the runtime's own work):
-    a tiny transformer wrapped three ways, all resident, one on-demand chunk that stays in the cache (every
-    use intercepted, nothing fetched in a step) and many small on-demand chunks through a small cache."""
+# [Note: the runtime's overheads, among real kernels]
+# Two costs of a plan with on-demand chunks are timed on wrapped transformers of the calibration's own, as the
+# difference between their steps and those of the same model wrapped otherwise: the interception of every
+# parameter use (`Hardware.interception_op_s`), and the runtime's own work per chunk fetch
+# (`Hardware.fetch_overhead_s`). The models take turns, a step each per round, and each figure is the median
+# over rounds of the difference within a round: steps a few milliseconds apart see the same machine, where
+# medians taken model by model would subtract two moments of a machine whose speed wanders (see [Note: the
+# typical run, not the best]).
+# - The interception is timed on a transformer of width 256 (64 tokens, 2 blocks), whose parameters of 256 KiB
+#   to 1 MiB pass through the caches between one operator and the next as a real model's do. On the transformer
+#   of width 32 (16 tokens), whose data all stay in the caches, it came to 1.9-2.7 us per operator on the 2-core
+#   CPU of BENCHMARKS.md (five medians of 25 rounds), where the hooks ran at 2-3x their calibrated cost inside
+#   the step of a Hugging Face Llama of width 256; the wider model gives 3.4-4.9 us there (4 x 64 tokens:
+#   4.2-6.0 us, from steps three times as long, whose differences spread more).
+# - The fetch is timed on the transformer of width 32 (4 blocks), chunks of one parameter each through a small
+#   cache against one chunk that stays cached: its copies are a few KiB, so what is left is the runtime's
+#   work, 29-32 us per fetch there. The wider model's fetches, which copy 0.6 MiB each, came to the same less
+#   their copies' time at the calibrated rate (9-52 us), with more spread.
+# - What the cost model charges a fetch on its own is left out of `fetch_overhead_s`: the shard's copy at the
+#   calibrated copy rate and, with several ranks, the all-gather's fixed cost (`fetch_cost` in
+#   elixir/search/cost.py), which two ranks of one thread each measured at about 1.7 ms of the 1.7 ms a fetch
+#   took there (and which the cost model then charged twice).
+
+
+def _wrapped_step(base: torch.nn.Module, batch: dict, device: torch.device, sync, **plan_kw):
+    """(one step of a copy of `base` wrapped under `Plan.uniform(**plan_kw)`, the chunks that step fetches, the
+    bytes of this rank's shards those fetches copy, whether the chunks are sharded over several ranks). The
+    step runs SGD's `zero_grad` but no update: the shards never change, so a chunk that fits the cache stays
+    there from step to step."""
     import copy
 
     from elixir.plan import Plan
-    from elixir.profile import profile
     from elixir.runtime.wrap import memory_stats, wrap
 
-    base, batch = _tiny_transformer(device, n_layer=4)
-    ops = len(profile(base, batch).ops)
-    chunk_mib = sum(p.numel() for p in base.parameters()) * 4 / 2**20
-    largest_mib = max(p.numel() for p in base.parameters()) * 4 / 2**20
+    model = copy.deepcopy(base)
+    optim = torch.optim.SGD(model.parameters(), lr=0.0)
+    plan = Plan.uniform(model, optimizer=optim, **plan_kw)
+    model, optim = wrap(model, optim, plan=plan, device=device)
 
-    def wrapped(**plan_kw):
-        """(one step of the model wrapped under `plan_kw`, the chunks it fetches per step)"""
-        model = copy.deepcopy(base)
-        optim = torch.optim.SGD(model.parameters(), lr=0.0)
-        model, optim = wrap(model, optim, plan=Plan.uniform(model, optimizer=optim, **plan_kw), device=device)
+    def step():
+        model(**batch).loss.backward()
+        optim.zero_grad()
+        sync()
 
-        def step():
-            model(**batch).loss.backward()
-            optim.zero_grad()
-            sync()
+    step()
+    before = memory_stats(model)
+    step()
+    after = memory_stats(model)
+    return step, after["gathers"] - before["gathers"], after["fetch_bytes"] - before["fetch_bytes"], \
+        plan.world_size > 1
 
-        step()
-        before = memory_stats(model)["gathers"]
-        step()
-        return step, memory_stats(model)["gathers"] - before
 
-    resident, _ = wrapped(chunk_mib=2 * chunk_mib, resident=True)
-    cached, cached_fetches = wrapped(chunk_mib=2 * chunk_mib, resident=False, cache_blocks=2)
-    small, small_fetches = wrapped(chunk_mib=largest_mib, resident=False, cache_blocks=4)
-    # Both figures are differences between the three models' steps. The three take turns, a step each per round,
-    # and each figure is the median over rounds of the difference within a round: steps a few milliseconds
-    # apart see the same machine, where medians taken model by model would subtract two moments of a machine
-    # whose speed wanders (see [Note: the typical run, not the best]).
-    intercepted, fetching = [], []  # cached less resident; small less cached
+def _differences(first, second, *, min_rounds: int, min_total_s: float) -> float:
+    """Median over rounds of `second`'s seconds less `first`'s, the two taking turns (see [Note: the runtime's
+    overheads, among real kernels]): at least `min_rounds` rounds, more until `min_total_s` has passed (at
+    most 50)."""
+    differences: list[float] = []
     started = time.perf_counter()
-    while len(fetching) < 5 or (time.perf_counter() - started < 3 * min_total_s and len(fetching) < 50):
+    while len(differences) < min_rounds or (time.perf_counter() - started < min_total_s and len(differences) < 50):
         seconds = []
-        for step in (resident, cached, small):
+        for step in (first, second):
             t = time.perf_counter()
             step()
             seconds.append(time.perf_counter() - t)
-        intercepted.append(seconds[1] - seconds[0])
-        fetching.append(seconds[2] - seconds[1])
-    per_fetch = max(0.0, statistics.median(fetching) / max(small_fetches - cached_fetches, 1))
-    per_op = max(0.0, (statistics.median(intercepted) - cached_fetches * per_fetch) / ops)
-    return per_op, per_fetch
+        differences.append(seconds[1] - seconds[0])
+    return statistics.median(differences)
+
+
+def _interception_op_s(device: torch.device, sync, min_total_s: float) -> float:
+    """Seconds per operator of parameter interception: a transformer of width 256 wrapped all resident against
+    one on-demand chunk that stays in the cache (every use intercepted, nothing fetched), over the operators of
+    its step. See [Note: the runtime's overheads, among real kernels]."""
+    from elixir.profile import profile
+
+    base, batch = _tiny_transformer(device, n_layer=2, width=256, tokens=64)
+    ops = len(profile(base, batch).ops)
+    whole_mib = sum(p.numel() for p in base.parameters()) * 4 / 2**20
+    resident, _, _, _ = _wrapped_step(base, batch, device, sync, chunk_mib=2 * whole_mib, resident=True)
+    cached, fetches, _, _ = _wrapped_step(base, batch, device, sync, chunk_mib=2 * whole_mib, resident=False,
+                                          cache_blocks=2)
+    assert fetches == 0, f"the cached chunk was fetched {fetches} times in a step"
+    return max(0.0, _differences(resident, cached, min_rounds=25, min_total_s=min_total_s) / ops)
+
+
+def _fetch_overhead_s(device: torch.device, sync, min_total_s: float, copy_bytes_per_s: float) -> float:
+    """Seconds of the runtime's own work per chunk fetch: the tiny transformer wrapped with chunks of one
+    parameter through a small cache against one chunk that stays cached, per extra fetch, less what the cost
+    model charges a fetch on its own (see [Note: the runtime's overheads, among real kernels])."""
+    from elixir.search.cost import _COLLECTIVE_OVERHEAD_S
+
+    base, batch = _tiny_transformer(device, n_layer=4)
+    whole_mib = sum(p.numel() for p in base.parameters()) * 4 / 2**20
+    largest_mib = max(p.numel() for p in base.parameters()) * 4 / 2**20
+    cached, cached_fetches, cached_bytes, _ = _wrapped_step(base, batch, device, sync, chunk_mib=2 * whole_mib,
+                                                            resident=False, cache_blocks=2)
+    small, fetches, nbytes, sharded = _wrapped_step(base, batch, device, sync, chunk_mib=largest_mib,
+                                                    resident=False, cache_blocks=4)
+    fetches, nbytes = fetches - cached_fetches, nbytes - cached_bytes
+    per_collective = _COLLECTIVE_OVERHEAD_S["cpu" if device.type == "cpu" else "gpu"] if sharded else 0.0
+    charged = nbytes / copy_bytes_per_s + fetches * per_collective
+    seconds = _differences(cached, small, min_rounds=5, min_total_s=2 * min_total_s)
+    return max(0.0, (seconds - charged) / max(fetches, 1))
 
 
 def _eager_bytes_per_s(device: torch.device, sync, min_total_s: float, op_overhead_s: float, *,
@@ -607,7 +659,8 @@ def _measure(quick: bool) -> Hardware:
 
     # steps of milliseconds: a fifth of the time gives tens of repetitions, enough for their minimum
     op_overhead = _op_overhead_s(device, sync, min_total_s / 5)
-    interception, fetch_overhead = _runtime_overheads(device, sync, min_total_s / 5)
+    interception = _interception_op_s(device, sync, min_total_s / 5)
+    fetch_overhead = _fetch_overhead_s(device, sync, min_total_s / 5, device_copy)
     # memory-bound operators at several sizes: in the caches and streaming from memory (`Hardware.eager_rates`);
     # `eager_bytes_per_s` stays the figure of 2**20-element activations (2**24 on a GPU)
     scale = 16 if on_gpu else 1

@@ -26,7 +26,9 @@ import torch
 #    matmuls' rate by the size of one product (`matmul_by_size`)
 # 8: `spare_cores`: whether the optimizer's worker thread has a core of its own on a CPU device
 # 9: `optim_step_overhead_s`: the optimizer's cost per chunk update beyond its elements
-_FORMAT_VERSION = 9
+# 10: `interception_op_s` timed on a wider transformer; `fetch_overhead_s` without what the cost model charges a
+#     fetch on its own (the copy, a collective's fixed cost), which a record of version 9 counted twice
+_FORMAT_VERSION = 10
 
 # ---------------------------------------------------------------------------------------------------------------
 # sizes
@@ -154,12 +156,14 @@ class Hardware:
     interception_op_s: float = 0.0
     """Seconds every operator costs on top of `op_overhead_s` while Elixir intercepts parameter uses (a plan
     with on-demand chunks: the torch-function mode, module hooks and saved-tensor hooks of
-    elixir/runtime/hooks.py). `measure()` times a tiny transformer wrapped with one on-demand chunk that never
-    leaves the cache against the same model all resident. 0: not charged."""
+    elixir/runtime/hooks.py). `measure()` times a small transformer of width 256 wrapped with one on-demand chunk
+    that never leaves the cache against the same model all resident (see [Note: the runtime's overheads, among
+    real kernels] in elixir/hardware/measure.py). 0: not charged."""
     fetch_overhead_s: float = 0.0
     """Seconds of the runtime's own work per chunk fetch (cache bookkeeping, eviction and prefetch choices) on
-    the compute thread, beyond the copy and the collective: `measure()` times the tiny transformer with many
-    small on-demand chunks against one. 0: not charged."""
+    the compute thread, beyond the copy and the collective's fixed cost, which the cost model charges on their
+    own: `measure()` times a tiny transformer with many small on-demand chunks against one, and leaves those
+    two out. 0: not charged."""
     optim_step_overhead_s: float = 0.0
     """Seconds of one optimizer step call beyond its elements (Python, state lookups, dispatch), paid once per
     chunk update: `measure()` times fused AdamW on one element (on the 2-core CPU of BENCHMARKS.md ~0.1-0.25 ms,

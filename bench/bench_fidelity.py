@@ -549,6 +549,15 @@ def repeatability(rows: list[dict]) -> dict[tuple[str, str], float]:
     return out
 
 
+def against_resident(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """(model, plan) -> the plan's predicted-over-measured ratio over its model's resident plan's: how the cost model
+    prices one plan against another of the same model, which is what the search compares (a model's compute
+    scale, its share of one calibration's drift, and whatever else all its plans share cancel out)."""
+    resident = {r["model"]: r["time_ratio"] for r in rows if r["repeat_of"] is None and r["plan"] == "resident"}
+    return {(r["model"], r["plan"]): r["time_ratio"] / resident[r["model"]] for r in rows
+            if r["repeat_of"] is None and r["plan"] != "resident" and r["model"] in resident}
+
+
 def calibrate(args, world: int, model: str) -> tuple[Hardware, float]:
     """Hardware.measure(refresh=True) in processes like the plans' (threads, ranks), while the machine is quiet,
     with `model`'s compute scale as rank 0 of a training process times it (--block-timing)."""
@@ -636,6 +645,13 @@ def main(argv=None) -> int:
     say(f"step time: median error {statistics.median(errors):.1%}, worst {abs(worst['time_ratio'] - 1):.1%} "
         f"({worst['model']} {worst['plan']}); device bytes: worst "
         f"{max(abs(r['memory_ratio'] - 1) for r in rows):.1%}")
+    relative = against_resident(rows)
+    if relative:
+        (worst_m, worst_p), worst_r = max(relative.items(), key=lambda kv: abs(kv[1] - 1))
+        say(f"against the resident plan of the same model (ratio over its ratio): median "
+            f"{statistics.median(abs(a - 1) for a in relative.values()):.1%} off, worst {abs(worst_r - 1):.1%} "
+            f"({worst_m} {worst_p}), {sum(abs(a - 1) <= args.time_target for a in relative.values())} of "
+            f"{len(relative)} within {args.time_target:.0%}")
     apart = repeatability(rows)
     if repeats:
         say("the same plan measured twice (repeatability; median over the repetitions of the second process's "
@@ -662,6 +678,7 @@ def main(argv=None) -> int:
             "rows": rows,
             "median_time_error": statistics.median(errors), "worst_time_error": abs(worst["time_ratio"] - 1),
             "repeatability": [{"model": m, "plan": p, "second_over_first": a} for (m, p), a in apart.items()],
+            "against_resident": [{"model": m, "plan": p, "ratio_over_resident": a} for (m, p), a in relative.items()],
             "time_ok": time_ok, "memory_ok": mem_ok, "losses_ok": losses_ok,
         }
         with open(args.json, "w") as f:

@@ -172,6 +172,29 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
     assert Hardware.from_json(files[0].read_text()).name == hw.name
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_fetch_overhead_leaves_out_what_the_cost_model_charges_a_fetch(monkeypatch, sharded):
+    """The calibration's fetches cost the runtime's work, the shards' copies and, with several ranks, the
+    all-gathers' fixed cost; the cost model charges the last two on their own, so the figure is the first alone."""
+    from elixir.search.cost import _COLLECTIVE_OVERHEAD_S
+
+    per_collective = _COLLECTIVE_OVERHEAD_S["cpu"] if sharded else 0.0
+    copy_rate, own = 1e9, 300e-6
+    cached = (lambda: None, 2, 2 * 4096, sharded)  # (step, fetches, bytes copied, sharded) per step
+    small = (lambda: None, 12, 2 * 4096 + 10 * 2**20, sharded)  # ten more fetches, of 1 MiB each
+    steps = iter([cached, small])
+    monkeypatch.setattr(hardware_measure, "_wrapped_step", lambda *a, **kw: next(steps))
+    # the small chunks' step is 10 fetches longer: 10 MiB more copied, 10 more collectives, the runtime's work
+    extra = 10 * 2**20 / copy_rate + 10 * per_collective + 10 * own
+    monkeypatch.setattr(hardware_measure, "_differences", lambda first, second, **kw: extra)
+    figure = hardware_measure._fetch_overhead_s(torch.device("cpu"), lambda: None, 0.01, copy_rate)
+    assert figure == pytest.approx(own, rel=1e-9)
+    # a difference below what the copies and collectives account for (a noisy round) is no work at all, not less
+    steps = iter([cached, small])
+    monkeypatch.setattr(hardware_measure, "_differences", lambda first, second, **kw: extra - 20 * own)
+    assert hardware_measure._fetch_overhead_s(torch.device("cpu"), lambda: None, 0.01, copy_rate) == 0.0
+
+
 def test_a_process_with_other_threads_does_not_use_the_cache(monkeypatch, tmp_path):
     """The calibration cache is keyed by what changes the rates: threads per process, torch version, device,
     ranks on the machine. Another thread count finds no cache and measures its own rates."""

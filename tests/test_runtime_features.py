@@ -335,6 +335,27 @@ def _device_bytes_allowed(plan, rt):
     return total
 
 
+@pytest.mark.parametrize("kind", ["on_demand", "host"])
+def test_fetch_bytes_count_the_shards_the_fetches_copied(kind):
+    model, opt = _wrap(build("llama"), kind)
+    rt = elixir.runtime_of(model)
+    fetched = []  # the chunk of every gather, as the runtime makes it
+    gather = rt._gather
+
+    def counting(chunk, block, **kw):
+        fetched.append(chunk)
+        return gather(chunk, block, **kw)
+
+    rt._gather = counting
+    for x in batches(2):
+        opt.backward(loss_of(model, x))
+        opt.step()
+        opt.zero_grad()
+    stats = elixir.memory_stats(model)
+    assert stats["gathers"] == len(fetched) > 0
+    assert stats["fetch_bytes"] == sum(c.shard_numel * c.dtype.itemsize for c in fetched)
+
+
 @pytest.mark.parametrize("kind", ["resident", "on_demand", "host", "mixed"])
 def test_memory_stays_within_the_plan(kind):
     model = build("llama")

@@ -230,12 +230,13 @@ def _tiny_transformer(device: torch.device, n_layer: int = 2, *, width: int = 32
 # over rounds of the difference within a round: steps a few milliseconds apart see the same machine, where
 # medians taken model by model would subtract two moments of a machine whose speed wanders (see [Note: the
 # typical run, not the best]).
-# - The interception is timed on a transformer of width 256 (64 tokens, 2 blocks), whose parameters of 256 KiB
+# - The interception is timed on a transformer of width 256 (32 tokens, 2 blocks), whose parameters of 256 KiB
 #   to 1 MiB pass through the caches between one operator and the next as a real model's do. On the transformer
-#   of width 32 (16 tokens), whose data all stay in the caches, it came to 1.9-2.7 us per operator on the 2-core
-#   CPU of BENCHMARKS.md (five medians of 25 rounds), where the hooks ran at 2-3x their calibrated cost inside
-#   the step of a Hugging Face Llama of width 256; the wider model gives 3.4-4.9 us there (4 x 64 tokens:
-#   4.2-6.0 us, from steps three times as long, whose differences spread more).
+#   of width 32 (16 tokens), whose data all stay in the caches, it came to 2.8-3.7 us per operator on the 2-core
+#   CPU of BENCHMARKS.md (five medians of 25 rounds), and the wider one to 4.6-6.4 us in the same sitting; inside
+#   the step of a Hugging Face Llama of width 256 the hooks ran at 2-3x their cost in the width-32 transformer.
+#   With 64 tokens the wider model's steps take twice as long and its figure spread more (2.2-6.0 us in another
+#   sitting, where 32 tokens gave 4.7-6.6). The calibration takes at least 16 rounds (~0.25 s).
 # - The fetch is timed on the transformer of width 32 (4 blocks), chunks of one parameter each through a small
 #   cache against one chunk that stays cached: its copies are a few KiB, so what is left is the runtime's
 #   work, 29-32 us per fetch there. The wider model's fetches, which copy 0.6 MiB each, came to the same less
@@ -296,14 +297,14 @@ def _interception_op_s(device: torch.device, sync, min_total_s: float) -> float:
     its step. See [Note: the runtime's overheads, among real kernels]."""
     from elixir.profile import profile
 
-    base, batch = _tiny_transformer(device, n_layer=2, width=256, tokens=64)
+    base, batch = _tiny_transformer(device, n_layer=2, width=256, tokens=32)
     ops = len(profile(base, batch).ops)
     whole_mib = sum(p.numel() for p in base.parameters()) * 4 / 2**20
     resident, _, _, _ = _wrapped_step(base, batch, device, sync, chunk_mib=2 * whole_mib, resident=True)
     cached, fetches, _, _ = _wrapped_step(base, batch, device, sync, chunk_mib=2 * whole_mib, resident=False,
                                           cache_blocks=2)
     assert fetches == 0, f"the cached chunk was fetched {fetches} times in a step"
-    return max(0.0, _differences(resident, cached, min_rounds=25, min_total_s=min_total_s) / ops)
+    return max(0.0, _differences(resident, cached, min_rounds=16, min_total_s=min_total_s) / ops)
 
 
 def _fetch_overhead_s(device: torch.device, sync, min_total_s: float, copy_bytes_per_s: float) -> float:
@@ -322,7 +323,7 @@ def _fetch_overhead_s(device: torch.device, sync, min_total_s: float, copy_bytes
     fetches, nbytes = fetches - cached_fetches, nbytes - cached_bytes
     per_collective = _COLLECTIVE_OVERHEAD_S["cpu" if device.type == "cpu" else "gpu"] if sharded else 0.0
     charged = nbytes / copy_bytes_per_s + fetches * per_collective
-    seconds = _differences(cached, small, min_rounds=5, min_total_s=2 * min_total_s)
+    seconds = _differences(cached, small, min_rounds=5, min_total_s=min_total_s)
     return max(0.0, (seconds - charged) / max(fetches, 1))
 
 

@@ -486,3 +486,35 @@ def test_on_several_ranks_dense_and_expert_parallel(world):
 
     cases = [("gpt", None), ("moe", None)] + ([("moe", 1e-3)] if world == 2 else [])
     run_ranks(_ranks_cases, world, cases)
+
+
+@pytest.mark.parametrize("kind", ["host", "mixed", "on_demand", "device_params_host_optimizer"])
+def test_device_staging_for_casts_is_what_the_planner_counts_on_a_gpu(kind):
+    """On CUDA the runtime holds fp32 device staging buffers for casts across tiers; the planner counts them in
+    the device bytes of a GPU. A host chunk whose bf16 shard is derived from its master writes no shard from
+    the optimizer's worker, so it needs no worker buffer: the runtime must not allocate one the plan did not
+    count (the GPU measured one block more than predicted)."""
+    from elixir.runtime.state import cast_staging
+    from elixir.search.cost import grad_arrivals, gradients, layout, memory
+
+    model = bias_free_gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    if kind == "device_params_host_optimizer":
+        plan = make_plan(model, "on_demand", opt, dtype=torch.bfloat16)
+        plan = dataclasses.replace(plan, chunks=tuple(dataclasses.replace(c, optim_home="host") for c in plan.chunks))
+    else:
+        plan = make_plan(model, kind, opt, dtype=torch.bfloat16)
+    x = batches(1)[0]
+    prof = elixir.profile(copy.deepcopy(model), {"input_ids": x, "labels": x}, compute_dtype=torch.bfloat16)
+    m, opt = elixir.wrap(model, opt, plan=plan)
+    numel, owners = cast_staging(elixir.runtime_of(m).chunks)
+    chunks = layout(plan, prof)
+    grads = gradients(plan, chunks, grad_arrivals(prof, chunks, {n: c.index for c in chunks for n in c.names}))
+    on_gpu, on_cpu = memory(plan, chunks, grads, gpu=True)[0], memory(plan, chunks, grads, gpu=False)[0]
+    assert on_gpu - on_cpu == len(owners) * numel * 4
+    if kind == "host":  # every shard derived: the compute and copy streams' buffers only
+        assert owners == ("main", "copy") and numel > 0
+    if kind == "device_params_host_optimizer":  # the worker writes the device shards
+        assert owners == ("main", "copy", "worker")
+    if kind == "on_demand":
+        assert owners == ()

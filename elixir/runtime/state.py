@@ -87,14 +87,11 @@ class Runtime:
         # [Note: casts beside the copy] (accel.py): a device staging buffer per stream that casts across
         # tiers run on, allocated once; none on the CPU, where the cast is the copy
         self._cast_staging: dict[object, torch.Tensor] = {}
-        crossing = [c.shard_numel for c in chunks if _casts_across(c)]
-        if device.type == "cuda" and crossing:
-            for stream in (None, self.copy_stream):
-                self._cast_staging[stream] = tracker.empty(max(crossing), torch.float32, "device")
-            if any(c.optim_home != "device" for c in chunks if _casts_across(c)):
-                # host and disk chunks updated inside backward write their shards from the optimizer's
-                # worker thread (elixir/optim/overlap.py): a staging buffer of its own
-                self._cast_staging["worker"] = tracker.empty(max(crossing), torch.float32, "device")
+        if device.type == "cuda":
+            numel, owners = cast_staging(chunks)
+            for owner in owners:
+                stream = {"main": None, "copy": self.copy_stream}.get(owner, owner)
+                self._cast_staging[stream] = tracker.empty(numel, torch.float32, "device")
         self.disk = disk  # the scratch file of chunks with optim_home="disk" (elixir/memory/disk.py)
 
     # --- fetching ----------------------------------------------------------------------------
@@ -436,6 +433,19 @@ class _Blocks:
     def start_prefetch(self, chunk: int) -> None:
         rt = self.runtime
         rt._gather(rt.chunks[chunk], rt.cache.take(), prefetch=True)
+
+
+def cast_staging(chunks: list[Chunk]) -> tuple[int, tuple[str, ...]]:
+    """The fp32 device staging buffers a CUDA runtime holds for casts across tiers ([Note: casts beside the
+    copy] in accel.py): (elements of each, whose they are). One for each stream that casts: the compute
+    stream ("main") and the copy stream ("copy"); and one of the optimizer's worker thread ("worker") where
+    host and disk chunks updated inside backward write their device shards from it (elixir/optim/overlap.py).
+    A shard derived from its master is not written there, only cast at each fetch. None without a cast."""
+    crossing = [c for c in chunks if _casts_across(c)]
+    if not crossing:
+        return 0, ()
+    worker = any(c.shard is not None and c.optim_home != "device" for c in crossing)
+    return max(c.shard_numel for c in crossing), ("main", "copy") + (("worker",) if worker else ())
 
 
 def _casts_across(chunk: Chunk) -> bool:

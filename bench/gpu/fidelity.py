@@ -45,6 +45,7 @@ DRY_SIZE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
 BUDGET_FRACTION = 0.6
 REPS = 5
 WARMUP = 2
+PHASED = 3
 MiB = 2**20
 
 
@@ -59,7 +60,8 @@ def config_of(name: str, dry_run: bool):
     return getattr(transformers, cls_name)(**kw)
 
 
-def plans_for(base, prof, hw, dtype) -> list[tuple[str, elixir.Plan]]:
+def plans_for(base, prof, hw, dtype) -> tuple[list[tuple[str, elixir.Plan]], str | None]:
+    """The plans of a model, and the searched one's device budget or why it is missing."""
     total = sum(p.numel() for p in base.parameters()) * dtype.itemsize / MiB
     largest = max(p.numel() for p in base.parameters()) * dtype.itemsize / MiB
     ondemand_mib = math.ceil(max(largest * 1.01, total / 12) * 100) / 100  # rounded up: it holds the largest
@@ -74,13 +76,20 @@ def plans_for(base, prof, hw, dtype) -> list[tuple[str, elixir.Plan]]:
         ("host", uniform(chunk_mib=ondemand_mib, cache_blocks=4, resident=False, param_home="host",
                          optim_home="host")),
     ]
-    budget = int(BUDGET_FRACTION * simulate(prof, plans[0][1], hw).device_bytes_peak)
-    try:
-        searched, _ = search(prof, hw.with_memory(device_bytes=budget), world_size=1,
-                             compute_dtype=dtype_name(dtype))
-    except PlanDoesNotFitError:
-        return plans
-    return plans + [("searched", dataclasses.replace(searched, use_order=tuple(prof.use_sequence())))]
+    # the tight budget: BUDGET_FRACTION of the all-resident plan's predicted device peak or, where the
+    # activations leave no plan under that, halfway between the host plan's peak and the all-resident one's
+    resident, host = (simulate(prof, plans[i][1], hw).device_bytes_peak for i in (0, 2))
+    failures = []
+    for budget in (int(BUDGET_FRACTION * resident), (resident + host) // 2):
+        try:
+            searched, _ = search(prof, hw.with_memory(device_bytes=budget), world_size=1,
+                                 compute_dtype=dtype_name(dtype))
+        except PlanDoesNotFitError as e:
+            failures.append(f"{budget / MiB:.0f} MiB: {str(e).splitlines()[0]}")
+            continue
+        plan = dataclasses.replace(searched, use_order=tuple(prof.use_sequence()))
+        return plans + [("searched", plan)], f"searched under {budget / MiB:.0f} MiB"
+    return plans, "no searched plan under " + "; ".join(failures)
 
 
 def main() -> int:
@@ -113,7 +122,11 @@ def main() -> int:
         x = x.to(device)
         runs = []
         try:
-            for plan_name, plan in plans_for(base, prof, scaled, dtype):
+            plans, searched = plans_for(base, prof, scaled, dtype)
+            G.log(f"{name}: {searched}")
+            if not searched.startswith("searched under"):
+                result["skipped"][name] = searched
+            for plan_name, plan in plans:
                 model = copy.deepcopy(base)
                 optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
                 model, optim = elixir.wrap(model, optim, plan=plan, device=device)
@@ -148,6 +161,26 @@ def main() -> int:
             for r in order:
                 r["step_s"].append(step(r))
             order = order[1:] + order[:1]
+        # where the time goes: PHASED more steps of each plan, synchronized after forward, backward and the
+        # optimizer step (which waits for the updates still running on the optimizer's worker), beside the
+        # prediction's parts: the compute thread's operators, its waits for fetches and for the worker, the
+        # optimizer's time after backward
+        for r in runs:
+            parts = []
+            for _ in range(PHASED):
+                sync()
+                t0 = time.perf_counter()
+                loss = r["model"](input_ids=x, labels=x).loss
+                sync()
+                t1 = time.perf_counter()
+                loss.backward()
+                sync()
+                t2 = time.perf_counter()
+                r["optim"].step()
+                r["optim"].zero_grad()
+                sync()
+                parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+            r["phases_s"] = [statistics.median(p) for p in zip(*parts)]
         for r in runs:
             measured = statistics.median(r["step_s"])
             stats = elixir.memory_stats(r["model"])
@@ -156,12 +189,21 @@ def main() -> int:
                    "compute_scale": scaled.compute_scale, "rates_time_ratio": r["rates"].step_s / measured,
                    "predicted_device_bytes": r["pred"].model_device_bytes,
                    "measured_device_bytes": stats["device_bytes_peak"],
-                   "memory_ratio": r["pred"].model_device_bytes / max(1, stats["device_bytes_peak"])}
+                   "memory_ratio": r["pred"].model_device_bytes / max(1, stats["device_bytes_peak"]),
+                   "measured_phases_s": dict(zip(("forward", "backward", "optimizer"), r["phases_s"])),
+                   "predicted_parts_s": {k: getattr(r["pred"], k) for k in (
+                       "compute_s", "stall_s", "optim_wait_s", "optim_s", "optim_in_backward_s", "comm_busy_s")}}
             result["rows"].append(row)
             G.log(f"{name:8s} {r['plan']:9s} predicted {row['predicted_s'] * 1e3:8.1f} ms, measured "
                   f"{measured * 1e3:8.1f} ms ({row['time_ratio']:.2f}; rates alone {row['rates_time_ratio']:.2f}, "
                   f"block at {scaled.compute_scale:.2f}x); device model data "
                   f"{row['predicted_device_bytes'] / MiB:.1f} / {row['measured_device_bytes'] / MiB:.1f} MiB")
+            pp, ph = row["predicted_parts_s"], row["measured_phases_s"]
+            G.log(f"{'':18s} predicted: compute {pp['compute_s'] * 1e3:.1f}, fetch waits {pp['stall_s'] * 1e3:.1f}, "
+                  f"worker waits {pp['optim_wait_s'] * 1e3:.1f}, after backward {pp['optim_s'] * 1e3:.1f} ms "
+                  f"(worker busy {pp['optim_in_backward_s'] * 1e3:.1f}, copies {pp['comm_busy_s'] * 1e3:.1f}); "
+                  f"measured apart: forward {ph['forward'] * 1e3:.1f}, backward {ph['backward'] * 1e3:.1f}, "
+                  f"optimizer step {ph['optimizer'] * 1e3:.1f} ms")
         del runs
         gc.collect()
         G.free_device(device)

@@ -263,6 +263,27 @@ def test_an_update_checks_its_gradient_and_pays_for_the_step_call():
     assert simulate(prof, on_host, hw).optim_s == pytest.approx(1e-6 * (1 + 4 / 28) + 100e-6 + 0.5 * MS)
 
 
+def test_an_update_inside_backward_copies_the_gradient_into_its_rollback_log():
+    # one resident chunk of 1000 elements with its optimizer on the host, updated inside backward: 1 us of AdamW
+    # at 1e9 elements/s, the check's 4 bytes per element at their share of the step's 28, the step call's
+    # 100 us; and first the gradient's copy from its staging buffer into the rollback log (fp32 read, compute
+    # dtype written), on a GPU machine's host also at its share of the step: 6 of 28 in bf16, 8 in fp32
+    names = ["p0"]
+    prof = hand_profile(names, names)
+    plan = dataclasses.replace(hand_plan(names, blocks=0, depth=0, resident=True, param_home="device"), chunks=(
+        ChunkPlan(params=("p0",), resident=True, param_home="device", optim_home="host"),))
+    hw = dataclasses.replace(gpu(eager_bytes_per_s=4e9), host_optim_elems_per_s=1e9, optim_step_overhead_s=100e-6,
+                             matmul_flops={"float32": 1e12, "bfloat16": 1e12})
+    bf16 = dataclasses.replace(plan, compute_dtype="bfloat16")
+    assert simulate(prof, bf16, hw).optim_in_backward_s == pytest.approx(1e-6 * (1 + 4 / 28 + 6 / 28) + 100e-6)
+    assert simulate(prof, plan, hw).optim_in_backward_s == pytest.approx(1e-6 * (1 + 4 / 28 + 8 / 28) + 100e-6)
+    # on a CPU device an fp32 gradient goes into its log directly: no copy; a bf16 log is a copy of 6 bytes per
+    # element at the memory-bound rate (4 GB/s: 1.5 us), beside the check's 4 bytes (1 us)
+    cpu = dataclasses.replace(hw, device_type="cpu", spare_cores=1.0)
+    assert simulate(prof, plan, cpu).optim_in_backward_s == pytest.approx(1e-6 + 1e-6 + 100e-6)
+    assert simulate(prof, bf16, cpu).optim_in_backward_s == pytest.approx(1e-6 + 1e-6 + 1.5e-6 + 100e-6)
+
+
 def test_the_search_updates_inside_backward_where_it_can_hide():
     prof = _profile_gpt()
     assert search(prof, Hardware.preset("A100-80GB"))[0].overlap

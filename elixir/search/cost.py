@@ -600,6 +600,12 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             seconds += checked / hardware.eager_rate(checked)
         else:
             seconds += checked / _ADAMW_BYTES_PER_ELEMENT / rate
+        # a logged chunk's gradient is copied from its staging buffer into its rollback log first (fp32 read,
+        # compute dtype written; `Speculation._update_in_memory`), unless it went into the log directly
+        # (`Speculation.logs_directly`: an fp32 log of a host chunk on the CPU, no loss scale)
+        if c.logged and not (cpu and itemsize == 4 and c.optim_home == "host" and not loss_scaled):
+            logged = c.shard * (4 + itemsize)
+            seconds += (logged / hardware.eager_rate(logged) if cpu else logged / _ADAMW_BYTES_PER_ELEMENT / rate)
         seconds += hardware.optim_step_overhead_s  # the step call's own work, once per chunk
         if c.optim_home == "disk" and c.param_home == "device" and not cpu:  # it writes its shard on the device
             seconds += c.shard * itemsize / hardware.h2d_bytes_per_s

@@ -284,6 +284,28 @@ def test_an_update_inside_backward_copies_the_gradient_into_its_rollback_log():
     assert simulate(prof, bf16, cpu).optim_in_backward_s == pytest.approx(1e-6 + 1e-6 + 1.5e-6 + 100e-6)
 
 
+def test_an_updated_master_crosses_to_the_device_in_fp32_after_backward_or_from_the_worker():
+    # one resident bf16 chunk of 1000 elements on the device, its fp32 master and AdamW on the host. Its update
+    # costs 1 us of AdamW, the check and the log copy (4 and 6 of the step's 28 bytes per element) and the step
+    # call's 100 us. The updated master goes up to the device as fp32, 4 kB at the test GPU's host link of 8 MB/s:
+    # 0.5 ms, and the device casts it (a bf16 shard would have been 0.25 ms)
+    names = ["p0"]
+    prof = hand_profile(names, names)
+    plan = dataclasses.replace(hand_plan(names, blocks=0, depth=0, resident=True, param_home="device"), chunks=(
+        ChunkPlan(params=("p0",), resident=True, param_home="device", optim_home="host"),), compute_dtype="bfloat16")
+    hw = dataclasses.replace(gpu(op_overhead_s=1e-9), host_optim_elems_per_s=1e9, optim_step_overhead_s=100e-6,
+                             matmul_flops={"float32": 1e12, "bfloat16": 1e12})
+    update = 1e-6 * (1 + 4 / 28 + 6 / 28) + 100e-6
+    # after backward (no update inside it): the update, then the write
+    after = simulate(prof, dataclasses.replace(plan, overlap=False), hw)
+    assert after.optim_s == pytest.approx(1e-6 * (1 + 4 / 28) + 100e-6 + 0.5 * MS)
+    # inside backward: the worker updates it once backward's last operator is done (2 ms), then writes it on a
+    # stream of its own; the step ends when that write has landed, nothing is left for after backward
+    inside = simulate(prof, plan, hw)
+    assert inside.optim_s == pytest.approx(0.0, abs=1e-9)
+    assert inside.step_s == pytest.approx(2 * MS + update + 0.5 * MS, abs=1e-8)
+
+
 def test_the_search_updates_inside_backward_where_it_can_hide():
     prof = _profile_gpt()
     assert search(prof, Hardware.preset("A100-80GB"))[0].overlap

@@ -410,6 +410,8 @@ class _Clocks:
     """The optimizer's worker thread (updates inside backward: host chunks; every chunk on a CPU)."""
     side: float = 0.0
     """The device optimizer's side stream on a GPU."""
+    written: float = 0.0
+    """The worker's stream on a GPU: updated masters written up into their device shards."""
     optim_wait: float = 0.0
     """Backward's waits for a staging buffer of the worker."""
     shared: float = 0.0
@@ -607,8 +609,8 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             logged = c.shard * (4 + itemsize)
             seconds += (logged / hardware.eager_rate(logged) if cpu else logged / _ADAMW_BYTES_PER_ELEMENT / rate)
         seconds += hardware.optim_step_overhead_s  # the step call's own work, once per chunk
-        if c.optim_home == "disk" and c.param_home == "device" and not cpu:  # it writes its shard on the device
-            seconds += c.shard * itemsize / hardware.h2d_bytes_per_s
+        if c.optim_home == "disk" and c.param_home == "device" and not cpu:  # it writes its shard on the device:
+            seconds += c.shard * 4 / hardware.h2d_bytes_per_s  # the fp32 master crosses, the cast runs there
         return seconds
 
     grads = gradients(plan, chunks, grad_arrivals(profile, chunks, chunk_of))
@@ -624,6 +626,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
     # their gradient is reduced; a host chunk's gradient waits for one of the staging buffers first
     staged_done: list[float] = []  # when each staged host update finished (its buffer came back)
     disk = _DiskTimeline(plan, chunks, hardware, [c for _, c in grads.completions])
+    worker_writes: list[tuple[float, float]] = []  # (its update's end, its write's seconds)
 
     def reduce(ch: _Chunk) -> None:
         """The chunk's gradients are complete: reduce it, and update it inside backward if it is speculated."""
@@ -649,6 +652,8 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
                 clocks.worker = max(clocks.worker, clocks.comm, clocks.compute)
             elif cpu or ch.optim_home == "host":
                 clocks.worker = max(clocks.worker, clocks.comm, clocks.compute) + update_s(ch)
+                if _writes_from_worker(ch, cpu):  # see [Note: the worker's writes wait for the queued compute]
+                    worker_writes.append((clocks.worker, ch.shard * 4 / hardware.h2d_bytes_per_s))
             else:
                 clocks.side = max(clocks.side, clocks.comm) + update_s(ch)
             if ch.logged:
@@ -661,7 +666,9 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         clocks.compute = start + op_seconds(op) * scale + intercepted
         for c in completed_after.get(i, ()):
             reduce(chunks[c])
-    end_backward = max(clocks.compute, clocks.comm, clocks.worker, clocks.side)
+    for updated, write_s in worker_writes:
+        clocks.written = max(clocks.written, clocks.compute, updated) + write_s
+    end_backward = max(clocks.compute, clocks.comm, clocks.worker, clocks.side, clocks.written)
 
     optim = _optimizer_after(plan, chunks, hardware, network, update_s, end_backward, disk) if optimizer else 0.0
     model_device, model_host, model_disk = memory(plan, chunks, grads, gpu=not cpu)
@@ -686,6 +693,21 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         flops=profile.total_flops,
         all_to_all_s=all_to_all,
     )
+
+
+# [Note: the worker's writes wait for the queued compute]
+# On a GPU the worker writes an updated master up into its device shard on a stream of its own, ordered after
+# everything the compute stream has queued when it asks (`ShardedOptimizer.write_shard`: the stream waits for
+# the current stream): the fp32 master crosses and the device casts ([Note: casts beside the copy] in
+# elixir/accel.py). Where the host queues backward's kernels ahead of the device, that is after backward's
+# kernels; charged so, the writes one after another, each also after its update, and the step ends when the
+# last has landed. Where the host is not ahead the writes land earlier, beside backward: this is the later
+# bound, and the worker's updates themselves, not their writes, decide the step's end in the plans measured
+# (BENCHMARKS.md, "On one GPU").
+def _writes_from_worker(c: _Chunk, cpu: bool) -> bool:
+    """Whether the chunk's update inside backward also writes its device shard, on the GPU from the optimizer's
+    worker on a stream of its own (`Speculation._write_shard` in elixir/optim/overlap.py), not after backward."""
+    return not cpu and c.speculated and c.optim_home == "host" and c.param_home == "device"
 
 
 def _optimizer_after(plan: Plan, chunks: list[_Chunk], hardware: Hardware, network: Network,
@@ -715,9 +737,16 @@ def _optimizer_after(plan: Plan, chunks: list[_Chunk], hardware: Hardware, netwo
             continue  # updated above or inside backward, where it also wrote its shard
         if not c.speculated:
             optim += update_s(c)
-        if c.optim_home != c.param_home:  # the updated master is cast into the shard in the other tier
-            bw = hardware.h2d_bytes_per_s if c.optim_home == "host" else hardware.d2h_bytes_per_s
-            optim += shard * itemsize / bw
+        if c.optim_home != c.param_home:
+            # the updated master is cast into the shard in the other tier (unless the worker wrote it inside
+            # backward): up to the device the fp32 master crosses and the device casts; down to the host the
+            # device casts and the cast crosses ([Note: casts beside the copy] in elixir/accel.py)
+            if _writes_from_worker(c, cpu):
+                pass
+            elif c.optim_home == "host":
+                optim += shard * 4 / hardware.h2d_bytes_per_s
+            else:
+                optim += shard * itemsize / hardware.d2h_bytes_per_s
         elif itemsize != 4 and not c.derived:
             optim += shard * itemsize / hardware.device_copy_bytes_per_s
         if c.resident and c.ranks > 1:

@@ -3,6 +3,7 @@ backward: bit for bit whenever the speculation holds, within a measured toleranc
 
 import copy
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -518,3 +519,35 @@ def test_device_staging_for_casts_is_what_the_planner_counts_on_a_gpu(kind):
         assert owners == ("main", "copy", "worker")
     if kind == "on_demand":
         assert owners == ()
+
+
+def test_step_stats_count_where_the_updates_inside_backward_spent_their_time(monkeypatch):
+    """`update_s` adds up the updates inside backward as they ran on the worker; `staging_wait_s` the time
+    backward waited for a staging buffer, which a slow worker makes it do: with every update slowed by 0.1 s
+    and two buffers for 4 host chunks, backward must wait for at least one update to give its buffer back."""
+    from elixir.optim.overlap import Speculation
+
+    model = bias_free_gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    plan = make_plan(model, "host", opt, dtype=torch.bfloat16)
+    m, opt = elixir.wrap(model, opt, plan=plan)
+    assert len(elixir.runtime_of(m).chunks) >= 4
+    before = elixir.step_stats(m)
+    assert before["update_s"] == before["staging_wait_s"] == before["update_wait_s"] == 0.0
+    slow = Speculation._update_in_memory
+
+    def slowed(self, rec, stepper):
+        time.sleep(0.1)
+        slow(self, rec, stepper)
+
+    monkeypatch.setattr(Speculation, "_update_in_memory", slowed)
+    for x in batches(2):
+        opt.backward(loss_of(m, x))
+        opt.step()
+        opt.zero_grad()
+    stats = elixir.step_stats(m)
+    updates = stats["speculated_steps"] * len(elixir.runtime_of(m).chunks)
+    assert stats["speculated_steps"] >= 1
+    assert stats["update_s"] >= 0.1 * updates  # every update slept its 0.1 s on the worker, and was counted
+    assert stats["staging_wait_s"] > 0.0
+    assert stats["update_wait_s"] == 0.0  # on the CPU the gradient is copied at once: nothing to wait for

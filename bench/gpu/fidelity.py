@@ -156,11 +156,17 @@ def main() -> int:
         for r in runs:
             for _ in range(WARMUP):
                 step(r)
+        for r in runs:
+            r["stats_before"] = elixir.step_stats(r["model"])
         order = list(runs)
         for _ in range(REPS):
             for r in order:
                 r["step_s"].append(step(r))
             order = order[1:] + order[:1]
+        for r in runs:  # the optimizer's own clocks over the timed steps, per step
+            after = elixir.step_stats(r["model"])
+            r["optimizer_s"] = {k: (after[k] - r["stats_before"][k]) / REPS
+                                for k in ("update_s", "update_wait_s", "staging_wait_s")}
         # where the time goes: PHASED more steps of each plan, synchronized after forward, backward and the
         # optimizer step (which waits for the updates still running on the optimizer's worker), beside the
         # prediction's parts: the compute thread's operators, its waits for fetches and for the worker, the
@@ -191,6 +197,7 @@ def main() -> int:
                    "measured_device_bytes": stats["device_bytes_peak"],
                    "memory_ratio": r["pred"].model_device_bytes / max(1, stats["device_bytes_peak"]),
                    "measured_phases_s": dict(zip(("forward", "backward", "optimizer"), r["phases_s"])),
+                   "measured_optimizer_s": r["optimizer_s"],
                    "predicted_parts_s": {k: getattr(r["pred"], k) for k in (
                        "compute_s", "stall_s", "optim_wait_s", "optim_s", "optim_in_backward_s", "comm_busy_s")}}
             result["rows"].append(row)
@@ -204,6 +211,10 @@ def main() -> int:
                   f"(worker busy {pp['optim_in_backward_s'] * 1e3:.1f}, copies {pp['comm_busy_s'] * 1e3:.1f}); "
                   f"measured apart: forward {ph['forward'] * 1e3:.1f}, backward {ph['backward'] * 1e3:.1f}, "
                   f"optimizer step {ph['optimizer'] * 1e3:.1f} ms")
+            mo = {k: v * 1e3 for k, v in r["optimizer_s"].items()}
+            G.log(f"{'':18s} measured per step: the updates inside backward took {mo['update_s']:.1f} ms (waiting "
+                  f"{mo['update_wait_s']:.1f} for gradients), backward waited {mo['staging_wait_s']:.1f} ms for "
+                  f"staging buffers")
         del runs
         gc.collect()
         G.free_device(device)

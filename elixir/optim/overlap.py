@@ -40,6 +40,7 @@ has nothing to recompute from.
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -124,6 +125,11 @@ class Speculation:
         self.rollback_reasons: dict[str, int] = {}
         self.late_gradients = 0
         self.clip_pauses = 0
+        # seconds, cumulative: the updates inside backward on the worker and on the main thread (each thread
+        # adds to its own), and the worker's waits for a gradient's copy into staging (CUDA)
+        self.worker_update_s = 0.0
+        self.main_update_s = 0.0
+        self.update_wait_s = 0.0
 
     @staticmethod
     def supported(optimizer_class: type, groups: list[dict]) -> bool:
@@ -218,10 +224,20 @@ class Speculation:
         if self.cuda and chunk.optim_home == "device":
             # on the side stream, after the compute stream's work that made the gradient
             self.update_stream.wait_stream(torch.cuda.current_stream(self.device))
+            started = time.perf_counter()
             with torch.cuda.stream(self.update_stream):
                 self._update(rec, stepper)
+            self.main_update_s += time.perf_counter() - started  # the host's share: the kernels run on
         else:
-            rec.future = self._worker.submit(self._update, rec, stepper)
+            rec.future = self._worker.submit(self._timed_update, rec, stepper)
+
+    def _timed_update(self, rec: Speculated, stepper) -> None:
+        """`_update` on the worker, its time counted (`step_stats`: update_s)."""
+        started = time.perf_counter()
+        try:
+            self._update(rec, stepper)
+        finally:
+            self.worker_update_s += time.perf_counter() - started
 
     def _update(self, rec: Speculated, stepper) -> None:
         """The update of one chunk, in the order the step after backward runs it (see the Note), then the
@@ -265,7 +281,9 @@ class Speculation:
 
     def _update_in_memory(self, rec: Speculated, stepper) -> None:
         if rec.ready is not None:
+            started = time.perf_counter()
             rec.ready.synchronize()  # the gradient's copy into pinned staging has landed
+            self.update_wait_s += time.perf_counter() - started
         g = rec.grad
         if rec.log is not None and rec.log is not g:
             rec.log.copy_(g)
@@ -461,6 +479,8 @@ class Speculation:
             "rollback_reasons": dict(self.rollback_reasons),
             "late_gradients": self.late_gradients,
             "clip_pauses": self.clip_pauses,
+            "update_s": self.worker_update_s + self.main_update_s,
+            "update_wait_s": self.update_wait_s,
         }
 
 

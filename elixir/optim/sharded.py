@@ -601,7 +601,8 @@ class ElixirOptimizer(torch.optim.Optimizer):
         """Steps, skipped steps, and what the update inside backward did (see elixir.step_stats)."""
         out = {"steps": self.steps, "skipped_steps": self.skipped_steps, "nonfinite_steps": self.nonfinite_steps,
                "overlap": self.speculation is not None,
-               "speculated_steps": 0, "rollbacks": 0, "rollback_reasons": {}, "late_gradients": 0}
+               "speculated_steps": 0, "rollbacks": 0, "rollback_reasons": {}, "late_gradients": 0, "clip_pauses": 0,
+               "update_s": 0.0, "update_wait_s": 0.0, "staging_wait_s": self.runtime.grads.staging_wait_s}
         if self.speculation is not None:
             out.update(self.speculation.stats())
         return out

@@ -9,6 +9,7 @@ the master's gradient where the optimizer state lives.
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable
 
 import torch
@@ -40,6 +41,7 @@ class GradReducer:
         self._kept_host_grads: dict[int, torch.Tensor] = {}  # chunk index -> kept host gradient buffer (pinned on CUDA)
         self._copying: dict[int, object] = {}  # id(pooled buffer) -> CUDA event: its copy to the host is done
         self._staging: queue.Queue = queue.Queue()
+        self.staging_wait_s = 0.0  # backward's waits for a free staging buffer, cumulative
         self.staging_buffers = 0
         self.speculation = None  # the optimizer's update inside backward (elixir/optim/overlap.py), if any
 
@@ -230,13 +232,22 @@ class GradReducer:
         self.staging_buffers += count
 
     def take_staging(self) -> torch.Tensor:
-        """A free staging buffer; waits for an update to give one back when all are in use."""
-        while True:
-            try:
-                return self._staging.get(timeout=0.5)
-            except queue.Empty:
-                if self.speculation is not None:
-                    self.speculation.raise_failures()  # a failed update never gives its buffer back
+        """A free staging buffer; waits for an update to give one back when all are in use (the wait is
+        counted: `step_stats`' staging_wait_s)."""
+        try:
+            return self._staging.get_nowait()
+        except queue.Empty:
+            pass
+        started = time.perf_counter()
+        try:
+            while True:
+                try:
+                    return self._staging.get(timeout=0.5)
+                except queue.Empty:
+                    if self.speculation is not None:
+                        self.speculation.raise_failures()  # a failed update never gives its buffer back
+        finally:
+            self.staging_wait_s += time.perf_counter() - started
 
     def give_staging(self, buf: torch.Tensor) -> None:
         self._staging.put(buf)  # thread-safe: updates on the worker give buffers back

@@ -550,10 +550,14 @@ def memory_stats(model: torch.nn.Module) -> dict:
 def step_stats(model: torch.nn.Module) -> dict:
     """What the optimizer did so far: steps (skipped ones included), steps skipped on fp16 overflow, whether
     updates run inside backward, how many steps did, and the rollbacks of those (with their reasons: clip,
-    overflow, accumulation, zero_grad) and late gradients; see elixir/optim/overlap.py."""
+    overflow, accumulation, zero_grad), late gradients and steps whose clip paused the updates inside backward;
+    see elixir/optim/overlap.py. Cumulative seconds: `update_s` the updates inside backward took where they ran
+    (on the host's clock; for device chunks on a GPU, launching them), `update_wait_s` the worker's waits for a
+    gradient's copy to the host, `staging_wait_s` backward's waits for a free staging buffer."""
     if hasattr(model, _LAZY_ATTR):
         return {"steps": 0, "skipped_steps": 0, "nonfinite_steps": 0, "overlap": False, "speculated_steps": 0,
-                "rollbacks": 0, "rollback_reasons": {}, "late_gradients": 0}
+                "rollbacks": 0, "rollback_reasons": {}, "late_gradients": 0, "clip_pauses": 0, "update_s": 0.0,
+                "update_wait_s": 0.0, "staging_wait_s": 0.0}
     return state_of(model).optimizer.step_stats()
 
 

@@ -83,5 +83,7 @@ stage curve 130 bench/gpu/curve.py || failed=1
 stage fidelity 90 bench/gpu/fidelity.py || failed=1
 # shellcheck disable=SC2086
 python bench/gpu/report.py --out "$OUT" $DRY | tee "$OUT/summary.md"
-echo "total $((SECONDS - started)) s; logs and JSON in $OUT"
+# everything in one file too, for machines from which only a few files can be carried back
+tar czf "$OUT/all.tgz" --exclude=all.tgz -C "$OUT" . 2>/dev/null || true
+echo "total $((SECONDS - started)) s; logs and JSON in $OUT (and all of them in $OUT/all.tgz)"
 exit $failed

@@ -227,7 +227,7 @@ class Speculation:
             started = time.perf_counter()
             with torch.cuda.stream(self.update_stream):
                 self._update(rec, stepper)
-            self.main_update_s += time.perf_counter() - started  # the host's share: the kernels run on
+            self.main_update_s += time.perf_counter() - started  # launching it: its kernels run on the stream
         else:
             rec.future = self._worker.submit(self._timed_update, rec, stepper)
 

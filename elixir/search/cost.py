@@ -697,7 +697,7 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
 
 # [Note: the worker's writes wait for the queued compute]
 # On a GPU the worker writes an updated master up into its device shard on a stream of its own, ordered after
-# everything the compute stream has queued when it asks (`ShardedOptimizer.write_shard`: the stream waits for
+# everything the compute stream has queued when it asks (`ElixirOptimizer.write_shard`: the stream waits for
 # the current stream): the fp32 master crosses and the device casts ([Note: casts beside the copy] in
 # elixir/accel.py). Where the host queues backward's kernels ahead of the device, that is after backward's
 # kernels; charged so, the writes one after another, each also after its update, and the step ends when the
@@ -741,12 +741,9 @@ def _optimizer_after(plan: Plan, chunks: list[_Chunk], hardware: Hardware, netwo
             # the updated master is cast into the shard in the other tier (unless the worker wrote it inside
             # backward): up to the device the fp32 master crosses and the device casts; down to the host the
             # device casts and the cast crosses ([Note: casts beside the copy] in elixir/accel.py)
-            if _writes_from_worker(c, cpu):
-                pass
-            elif c.optim_home == "host":
-                optim += shard * 4 / hardware.h2d_bytes_per_s
-            else:
-                optim += shard * itemsize / hardware.d2h_bytes_per_s
+            if not _writes_from_worker(c, cpu):
+                optim += (shard * 4 / hardware.h2d_bytes_per_s if c.optim_home == "host"
+                          else shard * itemsize / hardware.d2h_bytes_per_s)
         elif itemsize != 4 and not c.derived:
             optim += shard * itemsize / hardware.device_copy_bytes_per_s
         if c.resident and c.ranks > 1:

@@ -642,8 +642,9 @@ def main(argv=None) -> int:
     rates_errors = [abs(r["rates_time_ratio"] - 1) for r in rows_once]
     say(f"from the rates alone (every compute scale 1): median error {statistics.median(rates_errors):.1%}, worst "
         f"{max(rates_errors):.1%}")
+    within = f"{sum(e <= args.time_target for e in errors)} of {len(errors)} within {args.time_target:.0%}"
     say(f"step time: median error {statistics.median(errors):.1%}, worst {abs(worst['time_ratio'] - 1):.1%} "
-        f"({worst['model']} {worst['plan']}); device bytes: worst "
+        f"({worst['model']} {worst['plan']}), {within}; device bytes: worst "
         f"{max(abs(r['memory_ratio'] - 1) for r in rows):.1%}")
     relative = against_resident(rows)
     if relative:

@@ -227,8 +227,9 @@ def main() -> int:
     if not result["rows"]:
         G.write_json(args, "fidelity", result)
         return 1
-    G.log(f"step time: median error {result['median_error']:.1%}, worst {result['worst_error']:.1%} over "
-          f"{len(result['rows'])} plans (from the rates alone: {result['rates_median_error']:.1%}, "
+    within = sum(abs(r["time_ratio"] - 1) <= 0.1 for r in result["rows"])
+    G.log(f"step time: median error {result['median_error']:.1%}, worst {result['worst_error']:.1%}, {within} of "
+          f"{len(result['rows'])} plans within 10% (from the rates alone: {result['rates_median_error']:.1%}, "
           f"{result['rates_worst_error']:.1%}); skipped: {result['skipped'] or 'none'}")
     return 0
 

@@ -1,6 +1,6 @@
 """`python -m elixir ...` runs the `elixir` command (as torchrun's `-m elixir` needs)."""
 
-from elixir.cli import main
+from elixir.cli import console
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

@@ -39,6 +39,7 @@ _gloo_groups: dict[int, bool] = {}
 
 DEFAULT_TIMEOUT_S = 600.0
 _timeout_s = DEFAULT_TIMEOUT_S
+joined_group = False  # `init_distributed` joined a process group in this process (see elixir/cli: `console`)
 
 
 class CollectiveError(RuntimeError):
@@ -75,6 +76,8 @@ def init_distributed(*, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | Non
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    global joined_group
+    joined_group = True
     return ChunkGroup(dist.group.WORLD, dist.get_rank(), dist.get_world_size())
 
 

@@ -36,6 +36,6 @@ def arm() -> None:
 
 if __name__ == "__main__":
     arm()
-    from elixir.cli import main
+    from elixir.cli import console
 
-    raise SystemExit(main())
+    console()

@@ -159,6 +159,24 @@ def test_python_dash_m_help():
         assert flag in proc.stdout
 
 
+@pytest.mark.dist
+@pytest.mark.parametrize("joined", [False, True])
+def test_the_command_leaves_with_the_run_s_status_and_runs_the_exit_handlers(joined):
+    """[Note: leaving a process that had a process group] (elixir/cli): a process that joined a group leaves
+    through os._exit, after Python's exit handlers and with the run's own status; any other as usual."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = ("import atexit, elixir.cli as cli, elixir.comm as comm\n"
+            f"comm.joined_group = {joined}\n"
+            "atexit.register(lambda: print('handler ran', flush=True))\n"
+            "cli.main = lambda: 3\n"
+            "print('run over', flush=True)\n"
+            "cli.console()\n"
+            "print('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.split() == ["run", "over", "handler", "ran"]
+
+
 def test_a_step_far_from_its_prediction_is_warned_about(tmp_path, capsys):
     """Rates a thousand times this machine's: the step takes far longer than predicted, and elixir train says
     so after warm-up, naming the way to measure the machine again."""

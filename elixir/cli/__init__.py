@@ -53,6 +53,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `elixir` console script and of `python -m elixir`; returns the exit status."""
+    """The `elixir` command line, run in this process; returns the exit status (see `console`)."""
     args = parse_args(argv)
     return args._run(args, args._parser)
+
+
+# [Note: leaving a process that had a process group]
+# A rank whose run is over (its group destroyed, its files written and closed) now and then aborted under load in
+# the interpreter's teardown, after Python's own: "terminate called without an active exception", a native thread
+# object of the distributed stack destroyed while joinable in a static destructor. The run had succeeded, but
+# torchrun saw exit status -6 and reported the job failed. The `elixir` command therefore leaves such a process
+# as the test harness's ranks do (tests/dist.py): Python's exit handlers run (atexit: loggers, trackers, the disk
+# tier's scratch file), the standard streams are flushed, and `os._exit` ends the process with the run's status
+# without the native teardown. A process that joined no group leaves as usual.
+def console() -> None:
+    """Entry point of the `elixir` console script and of `python -m elixir`: `main`, then leave (see the Note)."""
+    try:
+        status = main()
+    except SystemExit as e:
+        status = e.code
+    from elixir import comm
+
+    if not comm.joined_group or not (status is None or isinstance(status, int)):
+        raise SystemExit(status)
+    import atexit
+    import os
+    import sys
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status or 0)

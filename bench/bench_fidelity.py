@@ -33,10 +33,13 @@ compares each repetition's steps with the prediction under its own calibration, 
 those (this VM's speed drifts by 15-30% within minutes; --calibrate per-model: once before each model's plans run,
 once: at the start only), in a process like the plans' (threads, ranks), on the quiet machine,
 again if other jobs took the CPUs meanwhile (--cached-hardware reads the cache instead: every elixir process
-on the machine shares it, measured under whatever load there was). Rank 0 of that process then times the model's
-first block, as `elixir.plan` does, and the prediction uses its compute scale (`Hardware.compute_scale`, see
-[Note: one block of the model, timed] in elixir/search/block.py); the table also gives the ratio the rates alone
-would have (--no-block-timing: the rates alone).
+on the machine shares it, measured under whatever load there was). Rank 0 of each plan's own process then times
+the model's first block against that calibration, as `elixir.plan` does in the training process before it wraps the
+model (the other ranks wait), and the plan's prediction uses that compute scale (`Hardware.compute_scale`, see
+[Note: one block of the model, timed] in elixir/search/block.py); --block-in calibration times it in the
+calibration's process instead, once for all the plans. The search for the "searched" plan uses the scale that the
+model's first calibration timed. The table also gives the ratio the rates alone would have (--no-block-timing: the
+rates alone).
 Every plan computes the same fp32 math from the same weights on the same batch, so the losses of all plans
 must agree (checked).
 
@@ -117,6 +120,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time each model's first block with the calibration, as elixir.plan does, and predict with "
                         "its compute scale (the rates-alone ratio is printed beside); with --calibrate once, each "
                         "model still gets a calibration of its own")
+    p.add_argument("--block-in", choices=("plan", "calibration"), default="plan",
+                   help="where the model's block is timed for a plan's prediction: in rank 0 of the plan's own "
+                        "process, right before its steps (as elixir.plan times it in the training process; with "
+                        "--calibrate per-rep, again before every repetition), or once per calibration, in the "
+                        "calibration's process (the model's first calibration also times it for the search)")
     p.add_argument("--calibrate", choices=("per-rep", "per-model", "once"), default="per-rep",
                    help="calibrate before every repetition (each repetition's steps are then compared with the "
                         "prediction under its own calibration, and the ratio is the median of those: this VM's "
@@ -262,7 +270,8 @@ def _free_port() -> int:
 
 
 def _worker(conn, name: str, seq_len: int, batch_size: int, seed: int, plan_json: str, rank: int, world: int,
-            port: int, threads: int, calibrate: bool, block_of: tuple[str, int, int] | None = None) -> None:
+            port: int, threads: int, calibrate: bool, block_of: tuple[str, int, int] | None = None,
+            time_block: bool = False) -> None:
     """One rank of one plan, in a process of its own (as a user's run would be): builds the model from `seed`,
     wraps it with the plan, then runs a step whenever the parent says so and answers (seconds, loss, own CPU
     seconds of the step, own CPU seconds since the process started: the collection before the step and the
@@ -277,6 +286,9 @@ def _worker(conn, name: str, seq_len: int, batch_size: int, seed: int, plan_json
         hw = Hardware.measure(refresh=True) if calibrate else None
         hw_json = hw.to_json() if hw is not None else None
         scale = _compute_scale(hw, *block_of) if hw is not None and block_of is not None and rank == 0 else 1.0
+        # the plan's own first block, timed here when the parent asks ("scale"), as elixir.plan times it in the
+        # training process (--block-in plan): the model that recorded it stays alive beside the wrapped one
+        block = _block_inputs(name, seq_len, batch_size)[0] if time_block and rank == 0 else None
         model, vocab = build(name, seq_len, seed)
         g = torch.Generator().manual_seed(seed + 1 + rank)
         x = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
@@ -299,6 +311,11 @@ def _worker(conn, name: str, seq_len: int, batch_size: int, seed: int, plan_json
                 conn.send((seconds, float(loss.detach()), done - cpu, done))
             elif cmd == "stats":
                 conn.send(elixir.memory_stats(model))
+            elif isinstance(cmd, tuple) and cmd[0] == "scale":  # ("scale", a calibration's Hardware JSON)
+                from elixir.search.block import compute_scale
+
+                # measured on this machine, in a process like this one (threads, ranks), a moment ago
+                conn.send(compute_scale(block, dataclasses.replace(Hardware.from_json(cmd[1]), measured_here=True)))
             else:
                 break
         if world > 1:
@@ -316,20 +333,28 @@ def _rates(hw: Hardware) -> Hardware:
 def _compute_scale(hw: Hardware, name: str, seq_len: int, batch_size: int) -> float:
     """`Hardware.compute_scale` of model `name`, as `elixir.plan` times its first block in the training process
     (see [Note: one block of the model, timed] in elixir/search/block.py)."""
-    from elixir.search.block import BlockInputs, compute_scale
+    from elixir.search.block import compute_scale
+
+    block, _ = _block_inputs(name, seq_len, batch_size)
+    return compute_scale(block, hw)
+
+
+def _block_inputs(name: str, seq_len: int, batch_size: int):
+    """(BlockInputs of model `name`'s first block, as the profile of a step records them; the model)."""
+    from elixir.search.block import BlockInputs
 
     model, vocab = build(name, seq_len, 0)
     x = torch.randint(0, vocab, (batch_size, seq_len))
     with BlockInputs(model) as block:
         elixir.profile(model, {"input_ids": x, "labels": x})
-    return compute_scale(block, hw)
+    return block, model
 
 
 class Run:
     """One plan: its ranks, each a process of its own, stepping when told."""
 
     def __init__(self, name: str, description: str, plan: elixir.Plan, model_name: str, args, world: int,
-                 calibrate: bool = False, block_of: tuple[str, int, int] | None = None):
+                 calibrate: bool = False, block_of: tuple[str, int, int] | None = None, time_block: bool = False):
         import multiprocessing as mp
 
         self.name, self.description, self.plan = name, description, plan
@@ -344,7 +369,7 @@ class Run:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, daemon=True, args=(
                 child, model_name, args.seq_len, args.batch_size, args.seed, plan.to_json(), rank, world, port,
-                args.threads, calibrate and rank == 0 if world == 1 else calibrate, block_of))
+                args.threads, calibrate and rank == 0 if world == 1 else calibrate, block_of, time_block))
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
@@ -370,6 +395,12 @@ class Run:
         self.cpu_s.append(sum(a[2] for a in answers))
         self.process_cpu_s = sum(a[3] for a in answers)
         return seconds
+
+    def scale(self, hw: Hardware) -> float:
+        """The model's compute scale against `hw`'s rates, its first block timed by rank 0 of this plan's own
+        process, now (the other ranks wait, as in `elixir.wrap`'s search on several ranks)."""
+        self.conns[0].send(("scale", hw.to_json()))
+        return self._recv(self.conns[0])
 
     def stats(self) -> dict:
         self.conns[0].send("stats")
@@ -440,11 +471,21 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
             say(f"{name}: no {args.repeat} plan to run again (--repeat)")
         plans += again
 
+    own_block = args.block_timing and args.block_in == "plan"
+
+    def with_scale(r: Run, rep_hw: Hardware) -> Hardware:
+        """`rep_hw`, with the model's compute scale timed in the plan's own process now (--block-in plan)."""
+        if not own_block:
+            return rep_hw
+        r.compute_scales.append(r.scale(rep_hw))
+        return rep_hw.with_compute_scale(r.compute_scales[-1])
+
     runs: list[Run] = []
     try:
         for plan_name, description, plan in plans:
-            run = Run(plan_name, description, plan, name, args, world)
-            run.pred, run.pred_rates = simulate(prof, plan, hw), simulate(prof, plan, _rates(hw))
+            run = Run(plan_name, description, plan, name, args, world, time_block=own_block)
+            run.compute_scales = []
+            run.pred, run.pred_rates = simulate(prof, plan, with_scale(run, hw)), simulate(prof, plan, _rates(hw))
             runs.append(run)
         say(f"model {name} ({n_params / 1e6:.1f}M params, {len(prof.ops)} operators in the step), batch "
             f"{args.batch_size} x {args.seq_len} per rank, {world} rank(s), fp32, AdamW(fused), {args.threads} "
@@ -458,7 +499,8 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
             for r in runs:
                 if recalibrate is not None:
                     rep_hw = recalibrate()
-                    r.pred, r.pred_rates = simulate(prof, r.plan, rep_hw), simulate(prof, r.plan, _rates(rep_hw))
+                    r.pred = simulate(prof, r.plan, with_scale(r, rep_hw))
+                    r.pred_rates = simulate(prof, r.plan, _rates(rep_hw))
                 for _ in range(args.warmup):
                     r.step()
                 quiet.wait(check_load=False)
@@ -480,7 +522,7 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
         for rep in range(args.reps if args.schedule == "alternate" else 0):
             if recalibrate is not None:
                 rep_hw = recalibrate()
-                preds_by_rep.append([simulate(prof, r.plan, rep_hw).step_s for r in runs])
+                preds_by_rep.append([simulate(prof, r.plan, with_scale(r, rep_hw)).step_s for r in runs])
                 rates_by_rep.append([simulate(prof, r.plan, _rates(rep_hw)).step_s for r in runs])
             quiet.wait(check_load=False)
             watch, plan_cpu_s = OthersWatch().start(), sum(r.process_cpu_s for r in runs)
@@ -496,7 +538,8 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
             busy.append(max(0.0, others - plan_cpu_s / watch.capacity_s))
             say(f"  rep {rep + 1}/{args.reps} (other jobs {busy[-1]:.0%} of the CPUs, the plans outside their "
                 f"timed steps {outside:.0%}, load {os.getloadavg()[0]:.2f}): "
-                + "  ".join(f"{r.name} {r.step_s[-1]:.3f} s" for r in runs))
+                + "  ".join(f"{r.name} {r.step_s[-1]:.3f} s" + (f" (block {r.compute_scales[-1]:.2f}x)" if own_block
+                                                                   else "") for r in runs))
             order = order[1:] + order[:1]
         ref = runs[0].losses
         max_rel = max((abs(a - b) / max(abs(b), 1e-12) for r in runs[1:] for a, b in zip(r.losses, ref)),
@@ -519,7 +562,9 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
                 "repeat_of": r.name.removesuffix("-again") if r.name.endswith("-again") else None,
                 "cache_blocks": st["cache_blocks"],
                 "predicted_s": predicted_s, "measured_s": measured_s, "time_ratio": time_ratio,
-                "rates_time_ratio": rates_ratio, "compute_scale": hw.compute_scale,
+                "rates_time_ratio": rates_ratio,
+                "compute_scale": statistics.median(r.compute_scales) if r.compute_scales else hw.compute_scale,
+                "compute_scales": r.compute_scales,
                 "predicted_s_per_rep": predicted,
                 "measured_min_s": min(r.step_s), "step_s": r.step_s,
                 "predicted_device_bytes": r.pred.model_device_bytes, "measured_device_bytes": st["device_bytes_peak"],
@@ -558,12 +603,12 @@ def against_resident(rows: list[dict]) -> dict[tuple[str, str], float]:
             if r["repeat_of"] is None and r["plan"] != "resident" and r["model"] in resident}
 
 
-def calibrate(args, world: int, model: str) -> tuple[Hardware, float]:
+def calibrate(args, world: int, model: str, block: bool = True) -> tuple[Hardware, float]:
     """Hardware.measure(refresh=True) in processes like the plans' (threads, ranks), while the machine is quiet,
-    with `model`'s compute scale as rank 0 of a training process times it (--block-timing)."""
+    with `model`'s compute scale as rank 0 of a training process times it (--block-timing, unless not `block`)."""
     small = argparse.Namespace(**{**vars(args), "seq_len": 16, "batch_size": 1})
     plan = elixir.Plan.uniform(build("gpt:tiny", small.seq_len, args.seed)[0], world_size=world)
-    block_of = (model, args.seq_len, args.batch_size) if args.block_timing else None
+    block_of = (model, args.seq_len, args.batch_size) if args.block_timing and block else None
     run = Run("calibration", "", plan, "gpt:tiny", small, world, calibrate=True, block_of=block_of)
     run.close()
     return Hardware.from_json(run.hardware_json).with_compute_scale(run.compute_scale), run.ready_cpu_s
@@ -582,15 +627,15 @@ def main(argv=None) -> int:
     quiet = Quiet(args.max_load, args.max_busy, args.max_wait_s)
     busy_before = quiet.wait(check_load=True)
     load_before = os.getloadavg()[0]
-    def calibrated(model: str) -> tuple[Hardware, float | None]:
+    def calibrated(model: str, block: bool) -> tuple[Hardware, float | None]:
         if args.cached_hardware:
             hw, busy_calibrating = Hardware.measure(), None
-            if args.block_timing:
+            if args.block_timing and block:
                 hw = hw.with_compute_scale(_compute_scale(hw, model, args.seq_len, args.batch_size))
         else:
             while True:  # calibrate now, while the machine is quiet; again if other jobs took the CPUs meanwhile
                 watch = OthersWatch().start()
-                hw, own_cpu_s = calibrate(args, world, model)
+                hw, own_cpu_s = calibrate(args, world, model, block)
                 busy_calibrating = max(0.0, watch.stop() - own_cpu_s / watch.capacity_s)
                 if busy_calibrating < args.max_busy or quiet.waited_s >= quiet.budget:
                     break
@@ -603,14 +648,15 @@ def main(argv=None) -> int:
             + ", ".join(f"{r / 1e9:.1f} GB/s at {b / 1e6:.1f} MB" for b, r in sorted(hw.eager_rates.items()))
             + f", AdamW {hw.device_optim_elems_per_s / 1e9:.2f} G elements/s"
             + "".join(f", {k} {getattr(hw, k) * 1e6:.2f} us" for k in OVERHEAD_FIELDS if hasattr(hw, k))
-            + f"; {model}'s block at {hw.compute_scale:.2f}x the rates' prediction")
+            + (f"; {model}'s block at {hw.compute_scale:.2f}x the rates' prediction" if block and args.block_timing
+               else ""))
         return hw, busy_calibrating
 
     rows: list[dict] = []
     calibrations: list[dict] = []
     hw = None
-    def calibration(before: str, model: str) -> Hardware:
-        hw, busy_calibrating = calibrated(model)
+    def calibration(before: str, model: str, block: bool = True) -> Hardware:
+        hw, busy_calibrating = calibrated(model, block)
         calibrations.append({"before": before, "hardware": json.loads(hw.to_json()),
                              "compute_scale": hw.compute_scale, "others_busy_calibrating": busy_calibrating})
         return hw
@@ -621,7 +667,8 @@ def main(argv=None) -> int:
         recalibrate = None
         if args.calibrate == "per-rep":
             reps = iter(range(1, args.reps + 1))
-            recalibrate = lambda name=name, reps=reps: calibration(f"{name} rep {next(reps)}", name)  # noqa: E731
+            recalibrate = lambda name=name, reps=reps: calibration(  # noqa: E731
+                f"{name} rep {next(reps)}", name, block=args.block_in == "calibration")
         rows += measure_model(name, args, hw, quiet, world, say, recalibrate)
 
     say("")

@@ -159,6 +159,9 @@ def test_measure_quick_and_cache(monkeypatch, tmp_path):
     assert hw.device_type == ("cuda" if torch.cuda.is_available() else "cpu")
     if hw.device_type == "cpu":  # device and host are the same RAM, split in two
         assert hw.device_bytes == hw.host_bytes
+    # the host's memory-bound rate is timed on a GPU machine only (a CPU device prices them by `eager_rates`)
+    assert (hw.host_bytes_per_s > 0) == (hw.device_type == "cuda")
+    assert 0 < hardware_measure._host_bytes_per_s(2**16, 0.01) < math.inf  # the GPU machine's timing, run here
 
     files = list(tmp_path.glob("hardware-*-quick.json"))
     assert len(files) == 1

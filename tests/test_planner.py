@@ -284,6 +284,37 @@ def test_an_update_inside_backward_copies_the_gradient_into_its_rollback_log():
     assert simulate(prof, bf16, cpu).optim_in_backward_s == pytest.approx(1e-6 + 1e-6 + 1.5e-6 + 100e-6)
 
 
+def test_a_host_update_on_a_gpu_machine_casts_and_checks_at_the_host_s_measured_rate():
+    # the chunk of the test above, bf16, with the host's memory-bound rate measured at 2 GB/s: the check reads 4
+    # kB (2 us) and the copy into the log reads 4 kB and writes 2 kB (3 us), beside 1 us of AdamW and the step
+    # call's 100 us; without the measurement both are their share of the AdamW step's 28 bytes per element
+    names = ["p0"]
+    prof = hand_profile(names, names)
+    plan = dataclasses.replace(hand_plan(names, blocks=0, depth=0, resident=True, param_home="device"), chunks=(
+        ChunkPlan(params=("p0",), resident=True, param_home="device", optim_home="host"),), compute_dtype="bfloat16")
+    hw = dataclasses.replace(gpu(eager_bytes_per_s=4e9), host_optim_elems_per_s=1e9, optim_step_overhead_s=100e-6,
+                             matmul_flops={"float32": 1e12, "bfloat16": 1e12})
+    assert hw.host_stream_rate() == 28e9
+    measured = dataclasses.replace(hw, host_bytes_per_s=2e9)
+    assert measured.host_stream_rate() == 2e9
+    assert simulate(prof, plan, measured).optim_in_backward_s == pytest.approx(1e-6 + 2e-6 + 3e-6 + 100e-6)
+    assert simulate(prof, plan, hw).optim_in_backward_s == pytest.approx(1e-6 * (1 + 4 / 28 + 6 / 28) + 100e-6)
+    # after backward (no rollback log): the check alone at the host's rate
+    after = simulate(prof, dataclasses.replace(plan, overlap=False), measured)
+    assert after.optim_s == pytest.approx(1e-6 + 2e-6 + 100e-6 + 0.5 * MS)
+    # the device's own updates and a CPU device keep their rates: the host's figure is not read there
+    on_device = dataclasses.replace(plan, chunks=(ChunkPlan(params=("p0",), resident=True, param_home="device",
+                                                            optim_home="device"),))
+    assert simulate(prof, on_device, measured).step_s == simulate(prof, on_device, hw).step_s
+    cpu = dataclasses.replace(hw, device_type="cpu", spare_cores=1.0)
+    cpu_measured = dataclasses.replace(cpu, host_bytes_per_s=2e9)
+    assert simulate(prof, plan, cpu_measured).step_s == simulate(prof, plan, cpu).step_s
+    # a record keeps it, and refuses a negative one
+    assert Hardware.from_json(measured.to_json()).host_bytes_per_s == 2e9
+    with pytest.raises(ValueError, match="host_bytes_per_s=-1"):
+        dataclasses.replace(hw, host_bytes_per_s=-1.0)
+
+
 def test_an_updated_master_crosses_to_the_device_in_fp32_after_backward_or_from_the_worker():
     # one resident bf16 chunk of 1000 elements on the device, its fp32 master and AdamW on the host. Its update
     # costs 1 us of AdamW, the check and the log copy (4 and 6 of the step's 28 bytes per element) and the step

@@ -427,6 +427,20 @@ def _adamw_elems_per_s(device: torch.device, numel: int, sync, min_total_s: floa
     return numel / max(seconds - call, seconds / 2), call
 
 
+def _host_bytes_per_s(numel: int, min_total_s: float) -> float:
+    """Bytes per second of the host's memory-bound operators as the optimizer's worker runs them on a GPU machine
+    before each update of a host chunk (`Hardware.host_bytes_per_s`): the fp32 gradient cast into a bf16 rollback
+    log (4 bytes read, 2 written per element) and summed to find an inf or a NaN (4 read), on `numel` elements."""
+    grad = torch.randn(numel)
+    log = torch.empty(numel, dtype=torch.bfloat16)
+
+    def run():
+        log.copy_(grad)
+        grad.sum()
+
+    return numel * (4 + 2 + 4) / _seconds(run, lambda: None, min_total_s=min_total_s)
+
+
 def _copy_bytes_per_s(dst: torch.Tensor, src: torch.Tensor, sync, min_total_s: float) -> float:
     non_blocking = dst.is_cuda != src.is_cuda
     return src.numel() * src.element_size() / _seconds(
@@ -673,8 +687,10 @@ def _measure(quick: bool) -> Hardware:
             eager = rate
 
     device_optim, optim_call = _adamw_elems_per_s(device, adam_numel, sync, min_total_s)
-    host_optim, _ = _adamw_elems_per_s(torch.device("cpu"), adam_numel if not on_gpu else adam_numel // 8,
-                                       lambda: None, min_total_s)
+    # as many elements on the host as on the device: the chunks the worker updates are far larger than the host's
+    # caches, and so are their gradients, which it casts and sums first (a CPU device prices those by `eager_rates`)
+    host_optim, _ = _adamw_elems_per_s(torch.device("cpu"), adam_numel, lambda: None, min_total_s)
+    host_stream = _host_bytes_per_s(2 * adam_numel, min_total_s / 5) if on_gpu else 0.0
     device_bytes, host_bytes = _memory_bytes(device)
     return Hardware(
         name=f"measured: {_device_label(device)}",
@@ -697,5 +713,6 @@ def _measure(quick: bool) -> Hardware:
         interception_op_s=interception,
         fetch_overhead_s=fetch_overhead,
         optim_step_overhead_s=optim_call,
+        host_bytes_per_s=host_stream,
         spare_cores=_spare_cores(),
     )

@@ -28,7 +28,9 @@ import torch
 # 9: `optim_step_overhead_s`: the optimizer's cost per chunk update beyond its elements
 # 10: `interception_op_s` timed on a wider transformer; `fetch_overhead_s` without what the cost model charges a
 #     fetch on its own (the copy, a collective's fixed cost), which a record of version 9 counted twice
-_FORMAT_VERSION = 10
+# 11: `host_bytes_per_s`: the host's memory-bound rate on a GPU machine; its AdamW rate timed on as many elements
+#     as the device's (a record of version 10 timed an eighth of them, whose buffers could stay in the host's caches)
+_FORMAT_VERSION = 11
 
 # ---------------------------------------------------------------------------------------------------------------
 # sizes
@@ -168,6 +170,13 @@ class Hardware:
     """Seconds of one optimizer step call beyond its elements (Python, state lookups, dispatch), paid once per
     chunk update: `measure()` times fused AdamW on one element (on the 2-core CPU of BENCHMARKS.md ~0.1-0.25 ms,
     as much as 250k elements' update). 0: not charged."""
+    host_bytes_per_s: float = 0.0
+    """Bytes per second read and written by memory-bound operators on the host of a GPU machine, over buffers far
+    larger than its caches: the optimizer's worker checks a host chunk's fp32 gradient for an inf or a NaN and
+    copies it into the rollback log in the compute dtype before each update (see [Note: the gradient check before
+    an update] in elixir/search/cost.py). `measure()` times that cast and that sum on 2**25 elements. 0: not
+    measured (a CPU device, where `eager_rates` price them, or a preset): the share of the host's AdamW step that
+    those bytes are of its 28 per element (`host_stream_rate`)."""
     spare_cores: float = 0.0
     """Cores per rank that no compute thread uses: (cores the process may use - ranks on the machine x
     torch threads per rank) / ranks, at least 0, as `measure()` finds them. Read on a CPU device only, where the
@@ -246,7 +255,7 @@ class Hardware:
                     and math.isfinite(value)):
                 raise ValueError(f"Hardware.{what}={value!r} must be a finite number >= 0 (0: not modelled)")
         for what in ("op_overhead_s", "eager_bytes_per_s", "interception_op_s", "fetch_overhead_s",
-                     "optim_step_overhead_s", "spare_cores"):
+                     "optim_step_overhead_s", "host_bytes_per_s", "spare_cores"):
             value = getattr(self, what)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
                     and math.isfinite(value)):
@@ -349,6 +358,12 @@ class Hardware:
             changes["intra_node_latency_s"] = float(intra_node_latency_s)
         return dataclasses.replace(self, **changes)
 
+    def host_stream_rate(self) -> float:
+        """Bytes per second of memory-bound operators on the host of a GPU machine: `host_bytes_per_s`, or where
+        that was not measured, the bytes of a fused AdamW step on the host at its rate (28 per element: the
+        parameter, gradient and two moments read, three of them written)."""
+        return self.host_bytes_per_s or 28 * self.host_optim_elems_per_s
+
     def with_compute_scale(self, scale: float) -> Hardware:
         """A copy whose operators take `scale` times as long as its rates predict (see `compute_scale`)."""
         return dataclasses.replace(self, compute_scale=float(scale))
@@ -438,7 +453,8 @@ class Hardware:
         data["disk_bytes"] = doc.get("disk_bytes", "int", least=0, default=0)
         for what in ("disk_read_bytes_per_s", "disk_write_bytes_per_s", "intra_node_latency_s",
                      "inter_node_bytes_per_s", "inter_node_latency_s", "op_overhead_s", "eager_bytes_per_s",
-                     "interception_op_s", "fetch_overhead_s", "optim_step_overhead_s", "spare_cores"):
+                     "interception_op_s", "fetch_overhead_s", "optim_step_overhead_s", "host_bytes_per_s",
+                     "spare_cores"):
             data[what] = doc.get(what, "number", least=0, default=0.0)
         try:  # what no single field says (a disk size without a bandwidth, an unknown dtype)
             return cls(**data)

@@ -512,9 +512,13 @@ class _FetchReplay:
 # read and written). On the 2-core CPU of BENCHMARKS.md the sums of the reference GPT's 50M gradients took
 # 5.2 ms beside 22.3 ms of fused AdamW: ~1.5% of its step, and the optimizer's prediction was 1.4x short of
 # its measured time without it. On the device it is priced as the memory-bound operator it is. A host
-# chunk on a GPU machine is checked by the host's cores, whose memory rate the calibration does not time on
-# its own: there it takes the share of the AdamW step that its bytes are of the step's (a fused AdamW step
-# reads the parameter, gradient and two moments and writes three of them back: 28 bytes per element).
+# chunk on a GPU machine is checked by the host's cores, at the host's memory-bound rate
+# (`Hardware.host_bytes_per_s`, timed on a cast and a sum of 2**25 elements like the worker's), and so is its
+# copy into the rollback log. On the H200 of BENCHMARKS.md the updates of host chunks inside backward took
+# ~13 ms per 32M-element chunk against ~8 ms predicted when both were priced at their share of the AdamW step's
+# bytes (a fused AdamW step reads the parameter, gradient and two moments and writes three of them back: 28
+# bytes per element, the rate where the host's rate was not measured); on the 2-core CPU a cast of fp32 into
+# bf16 ran at 12-23 GB/s and a sum at 18-25 GB/s where AdamW's bytes streamed at ~30 GB/s.
 # The check's handful of small operators (a few tens of microseconds per chunk on the CPU) is not charged; the
 # step call's own cost per chunk is (`Hardware.optim_step_overhead_s`).
 _CHECKED_BYTES_PER_ELEMENT = {False: 4, True: 14}  # by "fp16 with loss scaling"
@@ -595,19 +599,24 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         rate = hardware.device_optim_elems_per_s if c.optim_home == "device" else hardware.host_optim_elems_per_s
         seconds = c.shard / rate
         # the check for non-finite gradients first (`ShardedOptimizer._unscale`), where the update runs: on the
-        # device, a memory-bound operator over the gradient; on the host of a GPU machine, its share of the
-        # AdamW step's streams (see [Note: the gradient check before an update])
+        # device, a memory-bound operator over the gradient; on the host of a GPU machine, at the host's
+        # memory-bound rate (see [Note: the gradient check before an update])
         checked = c.shard * _CHECKED_BYTES_PER_ELEMENT[loss_scaled]
         if c.optim_home == "device" or cpu:
             seconds += checked / hardware.eager_rate(checked)
         else:
-            seconds += checked / _ADAMW_BYTES_PER_ELEMENT / rate
+            seconds += checked / hardware.host_stream_rate()
         # a logged chunk's gradient is copied from its staging buffer into its rollback log first (fp32 read,
         # compute dtype written; `Speculation._update_in_memory`), unless it went into the log directly
         # (`Speculation.logs_directly`: an fp32 log of a host chunk on the CPU, no loss scale)
         if c.logged and not (cpu and itemsize == 4 and c.optim_home == "host" and not loss_scaled):
             logged = c.shard * (4 + itemsize)
-            seconds += (logged / hardware.eager_rate(logged) if cpu else logged / _ADAMW_BYTES_PER_ELEMENT / rate)
+            if cpu:
+                seconds += logged / hardware.eager_rate(logged)
+            elif c.optim_home == "device":  # a copy on the device's side stream, at its share of the AdamW step
+                seconds += logged / _ADAMW_BYTES_PER_ELEMENT / rate
+            else:  # the host's cores cast the fp32 gradient into the log
+                seconds += logged / hardware.host_stream_rate()
         seconds += hardware.optim_step_overhead_s  # the step call's own work, once per chunk
         if c.optim_home == "disk" and c.param_home == "device" and not cpu:  # it writes its shard on the device:
             seconds += c.shard * 4 / hardware.h2d_bytes_per_s  # the fp32 master crosses, the cast runs there

@@ -20,7 +20,7 @@ from fuzzing import byte_flips, check_reader, digests, dotted, examples, flipped
 OPTIONAL = ("collective_bytes_per_s", "device_type", "disk_bytes", "disk_read_bytes_per_s", "disk_write_bytes_per_s",
             "attention_flops", "grouped_mm_flops", "intra_node_latency_s", "inter_node_bytes_per_s",
             "inter_node_latency_s", "op_overhead_s", "eager_bytes_per_s", "eager_rates", "interception_op_s",
-            "fetch_overhead_s", "optim_step_overhead_s", "matmul_by_size", "spare_cores")
+            "fetch_overhead_s", "optim_step_overhead_s", "matmul_by_size", "host_bytes_per_s", "spare_cores")
 """Fields of a hardware file with a default."""
 
 

@@ -362,6 +362,7 @@ class Run:
         self.step_s: list[float] = []
         self.cpu_s: list[float] = []
         self.pred = None
+        self.compute_scales: list[float] = []  # the block's timings in this plan's process (--block-in plan)
         ctx = mp.get_context("spawn")
         port = _free_port()
         self.conns, self.procs = [], []
@@ -484,7 +485,6 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
     try:
         for plan_name, description, plan in plans:
             run = Run(plan_name, description, plan, name, args, world, time_block=own_block)
-            run.compute_scales = []
             run.pred, run.pred_rates = simulate(prof, plan, with_scale(run, hw)), simulate(prof, plan, _rates(hw))
             runs.append(run)
         say(f"model {name} ({n_params / 1e6:.1f}M params, {len(prof.ops)} operators in the step), batch "

@@ -31,6 +31,7 @@ import torch
 # 11: `host_bytes_per_s`: the host's memory-bound rate on a GPU machine; its AdamW rate timed on as many elements
 #     as the device's (a record of version 10 timed an eighth of them, whose buffers could stay in the host's caches)
 _FORMAT_VERSION = 11
+ADAMW_BYTES_PER_ELEMENT = 28  # a fused AdamW step reads param, grad, two moments; writes three
 
 # ---------------------------------------------------------------------------------------------------------------
 # sizes
@@ -362,7 +363,7 @@ class Hardware:
         """Bytes per second of memory-bound operators on the host of a GPU machine: `host_bytes_per_s`, or where
         that was not measured, the bytes of a fused AdamW step on the host at its rate (28 per element: the
         parameter, gradient and two moments read, three of them written)."""
-        return self.host_bytes_per_s or 28 * self.host_optim_elems_per_s
+        return self.host_bytes_per_s or ADAMW_BYTES_PER_ELEMENT * self.host_optim_elems_per_s
 
     def with_compute_scale(self, scale: float) -> Hardware:
         """A copy whose operators take `scale` times as long as its rates predict (see `compute_scale`)."""

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from elixir.hardware import Hardware
+from elixir.hardware.record import ADAMW_BYTES_PER_ELEMENT as _ADAMW_BYTES_PER_ELEMENT
 from elixir.memory.chunk import pack_offsets, padded_numel
 from elixir.memory.disk import ALIGN, DISK_BUFFERS, region_bytes
 from elixir.memory.schedule import REDUCTIONS_IN_FLIGHT, EvictionSchedule, use_order
@@ -522,7 +523,6 @@ class _FetchReplay:
 # The check's handful of small operators (a few tens of microseconds per chunk on the CPU) is not charged; the
 # step call's own cost per chunk is (`Hardware.optim_step_overhead_s`).
 _CHECKED_BYTES_PER_ELEMENT = {False: 4, True: 14}  # by "fp16 with loss scaling"
-_ADAMW_BYTES_PER_ELEMENT = 28
 
 
 class OperatorTimes:

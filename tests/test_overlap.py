@@ -536,9 +536,9 @@ def test_step_stats_count_where_the_updates_inside_backward_spent_their_time(mon
     assert before["update_s"] == before["staging_wait_s"] == before["update_wait_s"] == 0.0
     slow = Speculation._update_in_memory
 
-    def slowed(self, rec, stepper):
+    def slowed(self, rec, stepper, clock):
         time.sleep(0.1)
-        slow(self, rec, stepper)
+        slow(self, rec, stepper, clock)
 
     monkeypatch.setattr(Speculation, "_update_in_memory", slowed)
     for x in batches(2):
@@ -551,3 +551,8 @@ def test_step_stats_count_where_the_updates_inside_backward_spent_their_time(mon
     assert stats["update_s"] >= 0.1 * updates  # every update slept its 0.1 s on the worker, and was counted
     assert stats["staging_wait_s"] > 0.0
     assert stats["update_wait_s"] == 0.0  # on the CPU the gradient is copied at once: nothing to wait for
+    # the parts: the sleep lands in the first one (a bf16 gradient copied into its log), the optimizer ran, and
+    # the parts add up to no more than the updates' time
+    parts = [stats[k] for k in ("update_log_s", "update_check_s", "update_step_s", "update_shard_s")]
+    assert stats["update_log_s"] >= 0.1 * updates and stats["update_step_s"] > 0.0
+    assert sum(parts) <= stats["update_s"]

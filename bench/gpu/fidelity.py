@@ -29,6 +29,7 @@ import gpubench as G
 import torch
 
 import elixir
+from elixir.optim.overlap import UPDATE_PARTS
 from elixir.plan import dtype_name
 from elixir.search import PlanDoesNotFitError, search, simulate
 from elixir.search.block import BlockInputs, compute_scale
@@ -131,6 +132,7 @@ def main() -> int:
                 optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
                 model, optim = elixir.wrap(model, optim, plan=plan, device=device)
                 runs.append({"plan": plan_name, "model": model, "optim": optim, "chunks": len(plan.chunks),
+                             "host_updates": sum(c.optim_home != "device" for c in plan.chunks),
                              "pred": simulate(prof, plan, scaled), "rates": simulate(prof, plan, hw),
                              "step_s": []})
         except Exception as e:  # noqa: BLE001 - reported, the next model runs
@@ -166,7 +168,7 @@ def main() -> int:
         for r in runs:  # the optimizer's own clocks over the timed steps, per step
             after = elixir.step_stats(r["model"])
             r["optimizer_s"] = {k: (after[k] - r["stats_before"][k]) / REPS
-                                for k in ("update_s", "update_wait_s", "staging_wait_s")}
+                                for k in ("update_s", "update_wait_s", "staging_wait_s", *UPDATE_PARTS)}
         # where the time goes: PHASED more steps of each plan, synchronized after forward, backward and the
         # optimizer step (which waits for the updates still running on the optimizer's worker), beside the
         # prediction's parts: the compute thread's operators, its waits for fetches and for the worker, the
@@ -213,7 +215,9 @@ def main() -> int:
                   f"optimizer step {ph['optimizer'] * 1e3:.1f} ms")
             mo = {k: v * 1e3 for k, v in r["optimizer_s"].items()}
             G.log(f"{'':18s} measured per step: the updates inside backward took {mo['update_s']:.1f} ms (waiting "
-                  f"{mo['update_wait_s']:.1f} for gradients), backward waited {mo['staging_wait_s']:.1f} ms for "
+                  f"{mo['update_wait_s']:.1f} for gradients; log {mo['update_log_s']:.1f}, check "
+                  f"{mo['update_check_s']:.1f}, optimizer {mo['update_step_s']:.1f}, shard {mo['update_shard_s']:.1f} "
+                  f"over {r['host_updates']} chunks on the host), backward waited {mo['staging_wait_s']:.1f} ms for "
                   f"staging buffers")
         del runs
         gc.collect()

@@ -50,6 +50,9 @@ import torch
 from elixir.memory import Chunk
 from elixir.optim.undo import undo_update, undoable
 
+UPDATE_PARTS = ("update_log_s", "update_check_s", "update_step_s", "update_shard_s")
+"""The parts of an update on the worker that `step_stats` times apart."""
+
 STAGING_BUFFERS = 2
 """Host buffers a host chunk's gradient passes through on its way to the update: the D2H copy of one
 can fill while the worker updates from the other. The cost model reads this constant too."""
@@ -130,6 +133,9 @@ class Speculation:
         self.worker_update_s = 0.0
         self.main_update_s = 0.0
         self.update_wait_s = 0.0
+        # the worker's updates by part (host clock): the gradient into its rollback log, the finite check (and
+        # the chunk's norm for a clip), the optimizer's own step, the write of the master into the parameter shard
+        self.worker_parts_s = dict.fromkeys(UPDATE_PARTS, 0.0)
 
     @staticmethod
     def supported(optimizer_class: type, groups: list[dict]) -> bool:
@@ -235,27 +241,31 @@ class Speculation:
         """`_update` on the worker, its time counted (`step_stats`: update_s)."""
         started = time.perf_counter()
         try:
-            self._update(rec, stepper)
+            self._update(rec, stepper, self.worker_parts_s)
         finally:
             self.worker_update_s += time.perf_counter() - started
 
-    def _update(self, rec: Speculated, stepper) -> None:
+    def _update(self, rec: Speculated, stepper, parts: dict | None = None) -> None:
         """The update of one chunk, in the order the step after backward runs it (see the Note), then the
         cast of its master into its parameter shard: the chunk is not used again in this backward, and on
         the worker the write-back hides behind backward too (an undo writes the shard again; a fetch
         before `step` undoes the update first: `before_fetch`). A disk chunk's region is in memory around
-        it all."""
+        it all. `parts`: where to add the time of each part (the worker's `worker_parts_s`)."""
+        clock = _Clock(parts)
         if rec.region is None:
-            self._update_in_memory(rec, stepper)
+            self._update_in_memory(rec, stepper, clock)
             self._write_shard(rec)
+            clock.lap("update_shard_s")
             return
         disk = self.opt.disk
         buf = rec.region.result()
         disk.attach(rec.chunk, buf, rec.log)
         after = None
         try:
-            self._update_in_memory(rec, stepper)
+            clock.restart()  # the disk read is not the update's
+            self._update_in_memory(rec, stepper, clock)
             after = self._write_shard(rec)
+            clock.lap("update_shard_s")
         finally:
             disk.release(rec.chunk, buf, rec.log, after=after)
 
@@ -279,14 +289,16 @@ class Speculation:
         self.opt.write_shard(chunk)
         return None
 
-    def _update_in_memory(self, rec: Speculated, stepper) -> None:
+    def _update_in_memory(self, rec: Speculated, stepper, clock: _Clock) -> None:
         if rec.ready is not None:
             started = time.perf_counter()
             rec.ready.synchronize()  # the gradient's copy into pinned staging has landed
             self.update_wait_s += time.perf_counter() - started
+            clock.restart()
         g = rec.grad
         if rec.log is not None and rec.log is not g:
             rec.log.copy_(g)
+            clock.lap("update_log_s")
         if self.opt.scaler.enabled:
             g.mul_(rec.inv_scale)
             finite = torch.isfinite(g).all()
@@ -304,10 +316,12 @@ class Speculation:
             return
         if self.norm_type is not None:  # a run that clips: the clip after backward reads these
             rec.norm, rec.norm_type = chunk_norm(g, self.norm_type), self.norm_type
+        clock.lap("update_check_s")
         master = rec.chunk.master
         rec.fresh = not self.opt.state.get(master)
         master.grad = g
         stepper.step()
+        clock.lap("update_step_s")
         stepper.found_inf = None
         if rec.log is not None:  # the gradient lives in the log (or a staging buffer), not as the master's
             master.grad = None
@@ -481,7 +495,25 @@ class Speculation:
             "clip_pauses": self.clip_pauses,
             "update_s": self.worker_update_s + self.main_update_s,
             "update_wait_s": self.update_wait_s,
+            **self.worker_parts_s,
         }
+
+
+class _Clock:
+    """Adds the time since its last lap to a part's total in `parts` (nothing when `parts` is None)."""
+
+    def __init__(self, parts: dict | None):
+        self.parts = parts
+        self.t = time.perf_counter()
+
+    def restart(self) -> None:
+        self.t = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        if self.parts is not None:
+            now = time.perf_counter()
+            self.parts[part] += now - self.t
+            self.t = now
 
 
 def chunk_norm(g: torch.Tensor, norm_type: float) -> torch.Tensor:

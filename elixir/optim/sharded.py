@@ -25,7 +25,7 @@ import torch
 
 from elixir import comm
 from elixir.optim.ondisk import DiskChunks
-from elixir.optim.overlap import Speculation, chunk_norm
+from elixir.optim.overlap import UPDATE_PARTS, Speculation, chunk_norm
 
 # Optimizers whose update is elementwise: they give the same result on flat shards as on tensors.
 # [Note: elementwise optimizers] says which others are accepted too.
@@ -602,7 +602,8 @@ class ElixirOptimizer(torch.optim.Optimizer):
         out = {"steps": self.steps, "skipped_steps": self.skipped_steps, "nonfinite_steps": self.nonfinite_steps,
                "overlap": self.speculation is not None,
                "speculated_steps": 0, "rollbacks": 0, "rollback_reasons": {}, "late_gradients": 0, "clip_pauses": 0,
-               "update_s": 0.0, "update_wait_s": 0.0, "staging_wait_s": self.runtime.grads.staging_wait_s}
+               "update_s": 0.0, "update_wait_s": 0.0, "staging_wait_s": self.runtime.grads.staging_wait_s,
+               **dict.fromkeys(UPDATE_PARTS, 0.0)}
         if self.speculation is not None:
             out.update(self.speculation.stats())
         return out

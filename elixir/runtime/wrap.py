@@ -22,7 +22,7 @@ from elixir.memory.host import keep_freed_host_memory
 from elixir.models.checkpointing import apply_checkpointing
 from elixir.optim import ElixirOptimizer, check_optimizer
 from elixir.optim.ondisk import disk_state_tensors
-from elixir.optim.overlap import STAGING_BUFFERS, Speculation
+from elixir.optim.overlap import STAGING_BUFFERS, UPDATE_PARTS, Speculation
 from elixir.parallel import nodes
 from elixir.plan import SHARD_OVER, Plan, named_parameters, optimizer_group_of
 from elixir.runtime.hooks import Interceptor
@@ -553,11 +553,14 @@ def step_stats(model: torch.nn.Module) -> dict:
     overflow, accumulation, zero_grad), late gradients and steps whose clip paused the updates inside backward;
     see elixir/optim/overlap.py. Cumulative seconds: `update_s` the updates inside backward took where they ran
     (on the host's clock; for device chunks on a GPU, launching them), `update_wait_s` the worker's waits for a
-    gradient's copy to the host, `staging_wait_s` backward's waits for a free staging buffer."""
+    gradient's copy to the host, `staging_wait_s` backward's waits for a free staging buffer; the worker's updates
+    by part: `update_log_s` (the gradient into its rollback log), `update_check_s` (the finite check, and the norm
+    where a clip reads it), `update_step_s` (the optimizer's own step), `update_shard_s` (the updated master into
+    the parameter shard)."""
     if hasattr(model, _LAZY_ATTR):
         return {"steps": 0, "skipped_steps": 0, "nonfinite_steps": 0, "overlap": False, "speculated_steps": 0,
                 "rollbacks": 0, "rollback_reasons": {}, "late_gradients": 0, "clip_pauses": 0, "update_s": 0.0,
-                "update_wait_s": 0.0, "staging_wait_s": 0.0}
+                "update_wait_s": 0.0, "staging_wait_s": 0.0, **dict.fromkeys(UPDATE_PARTS, 0.0)}
     return state_of(model).optimizer.step_stats()
 
 

@@ -265,9 +265,8 @@ def test_an_update_checks_its_gradient_and_pays_for_the_step_call():
 
 def test_an_update_inside_backward_copies_the_gradient_into_its_rollback_log():
     # one resident chunk of 1000 elements with its optimizer on the host, updated inside backward: 1 us of AdamW
-    # at 1e9 elements/s, the check's 4 bytes per element at their share of the step's 28, the step call's
-    # 100 us; and first the gradient's copy from its staging buffer into the rollback log (fp32 read, compute
-    # dtype written), on a GPU machine's host also at its share of the step: 6 of 28 in bf16, 8 in fp32
+    # at 1e9 elements/s and the step call's 100 us. On a GPU machine that is all the worker does: the copy of the
+    # gradient down to the host writes the log too, and the device checks it (the next test)
     names = ["p0"]
     prof = hand_profile(names, names)
     plan = dataclasses.replace(hand_plan(names, blocks=0, depth=0, resident=True, param_home="device"), chunks=(
@@ -275,8 +274,8 @@ def test_an_update_inside_backward_copies_the_gradient_into_its_rollback_log():
     hw = dataclasses.replace(gpu(eager_bytes_per_s=4e9), host_optim_elems_per_s=1e9, optim_step_overhead_s=100e-6,
                              matmul_flops={"float32": 1e12, "bfloat16": 1e12})
     bf16 = dataclasses.replace(plan, compute_dtype="bfloat16")
-    assert simulate(prof, bf16, hw).optim_in_backward_s == pytest.approx(1e-6 * (1 + 4 / 28 + 6 / 28) + 100e-6)
-    assert simulate(prof, plan, hw).optim_in_backward_s == pytest.approx(1e-6 * (1 + 4 / 28 + 8 / 28) + 100e-6)
+    assert simulate(prof, bf16, hw).optim_in_backward_s == pytest.approx(1e-6 + 100e-6)
+    assert simulate(prof, plan, hw).optim_in_backward_s == pytest.approx(1e-6 + 100e-6)
     # on a CPU device an fp32 gradient goes into its log directly: no copy; a bf16 log is a copy of 6 bytes per
     # element at the memory-bound rate (4 GB/s: 1.5 us), beside the check's 4 bytes (1 us)
     cpu = dataclasses.replace(hw, device_type="cpu", spare_cores=1.0)
@@ -284,24 +283,30 @@ def test_an_update_inside_backward_copies_the_gradient_into_its_rollback_log():
     assert simulate(prof, bf16, cpu).optim_in_backward_s == pytest.approx(1e-6 + 1e-6 + 1.5e-6 + 100e-6)
 
 
-def test_a_host_update_on_a_gpu_machine_casts_and_checks_at_the_host_s_measured_rate():
-    # the chunk of the test above, bf16, with the host's memory-bound rate measured at 2 GB/s: the check reads 4
-    # kB (2 us) and the copy into the log reads 4 kB and writes 2 kB (3 us), beside 1 us of AdamW and the step
-    # call's 100 us; without the measurement both are their share of the AdamW step's 28 bytes per element
+def test_a_host_update_on_a_gpu_machine_leaves_its_log_and_check_to_the_copy_down():
+    # the chunk of the test above, bf16, with the host's memory-bound rate measured at 2 GB/s. Inside backward the
+    # copy of its gradient down to the host also writes the bf16 log (2 kB more across the 1 TB/s link), cast and
+    # checked on the device first (4 kB read, 2 kB written, 4 kB read: 10 kB at the device's memory-bound rate),
+    # so the worker runs AdamW alone: 1 us, and the step call's 100 us
     names = ["p0"]
     prof = hand_profile(names, names)
     plan = dataclasses.replace(hand_plan(names, blocks=0, depth=0, resident=True, param_home="device"), chunks=(
         ChunkPlan(params=("p0",), resident=True, param_home="device", optim_home="host"),), compute_dtype="bfloat16")
     hw = dataclasses.replace(gpu(eager_bytes_per_s=4e9), host_optim_elems_per_s=1e9, optim_step_overhead_s=100e-6,
-                             matmul_flops={"float32": 1e12, "bfloat16": 1e12})
+                             matmul_flops={"float32": 1e12, "bfloat16": 1e12, "float16": 1e12})
     assert hw.host_stream_rate() == 28e9
     measured = dataclasses.replace(hw, host_bytes_per_s=2e9)
     assert measured.host_stream_rate() == 2e9
-    assert simulate(prof, plan, measured).optim_in_backward_s == pytest.approx(1e-6 + 2e-6 + 3e-6 + 100e-6)
-    assert simulate(prof, plan, hw).optim_in_backward_s == pytest.approx(1e-6 * (1 + 4 / 28 + 6 / 28) + 100e-6)
-    # after backward (no rollback log): the check alone at the host's rate
+    inside = simulate(prof, plan, measured)
+    assert inside.optim_in_backward_s == pytest.approx(1e-6 + 100e-6)
+    assert simulate(prof, plan, hw).optim_in_backward_s == pytest.approx(1e-6 + 100e-6)
+    # after backward (no rollback log, the fp32 gradient copied down as it is): the host checks it at its rate
     after = simulate(prof, dataclasses.replace(plan, overlap=False), measured)
     assert after.optim_s == pytest.approx(1e-6 + 2e-6 + 100e-6 + 0.5 * MS)
+    assert inside.comm_busy_s - after.comm_busy_s == pytest.approx(2000 / 1e12 + 10_000 / hw.eager_rate(10_000))
+    # fp16's loss scale: the worker unscales, checks (14 bytes per element at the host's rate: 7 us) and updates
+    fp16 = dataclasses.replace(plan, compute_dtype="float16")
+    assert simulate(prof, fp16, measured).optim_in_backward_s == pytest.approx(1e-6 + 7e-6 + 100e-6)
     # the device's own updates and a CPU device keep their rates: the host's figure is not read there
     on_device = dataclasses.replace(plan, chunks=(ChunkPlan(params=("p0",), resident=True, param_home="device",
                                                             optim_home="device"),))
@@ -317,16 +322,17 @@ def test_a_host_update_on_a_gpu_machine_casts_and_checks_at_the_host_s_measured_
 
 def test_an_updated_master_crosses_to_the_device_in_fp32_after_backward_or_from_the_worker():
     # one resident bf16 chunk of 1000 elements on the device, its fp32 master and AdamW on the host. Its update
-    # costs 1 us of AdamW, the check and the log copy (4 and 6 of the step's 28 bytes per element) and the step
-    # call's 100 us. The updated master goes up to the device as fp32, 4 kB at the test GPU's host link of 8 MB/s:
-    # 0.5 ms, and the device casts it (a bf16 shard would have been 0.25 ms)
+    # inside backward costs 1 us of AdamW and the step call's 100 us (the copy down writes its log and the device
+    # checks it); after backward the host checks it too (4 of the AdamW step's 28 bytes per element). The updated
+    # master goes up to the device as fp32, 4 kB at the test GPU's host link of 8 MB/s: 0.5 ms, and the device
+    # casts it (a bf16 shard would have been 0.25 ms)
     names = ["p0"]
     prof = hand_profile(names, names)
     plan = dataclasses.replace(hand_plan(names, blocks=0, depth=0, resident=True, param_home="device"), chunks=(
         ChunkPlan(params=("p0",), resident=True, param_home="device", optim_home="host"),), compute_dtype="bfloat16")
     hw = dataclasses.replace(gpu(op_overhead_s=1e-9), host_optim_elems_per_s=1e9, optim_step_overhead_s=100e-6,
                              matmul_flops={"float32": 1e12, "bfloat16": 1e12})
-    update = 1e-6 * (1 + 4 / 28 + 6 / 28) + 100e-6
+    update = 1e-6 + 100e-6
     # after backward (no update inside it): the update, then the write
     after = simulate(prof, dataclasses.replace(plan, overlap=False), hw)
     assert after.optim_s == pytest.approx(1e-6 * (1 + 4 / 28) + 100e-6 + 0.5 * MS)

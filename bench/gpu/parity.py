@@ -6,9 +6,13 @@ batch of random tokens, the same AdamW, 5 steps each under:
                    (the same math as Elixir's compute_dtype=bf16)
   pytorch-amp      bf16 only: fp32 weights under torch.autocast (other rounding; shown, not checked)
   elixir           the plan elixir.plan searches for this machine
-  elixir-offload   that plan with every optimizer on the host
+  elixir-offload   that plan with every optimizer on the host, updated inside backward
   elixir-ondemand  every chunk gathered on demand from shards on the host, optimizer on the host
-Checked: the largest relative loss difference to pytorch, against 1e-4 (fp32) and 1e-2 (bf16).
+  elixir-offload-after  elixir-offload with every update after backward (no update inside it)
+Checked: the largest relative loss difference to pytorch, against 1e-4 (fp32) and 1e-2 (bf16); elixir-offload
+and elixir-offload-after alike to the bit (the updates inside backward, whose host chunks' gradients are
+checked and logged on the device on their way down, against the step after backward); and, in bf16, that a
+non-finite gradient found on the device skips the step under nonfinite="skip" and changes no parameter.
 """
 
 from __future__ import annotations
@@ -45,6 +49,46 @@ def build_ondemand(base, device, dtype) -> B.System:
                     setting=B.OFFLOAD, family="elixir", description="Elixir, every chunk on demand from the host")
 
 
+def offload_plan(base, device, dtype, x, hw, *, overlap: bool):
+    """elixir-offload's plan (the searched one with every optimizer on the host), with or without updates inside
+    backward."""
+    import copy
+    import dataclasses
+
+    m = copy.deepcopy(base).train()
+    plan = elixir.plan(m, {"input_ids": x, "labels": x}, hardware=hw, compute_dtype=dtype)
+    return dataclasses.replace(B.optimizer_on_host(plan), overlap=overlap)
+
+
+def build_offload(base, device, dtype, x, hw, *, overlap: bool) -> B.System:
+    s = B.build_elixir(base, device, dtype, None, None, plan=offload_plan(base, device, dtype, x, hw, overlap=overlap))
+    s.name = "elixir-offload" if overlap else "elixir-offload-after"
+    return s
+
+
+def nonfinite_skipped(base, device, dtype, x, hw) -> str | None:
+    """None when a step whose loss is inf (every gradient non-finite) is skipped and counted, and leaves every
+    parameter as it was, with the updates inside backward; else what went wrong."""
+    import copy
+
+    m = copy.deepcopy(base).train()
+    opt = B.adamw(m.parameters())
+    m, opt = elixir.wrap(m, opt, plan=offload_plan(base, device, dtype, x, hw, overlap=True), device=device,
+                         nonfinite="skip")
+    for scale in (1.0, math.inf):
+        before = elixir.full_state_dict(m)
+        opt.backward(m(input_ids=x, labels=x).loss * scale)
+        opt.step()
+        opt.zero_grad()
+    stats = elixir.step_stats(m)
+    after = elixir.full_state_dict(m)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    if stats["nonfinite_steps"] != 1 or stats["speculated_steps"] < 1 or changed:
+        return (f"nonfinite_steps {stats['nonfinite_steps']}, speculated_steps {stats['speculated_steps']}, "
+                f"changed {changed[:3]}")
+    return None
+
+
 def main() -> int:
     args = G.parser(__doc__.splitlines()[0], budget_s=90).parse_args()
     device = G.device_for(args)
@@ -68,8 +112,9 @@ def main() -> int:
             if dtype != torch.float32:
                 builders["pytorch-amp"] = partial(B.build_pytorch, base, device, dtype, amp=True)
             builders["elixir"] = partial(B.build_elixir, base, device, dtype, x, hw)
-            builders["elixir-offload"] = partial(B.build_elixir, base, device, dtype, x, hw, optim_on_host=True)
+            builders["elixir-offload"] = partial(build_offload, base, device, dtype, x, hw, overlap=True)
             builders["elixir-ondemand"] = partial(build_ondemand, base, device, dtype)
+            builders["elixir-offload-after"] = partial(build_offload, base, device, dtype, x, hw, overlap=False)
             losses, errors = {}, {}
             for name, build in builders.items():
                 try:
@@ -89,12 +134,24 @@ def main() -> int:
                     if name != "pytorch":
                         diffs[name] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(v, ref))
             checked = {k: v for k, v in diffs.items() if k != "pytorch-amp"}
+            same = losses.get("elixir-offload") == losses.get("elixir-offload-after")
+            if not same:
+                errors["elixir-offload"] = "losses differ from elixir-offload-after's (updates after backward)"
+            if dtype != torch.float32:
+                try:
+                    wrong = nonfinite_skipped(base, device, dtype, x, hw)
+                except Exception as e:  # noqa: BLE001 - reported
+                    wrong = G.error_text(e)
+                if wrong:
+                    errors["nonfinite"] = wrong
+                G.log(f"{label} {dtype_name}: a non-finite step under nonfinite='skip': {wrong or 'skipped, OK'}")
             passed = bool(ref) and not errors and all(v <= RTOL[dtype_name] for v in checked.values())
             ok &= passed
             results["checks"].append({"model": label, "dtype": dtype_name, "batch": [rows, seq], "steps": STEPS,
                                       "losses": losses, "max_rel_diff": diffs, "rtol": RTOL[dtype_name],
                                       "errors": errors, "ok": passed})
             G.log(f"{label} {dtype_name}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+                  + f"; offload inside / after backward {'identical' if same else 'DIFFER'}"
                   + f" -> {'OK' if passed else 'MISMATCH'} (tolerance {RTOL[dtype_name]:g}; pytorch-amp not checked)")
             del base, builders
             gc.collect()

@@ -30,11 +30,15 @@ gradient only passes through a bounded pool of staging buffers (pinned on CUDA) 
 consumes; what stays is its *rollback log*: the gradient as reduced, before unscaling, in the compute
 dtype (2 bytes per element in bf16 and fp16). On one rank with one micro-batch that is the gradient
 exactly (it was computed in that dtype); across ranks the reduced mean is rounded to it, which an undo
-then carries (see BENCHMARKS.md). So a host chunk holds its fp32 master, two fp32 AdamW states and the
-log: 14 bytes per parameter in bf16 (16 in fp32), against 16 without overlap (master, states and an
-fp32 gradient held until after backward). 12 is not reachable while a global-norm clip may act: either
-the gradient or the pre-update state must survive until the norm is known, and undoing without either
-has nothing to recompute from.
+then carries (see BENCHMARKS.md). On a GPU the copy of a host chunk's gradient down to the host writes its
+log as well (cast on the device, 2 more bytes per element on the copy engine) and the device checks the
+gradient for an inf or a NaN before it leaves (`copied_down`), so the worker's cores, the bottleneck of a
+host-optimizer plan, only run the optimizer: on the H200 of BENCHMARKS.md the cast into the log and the sum
+took 40% of each update there, where the copy engine had time to spare. In all a host chunk holds its
+fp32 master, two fp32 AdamW states and the log: 14 bytes per parameter in bf16 (16 in fp32), against 16
+without overlap (master, states and an fp32 gradient held until after backward). 12 is not reachable while
+a global-norm clip may act: either the gradient or the pre-update state must survive until the norm is
+known, and undoing without either has nothing to recompute from.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class Speculated:
     inv_scale: float
     future: Future | None = None
     ready: object = None  # a CUDA event: the gradient's copy into staging is done
+    log_copied: bool = False  # that copy also wrote the log (`Speculation.copied_down`)
+    checked: torch.Tensor | None = None  # the device's finite check, landed with `ready` (pinned, one bool)
     finite: bool | torch.Tensor = True
     norm: torch.Tensor | None = None
     norm_type: float = 2.0
@@ -118,6 +124,9 @@ class Speculation:
         self.update_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.d2h_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.worker_stream = torch.cuda.Stream(self.device) if self.cuda else None  # the worker's CUDA copies
+        # one flag per chunk for the device's finite check of a host chunk's gradient (`copied_down`)
+        self._finite = (torch.ones(1 + max((c.index for c in optimizer.chunks), default=0), dtype=torch.bool,
+                                   pin_memory=True) if self.cuda else None)
         # disk chunks in the order their gradients completed in the last step: what to read ahead
         self._disk_order: list[Chunk] = sorted((c for c in optimizer.chunks if c.optim_home == "disk"),
                                                key=lambda c: -c.index)
@@ -209,15 +218,26 @@ class Speculation:
         return (log is not None and log.dtype == torch.float32 and not self.cuda and chunk.optim_home == "host"
                 and not self.opt.scaler.enabled)
 
+    def copied_down(self, chunk: Chunk) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the copy of `chunk`'s gradient down to its staging buffer writes besides (see the Note): on a GPU,
+        a host chunk's rollback log (pinned) and the flag of the device's finite check, unless a loss scale
+        makes the worker check after unscaling; (None, None) elsewhere (a disk chunk's log is in its region)."""
+        if not self.cuda or chunk.optim_home != "host" or chunk.index not in self.logs:
+            return None, None
+        flag = None if self.opt.scaler.enabled else self._finite[chunk.index : chunk.index + 1]
+        return self.logs[chunk.index], flag
+
     def submit(self, chunk: Chunk, grad: torch.Tensor, *, staging: torch.Tensor | None = None, ready=None,
-               logged: bool = False) -> None:
+               logged: bool = False, log_copied: bool = False, checked: torch.Tensor | None = None) -> None:
         """Update `chunk` from `grad` (its final gradient for this step, before unscaling); `logged`: `grad`
-        is the chunk's log itself (see `logs_directly`)."""
+        is the chunk's log itself (see `logs_directly`); `log_copied`, `checked`: the copy into `staging` also
+        wrote the log, and the device's finite check into `checked` (`copied_down`)."""
         opt = self.opt
         stepper = opt.stepper_of(chunk)
         stepper.param_groups[0].update(opt.hyper_of(chunk))  # the values step() would use now
         rec = Speculated(chunk, grad, self.logs.get(chunk.index) if staging is not None or logged else None, staging,
-                         1.0 / opt.scaler.scale if opt.scaler.enabled else 1.0, ready=ready)
+                         1.0 / opt.scaler.scale if opt.scaler.enabled else 1.0, ready=ready, log_copied=log_copied,
+                         checked=checked)
         self.records[chunk.index] = rec
         if not self._counted:  # a step with at least one update inside backward
             self.speculated_steps += 1
@@ -296,12 +316,14 @@ class Speculation:
             self.update_wait_s += time.perf_counter() - started
             clock.restart()
         g = rec.grad
-        if rec.log is not None and rec.log is not g:
+        if rec.log is not None and rec.log is not g and not rec.log_copied:
             rec.log.copy_(g)
             clock.lap("update_log_s")
         if self.opt.scaler.enabled:
             g.mul_(rec.inv_scale)
             finite = torch.isfinite(g).all()
+        elif rec.checked is not None:  # checked on the device before the copy
+            finite = rec.checked[0]
         else:  # a NaN or inf anywhere makes the sum one: a read of the gradient, no bool copy of it
             finite = torch.isfinite(g.sum())
         if not self.cuda or rec.chunk.optim_home != "device":

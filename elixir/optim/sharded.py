@@ -253,7 +253,8 @@ class ElixirOptimizer(torch.optim.Optimizer):
         if grad_accum == 1:
             for c in self.chunks:
                 if c.optim_home == "host" and c.master is not c.shard:
-                    logs[c.index] = self.runtime.tracker.empty(c.shard_numel, c.dtype, "host")
+                    # pinned on a GPU: the gradient's copy to the host writes it (`Speculation.copied_down`)
+                    logs[c.index] = self.runtime.tracker.empty(c.shard_numel, c.dtype, "host", pin=True)
                 elif c.optim_home == "disk":  # in the chunk's disk region
                     logs[c.index] = self.runtime.disk.parked(c.shard_numel, c.dtype)
         return Speculation(self, grad_accum=grad_accum, logs=logs)

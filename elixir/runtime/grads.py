@@ -174,9 +174,11 @@ class GradReducer:
         if chunk.master.grad is None and chunk.index in spec.logs:
             # a host chunk's gradient passes through a staging buffer that its update gives back
             staging = self.take_staging()
-            ready = stage_gradient(reduced, staging, spec.d2h_stream)
+            log, flag = spec.copied_down(chunk)
+            ready = stage_gradient(reduced, staging, spec.d2h_stream, log=log, finite=flag)
             self._done_with(reduced, base, ready, spec.d2h_stream)
-            spec.submit(chunk, staging[: chunk.shard_numel], staging=staging, ready=ready)
+            spec.submit(chunk, staging[: chunk.shard_numel], staging=staging, ready=ready, log_copied=log is not None,
+                        checked=flag)
             return
         self._into_master_grad(chunk, reduced, base)  # it stays as the master's .grad
         spec.submit(chunk, chunk.master.grad)
@@ -302,16 +304,22 @@ class GradReducer:
         self._peers_reading.clear()
 
 
-def stage_gradient(reduced: torch.Tensor, staging: torch.Tensor, stream) -> object:
+def stage_gradient(reduced: torch.Tensor, staging: torch.Tensor, stream, *, log: torch.Tensor | None = None,
+                   finite: torch.Tensor | None = None) -> object:
     """Copy a reduced gradient shard into a staging buffer: on the CPU at once; on CUDA on `stream`
-    after the compute stream's work, returning the event the update waits for."""
+    after the compute stream's work, returning the event the update waits for. There, also into `log`
+    (pinned, cast on the device first) and whether it is finite into `finite` (one pinned bool), if given."""
     dst = staging[: reduced.numel()]
     if stream is None:
         accel.copy_(dst, reduced)
         return None
     stream.wait_stream(torch.cuda.current_stream(reduced.device))
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream):  # temporaries allocated here are reused only after this stream's work
         dst.copy_(reduced, non_blocking=True)
+        if log is not None:
+            log.copy_(reduced if reduced.dtype == log.dtype else reduced.to(log.dtype), non_blocking=True)
+        if finite is not None:  # as the worker's check: a NaN or inf anywhere makes the (fp32) sum one
+            finite.copy_(torch.isfinite(reduced.sum(dtype=torch.float32)).view(1), non_blocking=True)
         event = torch.cuda.Event()
         event.record(stream)
     return event

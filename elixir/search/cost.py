@@ -36,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from elixir.hardware import Hardware
-from elixir.hardware.record import ADAMW_BYTES_PER_ELEMENT as _ADAMW_BYTES_PER_ELEMENT
 from elixir.memory.chunk import pack_offsets, padded_numel
 from elixir.memory.disk import ALIGN, DISK_BUFFERS, region_bytes
 from elixir.memory.schedule import REDUCTIONS_IN_FLIGHT, EvictionSchedule, use_order
@@ -513,13 +512,12 @@ class _FetchReplay:
 # read and written). On the 2-core CPU of BENCHMARKS.md the sums of the reference GPT's 50M gradients took
 # 5.2 ms beside 22.3 ms of fused AdamW: ~1.5% of its step, and the optimizer's prediction was 1.4x short of
 # its measured time without it. On the device it is priced as the memory-bound operator it is. A host
-# chunk on a GPU machine is checked by the host's cores, at the host's memory-bound rate
-# (`Hardware.host_bytes_per_s`, timed on a cast and a sum of 2**25 elements like the worker's), and so is its
-# copy into the rollback log. On the H200 of BENCHMARKS.md the updates of host chunks inside backward took
-# ~13 ms per 32M-element chunk against ~8 ms predicted when both were priced at their share of the AdamW step's
-# bytes (a fused AdamW step reads the parameter, gradient and two moments and writes three of them back: 28
-# bytes per element, the rate where the host's rate was not measured); on the 2-core CPU a cast of fp32 into
-# bf16 ran at 12-23 GB/s and a sum at 18-25 GB/s where AdamW's bytes streamed at ~30 GB/s.
+# chunk's gradient on a GPU machine is checked on the device, on its way down to the host, and its rollback log
+# is cast there and crosses beside it (`Speculation.copied_down` in elixir/optim/overlap.py): on the H200 of
+# BENCHMARKS.md the worker's cast into the log and its sum took 40% of each host update (4.3 and 2.3 ms of
+# 16.8 per 32M-element chunk) where the copy engine had time to spare. Under fp16's loss scale, and for a
+# chunk updated after backward or from disk, the host's cores still check it, and copy a disk chunk's log, at
+# the host's memory-bound rate (`Hardware.host_bytes_per_s`, timed on a cast and a sum beyond its caches).
 # The check's handful of small operators (a few tens of microseconds per chunk on the CPU) is not charged; the
 # step call's own cost per chunk is (`Hardware.optim_step_overhead_s`).
 _CHECKED_BYTES_PER_ELEMENT = {False: 4, True: 14}  # by "fp16 with loss scaling"
@@ -604,18 +602,17 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         checked = c.shard * _CHECKED_BYTES_PER_ELEMENT[loss_scaled]
         if c.optim_home == "device" or cpu:
             seconds += checked / hardware.eager_rate(checked)
-        else:
+        elif not _checked_on_copy(c, cpu) or loss_scaled:
             seconds += checked / hardware.host_stream_rate()
         # a logged chunk's gradient is copied from its staging buffer into its rollback log first (fp32 read,
         # compute dtype written; `Speculation._update_in_memory`), unless it went into the log directly
-        # (`Speculation.logs_directly`: an fp32 log of a host chunk on the CPU, no loss scale)
+        # (`Speculation.logs_directly`: an fp32 log of a host chunk on the CPU, no loss scale) or the copy down
+        # from the device wrote it (`Speculation.copied_down`: a host chunk on a GPU)
         if c.logged and not (cpu and itemsize == 4 and c.optim_home == "host" and not loss_scaled):
             logged = c.shard * (4 + itemsize)
             if cpu:
                 seconds += logged / hardware.eager_rate(logged)
-            elif c.optim_home == "device":  # a copy on the device's side stream, at its share of the AdamW step
-                seconds += logged / _ADAMW_BYTES_PER_ELEMENT / rate
-            else:  # the host's cores cast the fp32 gradient into the log
+            elif not _checked_on_copy(c, cpu):  # the host's cores cast the fp32 gradient into the log
                 seconds += logged / hardware.host_stream_rate()
         seconds += hardware.optim_step_overhead_s  # the step call's own work, once per chunk
         if c.optim_home == "disk" and c.param_home == "device" and not cpu:  # it writes its shard on the device:
@@ -643,6 +640,10 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         clocks.compute += ch.numel * 4 / copy_rate + per_collective * network.reduce_collectives(ch)
         red = network.reduce_s(ch)
         to_host = ch.shard * 4 / hardware.d2h_bytes_per_s if ch.optim_home != "device" else 0.0
+        if _checked_on_copy(ch, cpu) and optimizer:  # the log crosses too, cast (and checked) on the device first
+            to_host += ch.shard * itemsize / hardware.d2h_bytes_per_s
+            device_work = ch.shard * (4 + itemsize + (0 if loss_scaled else 4))
+            to_host += device_work / hardware.eager_rate(device_work)
         if ch.logged and len(staged_done) >= STAGING_BUFFERS:  # wait for a staging buffer to come back
             clocks.optim_wait += max(0.0, staged_done[-STAGING_BUFFERS] - clocks.compute)
             clocks.compute = max(clocks.compute, staged_done[-STAGING_BUFFERS])
@@ -702,6 +703,13 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
         flops=profile.total_flops,
         all_to_all_s=all_to_all,
     )
+
+
+def _checked_on_copy(c: _Chunk, cpu: bool) -> bool:
+    """Whether the copy of the chunk's gradient down to the host also writes its rollback log, cast on the
+    device, beside the device's finite check (`Speculation.copied_down` in elixir/optim/overlap.py): a logged
+    host chunk on a GPU."""
+    return not cpu and c.logged and c.optim_home == "host"
 
 
 # [Note: the worker's writes wait for the queued compute]

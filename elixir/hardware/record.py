@@ -30,7 +30,10 @@ import torch
 #     fetch on its own (the copy, a collective's fixed cost), which a record of version 9 counted twice
 # 11: `host_bytes_per_s`: the host's memory-bound rate on a GPU machine; its AdamW rate timed on as many elements
 #     as the device's (a record of version 10 timed an eighth of them, whose buffers could stay in the host's caches)
-_FORMAT_VERSION = 11
+# 12: on a GPU machine the host's AdamW and memory-bound rates timed beyond its last-level cache (2**27 and 2**28
+#     elements): a record of version 11 timed 2**24 and 2**25, which a server's cache could hold (2.4x and 3x
+#     the rates the worker's updates ran at on the H200 of BENCHMARKS.md)
+_FORMAT_VERSION = 12
 ADAMW_BYTES_PER_ELEMENT = 28  # a fused AdamW step reads param, grad, two moments; writes three
 
 # ---------------------------------------------------------------------------------------------------------------

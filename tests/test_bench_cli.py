@@ -104,15 +104,21 @@ def test_gpu_benchmark_dry_run(tmp_path):
     # the curve's 8k-128k tokens per step are 1-16 sequences of 16 tokens in the dry run
     curve = [f"| c curve {t} tokens/step |" for t in (16, 32, 64, 128, 256)]
     for row in ("| 0 parity fp32 |", "| 0 parity bf16 |", "| 0b checkpoint |", "| b opt-2.7b bf16 8x16", "| plans |",
-                "| d fidelity |", *curve):
+                "| d fidelity |", "| e host AdamW |", *curve):
         assert row in text, row
     for bad in ("MISMATCH", "DIFFER", "missing", "not run", "not measured", "Traceback"):
         assert bad not in text, bad
     figures = json.loads((tmp_path / "summary.json").read_text())["figures"]
     assert {"b_elixir_over_pytorch", "b_elixir_over_fsdp2_offload", "b_elixir_step_measured_over_predicted",
             "b_elixir_host_bytes_per_param", *(f"c_{t}_tflops" for t in (16, 32, 64, 128, 256))} <= set(figures)
-    for stage in ("hardware", "parity", "checkpoint", "plans", "curve", "fidelity"):
+    for stage in ("hardware", "parity", "checkpoint", "plans", "curve", "fidelity", "host-adamw"):
         assert (tmp_path / f"{stage}.json").exists(), stage
+    # the host AdamW stage: each condition a CPU has (no copies without a GPU), with all threads and one fewer
+    host = json.loads((tmp_path / "host-adamw.json").read_text())
+    assert [(r["condition"], r["threads"]) for r in host["rows"]] == [
+        (c, t) for t in dict.fromkeys((host["threads"], max(1, host["threads"] - 1)))
+        for c in ("alone", "pinned", "launching thread")]
+    assert all(r["elems_per_s"] > 0 for r in host["rows"])
     # the fidelity stage: every model under every plan (the searched one where a plan fits), memory exact
     fidelity = json.loads((tmp_path / "fidelity.json").read_text())
     assert fidelity["skipped"] == {} and {"d_median_error", "d_worst_error"} <= set(figures)

@@ -1,11 +1,11 @@
 """The end of the GPU benchmark: one short table from the stages' JSON files in --out.
 
-Reads parity.json, checkpoint.json, plans.json, offload-{pytorch,fsdp2-offload,elixir}.json, curve.json and
-fidelity.json
-(whichever exist: a stage that crashed or ran out of its time box is reported as missing), prints the summary
-table and writes it, with the figures behind it, to summary.json. Ratios of throughput between the offload
-stage's systems are of medians measured in separate processes (one system each: they cannot share the GPU's
-memory); the TFLOPS are model FLOPs, 6 x params x tokens / step time, the same work for every system.
+Reads parity.json, checkpoint.json, plans.json, offload-{pytorch,fsdp2-offload,elixir}.json, curve.json,
+fidelity.json and host-adamw.json (whichever exist: a stage that crashed or ran out of its time box is reported
+as missing), prints the summary table and writes it, with the figures behind it, to summary.json. Ratios of
+throughput between the offload stage's systems are of medians measured in separate processes (one system each:
+they cannot share the GPU's memory); the TFLOPS are model FLOPs, 6 x params x tokens / step time, the same
+work for every system.
 """
 
 from __future__ import annotations
@@ -177,6 +177,15 @@ def main() -> int:
                      + (f"; skipped: {', '.join(fidelity['skipped'])}" if fidelity.get("skipped") else "")))
     else:
         rows.append(("d fidelity", "the planner's word on small HF models", why_missing(fidelity, "fidelity")))
+    # (e) the host's AdamW under what a step adds
+    host = load(args.out, "host-adamw")
+    if host and host.get("rows"):
+        rates = "; ".join(f"{r['condition']} {r['elems_per_s'] / 1e9:.2f}" for r in host["rows"]
+                          if r["threads"] == host["threads"])
+        rows.append(("e host AdamW", f"G elements/s on {host['numel']:,} elements, {host['threads']} threads",
+                     rates))
+    else:
+        rows.append(("e host AdamW", "the host's AdamW under what a step adds", why_missing(host, "host-adamw")))
     if plans:
         took = [p["plan_s"] for p in plans["points"]]
         rows.append(("plans", "the planner's searches for (b) and (c), in parallel beside the GPU stages",

@@ -12,10 +12,12 @@
 #   stage c  curve.py       Elixir alone under that cap at 8k, 16k, 32k and 128k tokens per step
 #   stage d  fidelity.py    the planner's predicted step and memory against measured ones, on five small
 #                           Hugging Face families under four plans each (bench/bench_fidelity.py's report)
+#   stage e  host_adamw.py  the host's fused AdamW on one chunk alone, with pinned buffers, beside a thread that
+#                           launches kernels, beside copies both ways: what slows the optimizer's worker in a step
 #   report   report.py      the summary table
 #
 # Each stage runs under its own time box (timeout) and stops starting repetitions at 80% of it: the
-# foreground boxes add up to 525 s, and waiting for the plans stage at most 20 s more (its box less those of
+# foreground boxes add up to 555 s, and waiting for the plans stage at most 20 s more (its box less those of
 # the two stages beside it). Logs and JSON go to $OUT. Exit status 0 when every stage finished and the
 # losses matched.
 #
@@ -38,7 +40,7 @@ OUT="${OUT:-./gpu-out}"
 export OUT
 mkdir -p "$OUT"
 # a stage that fails this time must not be reported from an earlier run's files
-rm -f "$OUT"/{hardware,plans,parity,checkpoint,offload-pytorch,offload-elixir,offload-fsdp2-offload,curve,summary}.json
+rm -f "$OUT"/{hardware,plans,parity,checkpoint,offload-pytorch,offload-elixir,offload-fsdp2-offload,curve,fidelity,host-adamw,summary}.json
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "$DRY" ]; then
     # Hardware.measure() of this GPU, made once by the first stage, kept with the results
@@ -81,6 +83,7 @@ stage offload-elixir 80 bench/gpu/offload.py --system elixir || failed=1
 stage offload-fsdp2 85 bench/gpu/offload.py --system fsdp2-offload || failed=1
 stage curve 130 bench/gpu/curve.py || failed=1
 stage fidelity 90 bench/gpu/fidelity.py || failed=1
+stage host-adamw 30 bench/gpu/host_adamw.py || failed=1
 # shellcheck disable=SC2086
 python bench/gpu/report.py --out "$OUT" $DRY | tee "$OUT/summary.md"
 # everything in one file too, for machines from which only a few files can be carried back

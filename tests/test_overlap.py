@@ -556,3 +556,30 @@ def test_step_stats_count_where_the_updates_inside_backward_spent_their_time(mon
     parts = [stats[k] for k in ("update_log_s", "update_check_s", "update_step_s", "update_shard_s")]
     assert stats["update_log_s"] >= 0.1 * updates and stats["update_step_s"] > 0.0
     assert sum(parts) <= stats["update_s"]
+
+
+def test_a_gradient_logged_and_checked_on_its_way_down_updates_alike(monkeypatch):
+    """On a GPU a host chunk's gradient is cast into its log and checked for an inf or a NaN on its copy down
+    (`Speculation.copied_down`); the CPU has no such copy, so the test asks for one here: the worker copies no
+    log and the result is the update after backward's to the bit; a NaN that check finds refuses the step and
+    leaves the model as it was."""
+    from elixir.optim.overlap import Speculation
+
+    monkeypatch.setattr(Speculation, "copied_down", Speculation._copy_targets)
+    model = bias_free_gpt()
+    on = _train(model, "host", overlap=True, dtype=torch.bfloat16)
+    off = _train(model, "host", overlap=False, dtype=torch.bfloat16)
+    _assert_equal(on, off)
+    stats = elixir.step_stats(on[3])
+    assert stats["speculated_steps"] == 4 and stats["rollbacks"] == 0
+    assert stats["update_log_s"] == 0.0 and stats["update_step_s"] > 0.0  # logged by the copy, not the worker
+    m, opt = on[3], on[4]
+    before = elixir.full_state_dict(m)
+    handle = m.h[1].mlp.c_fc.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    opt.backward(loss_of(m, batches(1)[0]))
+    handle.remove()
+    with pytest.raises(elixir.NonFiniteError, match="h\\.1\\.mlp\\.c_fc\\.weight"):
+        opt.step()
+    after = elixir.full_state_dict(m)
+    for n in before:  # updates of other chunks inside that backward were undone: fp32 rounding at most
+        assert ((after[n] - before[n]).abs().max() / before[n].abs().max()).item() <= ROLLBACK_REL, n

@@ -125,8 +125,8 @@ class Speculation:
         self.d2h_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.worker_stream = torch.cuda.Stream(self.device) if self.cuda else None  # the worker's CUDA copies
         # one flag per chunk for the device's finite check of a host chunk's gradient (`copied_down`)
-        self._finite = (torch.ones(1 + max((c.index for c in optimizer.chunks), default=0), dtype=torch.bool,
-                                   pin_memory=True) if self.cuda else None)
+        self._finite = torch.ones(1 + max((c.index for c in optimizer.chunks), default=0), dtype=torch.bool,
+                                  pin_memory=self.cuda)
         # disk chunks in the order their gradients completed in the last step: what to read ahead
         self._disk_order: list[Chunk] = sorted((c for c in optimizer.chunks if c.optim_home == "disk"),
                                                key=lambda c: -c.index)
@@ -222,7 +222,10 @@ class Speculation:
         """What the copy of `chunk`'s gradient down to its staging buffer writes besides (see the Note): on a GPU,
         a host chunk's rollback log (pinned) and the flag of the device's finite check, unless a loss scale
         makes the worker check after unscaling; (None, None) elsewhere (a disk chunk's log is in its region)."""
-        if not self.cuda or chunk.optim_home != "host" or chunk.index not in self.logs:
+        return self._copy_targets(chunk) if self.cuda else (None, None)
+
+    def _copy_targets(self, chunk: Chunk) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if chunk.optim_home != "host" or chunk.index not in self.logs:
             return None, None
         flag = None if self.opt.scaler.enabled else self._finite[chunk.index : chunk.index + 1]
         return self.logs[chunk.index], flag

@@ -306,12 +306,16 @@ class GradReducer:
 
 def stage_gradient(reduced: torch.Tensor, staging: torch.Tensor, stream, *, log: torch.Tensor | None = None,
                    finite: torch.Tensor | None = None) -> object:
-    """Copy a reduced gradient shard into a staging buffer: on the CPU at once; on CUDA on `stream`
-    after the compute stream's work, returning the event the update waits for. There, also into `log`
-    (pinned, cast on the device first) and whether it is finite into `finite` (one pinned bool), if given."""
+    """Copy a reduced gradient shard into a staging buffer, and into `log` (cast) and whether it is finite into
+    `finite` (one bool) if given: on the CPU at once; on CUDA on `stream` after the compute stream's work (`log`
+    and `finite` pinned, the cast and the check on the device), returning the event the update waits for."""
     dst = staging[: reduced.numel()]
     if stream is None:
         accel.copy_(dst, reduced)
+        if log is not None:
+            log.copy_(reduced)
+        if finite is not None:
+            finite.copy_(torch.isfinite(reduced.sum(dtype=torch.float32)).view(1))
         return None
     stream.wait_stream(torch.cuda.current_stream(reduced.device))
     with torch.cuda.stream(stream):  # temporaries allocated here are reused only after this stream's work

@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import os
-import sys
 import tempfile
 import threading
 
@@ -142,4 +141,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from elixir.cli import leave
+
+    leave(main())  # without the native teardown that can abort a finished rank (elixir/cli: the Note on leaving)

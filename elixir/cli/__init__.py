@@ -72,6 +72,12 @@ def console() -> None:
         status = main()
     except SystemExit as e:
         status = e.code
+    leave(status)
+
+
+def leave(status) -> None:
+    """End this process with `status` as the `elixir` command does (see the Note): scripts whose ranks joined a
+    process group through `elixir.init_distributed` (bench/soak.py) leave the same way."""
     from elixir import comm
 
     if not comm.joined_group or not (status is None or isinstance(status, int)):

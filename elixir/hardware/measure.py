@@ -690,10 +690,10 @@ def _measure(quick: bool) -> Hardware:
     # A GPU machine's host: 2 GB of AdamW parameter, gradient and moments (2**27 elements), 1.5 GB of casts and
     # sums, beyond a server's last-level cache (up to ~1 GB with stacked cache), as the worker's chunks and their
     # gradients are. On the H200 of BENCHMARKS.md 2**24 elements (256 MB with the moments) ran AdamW at 8.3 G
-    # elements/s and the cast and sum at 165 GB/s, where the worker's updates inside a step ran at 3.5 G and
+    # elements/s and the cast and sum at 165 GB/s, where the worker's updates inside a step ran at ~3.6 G and
     # ~50 GB/s. A CPU device's host is the device (its casts are priced by `eager_rates`).
-    host_optim, _ = (_adamw_elems_per_s(torch.device("cpu"), 8 * adam_numel, lambda: None, min_total_s) if on_gpu
-                     else (device_optim, optim_call))
+    host_optim = (_adamw_elems_per_s(torch.device("cpu"), 8 * adam_numel, lambda: None, min_total_s)[0] if on_gpu
+                  else device_optim)
     host_stream = _host_bytes_per_s(16 * adam_numel, min_total_s / 2) if on_gpu else 0.0
     device_bytes, host_bytes = _memory_bytes(device)
     return Hardware(

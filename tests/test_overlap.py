@@ -495,6 +495,7 @@ def test_device_staging_for_casts_is_what_the_planner_counts_on_a_gpu(kind):
     the device bytes of a GPU. A host chunk whose bf16 shard is derived from its master writes no shard from
     the optimizer's worker, so it needs no worker buffer: the runtime must not allocate one the plan did not
     count (the GPU measured one block more than predicted)."""
+    from elixir.optim.overlap import log_cast_numel
     from elixir.runtime.state import cast_staging
     from elixir.search.cost import grad_arrivals, gradients, layout, memory
 
@@ -509,10 +510,14 @@ def test_device_staging_for_casts_is_what_the_planner_counts_on_a_gpu(kind):
     prof = elixir.profile(copy.deepcopy(model), {"input_ids": x, "labels": x}, compute_dtype=torch.bfloat16)
     m, opt = elixir.wrap(model, opt, plan=plan)
     numel, owners = cast_staging(elixir.runtime_of(m).chunks)
+    # and the buffer the bf16 logs of host chunks are cast through (a CUDA runtime allocates it from the same
+    # chunks and logs this one has)
+    logs = log_cast_numel(elixir.runtime_of(m).chunks, opt.speculation.logs)
     chunks = layout(plan, prof)
     grads = gradients(plan, chunks, grad_arrivals(prof, chunks, {n: c.index for c in chunks for n in c.names}))
     on_gpu, on_cpu = memory(plan, chunks, grads, gpu=True)[0], memory(plan, chunks, grads, gpu=False)[0]
-    assert on_gpu - on_cpu == len(owners) * numel * 4
+    assert on_gpu - on_cpu == len(owners) * numel * 4 + logs * 2
+    assert (logs > 0) == (kind != "on_demand")  # every host chunk of these plans logs in bf16
     if kind == "host":  # every shard derived: the compute and copy streams' buffers only
         assert owners == ("main", "copy") and numel > 0
     if kind == "device_params_host_optimizer":  # the worker writes the device shards
@@ -583,3 +588,16 @@ def test_a_gradient_logged_and_checked_on_its_way_down_updates_alike(monkeypatch
     after = elixir.full_state_dict(m)
     for n in before:  # updates of other chunks inside that backward were undone: fp32 rounding at most
         assert ((after[n] - before[n]).abs().max() / before[n].abs().max()).item() <= ROLLBACK_REL, n
+
+
+@pytest.mark.parametrize("numel,tile", [(10, 3), (9, 3), (4, 8), (1, 1)])
+def test_a_log_is_cast_through_its_tile_buffer_exactly(numel, tile):
+    """On a GPU a host chunk's fp32 gradient reaches its bf16 log through a small device buffer, a tile at a time
+    (`elixir.runtime.grads.cast_through`): every element lands, rounded as one cast of the whole would round it,
+    whether the tiles divide the shard or not."""
+    from elixir.runtime.grads import cast_through
+
+    src = torch.randn(numel) * 1e3 + 1 / 3
+    dst = torch.full((numel,), float("nan"), dtype=torch.bfloat16)
+    cast_through(dst, src, torch.empty(tile, dtype=torch.bfloat16))
+    assert torch.equal(dst, src.to(torch.bfloat16))

@@ -57,6 +57,20 @@ from elixir.optim.undo import undo_update, undoable
 UPDATE_PARTS = ("update_log_s", "update_check_s", "update_step_s", "update_shard_s")
 """The parts of an update on the worker that `step_stats` times apart."""
 
+LOG_CAST_NUMEL = 2**23
+"""Elements of the device buffer a host chunk's fp32 gradient is cast into on a GPU, a tile at a time, on its
+way down into its rollback log (`Speculation.copied_down`): 16 MiB in bf16 whatever the chunk's size, where a
+cast of the whole shard would take a temporary as large as its log. The cost model reads this constant too."""
+
+
+def log_cast_numel(chunks, logs: dict[int, torch.Tensor]) -> int:
+    """Elements of that buffer on a GPU (0: none): host chunks whose log is not fp32, as the reduced gradient
+    is."""
+    sizes = [logs[c.index].numel() for c in chunks
+             if c.optim_home == "host" and c.index in logs and logs[c.index].dtype != torch.float32]
+    return min(LOG_CAST_NUMEL, max(sizes)) if sizes else 0
+
+
 STAGING_BUFFERS = 2
 """Host buffers a host chunk's gradient passes through on its way to the update: the D2H copy of one
 can fill while the worker updates from the other. The cost model reads this constant too."""
@@ -124,9 +138,14 @@ class Speculation:
         self.update_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.d2h_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.worker_stream = torch.cuda.Stream(self.device) if self.cuda else None  # the worker's CUDA copies
-        # one flag per chunk for the device's finite check of a host chunk's gradient (`copied_down`)
+        # one flag per chunk for the device's finite check of a host chunk's gradient, and the device buffer
+        # its log is cast through (`copied_down`)
         self._finite = torch.ones(1 + max((c.index for c in optimizer.chunks), default=0), dtype=torch.bool,
                                   pin_memory=self.cuda)
+        cast_numel = log_cast_numel(optimizer.chunks, logs) if self.cuda else 0
+        self.log_cast = (optimizer.runtime.tracker.empty(
+            cast_numel, next(log.dtype for log in logs.values() if log.dtype != torch.float32), "device")
+            if cast_numel else None)
         # disk chunks in the order their gradients completed in the last step: what to read ahead
         self._disk_order: list[Chunk] = sorted((c for c in optimizer.chunks if c.optim_home == "disk"),
                                                key=lambda c: -c.index)
@@ -220,8 +239,9 @@ class Speculation:
 
     def copied_down(self, chunk: Chunk) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What the copy of `chunk`'s gradient down to its staging buffer writes besides (see the Note): on a GPU,
-        a host chunk's rollback log (pinned) and the flag of the device's finite check, unless a loss scale
-        makes the worker check after unscaling; (None, None) elsewhere (a disk chunk's log is in its region)."""
+        a host chunk's rollback log (pinned; cast through `log_cast`) and the flag of the device's finite check,
+        unless a loss scale makes the worker check after unscaling; (None, None) elsewhere (a disk chunk's log is
+        in its region)."""
         return self._copy_targets(chunk) if self.cuda else (None, None)
 
     def _copy_targets(self, chunk: Chunk) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -175,7 +175,7 @@ class GradReducer:
             # a host chunk's gradient passes through a staging buffer that its update gives back
             staging = self.take_staging()
             log, flag = spec.copied_down(chunk)
-            ready = stage_gradient(reduced, staging, spec.d2h_stream, log=log, finite=flag)
+            ready = stage_gradient(reduced, staging, spec.d2h_stream, log=log, finite=flag, cast=spec.log_cast)
             self._done_with(reduced, base, ready, spec.d2h_stream)
             spec.submit(chunk, staging[: chunk.shard_numel], staging=staging, ready=ready, log_copied=log is not None,
                         checked=flag)
@@ -305,10 +305,11 @@ class GradReducer:
 
 
 def stage_gradient(reduced: torch.Tensor, staging: torch.Tensor, stream, *, log: torch.Tensor | None = None,
-                   finite: torch.Tensor | None = None) -> object:
+                   finite: torch.Tensor | None = None, cast: torch.Tensor | None = None) -> object:
     """Copy a reduced gradient shard into a staging buffer, and into `log` (cast) and whether it is finite into
     `finite` (one bool) if given: on the CPU at once; on CUDA on `stream` after the compute stream's work (`log`
-    and `finite` pinned, the cast and the check on the device), returning the event the update waits for."""
+    and `finite` pinned, the check on the device, the cast there a tile at a time through `cast`, a device
+    buffer of the log's dtype that only this stream uses), returning the event the update waits for."""
     dst = staging[: reduced.numel()]
     if stream is None:
         accel.copy_(dst, reduced)
@@ -318,12 +319,25 @@ def stage_gradient(reduced: torch.Tensor, staging: torch.Tensor, stream, *, log:
             finite.copy_(torch.isfinite(reduced.sum(dtype=torch.float32)).view(1))
         return None
     stream.wait_stream(torch.cuda.current_stream(reduced.device))
-    with torch.cuda.stream(stream):  # temporaries allocated here are reused only after this stream's work
+    with torch.cuda.stream(stream):
         dst.copy_(reduced, non_blocking=True)
-        if log is not None:
-            log.copy_(reduced if reduced.dtype == log.dtype else reduced.to(log.dtype), non_blocking=True)
+        if log is not None and log.dtype == reduced.dtype:
+            log.copy_(reduced, non_blocking=True)
+        elif log is not None:
+            cast_through(log, reduced, cast)
         if finite is not None:  # as the worker's check: a NaN or inf anywhere makes the (fp32) sum one
             finite.copy_(torch.isfinite(reduced.sum(dtype=torch.float32)).view(1), non_blocking=True)
         event = torch.cuda.Event()
         event.record(stream)
     return event
+
+
+def cast_through(dst: torch.Tensor, src: torch.Tensor, tile_buffer: torch.Tensor) -> None:
+    """Copy `src` into `dst` of another dtype (and tier) a tile at a time: each tile cast into `tile_buffer` (of
+    `dst`'s dtype, on `src`'s device), then copied out of it, asynchronously where that crosses to pinned host
+    memory. On one CUDA stream a tile's cast starts only once the copy out of the tile before is done, so one
+    buffer serves every tile and every call on that stream."""
+    for start in range(0, src.numel(), tile_buffer.numel()):
+        tile = tile_buffer[: min(tile_buffer.numel(), src.numel() - start)]
+        tile.copy_(src[start : start + tile.numel()])
+        dst[start : start + tile.numel()].copy_(tile, non_blocking=dst.device != tile.device)

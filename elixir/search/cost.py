@@ -22,7 +22,9 @@ parameter shard is its own master) and two AdamW states of chunks whose optimize
 the pool of fp32 gradient buffers, each as large as the largest chunk, as many as backward holds at once
 (`gradients`: on one rank a chunk whose optimizer is on the device keeps its buffer as its gradient
 until zero_grad); on several ranks the reduced gradient shards; on a GPU, two staging buffers for casts
-across tiers; the profiled activations. host: stored parameter shards, masters and states of what
+across tiers (three where the optimizer's worker writes device shards) and, where host chunks log their
+gradients in bf16 or fp16, the buffer those logs are cast through on their way down; the profiled
+activations. host: stored parameter shards, masters and states of what
 lives there, and per host-optimizer chunk either its fp32 gradient (held until after backward) or, when
 its update runs inside backward, its rollback log in the compute dtype (see [Note: the step inside
 backward] in elixir/optim/overlap.py), plus the staging buffers its gradient passes through (on a GPU
@@ -40,7 +42,7 @@ from elixir.memory.chunk import pack_offsets, padded_numel
 from elixir.memory.disk import ALIGN, DISK_BUFFERS, region_bytes
 from elixir.memory.schedule import REDUCTIONS_IN_FLIGHT, EvictionSchedule, use_order
 from elixir.optim.ondisk import READ_AHEAD
-from elixir.optim.overlap import STAGING_BUFFERS
+from elixir.optim.overlap import LOG_CAST_NUMEL, STAGING_BUFFERS
 from elixir.plan import Plan, dtype_name
 from elixir.profile import Profile
 
@@ -274,6 +276,9 @@ def memory(plan: Plan, chunks: list[_Chunk], grads: _Gradients | None = None, *,
         host += DISK_BUFFERS * (max(on_disk) + ALIGN)
     crossing = [c.shard for c in chunks if c.trainable and itemsize != 4 and (
         c.param_home != c.optim_home or (c.derived and c.optim_home == "host"))]
+    logged_host = [c.shard for c in chunks if c.logged and c.optim_home == "host"]
+    if gpu and logged_host and itemsize != 4:  # the device buffer a log is cast through (`LOG_CAST_NUMEL`)
+        device += min(LOG_CAST_NUMEL, max(logged_host)) * itemsize
     if gpu and crossing:
         device += 2 * max(crossing) * 4
         if any(c.trainable and itemsize != 4 and c.param_home != c.optim_home and c.optim_home != "device"

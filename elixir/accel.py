@@ -49,26 +49,32 @@ def copy_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 def copy_cast_(dst: torch.Tensor, src: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
     """Copy `src` into `dst`, between tiers and dtypes alike (see [Note: casts beside the copy]).
 
-    `staging`: device memory of at least `src`'s and `dst`'s bytes, used only by copies issued on one
-    stream (stream order makes its reuse safe); needed where a copy crosses between the host and a GPU
-    and changes dtype."""
+    `staging`: device memory used only by copies issued on one stream (stream order makes its reuse safe);
+    needed where a copy crosses between the host and a GPU and changes dtype. A buffer smaller than the
+    crossing bytes carries them a tile at a time (a tile's cast starts once the copy of the one before it
+    is done)."""
     if dst.dtype == src.dtype or dst.device == src.device:
         return copy_(dst, src)
     assert staging is not None, "a cast across host and device needs a staging buffer"
-    if dst.is_cuda:  # host -> device: the bytes cross as they are, the cast runs on the device
-        stage = _staged(staging, src.dtype, src.numel())
-        stage.copy_(src, non_blocking=True)
-        return dst.copy_(stage)
-    stage = _staged(staging, dst.dtype, dst.numel())  # device -> host: cast on the device, then cross
-    stage.copy_(src)
-    return dst.copy_(stage, non_blocking=True)
+    # the bytes cross in the host side's dtype; the cast runs on the device
+    through_tiles(dst, src, staging, src.dtype if dst.is_cuda else dst.dtype)
+    return dst
 
 
-def _staged(staging: torch.Tensor, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    nbytes = numel * dtype.itemsize
+def through_tiles(dst: torch.Tensor, src: torch.Tensor, staging: torch.Tensor, dtype: torch.dtype) -> None:
+    """Copy `src` into `dst` through `staging` viewed as `dtype`, as many elements at a time as it holds: each
+    tile copied in (cast when `dtype` is not `src`'s), then out (cast when it is not `dst`'s); asynchronous
+    where a copy crosses between the host and a GPU."""
     flat = staging.view(-1).view(torch.uint8)
-    assert flat.numel() >= nbytes, "staging buffer too small"
-    return flat[:nbytes].view(dtype)
+    capacity = flat.numel() // dtype.itemsize
+    assert capacity > 0, "staging buffer too small"
+    stage = flat[: capacity * dtype.itemsize].view(dtype)
+    src, dst = (t if t.dim() == 1 else t.view(-1) for t in (src, dst))  # flat shards, or views of them
+    for start in range(0, src.numel(), capacity):
+        tile = stage[: min(capacity, src.numel() - start)]
+        end = start + tile.numel()
+        tile.copy_(src[start:end], non_blocking=src.device != tile.device)
+        dst[start:end].copy_(tile, non_blocking=dst.device != tile.device)
 
 
 def synchronize(device: torch.device) -> None:

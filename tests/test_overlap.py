@@ -593,11 +593,11 @@ def test_a_gradient_logged_and_checked_on_its_way_down_updates_alike(monkeypatch
 @pytest.mark.parametrize("numel,tile", [(10, 3), (9, 3), (4, 8), (1, 1)])
 def test_a_log_is_cast_through_its_tile_buffer_exactly(numel, tile):
     """On a GPU a host chunk's fp32 gradient reaches its bf16 log through a small device buffer, a tile at a time
-    (`elixir.runtime.grads.cast_through`): every element lands, rounded as one cast of the whole would round it,
+    (`elixir.accel.through_tiles`): every element lands, rounded as one cast of the whole would round it,
     whether the tiles divide the shard or not."""
-    from elixir.runtime.grads import cast_through
+    from elixir.accel import through_tiles
 
     src = torch.randn(numel) * 1e3 + 1 / 3
     dst = torch.full((numel,), float("nan"), dtype=torch.bfloat16)
-    cast_through(dst, src, torch.empty(tile, dtype=torch.bfloat16))
+    through_tiles(dst, src, torch.empty(tile, dtype=torch.bfloat16), torch.bfloat16)
     assert torch.equal(dst, src.to(torch.bfloat16))

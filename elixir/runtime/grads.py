@@ -324,20 +324,9 @@ def stage_gradient(reduced: torch.Tensor, staging: torch.Tensor, stream, *, log:
         if log is not None and log.dtype == reduced.dtype:
             log.copy_(reduced, non_blocking=True)
         elif log is not None:
-            cast_through(log, reduced, cast)
+            accel.through_tiles(log, reduced, cast, log.dtype)
         if finite is not None:  # as the worker's check: a NaN or inf anywhere makes the (fp32) sum one
             finite.copy_(torch.isfinite(reduced.sum(dtype=torch.float32)).view(1), non_blocking=True)
         event = torch.cuda.Event()
         event.record(stream)
     return event
-
-
-def cast_through(dst: torch.Tensor, src: torch.Tensor, tile_buffer: torch.Tensor) -> None:
-    """Copy `src` into `dst` of another dtype (and tier) a tile at a time: each tile cast into `tile_buffer` (of
-    `dst`'s dtype, on `src`'s device), then copied out of it, asynchronously where that crosses to pinned host
-    memory. On one CUDA stream a tile's cast starts only once the copy out of the tile before is done, so one
-    buffer serves every tile and every call on that stream."""
-    for start in range(0, src.numel(), tile_buffer.numel()):
-        tile = tile_buffer[: min(tile_buffer.numel(), src.numel() - start)]
-        tile.copy_(src[start : start + tile.numel()])
-        dst[start : start + tile.numel()].copy_(tile, non_blocking=dst.device != tile.device)

@@ -125,7 +125,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert {r["model"] for r in fidelity["rows"]} == {"llama", "neox", "opt", "qwen2", "mixtral"}
     for r in fidelity["rows"]:
         assert r["predicted_device_bytes"] == r["measured_device_bytes"] > 0, r
-        assert r["predicted_s"] > 0 and len(r["step_s"]) == 5, r
+        assert r["predicted_s"] > 0 and len(r["step_s"]) == fidelity["config"]["reps"], r
     rows = {s: json.loads((tmp_path / f"offload-{s}.json").read_text()) for s in ("pytorch", "fsdp2-offload", "elixir")}
     # every retry ran: PyTorch's smaller micro-batch, Elixir's plan for less memory, FSDP2 with checkpointing
     for s, stage in rows.items():
@@ -140,6 +140,27 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert 0 <= ex["timed_step_stats"]["rollbacks"] <= ex["reps"]
     assert set(ex["per_step_counters"]) == {"elixir.allocations", "elixir.pinned_allocations"}
     assert ex["per_step_counters"]["elixir.pinned_allocations"] == 0  # nothing is pinned on the CPU
+
+
+@pytest.mark.dist
+def test_recorded_gpu_measurements_are_predicted_again_for_the_plans_that_ran(tmp_path):
+    """bench/gpu/repredict.py rebuilds a recorded H200 run's plans on this CPU: with the recorded rates it predicts
+    what the run logged (the same plans, searched for the same figures), and a rate changed with --scale moves
+    only the plans that use it (the host's AdamW: the plans with the optimizer on the host)."""
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, "bench/gpu/repredict.py", "bench/gpu/recorded/h200-2026-12-04-call3",
+                           "--models", "opt", "--scale", "host_optim_elems_per_s=0.5", "--json", str(out)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    rows = {r["plan"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"resident", "ondemand", "host", "searched"}
+    for r in rows.values():
+        assert r["recorded_s"] == pytest.approx(r["logged_s"], rel=0.02), r
+    for plan in ("resident", "ondemand"):
+        assert rows[plan]["changed_s"] == rows[plan]["recorded_s"], plan
+    for plan in ("host", "searched"):  # half the rate: the worker's updates take longer than backward hides
+        assert rows[plan]["changed_s"] > 1.1 * rows[plan]["recorded_s"], plan
+    assert "changed  : median error" in done.stdout
 
 
 @pytest.mark.dist

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import math
 import re
+import threading
+import time
 
 import pytest
 import torch
@@ -260,3 +262,20 @@ def test_a_model_s_compute_scale_is_never_written_with_the_machine():
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match=r"Hardware.compute_scale=.*positive finite"):
             hw.with_compute_scale(bad)
+
+
+def test_the_host_s_rates_are_timed_beside_a_thread_launching_kernels():
+    """[Note: the host's rates beside the compute thread]: while the block runs, another thread launches kernels
+    on the device without pause, and it is gone when the block ends."""
+    launches = [0]
+    before = threading.active_count()
+    with hardware_measure._beside_launching(torch.device("cpu"), launches=launches):
+        deadline = time.monotonic() + 10
+        while launches[0] < 400 and time.monotonic() < deadline:
+            torch.ones(2**16).sum()  # the block's own work goes on beside it
+        assert any(t.name == "elixir-calibration-launcher" for t in threading.enumerate())
+    assert launches[0] >= 400
+    assert threading.active_count() == before
+    counted = launches[0]
+    time.sleep(0.05)
+    assert launches[0] == counted  # stopped, not left running

@@ -1,7 +1,8 @@
 """The host's fused AdamW on one chunk under what a training step adds around it, one thing at a time.
 
-Inside a step of a host-optimizer plan the optimizer's worker runs AdamW over 32M-element chunks more slowly than
-`Hardware.measure()` times it alone (BENCHMARKS.md, "On one GPU"). This times a step over 2**25 elements (the
+Inside a step of a host-optimizer plan the optimizer's worker ran AdamW over 32M-element chunks more slowly than
+`Hardware.measure()` of format 12 timed it alone (BENCHMARKS.md, "On one GPU"); format 13 times it beside a
+thread launching kernels, the condition this stage found to match. This times a step over 2**25 elements (the
 parameter, gradient and two moments: 512 MB, beyond the host's caches) as it is alone, then with what the step
 adds: the parameter and gradient in pinned memory (the runtime's masters and staging buffers are), a thread that
 launches kernels without pause (the compute thread), copies streaming both ways between pinned buffers and the

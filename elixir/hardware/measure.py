@@ -10,9 +10,11 @@ docstring of elixir/hardware/__init__.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -441,6 +443,43 @@ def _host_bytes_per_s(numel: int, min_total_s: float) -> float:
     return numel * (4 + 2 + 4) / _seconds(run, lambda: None, min_total_s=min_total_s)
 
 
+# [Note: the host's rates beside the compute thread]
+# On a GPU machine the optimizer's worker updates host chunks while the training process's compute thread
+# launches the model's kernels and, between them, waits in CUDA's synchronizes, which spin where the machine
+# has more cores than devices: the worker's threads, one per core, share the cores with one more busy thread.
+# On the H200 of BENCHMARKS.md the host's fused AdamW ran at 4.81 G elements/s alone and at 3.66 beside a
+# thread launching small kernels without pause (bench/gpu/host_adamw.py), and the worker's updates inside
+# steps ran at 3.6-3.9 G elements/s where the calibration, timing AdamW alone, had read 4.07-4.48: the
+# searched plans, whose compute is shortest, were predicted 0.79-0.88 of their measured step. Calibration
+# therefore times the host's rates (AdamW, and the cast and sum of `_host_bytes_per_s`) beside such a thread.
+# Copies streaming both ways cost the host's AdamW more (2.14 G elements/s), but inside a step they run a
+# fraction of the time and the rates above already match the steps; they are not added.
+@contextlib.contextmanager
+def _beside_launching(device: torch.device, *, launches: list[int] | None = None):
+    """A thread launching small kernels on `device` without pause (200 at a time, then a synchronize) while
+    the block runs, as the training process's compute thread does beside the optimizer's worker; `launches`
+    (a one-element list) counts its kernels."""
+    x = torch.ones(1024, device=device)
+    stop = threading.Event()
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    count = launches if launches is not None else [0]
+
+    def launch() -> None:
+        while not stop.is_set():
+            for _ in range(200):
+                x.mul_(1.0)
+            count[0] += 200
+            sync()
+
+    thread = threading.Thread(target=launch, name="elixir-calibration-launcher", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _copy_bytes_per_s(dst: torch.Tensor, src: torch.Tensor, sync, min_total_s: float) -> float:
     non_blocking = dst.is_cuda != src.is_cuda
     return src.numel() * src.element_size() / _seconds(
@@ -691,10 +730,13 @@ def _measure(quick: bool) -> Hardware:
     # sums, beyond a server's last-level cache (up to ~1 GB with stacked cache), as the worker's chunks and their
     # gradients are. On the H200 of BENCHMARKS.md 2**24 elements (256 MB with the moments) ran AdamW at 8.3 G
     # elements/s and the cast and sum at 165 GB/s, where the worker's updates inside a step ran at ~3.6 G and
-    # ~50 GB/s. A CPU device's host is the device (its casts are priced by `eager_rates`).
-    host_optim = (_adamw_elems_per_s(torch.device("cpu"), 8 * adam_numel, lambda: None, min_total_s)[0] if on_gpu
-                  else device_optim)
-    host_stream = _host_bytes_per_s(16 * adam_numel, min_total_s / 2) if on_gpu else 0.0
+    # ~50 GB/s. Both are timed beside a thread launching kernels: [Note: the host's rates beside the compute
+    # thread]. A CPU device's host is the device (its casts are priced by `eager_rates`).
+    host_optim, host_stream = device_optim, 0.0
+    if on_gpu:
+        with _beside_launching(device):
+            host_optim = _adamw_elems_per_s(torch.device("cpu"), 8 * adam_numel, lambda: None, min_total_s)[0]
+            host_stream = _host_bytes_per_s(16 * adam_numel, min_total_s / 2)
     device_bytes, host_bytes = _memory_bytes(device)
     return Hardware(
         name=f"measured: {_device_label(device)}",

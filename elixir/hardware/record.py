@@ -33,7 +33,10 @@ import torch
 # 12: on a GPU machine the host's AdamW and memory-bound rates timed beyond its last-level cache (2**27 and 2**28
 #     elements): a record of version 11 timed 2**24 and 2**25, which a server's cache could hold (2.4x and 3x
 #     the rates the worker's updates ran at on the H200 of BENCHMARKS.md)
-_FORMAT_VERSION = 12
+# 13: on a GPU machine the host's AdamW and memory-bound rates timed beside a thread launching kernels, as the
+#     worker's updates run beside the compute thread (a record of version 12 timed them alone: 1.1-1.3x the rate
+#     of the updates inside a step on the H200 of BENCHMARKS.md)
+_FORMAT_VERSION = 13
 ADAMW_BYTES_PER_ELEMENT = 28  # a fused AdamW step reads param, grad, two moments; writes three
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,7 +107,8 @@ class Hardware:
     device_optim_elems_per_s: float
     """Elements per second of a fused AdamW step (fp32 master and states) on the device."""
     host_optim_elems_per_s: float
-    """Elements per second of a fused AdamW step on the host, for the share of CPU cores one rank has."""
+    """Elements per second of a fused AdamW step on the host, for the share of CPU cores one rank has; on a GPU
+    machine, as the optimizer's worker runs it beside the compute thread (see `Hardware.measure`)."""
     device_copy_bytes_per_s: float
     """Bytes per second copied from one device buffer into another (each byte read once, written once)."""
     device_type: str = "cuda"

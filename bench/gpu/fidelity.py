@@ -6,7 +6,7 @@ a GPU: width 1024, 8 layers; Mixtral 4 layers of 8 experts), bf16 compute with f
 fused AdamW, each under the plans of bench_fidelity: every chunk resident; on demand into a small cache; on
 demand with homes on the host; and what `search()` returns when the device may hold 60% of the all-resident
 plan's predicted device bytes. Every plan of a model is built in this process (the GPU's memory is large
-enough for all of a model's plans at once), warmed up, then the plans alternate one step each for --reps
+enough for all of a model's plans at once), warmed up, then the plans alternate one step each for REPS
 repetitions. Reported per plan: predicted and measured (median) step time and their ratio, predicted and
 measured device model-data bytes; per stage: the median and worst step-time error. A model starts only when
 the time box has room for it (its estimate: the previous model's time). Target (issue: the planner's word is
@@ -44,7 +44,9 @@ MIXTRAL_SIZE = {"num_hidden_layers": 4, "num_local_experts": 8, "intermediate_si
 DRY_SIZE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
             "ffn_dim": 256, "word_embed_proj_dim": 64, "vocab_size": 512}
 BUDGET_FRACTION = 0.6
-REPS = 5
+REPS = 9
+"""Steps of each plan, taking turns. The H200 runs of BENCHMARKS.md had 5: a plan's steps spread by up to +-20%
+around their median (Llama's resident 27.1-40.3 ms in one run), so that a median of 5 moved by several percent."""
 WARMUP = 2
 PHASED = 3
 MiB = 2**20

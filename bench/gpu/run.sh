@@ -17,7 +17,7 @@
 #   report   report.py      the summary table
 #
 # Each stage runs under its own time box (timeout) and stops starting repetitions at 80% of it: the
-# foreground boxes add up to 555 s, and waiting for the plans stage at most 20 s more (its box less those of
+# foreground boxes add up to 565 s, and waiting for the plans stage at most 20 s more (its box less those of
 # the two stages beside it). Logs and JSON go to $OUT. Exit status 0 when every stage finished and the
 # losses matched.
 #
@@ -82,7 +82,7 @@ cat "$OUT/plans.log"
 stage offload-elixir 80 bench/gpu/offload.py --system elixir || failed=1
 stage offload-fsdp2 85 bench/gpu/offload.py --system fsdp2-offload || failed=1
 stage curve 130 bench/gpu/curve.py || failed=1
-stage fidelity 90 bench/gpu/fidelity.py || failed=1
+stage fidelity 100 bench/gpu/fidelity.py || failed=1
 stage host-adamw 30 bench/gpu/host_adamw.py || failed=1
 # shellcheck disable=SC2086
 python bench/gpu/report.py --out "$OUT" $DRY | tee "$OUT/summary.md"

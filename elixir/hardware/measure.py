@@ -449,8 +449,9 @@ def _host_bytes_per_s(numel: int, min_total_s: float) -> float:
 # has more cores than devices: the worker's threads, one per core, share the cores with one more busy thread.
 # On the H200 of BENCHMARKS.md the host's fused AdamW ran at 4.81 G elements/s alone and at 3.66 beside a
 # thread launching small kernels without pause (bench/gpu/host_adamw.py), and the worker's updates inside
-# steps ran at 3.6-3.9 G elements/s where the calibration, timing AdamW alone, had read 4.07-4.48: the
-# searched plans, whose compute is shortest, were predicted 0.79-0.88 of their measured step. Calibration
+# steps ran at 0.76-0.95 of what the calibration, timing AdamW alone, had read on the same machine (three
+# machines; bench/gpu/recorded): the searched plans, whose compute is shortest, were predicted 0.67-0.95 of
+# their measured step. Calibration
 # therefore times the host's rates (AdamW, and the cast and sum of `_host_bytes_per_s`) beside such a thread.
 # Copies streaming both ways cost the host's AdamW more (2.14 G elements/s), but inside a step they run a
 # fraction of the time and the rates above already match the steps; they are not added.

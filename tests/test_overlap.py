@@ -3,6 +3,7 @@ backward: bit for bit whenever the speculation holds, within a measured toleranc
 
 import copy
 import dataclasses
+import sys
 import time
 
 import pytest
@@ -601,3 +602,57 @@ def test_a_log_is_cast_through_its_tile_buffer_exactly(numel, tile):
     dst = torch.full((numel,), float("nan"), dtype=torch.bfloat16)
     through_tiles(dst, src, torch.empty(tile, dtype=torch.bfloat16), torch.bfloat16)
     assert torch.equal(dst, src.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("accum,clip", [(3, None), (2, 1e6)])
+def test_later_micro_batches_are_added_on_the_worker_alike(monkeypatch, accum, clip):
+    """[Note: accumulating on the worker]: on a GPU a host chunk's gradient from a step's later micro-batches
+    crosses through a staging buffer and is added into its held gradient on the optimizer's worker, before the
+    update that reads it; the CPU adds in place, so the test asks for the GPU's path here. The steps are the
+    ones without updates inside backward to the bit, the worker made the adds, and every staging buffer came
+    back. Three micro-batches: the second is added before backward returns, the third before its update."""
+    from elixir.optim.overlap import Speculation
+    monkeypatch.setattr(Speculation, "accumulates_on_worker",
+                        lambda self, chunk: chunk.optim_home == "host" and self.grads.staging_buffers > 0)
+    monkeypatch.setattr(sys.modules["elixir.runtime.wrap"], "_stages_accumulation", lambda device: True)
+    model = bias_free_gpt()
+    on = _train(model, "host", overlap=True, dtype=torch.bfloat16, accum=accum, plan_accum=accum, clip=clip)
+    off = _train(model, "host", overlap=False, dtype=torch.bfloat16, accum=accum, plan_accum=accum, clip=clip)
+    _assert_equal(on, off)
+    stats = elixir.step_stats(on[3])
+    assert stats["speculated_steps"] == 4 and stats["rollbacks"] == 0
+    assert stats["accumulate_s"] > 0.0 and elixir.step_stats(off[3])["accumulate_s"] == 0.0
+    grads = elixir.runtime_of(on[3]).grads
+    assert grads._staging.qsize() == grads.staging_buffers == 2
+
+
+def test_a_backward_without_updates_returns_with_its_adds_done(monkeypatch):
+    """A micro-batch before the last one adds its host chunks' gradients on the worker, and its backward returns
+    only once they are in: a slow worker leaves no gradient short (what the clip or a checkpoint reads)."""
+    from elixir.optim.overlap import Speculation
+
+    added = Speculation._add_staged
+
+    def slow_add(self, *args):
+        time.sleep(0.05)
+        added(self, *args)
+
+    monkeypatch.setattr(Speculation, "_add_staged", slow_add)
+    monkeypatch.setattr(Speculation, "accumulates_on_worker",
+                        lambda self, chunk: chunk.optim_home == "host" and self.grads.staging_buffers > 0)
+    monkeypatch.setattr(sys.modules["elixir.runtime.wrap"], "_stages_accumulation", lambda device: True)
+    base = bias_free_gpt()
+    grads = []
+    for overlap in (True, False):
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        plan = dataclasses.replace(make_plan(model, "host", opt, dtype=torch.bfloat16), overlap=overlap, grad_accum=3)
+        model, opt = elixir.wrap(model, opt, plan=plan)
+        for part in batches(1, batch=6)[0].chunk(3)[:2]:
+            opt.backward(loss_of(model, part) / 3)
+        grads.append([c.master.grad.clone() for c in opt.chunks if c.optim_home == "host"])
+        if overlap:
+            assert elixir.step_stats(model)["accumulate_s"] > 0.0
+    assert len(grads[0]) > 0
+    for on, off in zip(*grads):
+        assert torch.equal(on, off)

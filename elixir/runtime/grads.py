@@ -162,7 +162,9 @@ class GradReducer:
             elif spec.speculates_on(chunk):
                 self._speculate(spec, chunk, reduced, base)
                 return
-        self._into_master_grad(chunk, reduced, base)
+            self._into_master_grad(chunk, reduced, base)  # no update of it follows in this backward: added here
+            return
+        self._into_master_grad(chunk, reduced, base, on_worker=True)
 
     def _speculate(self, spec, chunk: Chunk, reduced: torch.Tensor, base: torch.Tensor | None) -> None:
         if chunk.master.grad is None and spec.logs_directly(chunk):
@@ -180,8 +182,8 @@ class GradReducer:
             spec.submit(chunk, staging[: chunk.shard_numel], staging=staging, ready=ready, log_copied=log is not None,
                         checked=flag)
             return
-        self._into_master_grad(chunk, reduced, base)  # it stays as the master's .grad
-        spec.submit(chunk, chunk.master.grad)
+        self._into_master_grad(chunk, reduced, base, on_worker=True)  # it stays as the master's .grad
+        spec.submit(chunk, chunk.master.grad)  # after the add, on the worker
 
     def _done_with(self, reduced: torch.Tensor, base: torch.Tensor | None, copied=None, stream=None) -> None:
         """`reduced` is no longer needed (`copied`: a CUDA event after which its copy on `stream` is done)."""
@@ -192,8 +194,10 @@ class GradReducer:
                 reduced.record_stream(stream)
             self.tracker.release(reduced, "device")
 
-    def _into_master_grad(self, chunk: Chunk, reduced: torch.Tensor, base: torch.Tensor | None) -> None:
-        """Add a reduced gradient shard into the master's gradient."""
+    def _into_master_grad(self, chunk: Chunk, reduced: torch.Tensor, base: torch.Tensor | None, *,
+                          on_worker: bool = False) -> None:
+        """Add a reduced gradient shard into the master's gradient; `on_worker`: a host chunk's add may run on the
+        optimizer's worker (see [Note: accumulating on the worker] in elixir/optim/overlap.py)."""
         master = chunk.master
         if chunk.optim_home == "device":
             if master.grad is None:
@@ -211,9 +215,16 @@ class GradReducer:
             self.tracker.count("device", -nbytes)
             self.tracker.count("host", nbytes)
             return
+        spec = self.speculation
         if master.grad is None:
             master.grad = self._host_grad(chunk)
             accel.copy_(master.grad, reduced)
+        elif on_worker and spec is not None and spec.accumulates_on_worker(chunk):
+            staging = self.take_staging()
+            ready = stage_gradient(reduced, staging, spec.d2h_stream)
+            self._done_with(reduced, base, ready, spec.d2h_stream)
+            spec.accumulate(chunk, staging, ready)
+            return
         elif reduced.device == master.grad.device or not self.staging_buffers:
             master.grad.add_(reduced.to(master.grad.device))
         else:  # across to the host through a staging buffer, then added there

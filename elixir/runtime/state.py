@@ -347,6 +347,8 @@ class Runtime:
             spec.end_backward()
             if abandoned and spec.pending:
                 spec.rollback("abandoned", hold=True)
+            if not spec.pending:  # the gradients are whole when backward returns: [Note: accumulating on the worker]
+                spec.wait_accumulations()
         if abandoned:
             self.grads.first_backward_counts = None  # partial counts: the next backward learns them
         elif not self._counted_once:

@@ -296,7 +296,7 @@ def _install(model, optimizer, plan: Plan, layout: _Layout, runtime: Runtime, no
     # rollback log), and on CUDA what later micro-batches' gradients cross to the host through
     spec = elixir_optim.speculation
     staged = [c.shard_numel for c in chunks if spec is not None and c.index in spec.logs]
-    if device.type == "cuda" and plan.grad_accum > 1:
+    if _stages_accumulation(device) and plan.grad_accum > 1:
         staged = [c.shard_numel for c in chunks if c.trainable and c.optim_home == "host"]
     if staged:
         runtime.grads.make_staging(STAGING_BUFFERS, max(staged))
@@ -547,6 +547,12 @@ def memory_stats(model: torch.nn.Module) -> dict:
     return runtime_of(model).stats()
 
 
+def _stages_accumulation(device: torch.device) -> bool:
+    """Whether later micro-batches' gradients of host chunks cross to the host through staging buffers: on a
+    GPU (on a CPU they are added where they are)."""
+    return device.type == "cuda"
+
+
 def step_stats(model: torch.nn.Module) -> dict:
     """What the optimizer did so far: steps (skipped ones included), steps skipped on fp16 overflow, whether
     updates run inside backward, how many steps did, and the rollbacks of those (with their reasons: clip,
@@ -556,7 +562,8 @@ def step_stats(model: torch.nn.Module) -> dict:
     gradient's copy to the host, `staging_wait_s` backward's waits for a free staging buffer; the worker's updates
     by part: `update_log_s` (the gradient into its rollback log), `update_check_s` (the finite check, and the norm
     where a clip reads it), `update_step_s` (the optimizer's own step), `update_shard_s` (the updated master into
-    the parameter shard)."""
+    the parameter shard); `accumulate_s`, the worker's adds of later micro-batches' gradients into host chunks'
+    gradients on a GPU."""
     if hasattr(model, _LAZY_ATTR):
         return {"steps": 0, "skipped_steps": 0, "nonfinite_steps": 0, "overlap": False, "speculated_steps": 0,
                 "rollbacks": 0, "rollback_reasons": {}, "late_gradients": 0, "clip_pauses": 0, "update_s": 0.0,

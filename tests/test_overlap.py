@@ -591,6 +591,34 @@ def test_a_gradient_logged_and_checked_on_its_way_down_updates_alike(monkeypatch
         assert ((after[n] - before[n]).abs().max() / before[n].abs().max()).item() <= ROLLBACK_REL, n
 
 
+@pytest.mark.parametrize("clip", [1e6, 0.05])
+def test_a_gradient_measured_on_its_way_down_clips_alike(monkeypatch, clip):
+    """In a run that clips, the copy of a host chunk's gradient down to the host also takes its norm on a GPU
+    (`Speculation.copied_down`), and the worker takes none; asked for on the CPU, the norms `clip_grad_norm_`
+    returns and the parameters are the update after backward's, whether the clip acts (a rollback and a redo)
+    or not."""
+    from elixir.optim import overlap
+    from elixir.optim.overlap import Speculation
+
+    monkeypatch.setattr(Speculation, "copied_down", Speculation._copy_targets)
+    on_worker = []
+    norm = overlap.chunk_norm
+    monkeypatch.setattr(overlap, "chunk_norm", lambda g, norm_type: on_worker.append(g.numel()) or norm(g, norm_type))
+    model = bias_free_gpt()
+    steps = 4 if clip > 1 else 1
+    on = _train(model, "host", overlap=True, dtype=torch.bfloat16, clip=clip, steps=steps)
+    off = _train(model, "host", overlap=False, dtype=torch.bfloat16, clip=clip, steps=steps)
+    if clip > 1:
+        _assert_equal(on, off)
+        assert elixir.step_stats(on[3])["rollbacks"] == 0
+    else:  # the clip acts: the step's updates undone and redone, to fp32 rounding (undo.py)
+        assert on[1] == off[1] and off[1][0] > clip
+        assert elixir.step_stats(on[3])["rollback_reasons"] == {"clip": 1}
+        _assert_close(on, off, ROLLBACK_REL)
+    assert elixir.step_stats(on[3])["speculated_steps"] >= 1
+    assert on_worker == []  # every norm came with its gradient's copy down
+
+
 @pytest.mark.parametrize("numel,tile", [(10, 3), (9, 3), (4, 8), (1, 1)])
 def test_a_log_is_cast_through_its_tile_buffer_exactly(numel, tile):
     """On a GPU a host chunk's fp32 gradient reaches its bf16 log through a small device buffer, a tile at a time

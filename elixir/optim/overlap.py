@@ -34,11 +34,14 @@ then carries (see BENCHMARKS.md). On a GPU the copy of a host chunk's gradient d
 log as well (cast on the device, 2 more bytes per element on the copy engine) and the device checks the
 gradient for an inf or a NaN before it leaves (`copied_down`), so the worker's cores, the bottleneck of a
 host-optimizer plan, only run the optimizer: on the H200 of BENCHMARKS.md the cast into the log and the sum
-took 40% of each update there, where the copy engine had time to spare. In all a host chunk holds its
-fp32 master, two fp32 AdamW states and the log: 14 bytes per parameter in bf16 (16 in fp32), against 16
-without overlap (master, states and an fp32 gradient held until after backward). 12 is not reachable while
-a global-norm clip may act: either the gradient or the pre-update state must survive until the norm is
-known, and undoing without either has nothing to recompute from.
+took 40% of each update there, where the copy engine had time to spare. In a run that clips, the device
+also takes the chunk's norm on the way, which the host's cores would otherwise read the gradient once more
+for; that norm is summed in the device's order, so the norm `clip_grad_norm_` returns can differ in its last
+bits from the one the host takes without updates inside backward (where the clip acts, the redo above reads
+it). In all a host chunk holds its fp32 master, two fp32 AdamW states and the log: 14 bytes per parameter in
+bf16 (16 in fp32), against 16 without overlap (master, states and an fp32 gradient held until after
+backward). 12 is not reachable while a global-norm clip may act: either the gradient or the pre-update state
+must survive until the norm is known, and undoing without either has nothing to recompute from.
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ class Speculated:
     ready: object = None  # a CUDA event: the gradient's copy into staging is done
     log_copied: bool = False  # that copy also wrote the log (`Speculation.copied_down`)
     checked: torch.Tensor | None = None  # the device's finite check, landed with `ready` (pinned, one bool)
+    normed: torch.Tensor | None = None  # the device's norm of it for a clip, landed with `ready` (pinned, one fp32)
+    normed_type: float = 2.0
     finite: bool | torch.Tensor = True
     norm: torch.Tensor | None = None
     norm_type: float = 2.0
@@ -156,8 +161,9 @@ class Speculation:
         self.worker_stream = torch.cuda.Stream(self.device) if self.cuda else None  # the worker's CUDA copies
         # one flag per chunk for the device's finite check of a host chunk's gradient, and the device buffer
         # its log is cast through (`copied_down`)
-        self._finite = torch.ones(1 + max((c.index for c in optimizer.chunks), default=0), dtype=torch.bool,
-                                  pin_memory=self.cuda)
+        slots = 1 + max((c.index for c in optimizer.chunks), default=0)
+        self._finite = torch.ones(slots, dtype=torch.bool, pin_memory=self.cuda)
+        self._norms = torch.zeros(slots, dtype=torch.float32, pin_memory=self.cuda)  # and of its norm for a clip
         cast_numel = log_cast_numel(optimizer.chunks, logs) if self.cuda else 0
         self.log_cast = (optimizer.runtime.tracker.empty(
             cast_numel, next(log.dtype for log in logs.values() if log.dtype != torch.float32), "device")
@@ -282,30 +288,34 @@ class Speculation:
         return (log is not None and log.dtype == torch.float32 and not self.cuda and chunk.optim_home == "host"
                 and not self.opt.scaler.enabled)
 
-    def copied_down(self, chunk: Chunk) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def copied_down(self, chunk: Chunk) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """What the copy of `chunk`'s gradient down to its staging buffer writes besides (see the Note): on a GPU,
-        a host chunk's rollback log (pinned; cast through `log_cast`) and the flag of the device's finite check,
-        unless a loss scale makes the worker check after unscaling; (None, None) elsewhere (a disk chunk's log is
-        in its region)."""
-        return self._copy_targets(chunk) if self.cuda else (None, None)
+        a host chunk's rollback log (pinned; cast through `log_cast`), the flag of the device's finite check and,
+        in a run that clips, the device's norm of it (`norm_type`), unless a loss scale makes the worker check and
+        measure after unscaling; (None, None, None) elsewhere (a disk chunk's log is in its region)."""
+        return self._copy_targets(chunk) if self.cuda else (None, None, None)
 
-    def _copy_targets(self, chunk: Chunk) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _copy_targets(self, chunk: Chunk) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         if chunk.optim_home != "host" or chunk.index not in self.logs:
-            return None, None
-        flag = None if self.opt.scaler.enabled else self._finite[chunk.index : chunk.index + 1]
-        return self.logs[chunk.index], flag
+            return None, None, None
+        if self.opt.scaler.enabled:
+            return self.logs[chunk.index], None, None
+        i = chunk.index
+        return self.logs[i], self._finite[i : i + 1], None if self.norm_type is None else self._norms[i : i + 1]
 
     def submit(self, chunk: Chunk, grad: torch.Tensor, *, staging: torch.Tensor | None = None, ready=None,
-               logged: bool = False, log_copied: bool = False, checked: torch.Tensor | None = None) -> None:
+               logged: bool = False, log_copied: bool = False, checked: torch.Tensor | None = None,
+               normed: torch.Tensor | None = None) -> None:
         """Update `chunk` from `grad` (its final gradient for this step, before unscaling); `logged`: `grad`
-        is the chunk's log itself (see `logs_directly`); `log_copied`, `checked`: the copy into `staging` also
-        wrote the log, and the device's finite check into `checked` (`copied_down`)."""
+        is the chunk's log itself (see `logs_directly`); `log_copied`, `checked`, `normed`: the copy into
+        `staging` also wrote the log, the device's finite check into `checked` and its norm into `normed`
+        (`copied_down`)."""
         opt = self.opt
         stepper = opt.stepper_of(chunk)
         stepper.param_groups[0].update(opt.hyper_of(chunk))  # the values step() would use now
         rec = Speculated(chunk, grad, self.logs.get(chunk.index) if staging is not None or logged else None, staging,
                          1.0 / opt.scaler.scale if opt.scaler.enabled else 1.0, ready=ready, log_copied=log_copied,
-                         checked=checked)
+                         checked=checked, normed=normed, normed_type=self.norm_type or 2.0)
         self.records[chunk.index] = rec
         if not self._counted:  # a step with at least one update inside backward
             self.speculated_steps += 1
@@ -405,7 +415,9 @@ class Speculation:
             self._release(rec)
             return
         if self.norm_type is not None:  # a run that clips: the clip after backward reads these
-            rec.norm, rec.norm_type = chunk_norm(g, self.norm_type), self.norm_type
+            measured = rec.normed is not None and rec.normed_type == self.norm_type  # on the device, on the way
+            rec.norm = rec.normed[0].clone() if measured else chunk_norm(g, self.norm_type)
+            rec.norm_type = self.norm_type
         clock.lap("update_check_s")
         master = rec.chunk.master
         rec.fresh = not self.opt.state.get(master)

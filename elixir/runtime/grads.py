@@ -16,6 +16,7 @@ import torch
 
 from elixir import accel, comm
 from elixir.memory import REDUCTIONS_IN_FLIGHT, Chunk, MemoryTracker
+from elixir.optim.overlap import chunk_norm
 
 
 class GradReducer:
@@ -176,11 +177,12 @@ class GradReducer:
         if chunk.master.grad is None and chunk.index in spec.logs:
             # a host chunk's gradient passes through a staging buffer that its update gives back
             staging = self.take_staging()
-            log, flag = spec.copied_down(chunk)
-            ready = stage_gradient(reduced, staging, spec.d2h_stream, log=log, finite=flag, cast=spec.log_cast)
+            log, flag, norm = spec.copied_down(chunk)
+            ready = stage_gradient(reduced, staging, spec.d2h_stream, log=log, finite=flag, cast=spec.log_cast,
+                                   norm=norm, norm_type=spec.norm_type or 2.0)
             self._done_with(reduced, base, ready, spec.d2h_stream)
             spec.submit(chunk, staging[: chunk.shard_numel], staging=staging, ready=ready, log_copied=log is not None,
-                        checked=flag)
+                        checked=flag, normed=norm)
             return
         self._into_master_grad(chunk, reduced, base, on_worker=True)  # it stays as the master's .grad
         spec.submit(chunk, chunk.master.grad)  # after the add, on the worker
@@ -316,11 +318,14 @@ class GradReducer:
 
 
 def stage_gradient(reduced: torch.Tensor, staging: torch.Tensor, stream, *, log: torch.Tensor | None = None,
-                   finite: torch.Tensor | None = None, cast: torch.Tensor | None = None) -> object:
-    """Copy a reduced gradient shard into a staging buffer, and into `log` (cast) and whether it is finite into
-    `finite` (one bool) if given: on the CPU at once; on CUDA on `stream` after the compute stream's work (`log`
-    and `finite` pinned, the check on the device, the cast there a tile at a time through `cast`, a device
-    buffer of the log's dtype that only this stream uses), returning the event the update waits for."""
+                   finite: torch.Tensor | None = None, cast: torch.Tensor | None = None,
+                   norm: torch.Tensor | None = None, norm_type: float = 2.0) -> object:
+    """Copy a reduced gradient shard into a staging buffer, and into `log` (cast), whether it is finite into
+    `finite` (one bool) and its `norm_type` norm into `norm` (one fp32) if given: on the CPU at once; on CUDA on
+    `stream` after the compute stream's work (`log`, `finite` and `norm` pinned, the check and the norm on the
+    device, the cast there a tile at a time through `cast`, a device buffer of the log's dtype that only this
+    stream uses), returning the event the update waits for."""
+
     dst = staging[: reduced.numel()]
     if stream is None:
         accel.copy_(dst, reduced)
@@ -328,6 +333,8 @@ def stage_gradient(reduced: torch.Tensor, staging: torch.Tensor, stream, *, log:
             log.copy_(reduced)
         if finite is not None:
             finite.copy_(torch.isfinite(reduced.sum(dtype=torch.float32)).view(1))
+        if norm is not None:
+            norm.copy_(chunk_norm(reduced, norm_type).view(1))
         return None
     stream.wait_stream(torch.cuda.current_stream(reduced.device))
     with torch.cuda.stream(stream):
@@ -338,6 +345,8 @@ def stage_gradient(reduced: torch.Tensor, staging: torch.Tensor, stream, *, log:
             accel.through_tiles(log, reduced, cast, log.dtype)
         if finite is not None:  # as the worker's check: a NaN or inf anywhere makes the (fp32) sum one
             finite.copy_(torch.isfinite(reduced.sum(dtype=torch.float32)).view(1), non_blocking=True)
+        if norm is not None:  # as the worker's norm for a clip (`chunk_norm`), over the same fp32 values
+            norm.copy_(chunk_norm(reduced, norm_type).view(1), non_blocking=True)
         event = torch.cuda.Event()
         event.record(stream)
     return event

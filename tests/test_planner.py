@@ -320,6 +320,51 @@ def test_a_host_update_on_a_gpu_machine_leaves_its_log_and_check_to_the_copy_dow
         dataclasses.replace(hw, host_bytes_per_s=-1.0)
 
 
+def test_later_micro_batches_add_into_the_held_gradients_where_they_are():
+    # [Note: adding into the held gradients]: one bf16 chunk of 1000 elements resident on the device, its optimizer
+    # on the host; backward's one operator ends at 2 ms. A later micro-batch adds its gradient into the held one:
+    # 12 kB, on a GPU at the host's 2 GB/s (6 us) and on the device at its memory-bound rate
+    from elixir.search.cost import ACCUMULATE_BYTES_PER_ELEMENT, _micro_batch
+
+    assert ACCUMULATE_BYTES_PER_ELEMENT == 12
+    names = ["p0"]
+    prof = hand_profile(names, names)
+    host = ChunkPlan(params=("p0",), resident=True, param_home="device", optim_home="host")
+    plan = dataclasses.replace(hand_plan(names, blocks=0, depth=0, resident=True, param_home="device"),
+                               chunks=(host,), compute_dtype="bfloat16", grad_accum=3)
+    hw = dataclasses.replace(gpu(eager_bytes_per_s=4e9, op_overhead_s=1e-9), host_bytes_per_s=2e9,
+                             matmul_flops={"float32": 1e12, "bfloat16": 1e12})
+    add = 12_000 / 2e9
+
+    def extra(plan, hw):
+        """What holding gradients adds to a micro-batch without the optimizer: (step, compute)."""
+        held, first = (_micro_batch(prof, plan, hw, optimizer=False, held=h) for h in (True, False))
+        return held.step_s - first.step_s, held.compute_s - first.compute_s
+
+    # with updates inside backward the worker adds it after its copy down: the micro-batch ends 6 us later, the
+    # compute thread is not held up
+    step, compute = extra(plan, hw)
+    assert step == pytest.approx(add) and compute == pytest.approx(0.0, abs=1e-12)
+    # without a worker the main thread adds it after the device has synchronized, its copy down (4 kB at 1 TB/s)
+    # on the compute stream: both on the compute clock
+    step, compute = extra(dataclasses.replace(plan, overlap=False), hw)
+    assert step == pytest.approx(add) and compute == pytest.approx(add + 4000 / hw.d2h_bytes_per_s)
+    # a device optimizer's gradient is added on the device, where it is
+    device = dataclasses.replace(plan, chunks=(dataclasses.replace(host, optim_home="device"),))
+    step, compute = extra(device, hw)
+    assert compute == pytest.approx(12_000 / hw.eager_rate(12_000)) and step == pytest.approx(compute)
+    # on a CPU device every gradient is added where it is, by the compute thread: no copy down to the host
+    cpu = dataclasses.replace(hw, device_type="cpu", spare_cores=1.0)
+    step, compute = extra(plan, cpu)
+    assert compute == pytest.approx(12_000 / cpu.eager_rate(12_000) - 4000 / cpu.d2h_bytes_per_s)
+    # a step of 3 micro-batches: the first, one that adds, and the last (which adds, then updates)
+    parts = [_micro_batch(prof, plan, hw, optimizer=False, held=False),
+             _micro_batch(prof, plan, hw, optimizer=False, held=True),
+             _micro_batch(prof, plan, hw, optimizer=True, held=True)]
+    assert simulate(prof, plan, hw).step_s == pytest.approx(sum(p.step_s for p in parts))
+    assert parts[2].optim_in_backward_s > 0 and parts[2].step_s > parts[1].step_s
+
+
 def test_an_updated_master_crosses_to_the_device_in_fp32_after_backward_or_from_the_worker():
     # one resident bf16 chunk of 1000 elements on the device, its fp32 master and AdamW on the host. Its update
     # inside backward costs 1 us of AdamW and the step call's 100 us (the copy down writes its log and the device

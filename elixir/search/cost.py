@@ -387,15 +387,21 @@ class Network:
 def simulate(profile: Profile, plan: Plan, hardware: Hardware) -> Prediction:
     """Predict one step of `profile` under `plan` on `hardware` (one rank of `plan.world_size`): `profile`
     is one micro-batch, and a step is `plan.grad_accum` of them, the optimizer after (or inside) the last."""
-    last = _micro_batch(profile, plan, hardware, optimizer=True)
+    last = _micro_batch(profile, plan, hardware, optimizer=True, held=plan.grad_accum > 1)
     if plan.grad_accum == 1:
         return last
-    earlier = _micro_batch(profile, dataclasses.replace(plan, overlap=False), hardware, optimizer=False)
-    more = plan.grad_accum - 1
+    # the first micro-batch's gradients become the held ones; every later one adds into them (see [Note: adding
+    # into the held gradients])
+    first = _micro_batch(profile, plan, hardware, optimizer=False, held=False)
+    middle = [_micro_batch(profile, plan, hardware, optimizer=False, held=True)] * (plan.grad_accum - 2)
+    earlier = [first, *middle]
+
+    def total(field: str):
+        return getattr(last, field) + sum(getattr(p, field) for p in earlier)
+
     return dataclasses.replace(
-        last, step_s=last.step_s + more * earlier.step_s, compute_s=last.compute_s + more * earlier.compute_s,
-        stall_s=last.stall_s + more * earlier.stall_s, comm_busy_s=last.comm_busy_s + more * earlier.comm_busy_s,
-        fetches=last.fetches + more * earlier.fetches, flops=plan.grad_accum * last.flops,
+        last, step_s=total("step_s"), compute_s=total("compute_s"), stall_s=total("stall_s"),
+        comm_busy_s=total("comm_busy_s"), fetches=total("fetches"), flops=plan.grad_accum * last.flops,
         all_to_all_s=plan.grad_accum * last.all_to_all_s,
     )
 
@@ -524,7 +530,10 @@ class _FetchReplay:
 # chunk updated after backward or from disk, the host's cores still check it, and copy a disk chunk's log, at
 # the host's memory-bound rate (`Hardware.host_bytes_per_s`, timed on a cast and a sum beyond its caches).
 # The check's handful of small operators (a few tens of microseconds per chunk on the CPU) is not charged; the
-# step call's own cost per chunk is (`Hardware.optim_step_overhead_s`).
+# step call's own cost per chunk is (`Hardware.optim_step_overhead_s`). Nor is the chunk's norm that a run which
+# clips takes beside the check (a plan does not say whether its run clips): on the device, or on a host chunk's
+# copy down, it is a read of the gradient at the device's rate; on the host (a gradient held over several
+# micro-batches, or a CPU device) 4 more bytes per element at the host's memory-bound rate.
 _CHECKED_BYTES_PER_ELEMENT = {False: 4, True: 14}  # by "fp16 with loss scaling"
 
 
@@ -567,8 +576,23 @@ def overlap_pays(hardware: Hardware) -> bool:
     return hardware.device_type != "cpu" or hardware.spare_cores >= 1
 
 
-def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer: bool) -> Prediction:
-    """One micro-batch's forward and backward, with (`optimizer`) or without the optimizer step."""
+# [Note: adding into the held gradients]
+# With several micro-batches per step the first one's gradients are held (a device chunk adopts its reduced
+# buffer, a host chunk's is copied down) and every later one's are added into them: 12 bytes per element
+# (both read, the sum written, fp32). Where they are added:
+# - a device chunk's on the device, and on a CPU device every chunk's on the compute thread (no copy);
+# - on a GPU, a host chunk's on the optimizer's worker after its copy down when updates run inside backward
+#   ([Note: accumulating on the worker] in elixir/optim/overlap.py), through the staging buffers its
+#   updates use, at the host's memory-bound rate; in the last micro-batch its update follows its add;
+# - otherwise (no worker, or a disk chunk) on the main thread: the copy on the compute stream, the device
+#   synchronized, then the host's add, while the device waits.
+ACCUMULATE_BYTES_PER_ELEMENT = 12
+
+
+def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer: bool,
+                 held: bool = False) -> Prediction:
+    """One micro-batch's forward and backward, with (`optimizer`) or without the optimizer step; `held`: an
+    earlier micro-batch of the step left gradients that this one's are added into."""
     chunks = layout(plan, profile)
     chunk_of = {name: c.index for c in chunks for name in c.names}
     for other, first in profile.tied_names.items():
@@ -649,15 +673,27 @@ def _micro_batch(profile: Profile, plan: Plan, hardware: Hardware, *, optimizer:
             to_host += ch.shard * itemsize / hardware.d2h_bytes_per_s
             device_work = ch.shard * (4 + itemsize + (0 if loss_scaled else 4))
             to_host += device_work / hardware.eager_rate(device_work)
-        if ch.logged and len(staged_done) >= STAGING_BUFFERS:  # wait for a staging buffer to come back
+        # see [Note: adding into the held gradients]
+        added = ch.shard * ACCUMULATE_BYTES_PER_ELEMENT if held else 0
+        added_on_worker = added and not cpu and plan.overlap and ch.optim_home == "host"
+        added_on_host = added and not cpu and not added_on_worker and ch.optim_home != "device"
+        if added and not added_on_worker and not added_on_host:  # where the gradient is: no copy
+            to_host = 0.0
+            clocks.compute += added / hardware.eager_rate(added)
+        if (ch.logged or added_on_worker) and len(staged_done) >= STAGING_BUFFERS:  # a staging buffer comes back
             clocks.optim_wait += max(0.0, staged_done[-STAGING_BUFFERS] - clocks.compute)
             clocks.compute = max(clocks.compute, staged_done[-STAGING_BUFFERS])
         if cpu:  # a synchronous copy on the compute thread
             clocks.compute += to_host
+        elif added_on_host:  # copied on the compute stream, the device synchronized, added by the main thread
+            clocks.compute = max(clocks.compute, clocks.comm) + to_host + added / hardware.host_stream_rate()
         else:
             red += to_host
         clocks.comm = max(clocks.comm, clocks.compute) + red
         clocks.comm_busy += red
+        if added_on_worker:  # after its copy down, before its update
+            clocks.worker = max(clocks.worker, clocks.comm) + added / hardware.host_stream_rate()
+            staged_done.append(clocks.worker)
         if ch.speculated and optimizer:
             if ch.optim_home == "disk":
                 clocks.worker = disk.update(ch, max(clocks.worker, clocks.comm, clocks.compute), update_s(ch))

@@ -383,8 +383,11 @@ def test_compute_floor_is_below_every_searched_step(gpt_profiles):
         space = _Space(hw, 1, "float32", 2, None)
         floor = space.compute_floor_s(micro, 3)
         base = next(space._layouts(micro))
+        one = simulate(micro, space._base(micro, base[0], base[1]), hw).compute_s
+        assert floor == pytest.approx(3 * one)
+        # the resident plan of 3 micro-batches also adds the later two's gradients into the first's, on the device
         resident = space._base(micro, base[0], base[1], grad_accum=3)
-        assert floor == pytest.approx(simulate(micro, resident, hw).compute_s)
+        assert floor < simulate(micro, resident, hw).compute_s < 1.01 * floor
         found, _, _ = space.place(micro, micro_batch_size=4, grad_accum=3, checkpoint_every=every)
         assert found[1].step_s >= floor
         tight = gpu_with(int(found[1].device_bytes_peak * 0.8 / 0.9))

@@ -256,9 +256,11 @@ class _Space:
 
     def compute_floor_s(self, profile: Profile, grad_accum: int = 1) -> float:
         """Compute time of a step of `grad_accum` micro-batches of `profile` with every chunk resident: the
-        operators, their launches and the gradients' copies into their buffers, no fetch to wait for. No plan
-        of this step computes in less (up to the chunks' padding), nor one with more operators
-        (recomputation) or more, smaller micro-batches of the same sequences (the same FLOPs, more launches)."""
+        operators, their launches and the gradients' copies into their buffers, no fetch to wait for, and not
+        the adds of later micro-batches into the held gradients (a plan with its optimizer on the host makes
+        them on the worker). No plan of this step computes in less (up to the chunks' padding), nor one with
+        more operators (recomputation) or more, smaller micro-batches of the same sequences (the same FLOPs,
+        more launches)."""
         chunk_numel, names, _ = next(self._layouts(profile))
         # every micro-batch computes the same: one replay serves (what `simulate` adds up for grad_accum)
         return grad_accum * simulate(profile, self._base(profile, chunk_numel, names), self.hardware).compute_s

@@ -8,7 +8,12 @@ with the rates changed by `--scale FIELD=FACTOR` (to ask what a different calibr
 Prints, per plan, the prediction logged in the run, the two new ones and the measured step, then the median and
 worst error and the count within 10% of each column. Needs no GPU; a GPU-sized model takes seconds to profile.
 
-    python bench/gpu/repredict.py bench/gpu/recorded/h200-2026-12-04-c3 [--scale host_optim_elems_per_s=0.76]
+    python bench/gpu/repredict.py bench/gpu/recorded/h200-2026-12-04-call3 [--scale host_optim_elems_per_s=0.76]
+    python bench/gpu/repredict.py bench/gpu/recorded/h200-2026-12-04-call2 --offload
+
+With --offload, the run's offload stage (b) instead (offload-elixir.json): its plan searched again for the recorded
+rates and cap, as the stage searched it (the plan's summary must match the recorded one), and its step predicted.
+A runtime that changed since the run makes its measured step stale: the JSON's date says which code measured it.
 
 The re-prediction with the recorded rates differs a little from the logged one where the profile differs (another
 transformers version traces other operators: Mixtral's experts by up to 3%); the column says by how much.
@@ -62,6 +67,43 @@ def summary(ratios: list[float]) -> str:
             f"{sum(e <= TARGET + 1e-9 for e in errors)} of {len(errors)} within {TARGET:.0%}")
 
 
+def offload(args, recorded: Hardware, changed: Hardware) -> int:
+    """Stage (b)'s Elixir row of the run, predicted again (see the module's docstring)."""
+    import gpubench as G
+
+    with open(os.path.join(args.run, "offload-elixir.json")) as f:
+        run = json.load(f)
+    row, config = run["rows"][0], run["config"]
+    point = G.search_plan(config["model"], False, recorded.with_memory(device_bytes=run["plan_cap_bytes"]).to_json(),
+                          config["tokens_per_step"])
+    if point.get("error") or point["summary"] != run["plan"]:
+        print(f"the search did not find the recorded plan: {point.get('error') or point['summary']}")
+        return 1
+    plan = elixir.Plan.from_json(point["plan"])
+    meta = G.offload_model(config["model"], "meta", dry_run=False)
+    x = torch.zeros(plan.micro_batch_size, config["seq_len"], dtype=torch.long, device="meta")
+    from elixir.models.checkpointing import checkpointing
+
+    with checkpointing(meta, plan.checkpoint_every):
+        prof = elixir.profile(meta, {"input_ids": x, "labels": x}, compute_dtype=torch.bfloat16)
+    cap = run["plan_cap_bytes"]
+    again = simulate(prof, plan, recorded.with_memory(device_bytes=cap))
+    new = simulate(prof, plan, changed.with_memory(device_bytes=cap))
+    m = row["step_s"]
+    print(f"{args.run}: stage (b), {config['model']}, {config['tokens_per_step']} tokens per step, measured "
+          f"{run['date_utc']}\n{run['plan']}")
+    print(f"logged {row['predicted_step_s']:.3f} s, recorded rates {again.step_s:.3f} s, changed {new.step_s:.3f} s, "
+          f"measured {m:.3f} s: {row['predicted_step_s'] / m:.2f} / {again.step_s / m:.2f} / {new.step_s / m:.2f}")
+    for name, p in (("recorded", again), ("changed", new)):
+        print(f"{name:9s}: compute {p.compute_s:.3f}, fetch waits {p.stall_s:.3f}, staging waits {p.optim_wait_s:.3f}, "
+              f"worker {p.optim_in_backward_s:.3f}, after backward {p.optim_s:.3f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"run": args.run, "scale": args.scale, "logged_s": row["predicted_step_s"],
+                       "recorded_s": again.step_s, "changed_s": new.step_s, "measured_s": m}, f, indent=1)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a folder with a run's fidelity.json and hardware.json")
@@ -69,11 +111,14 @@ def main() -> int:
                    help="multiply a rate of the recorded hardware for the second prediction (repeatable)")
     p.add_argument("--models", default=",".join(F.MODELS), help=f"comma-separated subset of {','.join(F.MODELS)}")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--offload", action="store_true", help="the run's offload stage (b) instead of its stage (d)")
     args = p.parse_args()
-    with open(os.path.join(args.run, "fidelity.json")) as f:
-        run = json.load(f)
     recorded = recorded_hardware(os.path.join(args.run, "hardware.json"))
     changed = scaled_fields(recorded, args.scale)
+    if args.offload:
+        return offload(args, recorded, changed)
+    with open(os.path.join(args.run, "fidelity.json")) as f:
+        run = json.load(f)
     dry_run = bool(run.get("dry_run"))
     rows_per, seq = run["config"]["batch"]
     dtype = getattr(torch, run["config"]["dtype"].removeprefix("torch."))

@@ -12,7 +12,10 @@ batch of random tokens, the same AdamW, 5 steps each under:
 Checked: the largest relative loss difference to pytorch, against 1e-4 (fp32) and 1e-2 (bf16); elixir-offload
 and elixir-offload-after alike to the bit (the updates inside backward, whose host chunks' gradients are
 checked and logged on the device on their way down, against the step after backward); and, in bf16, that a
-non-finite gradient found on the device skips the step under nonfinite="skip" and changes no parameter.
+non-finite gradient found on the device skips the step under nonfinite="skip" and changes no parameter, and that
+elixir-offload inside and after backward also agree over steps of 2 micro-batches with a clip (every loss, norm
+and parameter; the later micro-batch added on the worker) and, with one micro-batch, in their clip's norms (to
+fp32 rounding: the device takes them on the copy down).
 """
 
 from __future__ import annotations
@@ -89,6 +92,47 @@ def nonfinite_skipped(base, device, dtype, x, hw) -> str | None:
     return None
 
 
+def micro_batches_alike(base, device, dtype, x, hw) -> str | None:
+    """None when elixir-offload's plan trains alike with and without updates inside backward over steps of 2
+    micro-batches, clipped by a norm that never acts: the later micro-batch's host gradients added on the
+    optimizer's worker against the main thread (on a GPU), every norm, loss and parameter to the bit; and, with
+    one micro-batch, when the norms the device takes on the copy down agree with the host's to fp32 rounding;
+    else what differed."""
+    import copy
+    import dataclasses
+
+    runs = {}
+    searched = offload_plan(base, device, dtype, x, hw, overlap=True)
+    for accum in (2, 1):
+        for overlap in (True, False):
+            m = copy.deepcopy(base).train()
+            opt = B.adamw(m.parameters())
+            m, opt = elixir.wrap(m, opt, plan=dataclasses.replace(searched, overlap=overlap, grad_accum=accum),
+                                 device=device)
+            losses, norms = [], []
+            for _ in range(3):
+                total = 0.0
+                for part in x.chunk(accum):
+                    loss = m(input_ids=part, labels=part).loss / accum
+                    opt.backward(loss)
+                    total += loss.item()
+                norms.append(float(opt.clip_grad_norm_(1e6)))
+                opt.step()
+                opt.zero_grad()
+                losses.append(total)
+            runs[accum, overlap] = (losses, norms, elixir.full_state_dict(m), elixir.step_stats(m))
+    (lo, no, po, so), (la, na, pa, _) = runs[2, True], runs[2, False]
+    wrong = [n for n in po if not torch.equal(po[n], pa[n])]
+    if lo != la or no != na or wrong:
+        return f"2 micro-batches: losses {lo} / {la}, norms {no} / {na}, parameters differ: {wrong[:3]}"
+    if device.type == "cuda" and not so["accumulate_s"] > 0:
+        return "2 micro-batches: the worker added nothing (accumulate_s 0)"
+    (lo, no, po, _), (la, na, pa, _) = runs[1, True], runs[1, False]
+    if lo != la or any(abs(a - b) > 1e-5 * abs(b) for a, b in zip(no, na)):
+        return f"1 micro-batch, clipped: losses {lo} / {la}, norms {no} / {na}"
+    return None
+
+
 def main() -> int:
     args = G.parser(__doc__.splitlines()[0], budget_s=90).parse_args()
     device = G.device_for(args)
@@ -145,6 +189,14 @@ def main() -> int:
                 if wrong:
                     errors["nonfinite"] = wrong
                 G.log(f"{label} {dtype_name}: a non-finite step under nonfinite='skip': {wrong or 'skipped, OK'}")
+                try:
+                    wrong = micro_batches_alike(base, device, dtype, x, hw)
+                except Exception as e:  # noqa: BLE001 - reported
+                    wrong = G.error_text(e)
+                if wrong:
+                    errors["micro-batches"] = wrong
+                G.log(f"{label} {dtype_name}: elixir-offload inside / after backward, 2 micro-batches and a clip: "
+                      f"{wrong or 'identical, OK'}")
             passed = bool(ref) and not errors and all(v <= RTOL[dtype_name] for v in checked.values())
             ok &= passed
             results["checks"].append({"model": label, "dtype": dtype_name, "batch": [rows, seq], "steps": STEPS,

@@ -451,8 +451,8 @@ def _host_bytes_per_s(numel: int, min_total_s: float) -> float:
 # thread launching small kernels without pause (bench/gpu/host_adamw.py), and the worker's updates inside
 # steps ran at 0.76-0.95 of what the calibration, timing AdamW alone, had read on the same machine (three
 # machines; bench/gpu/recorded): the searched plans, whose compute is shortest, were predicted 0.67-0.95 of
-# their measured step. Calibration
-# therefore times the host's rates (AdamW, and the cast and sum of `_host_bytes_per_s`) beside such a thread.
+# their measured step. Calibration therefore times the host's rates (AdamW, and the cast and sum of
+# `_host_bytes_per_s`) beside such a thread.
 # Copies streaming both ways cost the host's AdamW more (2.14 G elements/s), but inside a step they run a
 # fraction of the time and the rates above already match the steps; they are not added.
 @contextlib.contextmanager

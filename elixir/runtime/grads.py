@@ -325,7 +325,6 @@ def stage_gradient(reduced: torch.Tensor, staging: torch.Tensor, stream, *, log:
     `stream` after the compute stream's work (`log`, `finite` and `norm` pinned, the check and the norm on the
     device, the cast there a tile at a time through `cast`, a device buffer of the log's dtype that only this
     stream uses), returning the event the update waits for."""
-
     dst = staging[: reduced.numel()]
     if stream is None:
         accel.copy_(dst, reduced)

@@ -107,6 +107,39 @@ def test_memory_of_a_plan_is_predicted_from_its_chunks():
     pred = simulate(prof, two, gpu(collective_bytes_per_s={2: 1e12}))
     half = chunk_bytes // 2
     assert pred.model_device_bytes == 2 * chunk_bytes + 4 * (3 * half) + 3 * chunk_bytes + 4 * half
+    # two micro-batches per step: the second one's buffers come beside the 4 the first one's gradients hold, one
+    # at a time (each added into its chunk's gradient, then given back): one buffer more on one rank; on two
+    # ranks its shards come beside the held ones too, each freed once its reduction finishes and it is added
+    accum = dataclasses.replace(plan, grad_accum=2)
+    assert simulate(prof, accum, gpu()).model_device_bytes == 2 * chunk_bytes + 4 * (3 * chunk_bytes) + 5 * chunk_bytes
+    pred = simulate(prof, dataclasses.replace(two, grad_accum=2), gpu(collective_bytes_per_s={2: 1e12}))
+    assert pred.model_device_bytes == 2 * chunk_bytes + 4 * (3 * half) + 3 * chunk_bytes + (4 + 3) * half
+    # the optimizer on the host: every buffer goes back in both micro-batches, as before
+    assert simulate(prof, dataclasses.replace(on_host, grad_accum=2), gpu()).model_device_bytes == 3 * chunk_bytes
+
+
+@pytest.mark.parametrize("kind", ["resident", "on_demand", "host"])
+def test_the_memory_of_several_micro_batches_is_the_runtime_s(kind):
+    """With 3 micro-batches per step the planner's device and host bytes are what the runtime counts (the later
+    micro-batches' gradient buffers beside the ones the first left held)."""
+    from helpers import make_plan
+
+    torch.manual_seed(0)
+    model = build("gpt")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    plan = dataclasses.replace(make_plan(model, kind, opt), grad_accum=3)
+    x = batches(1, batch=6)[0]
+    prof = elixir.profile(model, {"input_ids": x[:2], "labels": x[:2]})
+    pred = simulate(prof, plan, Hardware.preset("CPU"))
+    wrapped, opt = elixir.wrap(model, opt, plan=plan)
+    for _ in range(2):
+        for part in x.chunk(3):
+            opt.backward(wrapped(input_ids=part, labels=part).loss / 3)
+        opt.step()
+        opt.zero_grad()
+    stats = elixir.memory_stats(wrapped)
+    assert stats["device_bytes_peak"] == pred.model_device_bytes
+    assert stats["host_bytes_peak"] == pred.model_host_bytes
 
 
 def _profile_gpt():

@@ -194,38 +194,50 @@ def gradients(plan: Plan, chunks: list[_Chunk], arrivals: list[tuple[int, int]])
     when its last one has arrived. On one rank the reduction is the buffer itself: a chunk whose optimizer
     lives on the device adopts it as its gradient until `zero_grad` (no copy), one on the host copies it out
     and gives it back. On several ranks every buffer is reduce-scattered into a new shard and comes back once
-    its reduction is finished, with up to `REDUCTIONS_IN_FLIGHT` left in flight; the shard stays as the
-    gradient (optimizer on the device) or is copied to the host and freed when that reduction finishes.
-    The pool never shrinks: its size is the most buffers held at once."""
+    its reduction is finished, with up to `REDUCTIONS_IN_FLIGHT` left in flight (the rest finish as backward
+    ends); the shard stays as the gradient (optimizer on the device) or is copied to the host and freed when
+    that reduction finishes. With several micro-batches per step, a later one's buffers and shards of device
+    chunks are added into the gradients the first one left and given back (`GradReducer._into_master_grad`):
+    its buffers come beside the held ones, so a second micro-batch is replayed after the first. The pool never
+    shrinks: its size is the most buffers held at once."""
     need: dict[int, int] = {}
     for _, c in arrivals:
         need[c] = need.get(c, 0) + 1
-    seen: dict[int, int] = {}
     held = pool = shard_bytes = shard_peak = 0
-    in_flight: list[int] = []
+    in_flight: list[tuple[int, bool]] = []  # (chunk, reduced in a later micro-batch)
     completions = []
-    for i, c in arrivals:
-        if not seen.get(c):
-            held += 1
-            pool = max(pool, held)
-        seen[c] = seen.get(c, 0) + 1
-        if seen[c] < need[c]:
-            continue
-        seen[c] = 0
-        completions.append((i, c))
-        ch = chunks[c]
-        if ch.ranks == 1 and ch.replicas == 1:  # reduced in place (one rank, or an expert group of one)
-            if ch.optim_home != "device":
-                held -= 1
-            continue
-        shard_bytes += ch.numel // ch.ranks * 4
-        shard_peak = max(shard_peak, shard_bytes)
-        in_flight.append(c)
-        if len(in_flight) > REDUCTIONS_IN_FLIGHT:
-            done = chunks[in_flight.pop(0)]
-            held -= 1
-            if done.optim_home != "device":
-                shard_bytes -= done.numel // done.ranks * 4
+
+    def finish(c: int, later: bool) -> None:
+        nonlocal held, shard_bytes
+        done = chunks[c]
+        held -= 1
+        if done.optim_home != "device" or later:  # copied to the host, or added into the held gradient
+            shard_bytes -= done.numel // done.ranks * 4
+
+    for later in (False, True)[: min(plan.grad_accum, 2)]:
+        seen: dict[int, int] = {}
+        for i, c in arrivals:
+            if not seen.get(c):
+                held += 1
+                pool = max(pool, held)
+            seen[c] = seen.get(c, 0) + 1
+            if seen[c] < need[c]:
+                continue
+            seen[c] = 0
+            if not later:
+                completions.append((i, c))
+            ch = chunks[c]
+            if ch.ranks == 1 and ch.replicas == 1:  # reduced in place (one rank, or an expert group of one)
+                if ch.optim_home != "device" or later:
+                    held -= 1
+                continue
+            shard_bytes += ch.numel // ch.ranks * 4
+            shard_peak = max(shard_peak, shard_bytes)
+            in_flight.append((c, later))
+            if len(in_flight) > REDUCTIONS_IN_FLIGHT:
+                finish(*in_flight.pop(0))
+        while in_flight:  # backward's end finishes every reduction
+            finish(*in_flight.pop(0))
     return _Gradients(completions, pool, shard_peak)
 
 

@@ -140,11 +140,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-target", type=float, default=0.10)
     p.add_argument("--memory-target", type=float, default=0.10)
     p.add_argument("--rtol", type=float, default=1e-5, help="largest relative loss difference between plans")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step: every plan steps on --batch-size rows in this many micro-batches "
+                        "(it must divide --batch-size)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
-    for name in ("batch_size", "seq_len", "reps", "threads", "nproc", "turn_steps"):
+    for name in ("batch_size", "seq_len", "reps", "threads", "nproc", "turn_steps", "grad_accum"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.batch_size % args.grad_accum:
+        p.error(f"--grad-accum {args.grad_accum} does not divide --batch-size {args.batch_size}: pick a divisor")
     if not 0 < args.budget_fraction < 1:
         p.error("--budget-fraction must be between 0 and 1")
     if args.turn_warmup < 0:
@@ -288,12 +293,14 @@ def _worker(conn, name: str, seq_len: int, batch_size: int, seed: int, plan_json
         scale = _compute_scale(hw, *block_of) if hw is not None and block_of is not None and rank == 0 else 1.0
         # the plan's own first block, timed here when the parent asks ("scale"), as elixir.plan times it in the
         # training process (--block-in plan): the model that recorded it stays alive beside the wrapped one
-        block = _block_inputs(name, seq_len, batch_size)[0] if time_block and rank == 0 else None
+        plan = elixir.Plan.from_json(plan_json)
+        micro = batch_size // plan.grad_accum  # the plan's micro-batches: its profile's and its block's rows
+        block = _block_inputs(name, seq_len, micro)[0] if time_block and rank == 0 else None
         model, vocab = build(name, seq_len, seed)
         g = torch.Generator().manual_seed(seed + 1 + rank)
         x = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
         optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        model, optim = elixir.wrap(model, optim, plan=elixir.Plan.from_json(plan_json))
+        model, optim = elixir.wrap(model, optim, plan=plan)
         conn.send(("ready", hw_json, time.process_time(), scale))
         while True:
             cmd = conn.recv()
@@ -302,8 +309,11 @@ def _worker(conn, name: str, seq_len: int, batch_size: int, seed: int, plan_json
                 if world > 1:
                     dist.barrier()
                 cpu, started = time.process_time(), time.perf_counter()
-                loss = model(input_ids=x, labels=x).loss
-                loss.backward()
+                loss = 0.0
+                for part in x.chunk(plan.grad_accum):
+                    part_loss = model(input_ids=part, labels=part).loss / plan.grad_accum
+                    part_loss.backward()
+                    loss += part_loss.detach()
                 optim.step()
                 optim.zero_grad()
                 seconds = time.perf_counter() - started
@@ -434,7 +444,7 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
     repetition, and each repetition's steps are compared with the prediction under it."""
     base, vocab = build(name, args.seq_len, args.seed)
     n_params = sum(p.numel() for p in base.parameters())
-    x = torch.randint(0, vocab, (args.batch_size, args.seq_len))
+    x = torch.randint(0, vocab, (args.batch_size // args.grad_accum, args.seq_len))  # one micro-batch
     prof = elixir.profile(base, {"input_ids": x, "labels": x})
     resident_mib, ondemand_mib = chunk_sizes(base, args.resident_chunk_mib, args.ondemand_chunk_mib)
 
@@ -452,8 +462,8 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
               param_home="host", optim_home="host")),
     ]
     for plan_name, description, kw in uniform:
-        plans.append((plan_name, description,
-                      elixir.Plan.uniform(base, optimizer=adamw(base), world_size=world, **kw)))
+        plans.append((plan_name, description, elixir.Plan.uniform(
+            base, optimizer=adamw(base), world_size=world, grad_accum=args.grad_accum, **kw)))
     resident_pred = simulate(prof, plans[0][2], hw)
     budget = int(args.budget_fraction * resident_pred.device_bytes_peak)
     try:
@@ -461,7 +471,7 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
     except PlanDoesNotFitError as e:  # a small model: activations alone take most of the budget
         say(f"{name}: searched: no plan under a {budget / MiB:.1f} MiB device budget, left out: {e}")
     else:
-        searched = dataclasses.replace(searched, use_order=tuple(prof.use_sequence()))
+        searched = dataclasses.replace(searched, use_order=tuple(prof.use_sequence()), grad_accum=args.grad_accum)
         plans.append(("searched", f"search() under a {budget / MiB:.1f} MiB device budget "
                                   f"({args.budget_fraction:.0%} of all-resident)", searched))
     del base
@@ -488,8 +498,8 @@ def measure_model(name: str, args, hw: Hardware, quiet, world: int, say, recalib
             run.pred, run.pred_rates = simulate(prof, plan, with_scale(run, hw)), simulate(prof, plan, _rates(hw))
             runs.append(run)
         say(f"model {name} ({n_params / 1e6:.1f}M params, {len(prof.ops)} operators in the step), batch "
-            f"{args.batch_size} x {args.seq_len} per rank, {world} rank(s), fp32, AdamW(fused), {args.threads} "
-            "thread(s) per rank, every plan in processes of its own")
+            f"{args.batch_size} x {args.seq_len} per rank in {args.grad_accum} micro-batch(es), {world} rank(s), fp32, "
+            f"AdamW(fused), {args.threads} thread(s) per rank, every plan in processes of its own")
         for r in runs:
             say(f"  {r.name}: {r.description}; {len(r.plan.chunks)} chunks")
         busy: list[float] = []
@@ -608,7 +618,7 @@ def calibrate(args, world: int, model: str, block: bool = True) -> tuple[Hardwar
     with `model`'s compute scale as rank 0 of a training process times it (--block-timing, unless not `block`)."""
     small = argparse.Namespace(**{**vars(args), "seq_len": 16, "batch_size": 1})
     plan = elixir.Plan.uniform(build("gpt:tiny", small.seq_len, args.seed)[0], world_size=world)
-    block_of = (model, args.seq_len, args.batch_size) if args.block_timing and block else None
+    block_of = (model, args.seq_len, args.batch_size // args.grad_accum) if args.block_timing and block else None
     run = Run("calibration", "", plan, "gpt:tiny", small, world, calibrate=True, block_of=block_of)
     run.close()
     return Hardware.from_json(run.hardware_json).with_compute_scale(run.compute_scale), run.ready_cpu_s
@@ -631,7 +641,7 @@ def main(argv=None) -> int:
         if args.cached_hardware:
             hw, busy_calibrating = Hardware.measure(), None
             if args.block_timing and block:
-                hw = hw.with_compute_scale(_compute_scale(hw, model, args.seq_len, args.batch_size))
+                hw = hw.with_compute_scale(_compute_scale(hw, model, args.seq_len, args.batch_size // args.grad_accum))
         else:
             while True:  # calibrate now, while the machine is quiet; again if other jobs took the CPUs meanwhile
                 watch = OthersWatch().start()

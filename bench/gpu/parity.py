@@ -182,21 +182,17 @@ def main() -> int:
             if not same:
                 errors["elixir-offload"] = "losses differ from elixir-offload-after's (updates after backward)"
             if dtype != torch.float32:
-                try:
-                    wrong = nonfinite_skipped(base, device, dtype, x, hw)
-                except Exception as e:  # noqa: BLE001 - reported
-                    wrong = G.error_text(e)
-                if wrong:
-                    errors["nonfinite"] = wrong
-                G.log(f"{label} {dtype_name}: a non-finite step under nonfinite='skip': {wrong or 'skipped, OK'}")
-                try:
-                    wrong = micro_batches_alike(base, device, dtype, x, hw)
-                except Exception as e:  # noqa: BLE001 - reported
-                    wrong = G.error_text(e)
-                if wrong:
-                    errors["micro-batches"] = wrong
-                G.log(f"{label} {dtype_name}: elixir-offload inside / after backward, 2 micro-batches and a clip: "
-                      f"{wrong or 'identical, OK'}")
+                for key, check, what, fine in (
+                        ("nonfinite", nonfinite_skipped, "a non-finite step under nonfinite='skip'", "skipped, OK"),
+                        ("micro-batches", micro_batches_alike,
+                         "elixir-offload inside / after backward, 2 micro-batches and a clip", "identical, OK")):
+                    try:
+                        wrong = check(base, device, dtype, x, hw)
+                    except Exception as e:  # noqa: BLE001 - reported
+                        wrong = G.error_text(e)
+                    if wrong:
+                        errors[key] = wrong
+                    G.log(f"{label} {dtype_name}: {what}: {wrong or fine}")
             passed = bool(ref) and not errors and all(v <= RTOL[dtype_name] for v in checked.values())
             ok &= passed
             results["checks"].append({"model": label, "dtype": dtype_name, "batch": [rows, seq], "steps": STEPS,

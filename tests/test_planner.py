@@ -118,6 +118,31 @@ def test_memory_of_a_plan_is_predicted_from_its_chunks():
     assert simulate(prof, dataclasses.replace(on_host, grad_accum=2), gpu()).model_device_bytes == 3 * chunk_bytes
 
 
+def test_adds_on_the_worker_wait_for_the_staging_buffers():
+    # four bf16 chunks on the device, their optimizer on the host, a later micro-batch: backward's operators take
+    # 1 ms each (p3 to p0, from 4 ms), each chunk's gradient is complete after its operator and crosses through one
+    # of the 2 staging buffers to the worker, whose add takes 2.5 ms (12 kB at 4.8 MB/s). p3 adds from 5 to 7.5
+    # ms, p2 from 7.5 to 10; p1, complete at 7, waits for p3's buffer until 7.5 and adds from 10 to 12.5; p0,
+    # complete at 8.5, waits for p2's until 10 and adds from 12.5 to 15, when the micro-batch ends
+    from elixir.search.cost import _micro_batch
+
+    names = ["p0", "p1", "p2", "p3"]
+    prof = hand_profile(names, names[::-1])
+    plan = dataclasses.replace(
+        hand_plan(names, blocks=0, depth=0, resident=True, param_home="device"), compute_dtype="bfloat16",
+        grad_accum=2, chunks=tuple(ChunkPlan(params=(n,), resident=True, param_home="device", optim_home="host")
+                                   for n in names))
+    hw = dataclasses.replace(gpu(op_overhead_s=1e-12), host_bytes_per_s=12_000 / 2.5e-3,
+                             matmul_flops={"float32": 1e12, "bfloat16": 1e12})
+    later = _micro_batch(prof, plan, hw, optimizer=False, held=True)
+    assert later.optim_wait_s == pytest.approx(0.5 * MS + 1.5 * MS, abs=1e-7)
+    assert later.step_s == pytest.approx(15 * MS, abs=1e-7)
+    # adds faster than the operators: no wait, and the step ends with the last add
+    fast = dataclasses.replace(hw, host_bytes_per_s=12_000 / 0.5e-3)
+    later = _micro_batch(prof, plan, fast, optimizer=False, held=True)
+    assert later.optim_wait_s == 0.0 and later.step_s == pytest.approx(8.5 * MS, abs=1e-7)
+
+
 @pytest.mark.parametrize("kind", ["resident", "on_demand", "host"])
 def test_the_memory_of_several_micro_batches_is_the_runtime_s(kind):
     """With 3 micro-batches per step the planner's device and host bytes are what the runtime counts (the later

@@ -22,6 +22,8 @@ import time
 import gpubench as G
 import torch
 
+from elixir.hardware.measure import _beside_launching  # what calibration times the host's rates beside
+
 NUMEL = 2**25
 STEPS = 12
 
@@ -53,19 +55,6 @@ class Background:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
-
-
-def launcher(device):
-    """The compute thread's part: small kernels launched back to back, a synchronize every 200."""
-    x = torch.ones(1024, device=device)
-
-    def work():
-        for _ in range(200):
-            x.mul_(1.0)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    return work
 
 
 def copier(device, nbytes: int):
@@ -113,7 +102,7 @@ def main() -> int:
             if time.perf_counter() > stop:
                 break
             step = adamw_step(numel, pinned and cuda)
-            with Background(launcher(device)) if launching else _nothing(), \
+            with _beside_launching(device) if launching else _nothing(), \
                     Background(copier(device, 256 * 2**20)) if copying else _nothing():
                 seconds = timed(step, steps)
             row = {"condition": name, "threads": n_threads, "elems_per_s": numel / seconds}

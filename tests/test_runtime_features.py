@@ -246,6 +246,27 @@ def test_clip_grad_norm_matches_torch(kind):
     assert inf_norm > 0
 
 
+@pytest.mark.parametrize("kind", ["resident", "mixed"])
+def test_a_clip_that_does_not_act_leaves_the_gradients_alone(kind):
+    # torch multiplies every gradient by the clamped coefficient, 1 where the norm is under the limit; Elixir has
+    # waited for the norm already and skips that pass over the gradients when it would change nothing
+    wrapped, opt = _wrap(build("gpt"), kind)
+    loss_of(wrapped, batches(1)[0]).backward()
+    opt.runtime.settle_backward()
+    grads = [c.master.grad for c in opt.chunks if c.master.grad is not None]
+    assert grads
+    before, versions = [g.clone() for g in grads], [g._version for g in grads]
+    norm = opt.clip_grad_norm_(1e9)
+    assert 0 < norm.item() < 1e9
+    assert [g._version for g in grads] == versions  # not written at all
+    assert all(torch.equal(g, b) for g, b in zip(grads, before))
+    half = opt.clip_grad_norm_(norm.item() / 2)  # this one acts: every gradient scaled by about one half
+    assert_close_rel(half, norm, 1e-6)
+    assert all(g._version > v for g, v in zip(grads, versions))
+    for g, b in zip(grads, before):
+        torch.testing.assert_close(g, b * 0.5, rtol=1e-5, atol=0.0)
+
+
 def test_lr_scheduler_works_unchanged():
     model = build("gpt")
     ref = copy.deepcopy(model)

@@ -396,8 +396,12 @@ class ElixirOptimizer(torch.optim.Optimizer):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         if overflow:  # the step is skipped or refused (see step): nothing to scale or redo
             return total
-        for g in grads:
-            g.mul_(coef.to(g.device))
+        # the overflow flag above already waited for the norms, so reading the coefficient costs no wait; where
+        # the clip does not act (the coefficient is 1) the gradients are left alone rather than multiplied by one,
+        # a pass over every gradient that changes no value
+        if coef.item() < 1.0:
+            for g in grads:
+                g.mul_(coef.to(g.device))
         if spec is not None:
             if recs and not spec.holds(coef.item()):
                 spec.redo_clipped(coef.item())

@@ -361,6 +361,10 @@ class ElixirOptimizer(torch.optim.Optimizer):
         overflow = self._unscale() if self.scaler.enabled or self._unscaled else None
         norm_type = float(norm_type)
         spec = self.speculation
+        # whether reading the clip's coefficient costs no wait that this call does not make anyway: in bf16 and
+        # fp32 the non-finite flag below waits for the norms, with updates inside backward the coefficient is read
+        # to check them, and on a CPU device nothing runs ahead
+        coef_is_free = overflow is None or spec is not None or self._comm_device().type == "cpu"
         recs = self._speculated()
         if spec is not None:
             spec.norm_type = norm_type  # what the next backward's updates compute their norms in
@@ -396,10 +400,9 @@ class ElixirOptimizer(torch.optim.Optimizer):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         if overflow:  # the step is skipped or refused (see step): nothing to scale or redo
             return total
-        # the overflow flag above already waited for the norms, so reading the coefficient costs no wait; where
-        # the clip does not act (the coefficient is 1) the gradients are left alone rather than multiplied by one,
-        # a pass over every gradient that changes no value
-        if coef.item() < 1.0:
+        # there, a clip that does not act (coefficient 1) leaves the gradients alone: multiplying by one is a pass
+        # over every gradient that changes no value
+        if not (coef_is_free and coef.item() >= 1.0):
             for g in grads:
                 g.mul_(coef.to(g.device))
         if spec is not None:

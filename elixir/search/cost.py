@@ -543,12 +543,13 @@ class _FetchReplay:
 # the host's memory-bound rate (`Hardware.host_bytes_per_s`, timed on a cast and a sum beyond its caches).
 # The check's handful of small operators (a few tens of microseconds per chunk on the CPU) is not charged; the
 # step call's own cost per chunk is (`Hardware.optim_step_overhead_s`). A run that clips (a plan does not say
-# whether it does) pays about the same: for a chunk updated after backward the clip's norm is its one read of the
-# gradient and takes the check's place (the norm says whether it is finite), and a clip that does not act writes
-# nothing (`ShardedOptimizer.clip_grad_norm_`). Not charged: an update inside backward takes its chunk's norm
-# beside its check (on a host chunk's copy down, at the device's rate; on the worker, 4 more bytes per element at
-# the host's memory-bound rate), and a clip that acts multiplies every gradient (8 bytes per element) and redoes
-# the updates made inside backward.
+# whether it does) pays about the same in bf16 and fp32: for a chunk updated after backward the clip's norm is
+# its one read of the gradient and takes the check's place (the norm says whether it is finite), and a clip that
+# does not act writes nothing (`ElixirOptimizer.clip_grad_norm_`). Not charged: the norms of fp16, beside its
+# check, and its multiply by one on a GPU (8 bytes per element, rather than wait for the norms); the norm an update
+# inside backward takes beside its check (on a host chunk's copy down at the device's rate, on the worker 4 more
+# bytes per element at the host's memory-bound rate); and a clip that acts, which multiplies every gradient (8
+# bytes per element) and redoes the updates made inside backward.
 _CHECKED_BYTES_PER_ELEMENT = {False: 4, True: 14}  # by "fp16 with loss scaling"
 
 

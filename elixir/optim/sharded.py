@@ -402,13 +402,14 @@ class ElixirOptimizer(torch.optim.Optimizer):
             return total
         # there, a clip that does not act (coefficient 1) leaves the gradients alone: multiplying by one is a pass
         # over every gradient that changes no value
-        if not (coef_is_free and coef.item() >= 1.0):
+        value = coef.item() if coef_is_free else None  # read once: each read copies it from the device
+        if value is None or value < 1.0:
             for g in grads:
                 g.mul_(coef.to(g.device))
-        if spec is not None:
-            if recs and not spec.holds(coef.item()):
-                spec.redo_clipped(coef.item())
-            spec.clip_coef, spec.clipped = coef.item(), True
+        if spec is not None:  # (its coefficient is free: read above)
+            if recs and not spec.holds(value):
+                spec.redo_clipped(value)
+            spec.clip_coef, spec.clipped = value, True
         return total
 
     @torch.no_grad()

@@ -65,9 +65,9 @@ def _adamw(model):
     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
 
-def _plans(name: str, args, hw: Hardware, batch: dict, prof) -> dict:
-    """part -> (wrapped model, its optimizer, its prediction)."""
-    base, _ = build(name, args.seq_len, 0)
+def _plans(name: str, base, args, hw: Hardware, prof) -> dict:
+    """part -> (wrapped model, its optimizer, its prediction), each a fresh copy of model `name` (`base`, unwrapped,
+    gives the chunk sizes)."""
     _, chunk_mib = chunk_sizes(base, 32, None)
     chunks = len(elixir.Plan.uniform(base, optimizer=_adamw(base), chunk_mib=chunk_mib, resident=True).chunks)
     kwargs = {"resident": dict(chunk_mib=32, resident=True), "small": dict(chunk_mib=chunk_mib, resident=True),
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         x = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(1))
         batch = {"input_ids": x, "labels": x}
         prof = elixir.profile(base, batch)
-        runs = _plans(name, args, scaled, batch, prof)
+        runs = _plans(name, base, args, scaled, prof)
         for model, optim, _ in runs.values():  # warm-up: caches allocated, every chunk's state made
             for _ in range(2):
                 _step(model, optim, batch)

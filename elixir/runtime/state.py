@@ -204,7 +204,7 @@ class Runtime:
                 full, full[chunk.shard_slice], chunk.group, what=what, async_op=prefetch, arena=self.tracker.shared,
                 defer_done=True,
             )
-        chunk.bind(full)
+        chunk.bind(full, block)
         self.gathers += 1
         self.fetch_bytes += chunk.shard_numel * chunk.dtype.itemsize
         self.blocks_used_peak = max(self.blocks_used_peak, self.cache.num_used)

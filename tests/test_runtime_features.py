@@ -378,6 +378,37 @@ def test_fetch_bytes_count_the_shards_the_fetches_copied(kind):
     assert stats["fetch_bytes"] == sum(c.shard_numel * c.dtype.itemsize for c in fetched)
 
 
+def test_a_fetch_binds_the_views_its_chunk_kept_of_that_block():
+    """Every fetch leaves the parameters viewing the block it filled, at their offsets; a chunk fetched again into
+    a block it filled before binds the views it made then (see [Note: views kept per block])."""
+    model, opt = _wrap(build("llama"), "on_demand")
+    rt = elixir.runtime_of(model)
+    first_views, refetched = {}, 0
+    gather = rt._gather
+
+    def checking(chunk, block, **kw):
+        nonlocal refetched
+        kept = chunk.block_views.get(block.index)
+        out = gather(chunk, block, **kw)
+        base = block.buffer.data_ptr()
+        for slot in chunk.slots:
+            assert slot.param.data_ptr() == base + slot.offset * chunk.dtype.itemsize, slot.name
+            assert slot.param.shape == slot.shape, slot.name
+        views = chunk.block_views[block.index]
+        if kept is not None:
+            assert views is kept is first_views[chunk.index, block.index]
+            refetched += 1
+        first_views.setdefault((chunk.index, block.index), views)
+        return out
+
+    rt._gather = checking
+    for x in batches(3):
+        opt.backward(loss_of(model, x))
+        opt.step()
+        opt.zero_grad()
+    assert refetched > 0 and len({b for _, b in first_views}) == elixir.memory_stats(model)["cache_blocks"]
+
+
 @pytest.mark.parametrize("kind", ["resident", "on_demand", "host", "mixed"])
 def test_memory_stays_within_the_plan(kind):
     model = build("llama")

@@ -388,13 +388,13 @@ def test_a_fetch_binds_the_views_its_chunk_kept_of_that_block():
 
     def checking(chunk, block, **kw):
         nonlocal refetched
-        kept = chunk.block_views.get(block.index)
+        kept = chunk.block_views.get(block)
         out = gather(chunk, block, **kw)
         base = block.buffer.data_ptr()
         for slot in chunk.slots:
             assert slot.param.data_ptr() == base + slot.offset * chunk.dtype.itemsize, slot.name
             assert slot.param.shape == slot.shape, slot.name
-        views = chunk.block_views[block.index]
+        views = chunk.block_views[block]
         if kept is not None:
             assert views is kept is first_views[chunk.index, block.index]
             refetched += 1

@@ -17,8 +17,10 @@ An on-demand chunk's parameters become views of a cache block at every fetch. Sl
 costs ~3 us per parameter on a CPU (more inside a step), and a chunk holds up to tens of parameters,
 so each chunk keeps the views it made of each block it was fetched into and binds them again when
 it comes back to that block (`.data` assignment takes ~0.2 us). The cache's blocks live as long as
-the runtime and are never reallocated, so a kept view never outlives its buffer or points at memory
-of another use; a chunk that visits every block keeps a view per parameter per block, metadata only.
+the runtime and are never reallocated, and the views are kept under the block itself (not its
+index, which another cache would share), so a kept view never outlives its buffer or points at
+memory of another use; a chunk that visits every block keeps a view per parameter per block,
+metadata only.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ class Chunk:
     pins: int = 0  # users that need it gathered right now; a pinned chunk is never evicted
     last_use: int = 0  # logical clock of the last use (least-recently-used fallback)
     expected_grads: int | None = None  # gradient hooks per backward, learned in the first one
-    block_views: dict = field(default_factory=dict)  # block index -> the parameters' views of it (`bind`)
+    block_views: dict = field(default_factory=dict)  # cache block -> the parameters' views of it (`bind`)
 
     @property
     def shard_numel(self) -> int:
@@ -170,11 +172,11 @@ class Chunk:
         the views of a block are made once and kept (see [Note: views kept per block])."""
         assert full.numel() >= self.numel and full.dtype == self.dtype
         self.full = full
-        views = None if block is None else self.block_views.get(block.index)
+        views = None if block is None else self.block_views.get(block)
         if views is None:
             views = [full[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots]
             if block is not None:
-                self.block_views[block.index] = views
+                self.block_views[block] = views
         for s, view in zip(self.slots, views):
             s.param.data = view
         self.state = ChunkState.GATHERED
